@@ -1,0 +1,166 @@
+"""The `lmforge` command: parses arguments and calls the library; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+
+
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    from lmforge.quickstart import quickstart_config
+
+    cfg = quickstart_config(args.data, args.overrides, progress=not args.quiet)
+    result = _train(cfg, resume=args.resume)
+    print(f"\nvalidation loss {result.final_val_loss:.4f} ({result.final_val_bpb:.3f} bits/byte) "
+          f"after {result.steps} steps in {result.wall_seconds / 60:.1f} min")
+    print(f"loss curve: {result.run_dir / 'loss.png'}")
+    print("next:")
+    print(f"  lmforge generate {result.run_dir} --prompt 'ROMEO.' --max-new-tokens 200")
+    print(f"  lmforge info {result.run_dir}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from lmforge.train.config import load_recipe
+
+    result = _train(load_recipe(args.recipe, args.overrides), resume=args.resume)
+    if result.final_val_loss is not None:
+        print(f"validation loss {result.final_val_loss:.4f} ({result.final_val_bpb:.3f} bits/byte)")
+    print(f"checkpoint: {result.checkpoint}")
+
+
+def _train(cfg, resume: bool):
+    from lmforge.train.trainer import Trainer
+
+    return Trainer(cfg, resume=resume).fit()
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from lmforge.data.prepare import PrepareConfig, prepare
+
+    out = prepare(PrepareConfig(inputs=args.inputs, out_dir=args.out, tokenizer=args.tokenizer,
+                                vocab_size=args.vocab_size, text_field=args.text_field,
+                                val_fraction=args.val_fraction, workers=args.workers))
+    print(f"prepared: {out}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from lmforge.infer.engine import prompt_ids, stream
+    from lmforge.infer.sampling import SamplingConfig
+    from lmforge.modeldir import load_model
+
+    model, tokenizer = load_model(args.model)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{args.model} has no tokenizer.json to encode the prompt with")
+    prompt = prompt_ids(tokenizer, args.prompt)
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+    stop = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
+    ids: list[int] = []
+    printed = ""
+    sys.stdout.write(args.prompt)
+    for token in stream(model, prompt, args.max_new_tokens, sampling, args.seed, stop):
+        ids.append(token)
+        # Decode the whole continuation each time: a token may end mid-way through a
+        # multi-byte character, which only the next token completes.
+        text = tokenizer.decode(ids)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+    print()
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from lmforge.config import ModelConfig, preset
+    from lmforge.modeldir import resolve_model_dir
+    from lmforge.models.decoder import Decoder
+
+    path = Path(args.model)
+    if path.exists():
+        cfg = ModelConfig.load(resolve_model_dir(path) / "config.json")
+    else:
+        cfg = preset(args.model)
+    import torch
+
+    with torch.device("meta"):
+        report = Decoder(cfg).flops()
+    print(f"model            {args.model}")
+    for key, value in cfg.to_dict().items():
+        print(f"  {key:<16} {value}")
+    print(f"parameters       {report.params:,} ({report.params / 1e6:.1f} M)")
+    print(f"  non-embedding  {report.non_embedding_params:,}")
+    print(f"FLOPs per token  {report.flops_per_token:,} (training, forward + backward)")
+    print(f"                 {report.flops_per_token // 3:,} (inference, forward)")
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from lmforge.train.plot import plot_run
+
+    print(plot_run(args.run, args.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmforge", description="Make your own Transformer "
+                                     "language models: prepare, train, generate.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("quickstart", help="corpus -> tokenizer -> small model -> samples, in minutes")
+    p.add_argument("--data", help="your own text file/folder/JSONL instead of Shakespeare")
+    p.add_argument("--resume", action="store_true", help="continue runs/quickstart")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. max_steps=300")
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("prepare", help="text files / folders / JSONL / parquet -> token shards")
+    p.add_argument("inputs", nargs="+", help="files or folders")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--tokenizer", default="bpe", help="bpe | char | path to tokenizer.json")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--text-field", default="text", help="JSONL/parquet field with the text")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--workers", type=int, default=0, help="0 = all cores")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="pretrain from a YAML recipe with key=value overrides")
+    p.add_argument("recipe", help="YAML recipe (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. lr=3e-4 model.n_layer=6")
+    p.add_argument("--resume", action="store_true", help="continue from out_dir's last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="sample a continuation of a prompt (streaming)")
+    p.add_argument("model", help="model directory or run directory")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=200)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="parameters and FLOPs per token of a model or preset")
+    p.add_argument("model", help="preset name, model directory or run directory")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("plot", help="draw a run's loss curve to PNG")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--out", default=None, help="PNG path (default RUN/loss.png)")
+    p.set_defaults(func=cmd_plot)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (LmforgeError, FileNotFoundError, FileExistsError) as err:
+        print(f"lmforge {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

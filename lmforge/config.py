@@ -1,0 +1,171 @@
+"""Model configs: one dataclass is the single source of truth for a model's shape.
+
+Named presets cover the shapes people ask for by name (nanoGPT's Shakespeare baby model,
+the GPT-2 family, SmolLM2-135M). `resolve_model_config` turns a preset name plus
+overrides into a checked `ModelConfig`; unknown keys fail with the closest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmforge.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """Shape and options of a decoder-only Transformer (GPT-2 and Llama style)."""
+
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # None = n_head (MHA); fewer = GQA; 1 = MQA
+    d_model: int = 128
+    d_mlp: int | None = None  # None = 4 * d_model
+    vocab_size: int = 65
+    context_length: int = 64
+    positions: str = "learned"  # learned | rope
+    rope_base: float = 10000.0
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # gelu | swiglu | relu2
+    tie_embeddings: bool = True
+    qk_norm: bool = False
+    bias: bool = False
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.d_mlp is None:
+            self.d_mlp = 4 * self.d_model
+        _check_choice("positions", self.positions, ("learned", "rope"))
+        _check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
+        _check_choice("mlp", self.mlp, ("gelu", "swiglu", "relu2"))
+        if self.d_model % self.n_head:
+            raise ConfigError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(
+                f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}"
+            )
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ConfigError(f"rotary positions need an even head_dim, got {self.head_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no model config at {path}: expected a config.json")
+        return from_dict(cls, json.loads(path.read_text()), where=str(path))
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+
+
+def closest_hint(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1)
+    return f"did you mean {match[0]!r}? " if match else ""
+
+
+def from_dict(cls: type, values: dict[str, Any], where: str = "config") -> Any:
+    """Build dataclass `cls` from `values`, failing on unknown keys with the closest match."""
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in valid:
+            raise ConfigError(
+                f"unknown key {key!r} in {where}: {closest_hint(key, valid)}"
+                f"valid keys are: {', '.join(valid)}"
+            )
+    return cls(**values)
+
+
+# Named shapes. The quickstart preset is small enough to learn something in minutes on 2 cores.
+PRESETS: dict[str, dict[str, Any]] = {
+    "shakespeare-char": dict(
+        n_layer=4, n_head=4, d_model=128, context_length=64, vocab_size=65, bias=False
+    ),
+    "quickstart": dict(
+        n_layer=4, n_head=4, d_model=192, context_length=128, vocab_size=4096,
+        positions="rope", norm="rmsnorm", mlp="swiglu", d_mlp=512, qk_norm=True,
+    ),
+    "gpt2": dict(n_layer=12, n_head=12, d_model=768, context_length=1024, vocab_size=50257,
+                 bias=True),
+    "gpt2-medium": dict(n_layer=24, n_head=16, d_model=1024, context_length=1024,
+                        vocab_size=50257, bias=True),
+    "gpt2-large": dict(n_layer=36, n_head=20, d_model=1280, context_length=1024,
+                       vocab_size=50257, bias=True),
+    "gpt2-xl": dict(n_layer=48, n_head=25, d_model=1600, context_length=1024,
+                    vocab_size=50257, bias=True),
+    "smollm2-135m": dict(
+        n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_mlp=1536, vocab_size=49152,
+        context_length=8192, positions="rope", rope_base=100000.0, norm="rmsnorm",
+        norm_eps=1e-5, mlp="swiglu", tie_embeddings=True,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """The named preset with `overrides` applied."""
+    if name not in PRESETS:
+        raise ConfigError(
+            f"unknown model preset {name!r}: {closest_hint(name, list(PRESETS))}"
+            f"presets are: {', '.join(PRESETS)}"
+        )
+    return from_dict(ModelConfig, {**PRESETS[name], **overrides}, where=f"preset {name!r}")
+
+
+def resolve_model_config(spec: dict[str, Any] | str | None) -> ModelConfig:
+    """A model section of a recipe: a preset name, or a dict with optional `preset` and fields."""
+    if spec is None:
+        return ModelConfig()
+    if isinstance(spec, str):
+        return preset(spec)
+    spec = dict(spec)
+    name = spec.pop("preset", None)
+    if name is None:
+        return from_dict(ModelConfig, spec, where="model")
+    return preset(name, **spec)
+
+
+@dataclass
+class FlopsReport:
+    params: int
+    non_embedding_params: int
+    flops_per_token: int  # forward + backward, at full context
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def count_flops(cfg: ModelConfig, params: int, embedding_params: int) -> FlopsReport:
+    """Training FLOPs per token: 6 per weight multiply-add plus attention's score/value work.
+
+    The attention term (12 * layers * width * context, the PaLM appendix estimate) is why a
+    long context costs more than the parameter count alone says.
+    """
+    non_embedding = params - embedding_params
+    # The output projection is a matmul per token even when tied to the embedding.
+    matmul_params = non_embedding + cfg.vocab_size * cfg.d_model
+    attention = 12 * cfg.n_layer * cfg.d_model * cfg.context_length
+    return FlopsReport(
+        params=params,
+        non_embedding_params=non_embedding,
+        flops_per_token=6 * matmul_params + attention,
+    )

@@ -1,0 +1,20 @@
+"""Errors meant for people: each message says what was wrong and how to fix it.
+
+The CLI prints these without a traceback; anything else is a bug and keeps its traceback.
+"""
+
+
+class LmforgeError(Exception):
+    """Base of the errors the CLI reports as plain messages."""
+
+
+class ConfigError(LmforgeError, ValueError):
+    """A config key or value a person got wrong."""
+
+
+class CheckpointMismatch(LmforgeError, ValueError):
+    """Weights, config and tokenizer that do not belong together."""
+
+
+class TrainingDiverged(LmforgeError, RuntimeError):
+    """The loss stopped being a finite number."""

@@ -1,0 +1,91 @@
+"""The model directory: config.json + model.safetensors + tokenizer.json.
+
+Every command that takes a model reads it through `load_model`, which accepts a model
+directory or a run directory (whose latest checkpoint is used).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmforge.config import ModelConfig
+from lmforge.errors import CheckpointMismatch
+from lmforge.models.decoder import Decoder
+from lmforge.tokenizer import Tokenizer
+
+WEIGHTS = "model.safetensors"
+CHECKPOINTS = "checkpoints"
+
+
+def save_model(directory: str | Path, model: Decoder, tokenizer: Tokenizer | None) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.cfg.save(directory / "config.json")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        # The output projection is the embedding; storing it twice is what safetensors forbids.
+        state.pop("lm_head.weight")
+    save_file(state, directory / WEIGHTS, metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary directories are ignored)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("step_") and p.is_dir())
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model directory for `path`: itself, or a run directory's latest checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such model or run directory: {path}")
+    if (path / "config.json").is_file() and (path / WEIGHTS).is_file():
+        return path
+    checkpoints = checkpoint_dirs(path)
+    if checkpoints:
+        return checkpoints[-1]
+    raise FileNotFoundError(
+        f"{path} holds neither a model (config.json + {WEIGHTS}) nor a run's checkpoints/"
+    )
+
+
+def load_weights(model: Decoder, weights_file: str | Path) -> None:
+    """Load safetensors weights into `model`, naming any tensor that does not fit."""
+    state = load_file(str(weights_file))
+    if model.cfg.tie_embeddings and "lm_head.weight" not in state and "embed.weight" in state:
+        state["lm_head.weight"] = state["embed.weight"]
+    expected = model.state_dict()
+    problems = [f"missing {k} {tuple(v.shape)}" for k, v in expected.items() if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [
+        f"{k}: checkpoint has {tuple(state[k].shape)}, model expects {tuple(v.shape)}"
+        for k, v in expected.items() if k in state and state[k].shape != v.shape
+    ]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise CheckpointMismatch(
+            f"the weights in {weights_file} do not fit this model config ({shown}). "
+            "Load them with the config.json saved beside them, or start a fresh run directory."
+        )
+    model.load_state_dict(state)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> tuple[Decoder, Tokenizer | None]:
+    """Model (in eval mode) and tokenizer from a model or run directory."""
+    directory = resolve_model_dir(path)
+    cfg = ModelConfig.load(directory / "config.json")
+    model = Decoder(cfg)
+    load_weights(model, directory / WEIGHTS)
+    model = model.to(device=device, dtype=dtype)
+    tokenizer_file = directory / "tokenizer.json"
+    tokenizer = Tokenizer.load(tokenizer_file) if tokenizer_file.is_file() else None
+    return model.eval(), tokenizer

@@ -1,0 +1,111 @@
+"""The decoder-only Transformer: GPT-2 and Llama-style models from one definition.
+
+Choices, all set by `ModelConfig`:
+- pre-norm residual blocks, LayerNorm (GPT-2) or RMSNorm (Llama);
+- learned absolute positions (GPT-2) or rotary positions with a configurable base (Llama);
+- attention through `scaled_dot_product_attention`, with grouped key/value heads and an
+  optional QK-norm; a preallocated KV cache for decoding;
+- MLP: GELU, SwiGLU or ReLU squared;
+- input embedding tied to the output projection, or not;
+- init: normal(0, init_std), with residual output projections scaled by 1/sqrt(2 * layers)
+  so the residual stream's variance does not grow with depth (GPT-2 paper, section 2.3).
+
+The model returns logits; losses belong to the training task, not to the model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lmforge.config import FlopsReport, ModelConfig, count_flops
+from lmforge.layers import MLP, Attention, KVCache, make_norm, rotary_tables
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.attn = Attention(cfg)
+        self.mlp_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rotary, cache: KVCache | None, start: int) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rotary, cache, start))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = (
+            nn.Embedding(cfg.context_length, cfg.d_model) if cfg.positions == "learned" else None
+        )
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        if cfg.positions == "rope":
+            cos, sin = rotary_tables(cfg.head_dim, cfg.context_length, cfg.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue  # norms and biases keep their defaults (ones / zeros)
+            scaled = name.endswith(("o_proj.weight", "down_proj.weight"))
+            nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer) if scaled else std)
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, idx: torch.Tensor, cache: list[KVCache] | None = None,
+                start: int = 0) -> torch.Tensor:
+        """Logits (B, T, vocab) for tokens idx (B, T) sitting at positions start..start+T."""
+        T = idx.shape[1]
+        if start + T > self.cfg.context_length:
+            raise ValueError(
+                f"sequence reaches position {start + T}, past the model's context length "
+                f"{self.cfg.context_length}"
+            )
+        x = self.embed(idx)
+        rotary = None
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.arange(start, start + T, device=idx.device))
+        else:
+            rotary = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        x = self.dropout(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rotary, cache[i] if cache is not None else None, start)
+        return self.lm_head(self.final_norm(x))
+
+    def new_cache(self, batch: int, length: int | None = None,
+                  dtype: torch.dtype | None = None) -> list[KVCache]:
+        """An empty KV cache for `batch` sequences of up to `length` positions."""
+        cfg, ref = self.cfg, self.embed.weight
+        length = length or cfg.context_length
+        return [
+            KVCache(batch, cfg.n_kv_head, length, cfg.head_dim, dtype or ref.dtype, ref.device)
+            for _ in range(cfg.n_layer)
+        ]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops(self) -> FlopsReport:
+        embedding = self.embed.weight.numel()
+        if self.pos_embed is not None:
+            embedding += self.pos_embed.weight.numel()
+        if not self.cfg.tie_embeddings:
+            embedding += self.lm_head.weight.numel()
+        return count_flops(self.cfg, self.num_params(), embedding)

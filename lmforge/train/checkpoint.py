@@ -1,0 +1,82 @@
+"""Training checkpoints: a model directory plus what it takes to continue the run.
+
+A checkpoint is `run/checkpoints/step_NNNNNNN/` holding the model directory files
+(config.json, model.safetensors, tokenizer.json), `optimizer.pt` (tensors only, loaded
+with weights_only=True), `rng.pt` and `trainer.json`. It is written into a temporary
+directory and renamed into place, so a crash or Ctrl-C mid-write leaves the previous
+checkpoint as the latest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.modeldir import CHECKPOINTS, WEIGHTS, checkpoint_dirs, load_weights, save_model
+from lmforge.models.decoder import Decoder
+from lmforge.tokenizer import Tokenizer
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: Decoder, tokenizer: Tokenizer | None,
+                    optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any],
+                    keep: int = 2) -> Path:
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    for stale in root.glob(".tmp-*"):  # left by a run that died mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f".tmp-step_{step:07d}"
+    save_model(tmp, model, tokenizer)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(directory: str | Path, model: Decoder,
+                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Restore weights (and optimizer and RNG state when given); return trainer state."""
+    directory = Path(directory)
+    load_weights(model, directory / WEIGHTS)
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        set_rng_state(torch.load(directory / "rng.pt", weights_only=True))
+    return json.loads((directory / "trainer.json").read_text())
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush a directory's entries so the rename survives a power cut, not just a crash."""
+    for child in path.iterdir() if path.is_dir() else []:
+        if child.is_file():
+            with open(child, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

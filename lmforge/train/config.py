@@ -1,0 +1,110 @@
+"""Training recipes: a `TrainConfig` dataclass, read from YAML with key=value overrides.
+
+A recipe is flat: every field of `TrainConfig` is a top-level key, except `model`, which is
+a preset name or a mapping of `ModelConfig` fields (optionally with `preset:`). Overrides
+on the command line use the same names: `lr=3e-4`, `model.n_layer=6`, `model=gpt2`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmforge.config import ModelConfig, from_dict, resolve_model_config
+from lmforge.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    # What to train on and where the run lives.
+    data: str = ""  # a prepared corpus dir, or text file(s)/folder/JSONL/parquet to prepare
+    tokenizer: str = "bpe"  # when preparing: bpe | char | path to a tokenizer.json
+    vocab_size: int = 8192  # when training a BPE tokenizer
+    out_dir: str = "runs/default"
+    model: Any = "shakespeare-char"  # preset name or mapping of ModelConfig fields
+    seed: int = 1337
+
+    # Batches: global batch = batch_size * grad_accum * world_size sequences of context_length.
+    batch_size: int = 12
+    grad_accum: int = 1
+    context_length: int = 0  # 0 = the model's context length
+    max_steps: int = 2000
+
+    # Optimizer and schedule.
+    optimizer: str = "adamw"  # adamw | muon (Muon for matrices, AdamW for the rest)
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | wsd | constant
+    decay_fraction: float = 0.2  # wsd: share of the run spent decaying
+    beta1: float = 0.9
+    beta2: float = 0.99
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 = off
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+
+    # Evaluation, samples, checkpoints, logs.
+    eval_interval: int = 250
+    eval_batches: int = 20  # 0 = the whole validation split
+    sample_interval: int = 0  # 0 = only at the end
+    sample_tokens: int = 200
+    sample_prompt: str = ""
+    checkpoint_interval: int = 0  # 0 = at every evaluation
+    keep_checkpoints: int = 2
+    halt_at: int = 0  # stop after this step with a checkpoint; --resume continues the run
+    log_interval: int = 10
+
+    # Hardware.
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    compile: bool = False
+    progress: bool = True
+
+    def model_config(self) -> ModelConfig:
+        return resolve_model_config(self.model)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (for example lr=3e-4)")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw else ""
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    values = dict(values)
+    for item in overrides:
+        key, value = _parse_override(item)
+        if key.startswith("model."):
+            model = values.get("model", {})
+            model = {"preset": model} if isinstance(model, str) else dict(model or {})
+            model[key.removeprefix("model.")] = value
+            values["model"] = model
+        else:
+            values[key] = value
+    return values
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """A TrainConfig from a YAML recipe (or defaults) plus key=value overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no recipe at {path}: give a YAML file (see configs/)")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} must be a mapping of keys to values")
+    values = apply_overrides(values, list(overrides))
+    where = str(path) if path else "overrides"
+    cfg = from_dict(TrainConfig, values, where=where)
+    cfg.model_config()  # fail now, not an hour into the run, on a bad model key
+    return cfg

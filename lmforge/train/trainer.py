@@ -1,0 +1,382 @@
+"""The training loop, shared by every task and by 1 or N processes.
+
+`Trainer(cfg).fit()` prepares the data if needed, builds the model, and runs optimizer
+steps until `max_steps`: gradient accumulation, DDP under torchrun, bf16 autocast on GPU,
+periodic validation (loss and bits per byte), samples, atomic checkpoints, metrics.jsonl
+and a loss-curve PNG. A run directory can be resumed exactly (`resume=True`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from lmforge.config import ModelConfig
+from lmforge.data import loader
+from lmforge.data.loader import TokenShards
+from lmforge.errors import CheckpointMismatch, TrainingDiverged
+from lmforge.infer.engine import generate, prompt_ids
+from lmforge.infer.sampling import SamplingConfig
+from lmforge.modeldir import checkpoint_dirs
+from lmforge.models.decoder import Decoder
+from lmforge.paths import cache_dir
+from lmforge.tokenizer import Tokenizer
+from lmforge.train import distributed as distr
+from lmforge.train.checkpoint import load_checkpoint, save_checkpoint
+from lmforge.train.config import TrainConfig
+from lmforge.train.optim import build_optimizer
+from lmforge.train.plot import plot_run
+from lmforge.train.schedule import lr_at
+
+# Dense bf16 peak FLOP/s per GPU, for MFU: the accelerators people are likely to have.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12,
+                   "A10": 125e12, "4090": 165e12, "3090": 71e12}
+
+
+class _StopFlag:
+    requested = False
+
+
+@contextlib.contextmanager
+def _stop_on_ctrl_c():
+    """The first Ctrl-C asks the loop to stop after the current step (and save); a second
+    one interrupts at once. Stopping between steps means no half-applied optimizer update
+    ever reaches a checkpoint."""
+    flag = _StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+        print("\nstopping after this step to save a checkpoint (Ctrl-C again to abort)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    final_val_loss: float | None
+    final_val_bpb: float | None
+    wall_seconds: float
+    tokens_per_second: float
+    ms_per_step: float
+    checkpoint: Path | None
+
+
+class LanguageModelingTask:
+    """Next-token prediction on token shards: batches and loss."""
+
+    def __init__(self, shards: TokenShards, context_length: int, batch_size: int, seed: int):
+        self.shards, self.length, self.batch_size, self.seed = shards, context_length, batch_size, seed
+
+    def train_batch(self, step: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return loader.train_batch(self.shards.split("train"), self.length, self.batch_size,
+                                  self.seed, step, slot)
+
+    def eval_batches(self, n_batches: int, rank: int, world: int):
+        return loader.eval_batches(self.shards.split("val"), self.length, self.batch_size,
+                                   n_batches, self.seed, rank, world)
+
+    @staticmethod
+    def loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        logits = model(x)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def prepare_data(cfg: TrainConfig) -> Path:
+    """A prepared corpus directory for cfg.data, preparing (once, cached) when needed."""
+    from lmforge.data.prepare import PrepareConfig, prepare
+
+    if not cfg.data:
+        raise FileNotFoundError("no data given: set data=PATH (a text file, folder, JSONL or "
+                                "parquet, or a directory made by `lmforge prepare`)")
+    path = Path(cfg.data).expanduser()
+    if (path / "meta.json").is_file():
+        return path
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {path}")
+    key = json.dumps([str(path.resolve()), cfg.tokenizer, cfg.vocab_size])
+    out = cache_dir() / "prepared" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    return prepare(PrepareConfig(inputs=[str(path)], out_dir=str(out), tokenizer=cfg.tokenizer,
+                                 vocab_size=cfg.vocab_size), progress=cfg.progress)
+
+
+def model_config_for_data(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    """The recipe's model, with its vocabulary sized to the tokenizer unless set larger."""
+    model_cfg = cfg.model_config()
+    explicit = isinstance(cfg.model, dict) and "vocab_size" in cfg.model
+    if not explicit:
+        model_cfg.vocab_size = vocab_size
+    elif model_cfg.vocab_size < vocab_size:
+        raise CheckpointMismatch(
+            f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+            f"{vocab_size}: remove model.vocab_size or set it >= {vocab_size}"
+        )
+    if cfg.context_length:
+        model_cfg.context_length = max(model_cfg.context_length, cfg.context_length)
+    return model_cfg
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.dist = distr.init_distributed(self.device.type)
+        if self.device.type == "cuda" and self.dist.world > 1:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.run_dir = Path(cfg.out_dir)
+        self.shards = TokenShards(self._prepared_data())
+        self.tokenizer = Tokenizer.load(self.shards.dir / "tokenizer.json")
+        self.model_cfg = model_config_for_data(cfg, self.shards.vocab_size)
+        self.context = cfg.context_length or self.model_cfg.context_length
+        self.task = LanguageModelingTask(self.shards, self.context, cfg.batch_size, cfg.seed)
+
+        torch.manual_seed(cfg.seed)
+        self.model = Decoder(self.model_cfg).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg, self.device.type)
+        self.step, self.elapsed_before, self._t_start = 0, 0.0, time.perf_counter()
+        if resume:
+            self._resume()
+        elif self.dist.is_main and checkpoint_dirs(self.run_dir):
+            raise FileExistsError(
+                f"{self.run_dir} already holds checkpoints: pass --resume to continue that run, "
+                "or choose another out_dir"
+            )
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.train_model: torch.nn.Module = self.model
+        if cfg.compile:
+            self.train_model = torch.compile(self.model)
+        if self.dist.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
+
+    def _prepared_data(self) -> Path:
+        # Rank 0 prepares; the others wait and then find it cached.
+        if self.dist.is_main:
+            path = prepare_data(self.cfg)
+        distr.barrier(self.dist)
+        return path if self.dist.is_main else prepare_data(self.cfg)
+
+    def _resume(self) -> None:
+        checkpoints = checkpoint_dirs(self.run_dir)
+        if not checkpoints:
+            raise FileNotFoundError(f"nothing to resume: {self.run_dir} has no checkpoints yet")
+        latest = checkpoints[-1]
+        saved = ModelConfig.load(latest / "config.json").to_dict()
+        wanted = self.model_cfg.to_dict()
+        diff = [f"{k}: checkpoint {saved.get(k)!r}, recipe {wanted[k]!r}"
+                for k in wanted if saved.get(k) != wanted[k]]
+        if diff:
+            raise CheckpointMismatch(f"{latest} was trained with another model config ("
+                                     + "; ".join(diff) + "): resume with the run's own recipe")
+        saved_tok = Tokenizer.load(latest / "tokenizer.json").fingerprint()
+        if saved_tok != self.tokenizer.fingerprint():
+            raise CheckpointMismatch(
+                f"{latest} was trained with a different tokenizer than the data in "
+                f"{self.shards.dir}: resume on the corpus the run was started with"
+            )
+        state = load_checkpoint(latest, self.model, self.optimizer)
+        self.step, self.elapsed_before = state["step"], state.get("elapsed", 0.0)
+
+    # The loop ----------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        cfg, d = self.cfg, self.dist
+        if d.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            self._trim_metrics()
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * d.world * self.context
+        flops_per_token = self.model.flops().flops_per_token
+        peak = self._peak_flops()
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and d.is_main),
+                   unit="step", dynamic_ncols=True)
+        start_step, t_start = self.step, time.perf_counter()
+        self._t_start = t_start
+        val_loss = val_bpb = None
+        last_saved: Path | None = None
+        with _stop_on_ctrl_c() as stop:
+            while self.step < cfg.max_steps and not stop.requested:
+                if cfg.eval_interval and self.step % cfg.eval_interval == 0:
+                    val_loss, val_bpb = self._evaluate(bar, t_start)
+                    if self.step > start_step and self._checkpoint_due(evaluating=True):
+                        last_saved = self._save()
+                t_step = time.perf_counter()
+                loss = self._train_step()
+                self.step += 1
+                seconds = time.perf_counter() - t_step
+                if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+                    tps = tokens_per_step / seconds
+                    record = {"step": self.step, "train_loss": loss, "lr": self._lr(self.step - 1),
+                              "tokens": self.step * tokens_per_step, "tokens_per_s": round(tps),
+                              "time": self._elapsed(t_start)}
+                    postfix = {"loss": f"{loss:.4f}", "tok/s": f"{tps:,.0f}"}
+                    if peak:
+                        record["mfu"] = flops_per_token * tps / (peak * d.world)
+                        postfix["mfu"] = f"{record['mfu']:.1%}"
+                    self._log(record)
+                    bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
+                if cfg.sample_interval and self.step % cfg.sample_interval == 0:
+                    self._print_sample(bar)
+                if self.step == cfg.halt_at:
+                    break
+                if self._checkpoint_due(evaluating=False):
+                    last_saved = self._save()
+            if self.step == cfg.max_steps:
+                val_loss, val_bpb = self._evaluate(bar, t_start)
+            last_saved = self._save()
+        bar.close()
+        if stop.requested and d.is_main:
+            print(f"interrupted: saved step {self.step} to {last_saved}; continue with --resume")
+        wall = time.perf_counter() - t_start
+        steps_run = max(self.step - start_step, 1)
+        if d.is_main:
+            if self.step == cfg.max_steps:
+                self._print_sample(None)
+            plot_run(self.run_dir)
+        distr.shutdown(d)
+        return TrainResult(
+            run_dir=self.run_dir, steps=self.step, final_val_loss=val_loss, final_val_bpb=val_bpb,
+            wall_seconds=wall, tokens_per_second=steps_run * tokens_per_step / wall,
+            ms_per_step=1000 * wall / steps_run, checkpoint=last_saved,
+        )
+
+    def _train_step(self) -> float:
+        cfg, d = self.cfg, self.dist
+        lr = self._lr(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        self.train_model.train()
+        total = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            x, y = self.task.train_batch(self.step, slot=micro * d.world + d.rank)
+            batch = (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+            last = micro == cfg.grad_accum - 1
+            # Only the last micro-batch all-reduces gradients; the others just accumulate.
+            sync = contextlib.nullcontext() if last or d.world == 1 else self.train_model.no_sync()
+            with sync, self._autocast():
+                loss = self.task.loss(self.train_model, batch)
+                (loss / cfg.grad_accum).backward()
+            total += loss.detach()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = distr.all_mean(total / cfg.grad_accum, d).item()
+        if not math.isfinite(loss):
+            latest = checkpoint_dirs(self.run_dir)
+            where = f"the last good checkpoint is {latest[-1]}" if latest else "no checkpoint was saved yet"
+            raise TrainingDiverged(
+                f"loss became {loss} at step {self.step + 1}; {where}. Try a lower lr, a longer "
+                "warmup_steps or grad_clip=1.0, then --resume"
+            )
+        return loss
+
+    @torch.no_grad()
+    def _evaluate(self, bar, t_start: float) -> tuple[float, float]:
+        self.model.eval()
+        total = torch.zeros(2, device=self.device, dtype=torch.float64)
+        for x, y in self.task.eval_batches(self.cfg.eval_batches, self.dist.rank, self.dist.world):
+            with self._autocast():
+                loss = self.task.loss(self.model, (x.to(self.device), y.to(self.device)))
+            total += torch.tensor([loss.item() * y.numel(), y.numel()], device=self.device,
+                                  dtype=torch.float64)
+        total = distr.all_sum(total, self.dist)
+        val_loss = float(total[0] / total[1])
+        bpb = val_loss / math.log(2) / self.shards.bytes_per_token("val")
+        if self.dist.is_main:
+            self._log({"step": self.step, "val_loss": val_loss, "val_bpb": bpb,
+                       "time": self._elapsed(t_start)})
+            bar.write(f"step {self.step:>6}: val loss {val_loss:.4f}, {bpb:.3f} bits/byte")
+        return val_loss, bpb
+
+    def _print_sample(self, bar) -> None:
+        if not self.dist.is_main:
+            return
+        tok = self.tokenizer
+        prompt = prompt_ids(tok, self.cfg.sample_prompt)
+        out = generate(self.model, prompt, self.cfg.sample_tokens, SamplingConfig(), seed=self.cfg.seed)
+        text = tok.decode(prompt + out) if self.cfg.sample_prompt else tok.decode(out)
+        (bar.write if bar else print)(f"--- sample at step {self.step} ---\n{text}\n---")
+
+    # Helpers -----------------------------------------------------------------------------
+
+    def _lr(self, step: int) -> float:
+        c = self.cfg
+        return lr_at(step, lr=c.lr, min_lr=c.min_lr, warmup=c.warmup_steps, total=c.max_steps,
+                     kind=c.schedule, decay_fraction=c.decay_fraction)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def _checkpoint_due(self, evaluating: bool) -> bool:
+        interval = self.cfg.checkpoint_interval
+        if interval == 0:
+            return evaluating
+        return not evaluating and self.step % interval == 0
+
+    def _save(self) -> Path | None:
+        path = None
+        if self.dist.is_main:
+            state = {"elapsed": self._elapsed(self._t_start), "recipe": self.cfg.to_dict()}
+            path = save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer,
+                                   self.optimizer, state, keep=self.cfg.keep_checkpoints)
+        distr.barrier(self.dist)
+        return path
+
+    def _elapsed(self, t_start: float) -> float:
+        return round(self.elapsed_before + time.perf_counter() - t_start, 3)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _trim_metrics(self) -> None:
+        """Drop records past the step we resume from: they will be written again."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        keep = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= self.step]
+        if self.step == 0:
+            keep = []
+        path.write_text("".join(line + "\n" for line in keep))
+
+    def _peak_flops(self) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(self.device)
+        return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
