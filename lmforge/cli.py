@@ -25,7 +25,10 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from lmforge.train.config import load_recipe
 
-    result = _train(load_recipe(args.recipe, args.overrides), resume=args.resume)
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe and "=" in recipe:  # no recipe file, only overrides
+        recipe, overrides = None, [recipe, *overrides]
+    result = _train(load_recipe(recipe, overrides), resume=args.resume)
     if result.final_val_loss is not None:
         print(f"validation loss {result.final_val_loss:.4f} ({result.final_val_bpb:.3f} bits/byte)")
     print(f"checkpoint: {result.checkpoint}")
@@ -124,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="pretrain from a YAML recipe with key=value overrides")
-    p.add_argument("recipe", help="YAML recipe (see configs/)")
+    p.add_argument("recipe", nargs="?", help="YAML recipe (see configs/); optional")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. lr=3e-4 model.n_layer=6")
     p.add_argument("--resume", action="store_true", help="continue from out_dir's last checkpoint")
     p.set_defaults(func=cmd_train)

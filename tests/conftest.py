@@ -1,0 +1,33 @@
+"""Shared fixtures: real text from ../shared/data, prepared once per test session."""
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="session")
+def shakespeare_text() -> str:
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"{SHAKESPEARE} is missing (the repo expects ../shared/data beside it)")
+    return SHAKESPEARE.read_text()
+
+
+@pytest.fixture(scope="session")
+def char_corpus(tmp_path_factory, shakespeare_text) -> Path:
+    """The first 200k characters of Tiny Shakespeare, prepared with the char tokenizer."""
+    from lmforge.data.prepare import PrepareConfig, prepare
+
+    root = tmp_path_factory.mktemp("char-corpus")
+    text_file = root / "shakespeare-200k.txt"
+    text_file.write_text(shakespeare_text[:200_000])
+    return prepare(PrepareConfig(inputs=[str(text_file)], out_dir=str(root / "prepared"),
+                                 tokenizer="char"), progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Keep tests out of the user's real cache directory."""
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

@@ -1,0 +1,95 @@
+"""The decoder model: causality, KV-cache equivalence, learning, presets."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.config import PRESETS, ModelConfig, preset
+from lmforge.errors import ConfigError
+from lmforge.models.decoder import Decoder
+
+VARIANTS = {
+    "gpt2-style": dict(positions="learned", norm="layernorm", mlp="gelu", bias=True),
+    "llama-gqa": dict(positions="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2,
+                      tie_embeddings=False),
+    "mqa-qknorm-relu2": dict(positions="rope", norm="rmsnorm", mlp="relu2", n_kv_head=1,
+                             qk_norm=True),
+}
+
+
+def tiny(**overrides) -> Decoder:
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, n_head=4, d_model=32, vocab_size=50, context_length=32,
+                      **overrides)
+    return Decoder(cfg).eval()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_changing_a_future_token_never_changes_past_logits(variant):
+    model = tiny(**VARIANTS[variant])
+    x = torch.randint(0, 50, (2, 16))
+    changed = x.clone()
+    changed[:, 10] = (changed[:, 10] + 1) % 50
+    with torch.no_grad():
+        a, b = model(x), model(changed)
+    assert torch.equal(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_kv_cache_decoding_matches_full_forward(variant):
+    model = tiny(**VARIANTS[variant])
+    x = torch.randint(0, 50, (2, 20))
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_cache(2, 20)
+        # A prompt of 7, then a chunk of 5 (prefill after a cache), then one at a time.
+        pieces = [model(x[:, :7], cache=cache, start=0), model(x[:, 7:12], cache=cache, start=7)]
+        pieces += [model(x[:, t:t + 1], cache=cache, start=t) for t in range(12, 20)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_tiny_model_overfits_one_batch():
+    model = tiny(**VARIANTS["llama-gqa"]).train()
+    x = torch.randint(0, 50, (4, 16))
+    y = torch.roll(x, -1, dims=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+
+
+def test_tied_embeddings_share_one_tensor():
+    model = tiny()
+    assert model.lm_head.weight.data_ptr() == model.embed.weight.data_ptr()
+    untied = tiny(tie_embeddings=False)
+    assert untied.lm_head.weight.data_ptr() != untied.embed.weight.data_ptr()
+
+
+@pytest.mark.parametrize("name,params", [("gpt2", 124_439_808), ("smollm2-135m", 134_515_008),
+                                         ("shakespeare-char", 804_096)])
+def test_presets_have_the_published_parameter_counts(name, params):
+    with torch.device("meta"):
+        model = Decoder(preset(name))
+    assert model.num_params() == params
+
+
+def test_every_preset_builds():
+    for name in PRESETS:
+        with torch.device("meta"):
+            assert Decoder(preset(name)).num_params() > 0
+
+
+def test_context_overflow_and_bad_config_are_clear():
+    model = tiny()
+    with pytest.raises(ValueError, match="context length 32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(ConfigError, match="did you mean 'n_layer'"):
+        preset("gpt2", n_layers=3)
+    with pytest.raises(ConfigError, match="multiple of n_kv_head"):
+        ModelConfig(n_head=4, n_kv_head=3)
+    with pytest.raises(ConfigError, match="did you mean 'gpt2'"):
+        preset("gtp2")
