@@ -34,8 +34,8 @@ def stream(model: Decoder, prompt: list[int], max_new_tokens: int,
     device = model.embed.weight.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     context = model.cfg.context_length
-    # Keep the tail of a prompt that would not leave room for the new tokens.
-    prompt = prompt[-max(context - max_new_tokens, 1):]
+    # A prompt longer than the context keeps its tail; generation stops at the context end.
+    prompt = prompt[-(context - 1):]
     max_new_tokens = min(max_new_tokens, context - len(prompt))
     cache = model.new_cache(1, len(prompt) + max_new_tokens)
     logits = model(torch.tensor([prompt], device=device), cache=cache, start=0)[:, -1]

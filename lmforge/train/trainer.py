@@ -324,7 +324,7 @@ class Trainer:
         return val_loss, bpb
 
     def _print_sample(self, bar) -> None:
-        if not self.dist.is_main:
+        if not self.dist.is_main or self.cfg.sample_tokens == 0:
             return
         tok = self.tokenizer
         prompt = prompt_ids(tok, self.cfg.sample_prompt)
