@@ -23,7 +23,8 @@ TINY_MODEL = {"preset": "shakespeare-char", "n_layer": 2, "d_model": 64, "contex
 def recipe(data: Path, out: Path, **overrides):
     values = dict(data=str(data), out_dir=str(out), model=TINY_MODEL, batch_size=4,
                   max_steps=40, warmup_steps=5, lr=3e-3, eval_interval=0, log_interval=1,
-                  progress=False, sample_tokens=8, **overrides)
+                  progress=False, sample_tokens=8)
+    values.update(overrides)
     return load_recipe(None, [f"{k}={json.dumps(v)}" for k, v in values.items()])
 
 
@@ -92,8 +93,8 @@ def test_mismatched_checkpoint_names_the_problem(char_corpus, tmp_path):
     Trainer(recipe(char_corpus, tmp_path / "run", max_steps=2)).fit()
     ckpt = checkpoint_dirs(tmp_path / "run")[-1]
     wider = Decoder(ModelConfig(**{**ModelConfig.load(ckpt).to_dict(), "d_model": 96}))
-    with pytest.raises(CheckpointMismatch, match=r"embed.weight: checkpoint has \(65, 64\), "
-                                                 r"model expects \(65, 96\)"):
+    with pytest.raises(CheckpointMismatch, match=r"embed.weight: checkpoint has \(\d+, 64\), "
+                                                 r"model expects \(\d+, 96\)"):
         load_weights(wider, ckpt / "model.safetensors")
     deeper = recipe(char_corpus, tmp_path / "run", max_steps=4,
                     model={**TINY_MODEL, "n_layer": 3})
