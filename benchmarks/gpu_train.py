@@ -63,7 +63,7 @@ def main() -> None:
     steady = [r for r in records if "tokens_per_s" in r][len(records) // 3:]  # after compile
     tps = float(np.median([r["tokens_per_s"] for r in steady]))
     mfu = float(np.median([r.get("mfu", float("nan")) for r in steady]))
-    print(f"\n| GPU | model | batch x context | tokens/s | MFU |\n|---|---|---|---|---|")
+    print("\n| GPU | model | batch x context | tokens/s | MFU |\n|---|---|---|---|---|")
     print(f"| {torch.cuda.get_device_name()} | gpt2 (124M), bf16, compile={not args.no_compile} "
           f"| {args.batch_size} x 1024 | {tps:,.0f} | {mfu:.1%} |")
 

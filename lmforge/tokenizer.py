@@ -30,25 +30,40 @@ TOKENIZER_FILE = "tokenizer.json"
 # `last_word_end`) and encoded as a batch: tokenizers then spreads them over all cores, and the
 # char tokenizer avoids handling the whole text as one giant "word" (6x slower on 1 MB).
 _ENCODE_PIECE_CHARS = 16_384
+# Pieces are handed to tokenizers in groups of about this many characters: each token costs
+# ~100 bytes inside tokenizers' Encoding objects (strings, offsets, masks), so this bounds the
+# memory of encoding a huge text to ~50 MB instead of ~25x the text's size.
+_ENCODE_GROUP_CHARS = 1 << 20
 _N_BYTES = 256
 
 
+def _not_space(char: str) -> bool:
+    return not char.isspace()
+
+
+# (separator, test on the character before it), most portable first: a newline after a letter or
+# digit is a token boundary for the GPT-2 and the GPT-4/Llama-3 regexes alike; a newline after
+# punctuation is one only for GPT-2's (GPT-4's glues "。\n" together) but keeps text without
+# spaces, like Chinese, cuttable.
+_CUT_RULES = (("\n", str.isalnum), (" ", _not_space), ("\n", _not_space))
+
+
 def last_word_end(text: str, start: int = 0, stop: int | None = None) -> int:
-    """Return the largest cut ``i`` in ``(start, stop]`` that cannot change any token id, or
+    """Return the largest cut ``i`` in ``(start, stop]`` that leaves token ids unchanged, or
     ``start`` if there is none.
 
-    A cut is safe when ``text[i - 1]`` is a letter or digit and ``text[i]`` is a space or
-    newline. The GPT-2 (and GPT-4/Llama-3) pre-tokenizer regexes always end a token between a
-    letter/digit and following whitespace and begin a fresh match there, so encoding
-    ``text[:i]`` and ``text[i:]`` separately gives the same ids as encoding ``text``. Cutting
-    *after* whitespace would not be safe: a trailing whitespace run is split differently at the
-    end of a string (``\\s+(?!\\S)``). Newlines are preferred so pieces are whole lines.
+    Cuts fall between a non-space character and a following space or newline. The byte-level
+    (GPT-2) pre-tokenizer regex always ends a token there and starts a fresh match at the
+    whitespace, so encoding ``text[:i]`` and ``text[i:]`` separately gives exactly the ids of
+    ``text``. Cutting *after* whitespace would not be safe: a whitespace run at the very end of
+    a string is split differently (``\\s+(?!\\S)``). Newlines are preferred, so pieces are whole
+    lines.
     """
     stop = len(text) if stop is None else stop
-    for sep in ("\n", " "):
+    for sep, accepts in _CUT_RULES:
         i = text.rfind(sep, start + 1, stop + 1)
         while i > start:
-            if text[i - 1].isalnum():
+            if accepts(text[i - 1]):
                 return i
             i = text.rfind(sep, start + 1, i)
     return start
@@ -66,6 +81,31 @@ def _pieces(text: str, size: int) -> Iterator[str]:
         yield text[start:cut]
         start = cut
     yield text[start:]
+
+
+def _groups(items: Iterable[tuple[int, str]], max_chars: int) -> Iterator[list[tuple[int, str]]]:
+    group: list[tuple[int, str]] = []
+    chars = 0
+    for item in items:
+        group.append(item)
+        chars += len(item[1])
+        if chars >= max_chars:
+            yield group
+            group, chars = [], 0
+    if group:
+        yield group
+
+
+def _check_alphabet(text: str, alphabet: frozenset[str]) -> None:
+    unknown = set(text) - alphabet
+    if unknown:
+        char = min(unknown)
+        raise ValueError(
+            f"character {char!r} (U+{ord(char):04X}) is not in the char tokenizer's "
+            f"vocabulary ({len(unknown)} unknown characters in total); build it with "
+            "train_char(..., byte_fallback=True) so any text can be encoded, or train it "
+            "on text that contains these characters"
+        )
 
 
 class Tokenizer:
@@ -139,18 +179,19 @@ class Tokenizer:
         """Token ids of each text, encoded in parallel by tokenizers' thread pool."""
         if self._alphabet is not None:
             for text in texts:
-                self._check_alphabet(text)
-        pieces: list[str] = []
-        owner: list[int] = []
-        for i, text in enumerate(texts):
-            split = _pieces(text, self._piece_chars) if self._piece_chars else (text,)
-            for piece in split:
-                pieces.append(piece)
-                owner.append(i)
+                _check_alphabet(text, self._alphabet)
         out: list[list[int]] = [[] for _ in texts]
-        for i, encoding in zip(owner, self._encode_pieces(pieces)):
-            out[i].extend(encoding.ids)
+        for group in _groups(self._owned_pieces(texts), _ENCODE_GROUP_CHARS):
+            for (i, _), encoding in zip(group, self._encode_pieces([p for _, p in group])):
+                out[i].extend(encoding.ids)
         return out
+
+    def _owned_pieces(self, texts: list[str]) -> Iterator[tuple[int, str]]:
+        """(index of the text, piece of it) for every piece of every text, in order."""
+        for i, text in enumerate(texts):
+            pieces = _pieces(text, self._piece_chars) if self._piece_chars else (text,)
+            for piece in pieces:
+                yield i, piece
 
     def _encode_pieces(self, pieces: list[str]) -> list[tokenizers.Encoding]:
         # encode_batch_fast (tokenizers >= 0.21) skips computing offsets we never use.
@@ -158,18 +199,6 @@ class Tokenizer:
         if fast is not None:
             return fast(pieces, add_special_tokens=False)
         return self._tok.encode_batch(pieces, add_special_tokens=False)
-
-    def _check_alphabet(self, text: str) -> None:
-        assert self._alphabet is not None
-        unknown = set(text) - self._alphabet
-        if unknown:
-            char = min(unknown)
-            raise ValueError(
-                f"character {char!r} (U+{ord(char):04X}) is not in the char tokenizer's "
-                f"vocabulary ({len(unknown)} unknown characters in total); build it with "
-                "train_char(..., byte_fallback=True) so any text can be encoded, or train it "
-                "on text that contains these characters"
-            )
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``; special tokens are kept and nothing is stripped or cleaned up, so
