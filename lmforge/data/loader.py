@@ -39,7 +39,10 @@ class TokenShards:
             path = self.dir / f"{name}.bin"
             if not path.is_file():
                 raise FileNotFoundError(f"missing {path}: re-run `lmforge prepare`")
-            self._tokens[name] = np.memmap(path, dtype=np.dtype(self.meta["dtype"]), mode="r")
+            dtype = np.dtype(self.meta["dtype"])
+            # numpy cannot map an empty file; a corpus prepared with val_fraction=0 has one.
+            empty = path.stat().st_size == 0
+            self._tokens[name] = np.empty(0, dtype) if empty else np.memmap(path, dtype, mode="r")
         return self._tokens[name]
 
     @property

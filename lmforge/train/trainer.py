@@ -228,17 +228,21 @@ class Trainer:
         val_loss = val_bpb = None
         last_saved: Path | None = None
         with _stop_on_ctrl_c() as stop:
+            last_log = (self.step, time.perf_counter())
             while self.step < cfg.max_steps and not stop.requested:
-                if cfg.eval_interval and self.step % cfg.eval_interval == 0:
+                # A resumed run already evaluated the step it resumes from.
+                first = self.step == start_step and self.step > 0
+                if cfg.eval_interval and self.step % cfg.eval_interval == 0 and not first:
                     val_loss, val_bpb = self._evaluate(bar, t_start)
                     if self.step > start_step and self._checkpoint_due(evaluating=True):
                         last_saved = self._save()
-                t_step = time.perf_counter()
+                    last_log = (self.step, time.perf_counter())
                 loss = self._train_step()
                 self.step += 1
-                seconds = time.perf_counter() - t_step
                 if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
-                    tps = tokens_per_step / seconds
+                    # Throughput since the last log line, evaluations and saves excluded.
+                    now = time.perf_counter()
+                    tps = tokens_per_step * (self.step - last_log[0]) / (now - last_log[1])
                     record = {"step": self.step, "train_loss": loss, "lr": self._lr(self.step - 1),
                               "tokens": self.step * tokens_per_step, "tokens_per_s": round(tps),
                               "time": self._elapsed(t_start)}
@@ -253,8 +257,11 @@ class Trainer:
                     self._print_sample(bar)
                 if self.step == cfg.halt_at:
                     break
+                if self.step % cfg.log_interval == 0:
+                    last_log = (self.step, time.perf_counter())
                 if self._checkpoint_due(evaluating=False):
                     last_saved = self._save()
+                    last_log = (self.step, time.perf_counter())
             if self.step == cfg.max_steps:
                 val_loss, val_bpb = self._evaluate(bar, t_start)
             last_saved = self._save()
@@ -306,7 +313,9 @@ class Trainer:
         return loss
 
     @torch.no_grad()
-    def _evaluate(self, bar, t_start: float) -> tuple[float, float]:
+    def _evaluate(self, bar, t_start: float) -> tuple[float | None, float | None]:
+        if len(self.shards.split("val")) <= self.context + 1:
+            return None, None  # no validation split (prepared with val_fraction=0)
         self.model.eval()
         total = torch.zeros(2, device=self.device, dtype=torch.float64)
         for x, y in self.task.eval_batches(self.cfg.eval_batches, self.dist.rank, self.dist.world):
