@@ -9,20 +9,20 @@ SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 
 
 @pytest.fixture(scope="session")
-def shakespeare_text() -> str:
+def shakespeare() -> str:
     if not SHAKESPEARE.is_file():
         pytest.skip(f"{SHAKESPEARE} is missing (the repo expects ../shared/data beside it)")
     return SHAKESPEARE.read_text()
 
 
 @pytest.fixture(scope="session")
-def char_corpus(tmp_path_factory, shakespeare_text) -> Path:
+def char_corpus(tmp_path_factory, shakespeare) -> Path:
     """The first 200k characters of Tiny Shakespeare, prepared with the char tokenizer."""
     from lmforge.data.prepare import PrepareConfig, prepare
 
     root = tmp_path_factory.mktemp("char-corpus")
     text_file = root / "shakespeare-200k.txt"
-    text_file.write_text(shakespeare_text[:200_000])
+    text_file.write_text(shakespeare[:200_000])
     return prepare(PrepareConfig(inputs=[str(text_file)], out_dir=str(root / "prepared"),
                                  tokenizer="char"), progress=False)
 

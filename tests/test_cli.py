@@ -60,10 +60,10 @@ def test_errors_are_one_line_messages_with_exit_code_2(tmp_path, capsys):
     assert "neither a model" in capsys.readouterr().err
 
 
-def test_quickstart_on_own_text(tmp_path, monkeypatch, shakespeare_text, capsys):
+def test_quickstart_on_own_text(tmp_path, monkeypatch, shakespeare, capsys):
     monkeypatch.chdir(tmp_path)
     text = tmp_path / "plays.txt"
-    text.write_text(shakespeare_text[:120_000])
+    text.write_text(shakespeare[:120_000])
     assert main(["quickstart", "--data", str(text), "--quiet", "max_steps=4", "eval_interval=2",
                  "eval_batches=2", "vocab_size=512", "sample_tokens=8"]) == 0
     out = capsys.readouterr().out

@@ -19,8 +19,7 @@ from lmforge.data.prepare import (
 )
 from lmforge.tokenizer import Tokenizer, train_bpe
 
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-SHAKESPEARE = DATA_DIR / "tinyshakespeare.txt"
+from .conftest import SHAKESPEARE
 
 DOCS = [
     "First Citizen:\nBefore we proceed any further, hear me speak.\n",
@@ -30,13 +29,6 @@ DOCS = [
     "Short.",
     "MENENIUS:\nWhat work's, my countrymen, in hand? where go you\nWith bats and clubs?",
 ]
-
-
-@pytest.fixture(scope="module")
-def shakespeare() -> str:
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"real data missing: {SHAKESPEARE} (expected ../shared/data next to the repo)")
-    return SHAKESPEARE.read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,6 @@ from lmforge.tokenizer import (
     train_char,
 )
 
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-SHAKESPEARE = DATA_DIR / "tinyshakespeare.txt"
-
 # Strings that have tripped tokenizers up: leading/trailing/multiple spaces (prefix-space and
 # clean-up logic), newlines, punctuation after spaces (transformers' clean_up_tokenization_spaces
 # would delete " ."), non-Latin text and emoji (byte fallback), special-token strings.
@@ -39,13 +36,6 @@ TRICKY = [
     "<0x41> is not a byte token",
     "\x00\x01 control chars",
 ]
-
-
-@pytest.fixture(scope="module")
-def shakespeare() -> str:
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"real data missing: {SHAKESPEARE} (expected ../shared/data next to the repo)")
-    return SHAKESPEARE.read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
