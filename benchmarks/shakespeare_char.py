@@ -3,10 +3,12 @@
     python benchmarks/shakespeare_char.py            # the nanoGPT recipe, then --fast's
     python benchmarks/shakespeare_char.py --only nanogpt --seeds 1337 42
 
-The nanoGPT recipe: 4 layers, 4 heads, width 128, context 64, batch 12, 2000 iterations,
+The nanoGPT recipe (configs/shakespeare-char.yaml): 4 layers, 4 heads, width 128, context 64, batch 12, 2000 iterations,
 AdamW lr 1e-3 (beta2 0.99, weight decay 0.1), 100 warmup steps then cosine to 1e-4, no
 biases, dropout 0, validation every 250 steps on 20 batches; first 90% of
-Tiny Shakespeare for training, last 10% for validation, 65 characters.
+Tiny Shakespeare for training, last 10% for validation, 65 characters. The fast recipe is
+configs/shakespeare-char-fast.yaml. Both are reported on nanoGPT's yardstick (20 random
+validation batches) where they evaluate that way, and on the whole validation split.
 
 The peer: nanoGPT's figures measured on this kind of machine (../shared/design/BASELINES.md).
 Machines differ run to run, so the script also times Hugging Face's GPT2LMHeadModel on
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from lmforge.data.loader import TokenShards, train_batch
 from lmforge.data.prepare import PrepareConfig, prepare
 from lmforge.paths import cache_dir
-from lmforge.train.config import TrainConfig
+from lmforge.train.config import load_recipe
 from lmforge.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,15 +38,8 @@ DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 NANOGPT = {"wall_s": 189.5, "ms_per_iter": 84.4, "val_loss": 1.886}
 HF_SPEED_VS_NANOGPT = 0.78
 
-NANOGPT_RECIPE = dict(
-    model="shakespeare-char", batch_size=12, context_length=64, max_steps=2000,
-    optimizer="adamw", lr=1e-3, min_lr=1e-4, warmup_steps=100, schedule="cosine",
-    beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=1.0,
-    eval_interval=250, eval_batches=20, log_interval=50, sample_tokens=0,
-)
-
-# lmforge's own recipe: see benchmarks/fast_recipe_notes.md for how it was chosen.
-FAST_RECIPE = dict(NANOGPT_RECIPE, eval_interval=0, eval_batches=0)
+RECIPES = {"nanogpt": ROOT / "configs" / "shakespeare-char.yaml",
+           "fast": ROOT / "configs" / "shakespeare-char-fast.yaml"}
 
 
 def prepared_corpus() -> Path:
@@ -55,28 +50,16 @@ def prepared_corpus() -> Path:
                                  val_fraction=0.1), progress=False)
 
 
-def whole_split_loss(trainer: Trainer) -> float:
-    """Validation loss over the whole split, the same yardstick for every recipe."""
-    trainer.cfg.eval_batches = 0
-    loss, _ = trainer._evaluate(_Quiet(), time.perf_counter())
-    return loss
-
-
-class _Quiet:
-    def write(self, _text: str) -> None:
-        pass
-
-
-def run_recipe(name: str, recipe: dict, seed: int, data: Path, out: Path) -> dict:
-    cfg = TrainConfig(**recipe, data=str(data), out_dir=str(out / f"{name}-{seed}"), seed=seed,
-                      progress=False)
+def run_recipe(name: str, seed: int, data: Path, out: Path) -> dict:
+    overrides = [f"data={data}", f"out_dir={out / f'{name}-{seed}'}", f"seed={seed}",
+                 "progress=false", "sample_tokens=0", "log_interval=50"]
     start = time.perf_counter()
-    trainer = Trainer(cfg)
+    trainer = Trainer(load_recipe(RECIPES[name], overrides))
     result = trainer.fit()
     wall = time.perf_counter() - start
     return {"recipe": name, "seed": seed, "wall_s": wall, "ms_per_iter": result.ms_per_step,
             "tokens_per_s": result.tokens_per_second, "val_loss": result.final_val_loss,
-            "whole_val_loss": whole_split_loss(trainer)}
+            "whole_val_loss": trainer.evaluate(n_batches=0)[0]}
 
 
 def hf_peer_ms_per_iter(data: Path, iters: int = 150) -> float:
@@ -112,14 +95,13 @@ def main() -> None:
     parser.add_argument("--out", default=str(cache_dir() / "bench" / "runs"))
     args = parser.parse_args()
     only = "fast" if args.fast else args.only
-    recipes = {"nanogpt": NANOGPT_RECIPE, "fast": FAST_RECIPE}
     data, out = prepared_corpus(), Path(args.out)
     rows = []
-    for name, recipe in recipes.items():
+    for name in RECIPES:
         if only and name != only:
             continue
         for seed in args.seeds:
-            rows.append(run_recipe(name, recipe, seed, data, out / str(time.time_ns())))
+            rows.append(run_recipe(name, seed, data, out / str(time.time_ns())))
             print(f"done: {name} seed {seed}: {rows[-1]['wall_s']:.1f} s, "
                   f"val {rows[-1]['whole_val_loss']:.4f}", flush=True)
     hf_ms = None if args.no_peer else hf_peer_ms_per_iter(data)

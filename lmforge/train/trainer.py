@@ -313,20 +313,28 @@ class Trainer:
         return loss
 
     @torch.no_grad()
-    def _evaluate(self, bar, t_start: float) -> tuple[float | None, float | None]:
+    def evaluate(self, n_batches: int | None = None) -> tuple[float | None, float | None]:
+        """Validation loss (nats/token) and bits per byte; n_batches 0 = the whole split.
+
+        (None, None) when the corpus has no validation split (val_fraction=0).
+        """
         if len(self.shards.split("val")) <= self.context + 1:
-            return None, None  # no validation split (prepared with val_fraction=0)
+            return None, None
+        n_batches = self.cfg.eval_batches if n_batches is None else n_batches
         self.model.eval()
         total = torch.zeros(2, device=self.device, dtype=torch.float64)
-        for x, y in self.task.eval_batches(self.cfg.eval_batches, self.dist.rank, self.dist.world):
+        for x, y in self.task.eval_batches(n_batches, self.dist.rank, self.dist.world):
             with self._autocast():
                 loss = self.task.loss(self.model, (x.to(self.device), y.to(self.device)))
             total += torch.tensor([loss.item() * y.numel(), y.numel()], device=self.device,
                                   dtype=torch.float64)
         total = distr.all_sum(total, self.dist)
         val_loss = float(total[0] / total[1])
-        bpb = val_loss / math.log(2) / self.shards.bytes_per_token("val")
-        if self.dist.is_main:
+        return val_loss, val_loss / math.log(2) / self.shards.bytes_per_token("val")
+
+    def _evaluate(self, bar, t_start: float) -> tuple[float | None, float | None]:
+        val_loss, bpb = self.evaluate()
+        if val_loss is not None and self.dist.is_main:
             self._log({"step": self.step, "val_loss": val_loss, "val_bpb": bpb,
                        "time": self._elapsed(t_start)})
             bar.write(f"step {self.step:>6}: val loss {val_loss:.4f}, {bpb:.3f} bits/byte")
