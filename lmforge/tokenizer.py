@@ -13,9 +13,11 @@ so the same file loads here, in ``tokenizers`` and in ``transformers.PreTrainedT
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import tokenizers
@@ -25,6 +27,42 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
 EOS_TOKEN = SPECIAL_TOKENS[0]
 PAD_TOKEN = SPECIAL_TOKENS[1]
 TOKENIZER_FILE = "tokenizer.json"
+# Which tokens start and end a text, and the chat template: kept beside tokenizer.json under
+# the names transformers uses, so an exported directory needs no translation.
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+
+@dataclass
+class SpecialTokens:
+    """The model's use of its special tokens (what `tokenizer.json` alone does not say)."""
+
+    bos_token: str | None = EOS_TOKEN
+    eos_token: str | None = EOS_TOKEN
+    pad_token: str | None = PAD_TOKEN
+    add_bos_token: bool = False  # prepend bos_token when encoding a prompt
+    chat_template: str | None = None  # Jinja, as in transformers' tokenizer_config.json
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, values: dict) -> SpecialTokens:
+        def token(value):  # transformers may store {"content": "<s>", ...}
+            return value.get("content") if isinstance(value, dict) else value
+
+        return cls(bos_token=token(values.get("bos_token")),
+                   eos_token=token(values.get("eos_token")),
+                   pad_token=token(values.get("pad_token")),
+                   add_bos_token=bool(values.get("add_bos_token", False)),
+                   chat_template=_template_text(values.get("chat_template")))
+
+
+def _template_text(template) -> str | None:
+    """transformers allows a list of named templates; the one named "default" is the one."""
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template}
+        return named.get("default") or next(iter(named.values()), None)
+    return template
 
 # Long texts are cut into pieces of about this many characters (at word ends, see
 # `last_word_end`) and encoded as a batch: tokenizers then spreads them over all cores, and the
@@ -116,8 +154,10 @@ class Tokenizer:
     as ``"<|endoftext|>"``) are recognised, exactly as ``transformers`` does.
     """
 
-    def __init__(self, backend: tokenizers.Tokenizer) -> None:
+    def __init__(self, backend: tokenizers.Tokenizer, special: SpecialTokens | None = None
+                 ) -> None:
         self._tok = backend
+        self.special = special or SpecialTokens()
         spec = json.loads(backend.to_str())
         model = spec.get("model") or {}
         is_char = (
@@ -157,19 +197,27 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def _id(self, token: str | None) -> int | None:
+        return None if token is None else self._tok.token_to_id(token)
+
     @property
     def bos_id(self) -> int | None:
-        """``<|endoftext|>`` for BPE (also the document separator); ``None`` for char."""
-        return self._tok.token_to_id(EOS_TOKEN)
+        """``<|endoftext|>`` for our BPE (also the document separator); ``None`` for char;
+        an imported model's own BOS token."""
+        return self._id(self.special.bos_token)
 
     @property
     def eos_id(self) -> int | None:
-        """Same token as ``bos_id``; ``None`` for char (nanoGPT-compatible, no specials)."""
-        return self._tok.token_to_id(EOS_TOKEN)
+        """Same token as ``bos_id`` for our BPE; ``None`` for char (nanoGPT-compatible)."""
+        return self._id(self.special.eos_token)
 
     @property
     def pad_id(self) -> int | None:
-        return self._tok.token_to_id(PAD_TOKEN)
+        return self._id(self.special.pad_token)
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.special.chat_template
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; no special tokens are added."""
@@ -215,6 +263,8 @@ class Tokenizer:
             path = path / TOKENIZER_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(path), pretty=True)
+        config = path.parent / TOKENIZER_CONFIG_FILE
+        config.write_text(json.dumps(self.special.to_json(), indent=2, ensure_ascii=False) + "\n")
         return path
 
     def fingerprint(self) -> str:
@@ -243,7 +293,10 @@ class Tokenizer:
             backend = tokenizers.Tokenizer.from_file(str(file))
         except Exception as err:  # tokenizers raises a bare Exception for malformed files
             raise ValueError(f"{file} is not a valid tokenizer.json: {err}") from err
-        return cls(backend)
+        config = file.parent / TOKENIZER_CONFIG_FILE
+        special = (SpecialTokens.from_json(json.loads(config.read_text(encoding="utf-8")))
+                   if config.is_file() else None)
+        return cls(backend, special)
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"

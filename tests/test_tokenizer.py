@@ -188,3 +188,21 @@ def test_decode_accepts_numpy(char: Tokenizer) -> None:
     np = pytest.importorskip("numpy")
     ids = char.encode("To be, or not to be")
     assert char.decode(np.array(ids, dtype=np.uint16)) == "To be, or not to be"
+
+
+def test_special_tokens_and_chat_template_are_saved_beside_the_tokenizer(
+    bpe: Tokenizer, tmp_path: Path
+) -> None:
+    from lmforge.tokenizer import SpecialTokens
+
+    template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>{% endfor %}"
+    chat = Tokenizer(bpe.backend, SpecialTokens(bos_token=None, eos_token="<|im_end|>",
+                                                 add_bos_token=False, chat_template=template))
+    loaded = Tokenizer.load(chat.save(tmp_path).parent)
+    assert (loaded.bos_id, loaded.eos_id, loaded.pad_id) == (None, 3, 1)
+    assert loaded.chat_template == template
+    # transformers reads the same file: it knows the end-of-turn token and the template.
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    assert hf.eos_token_id == 3 and hf.chat_template == template
