@@ -18,3 +18,7 @@ class CheckpointMismatch(LmforgeError, ValueError):
 
 class TrainingDiverged(LmforgeError, RuntimeError):
     """The loss stopped being a finite number."""
+
+
+class UnsupportedModel(LmforgeError, ValueError):
+    """A model file or architecture lmforge cannot map onto its own model."""
