@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from lmforge.errors import LmforgeError
 
@@ -49,17 +48,30 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     print(f"prepared: {out}")
 
 
+def _load(spec: str):
+    """Model, tokenizer and stop tokens for any way of naming a model."""
+    from lmforge.interop.hub import resolve_model
+    from lmforge.modeldir import load_model, stop_token_ids
+
+    directory = resolve_model(spec)
+    model, tokenizer = load_model(directory)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{spec} has no tokenizer.json to encode text with")
+    return model, tokenizer, stop_token_ids(directory, tokenizer)
+
+
+def _sampling(args: argparse.Namespace):
+    from lmforge.infer.sampling import SamplingConfig
+
+    return SamplingConfig(args.temperature, args.top_k, args.top_p)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from lmforge.infer.engine import prompt_ids, stream
-    from lmforge.infer.sampling import SamplingConfig
-    from lmforge.modeldir import load_model
 
-    model, tokenizer = load_model(args.model)
-    if tokenizer is None:
-        raise FileNotFoundError(f"{args.model} has no tokenizer.json to encode the prompt with")
+    model, tokenizer, stop = _load(args.model)
     prompt = prompt_ids(tokenizer, args.prompt)
-    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
-    stop = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
+    sampling = _sampling(args)
     ids: list[int] = []
     printed = ""
     sys.stdout.write(args.prompt)
@@ -75,16 +87,57 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print()
 
 
+def cmd_chat(args: argparse.Namespace) -> None:
+    from lmforge.chat import ChatSession, run_terminal_chat
+
+    model, tokenizer, stop = _load(args.model)
+    session = ChatSession(model, tokenizer, stop, _sampling(args), system=args.system,
+                          max_new_tokens=args.max_new_tokens)
+    run_terminal_chat(session)
+
+
+def cmd_pull(args: argparse.Namespace) -> None:
+    from lmforge.interop.hub import pull
+
+    print(pull(args.name))
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    from lmforge.interop.hub import REGISTRY, list_models
+
+    rows = list_models()
+    print(f"{'name':<32} {'size':>9}  source")
+    for row in rows:
+        print(f"{row['name']:<32} {row['size_bytes'] / 1e6:>7.1f}MB  {row['source']}")
+    pulled = {row["name"] for row in rows}
+    for name, entry in REGISTRY.items():
+        if name not in pulled:
+            print(f"{name:<32} {'-':>9}  not pulled: {entry.description}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from lmforge.interop.hub import resolve_model
+
+    directory = resolve_model(args.model)
+    if args.format == "hf":
+        from lmforge.interop.hf import export_hf
+
+        print(export_hf(directory, args.out))
+    else:
+        from lmforge.interop.gguf import export_gguf
+
+        print(export_gguf(directory, args.out, dtype=args.dtype))
+
+
 def cmd_info(args: argparse.Namespace) -> None:
-    from lmforge.config import ModelConfig, preset
-    from lmforge.modeldir import resolve_model_dir
+    from lmforge.config import PRESETS, ModelConfig, preset
+    from lmforge.interop.hub import resolve_model
     from lmforge.models.decoder import Decoder
 
-    path = Path(args.model)
-    if path.exists():
-        cfg = ModelConfig.load(resolve_model_dir(path) / "config.json")
-    else:
+    if args.model in PRESETS:
         cfg = preset(args.model)
+    else:
+        cfg = ModelConfig.load(resolve_model(args.model) / "config.json")
     import torch
 
     with torch.device("meta"):
@@ -132,18 +185,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from out_dir's last checkpoint")
     p.set_defaults(func=cmd_train)
 
+    model_help = ("model directory, run directory, Hugging Face directory, .gguf file, "
+                  "registry name (see `lmforge list`) or hf:ORG/NAME")
+
+    def sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+        p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+        p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+        p.add_argument("--top-k", type=int, default=200)
+        p.add_argument("--top-p", type=float, default=None)
+
     p = sub.add_parser("generate", help="sample a continuation of a prompt (streaming)")
-    p.add_argument("model", help="model directory or run directory")
+    p.add_argument("model", help=model_help)
     p.add_argument("--prompt", default="")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=200)
-    p.add_argument("--top-p", type=float, default=None)
+    sampling_flags(p, 200)
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("chat", help="talk to a model in the terminal (its chat template)")
+    p.add_argument("model", help=model_help)
+    p.add_argument("--system", default=None, help="system prompt")
+    sampling_flags(p, 512)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("pull", help="fetch a model into the cache (~/.cache/lmforge/models)")
+    p.add_argument("name", help="registry name (see `lmforge list`) or hf:ORG/NAME")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("list", help="models in the cache, and the registry's names")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("export", help="write a model as a Hugging Face directory or a GGUF file")
+    p.add_argument("model", help=model_help)
+    p.add_argument("--format", choices=["hf", "gguf"], required=True)
+    p.add_argument("--out", required=True, help="output directory (hf) or .gguf path")
+    p.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f32", help="gguf only")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("info", help="parameters and FLOPs per token of a model or preset")
-    p.add_argument("model", help="preset name, model directory or run directory")
+    p.add_argument("model", help="preset name, or " + model_help)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("plot", help="draw a run's loss curve to PNG")

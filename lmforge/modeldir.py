@@ -6,6 +6,7 @@ directory or a run directory (whose latest checkpoint is used).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -76,6 +77,18 @@ def load_weights(model: Decoder, weights_file: str | Path) -> None:
             "Load them with the config.json saved beside them, or start a fresh run directory."
         )
     model.load_state_dict(state)
+
+
+def stop_token_ids(directory: str | Path, tokenizer: Tokenizer | None) -> tuple[int, ...]:
+    """Tokens that end generation: the tokenizer's EOS and generation_config.json's eos ids."""
+    ids = set()
+    if tokenizer is not None and tokenizer.eos_id is not None:
+        ids.add(tokenizer.eos_id)
+    config = resolve_model_dir(directory) / "generation_config.json"
+    if config.is_file():
+        eos = json.loads(config.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return tuple(sorted(ids))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
