@@ -195,9 +195,8 @@ def _install(name: str, convert, source: dict, progress: bool) -> Path:
 
 
 def _is_hf_dir(path: Path) -> bool:
-    from lmforge.interop.hf import is_hf_dir
-
-    return is_hf_dir(path)
+    config = path / "config.json"
+    return config.is_file() and "model_type" in json.loads(config.read_text())
 
 
 def _safe_name(name: str) -> str:
