@@ -58,8 +58,12 @@ def resolve_model_dir(path: str | Path) -> Path:
     )
 
 
-def load_weights(model: Decoder, weights_file: str | Path) -> None:
-    """Load safetensors weights into `model`, naming any tensor that does not fit."""
+def load_weights(model: Decoder, weights_file: str | Path, assign: bool = False) -> None:
+    """Load safetensors weights into `model`, naming any tensor that does not fit.
+
+    assign=True adopts the loaded tensors instead of copying into the model's own (for a
+    model built on the meta device: no second copy of the weights is ever made).
+    """
     state = load_file(str(weights_file))
     if model.cfg.tie_embeddings and "lm_head.weight" not in state and "embed.weight" in state:
         state["lm_head.weight"] = state["embed.weight"]
@@ -76,7 +80,8 @@ def load_weights(model: Decoder, weights_file: str | Path) -> None:
             f"the weights in {weights_file} do not fit this model config ({shown}). "
             "Load them with the config.json saved beside them, or start a fresh run directory."
         )
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=assign)
+    model.tie_weights()
 
 
 def stop_token_ids(directory: str | Path, tokenizer: Tokenizer | None) -> tuple[int, ...]:
@@ -96,8 +101,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     """Model (in eval mode) and tokenizer from a model or run directory."""
     directory = resolve_model_dir(path)
     cfg = ModelConfig.load(directory / "config.json")
-    model = Decoder(cfg)
-    load_weights(model, directory / WEIGHTS)
+    # Built on the meta device: random initialisation would be thrown away by the load,
+    # and for a 100M+ model it costs a second.
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    load_weights(model, directory / WEIGHTS, assign=True)
+    model.reset_buffers()
     model = model.to(device=device, dtype=dtype)
     tokenizer_file = directory / "tokenizer.json"
     tokenizer = Tokenizer.load(tokenizer_file) if tokenizer_file.is_file() else None

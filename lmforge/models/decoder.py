@@ -50,13 +50,23 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
-        if cfg.positions == "rope":
-            cos, sin = rotary_tables(cfg.head_dim, cfg.context_length, cfg.rope_base)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+        self.tie_weights()
+        self.reset_buffers()
         self.reset_parameters()
+
+    def tie_weights(self) -> None:
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def reset_buffers(self) -> None:
+        """Rotary tables: derived from the config, never saved (so they are rebuilt after
+        a model is materialised from the meta device)."""
+        cfg = self.cfg
+        if cfg.positions == "rope":
+            device = self.embed.weight.device
+            cos, sin = rotary_tables(cfg.head_dim, cfg.context_length, cfg.rope_base)
+            self.register_buffer("rope_cos", cos.to(device), persistent=False)
+            self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
