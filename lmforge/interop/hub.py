@@ -145,7 +145,7 @@ def _pull_hf(repo_id: str, progress: bool) -> Path:
     except Exception as err:  # the hub client raises many types; all mean "not fetched"
         raise DownloadError(
             f"could not download {repo_id!r} from the Hugging Face hub ({type(err).__name__}: "
-            f"{str(err)[:200]}). Offline? Download the model elsewhere and pass its directory, "
+            f"{' '.join(str(err).split())[:200]}). Offline? Download the model elsewhere and pass its directory, "
             "or a .gguf file, instead"
         ) from err
     return _install(f"hf:{repo_id}", lambda out: _import("hf", Path(local), out),
