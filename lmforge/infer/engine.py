@@ -38,7 +38,8 @@ def stream(model: Decoder, prompt: list[int], max_new_tokens: int,
     prompt = prompt[-(context - 1):]
     max_new_tokens = min(max_new_tokens, context - len(prompt))
     cache = model.new_cache(1, len(prompt) + max_new_tokens)
-    logits = model(torch.tensor([prompt], device=device), cache=cache, start=0)[:, -1]
+    logits = model(torch.tensor([prompt], device=device), cache=cache, start=0,
+                   last_only=True)[:, -1]
     position = len(prompt)
     for i in range(max_new_tokens):
         token = sample(logits, sampling, generator)

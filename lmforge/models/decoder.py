@@ -80,8 +80,12 @@ class Decoder(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, idx: torch.Tensor, cache: list[KVCache] | None = None,
-                start: int = 0) -> torch.Tensor:
-        """Logits (B, T, vocab) for tokens idx (B, T) sitting at positions start..start+T."""
+                start: int = 0, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab) for tokens idx (B, T) sitting at positions start..start+T.
+
+        last_only: logits of the last position only, (B, 1, vocab): a prompt's other
+        positions need no output projection, which for a large vocabulary is most of the work.
+        """
         T = idx.shape[1]
         if start + T > self.cfg.context_length:
             raise ValueError(
@@ -97,6 +101,8 @@ class Decoder(nn.Module):
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rotary, cache[i] if cache is not None else None, start)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.final_norm(x))
 
     def new_cache(self, batch: int, length: int | None = None,
