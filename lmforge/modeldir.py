@@ -59,13 +59,19 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 
 def load_weights(model: Decoder, weights_file: str | Path, assign: bool = False) -> None:
-    """Load safetensors weights into `model`, naming any tensor that does not fit.
+    """Load safetensors weights into `model` (see `load_state`)."""
+    load_state(model, load_file(str(weights_file)), str(weights_file), assign)
 
-    assign=True adopts the loaded tensors instead of copying into the model's own (for a
+
+def load_state(model: Decoder, state: dict[str, torch.Tensor], where: str,
+               assign: bool = False) -> None:
+    """Load a state dict with our names into `model`, naming any tensor that does not fit.
+
+    assign=True adopts the given tensors instead of copying into the model's own (for a
     model built on the meta device: no second copy of the weights is ever made).
     """
-    state = load_file(str(weights_file))
-    if model.cfg.tie_embeddings and "lm_head.weight" not in state and "embed.weight" in state:
+    if model.cfg.tie_embeddings and "embed.weight" in state:
+        # Tied weights may be stored once (our files) or twice (some converters).
         state["lm_head.weight"] = state["embed.weight"]
     expected = model.state_dict()
     problems = [f"missing {k} {tuple(v.shape)}" for k, v in expected.items() if k not in state]
@@ -77,7 +83,7 @@ def load_weights(model: Decoder, weights_file: str | Path, assign: bool = False)
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise CheckpointMismatch(
-            f"the weights in {weights_file} do not fit this model config ({shown}). "
+            f"the weights in {where} do not fit this model config ({shown}). "
             "Load them with the config.json saved beside them, or start a fresh run directory."
         )
     model.load_state_dict(state, assign=assign)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
+from lmforge.interop.hf import is_hf_dir
 from lmforge.modeldir import resolve_model_dir
 from lmforge.paths import cache_dir
 
@@ -75,7 +76,7 @@ def resolve_model(spec: str | Path, progress: bool = True) -> Path:
     if path.exists():
         if path.is_file() and path.suffix == ".gguf":
             return _converted(path, "gguf", progress)
-        if path.is_dir() and _is_hf_dir(path):
+        if path.is_dir() and is_hf_dir(path):
             return _converted(path, "hf", progress)
         return resolve_model_dir(path)
     name = str(spec)
@@ -207,11 +208,6 @@ def _install(name: str, convert, source: dict, progress: bool) -> Path:
     if progress:
         print(f"{name}: ready in {target} ({time.perf_counter() - started:.1f} s)", flush=True)
     return target
-
-
-def _is_hf_dir(path: Path) -> bool:
-    config = path / "config.json"
-    return config.is_file() and "model_type" in json.loads(config.read_text())
 
 
 def _safe_name(name: str) -> str:

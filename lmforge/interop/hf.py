@@ -1,0 +1,509 @@
+"""Hugging Face model directories in and out: GPT-2, and the Llama family (Llama, Mistral, Qwen3).
+
+A Hugging Face directory is config.json (with a "model_type") + model.safetensors (or shards
+listed in model.safetensors.index.json) + tokenizer.json + tokenizer_config.json
+(+ generation_config.json). `import_hf` turns one into an lmforge model directory and
+`export_hf` does the reverse, producing a directory that `AutoModelForCausalLM` and
+`AutoTokenizer` load as they are.
+
+Only architectures that are exactly our decoder are accepted: a config option we do not
+implement (rope scaling, a sliding window shorter than the context, another activation...) is
+refused with the option named, because a model that loads but computes something else is worse
+than no model. Weights are converted to float32 on import (our models train and serialise in
+fp32; cast at load time with `load_model(..., dtype=)`), and exported as float32.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lmforge.config import ModelConfig
+from lmforge.errors import CheckpointMismatch, ConfigError, UnsupportedModel
+from lmforge.modeldir import WEIGHTS, load_model, load_state, resolve_model_dir, save_model
+from lmforge.models.decoder import Decoder
+from lmforge.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, SpecialTokens, Tokenizer
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"
+# transformers >= 4.43 saves the chat template in its own file rather than tokenizer_config.json.
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+# model_type -> the causal-LM class of that family.
+SUPPORTED = {
+    "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+# GPT2Model is the headless GPT-2; its tied output projection is the embedding, so it loads too.
+_ARCHITECTURES = {*SUPPORTED.values(), "GPT2Model"}
+# Both names are GELU with the tanh approximation, the only GELU our MLP computes.
+_GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+
+# (Hugging Face prefix, lmforge prefix) pairs; {i} stands for a layer index. GPT-2's fused
+# c_attn is handled separately because one HF tensor becomes three of ours.
+_GPT2_NAMES = (
+    ("wte.", "embed."),
+    ("wpe.", "pos_embed."),
+    ("ln_f.", "final_norm."),
+    ("h.{i}.ln_1.", "blocks.{i}.attn_norm."),
+    ("h.{i}.ln_2.", "blocks.{i}.mlp_norm."),
+    ("h.{i}.attn.c_proj.", "blocks.{i}.attn.o_proj."),
+    ("h.{i}.mlp.c_fc.", "blocks.{i}.mlp.up_proj."),
+    ("h.{i}.mlp.c_proj.", "blocks.{i}.mlp.down_proj."),
+    ("lm_head.", "lm_head."),
+)
+_LLAMA_NAMES = (
+    ("model.embed_tokens.", "embed."),
+    ("model.norm.", "final_norm."),
+    ("model.layers.{i}.input_layernorm.", "blocks.{i}.attn_norm."),
+    ("model.layers.{i}.post_attention_layernorm.", "blocks.{i}.mlp_norm."),
+    ("model.layers.{i}.self_attn.", "blocks.{i}.attn."),  # q/k/v/o_proj, and Qwen3's q/k_norm
+    ("model.layers.{i}.mlp.", "blocks.{i}.mlp."),  # gate/up/down_proj
+    ("lm_head.", "lm_head."),
+)
+# GPT-2 attention buffers (the causal mask) that old checkpoints store; they are not weights.
+_GPT2_BUFFER = re.compile(r"h\.\d+\.attn\.(masked_)?bias$")
+# GPT-2's Conv1D layers store weights as (in, out), the transpose of nn.Linear's.
+_GPT2_CONV1D = re.compile(r"h\.\d+\.(attn|mlp)\.c_\w+\.weight$")
+_GPT2_QKV = re.compile(r"h\.(\d+)\.attn\.c_attn\.(weight|bias)$")
+_OUR_QKV = re.compile(r"blocks\.(\d+)\.attn\.([qkv])_proj\.(weight|bias)$")
+
+# What each export family needs of a ModelConfig, in the order a person would fix them.
+_EXPORT_NEEDS: dict[str, dict[str, Any]] = {
+    "gpt2": {"positions": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False},
+    "llama": {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False},
+    "qwen3": {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True,
+              "bias": False},
+}
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """True for a directory whose config.json has a "model_type" (lmforge's config has none)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        values = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(values, dict) and "model_type" in values
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json
+
+
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """Our config for a Hugging Face config.json; refuses anything our decoder cannot compute."""
+    model_type = hf.get("model_type")
+    architectures = hf.get("architectures") or []
+    supported = ", ".join(f"{t} ({c})" for t, c in SUPPORTED.items())
+    if model_type not in SUPPORTED:
+        raise UnsupportedModel(
+            f"model_type {model_type!r} (architectures {architectures}) is not supported: "
+            f"lmforge imports {supported}"
+        )
+    unknown = [a for a in architectures if a not in _ARCHITECTURES]
+    if unknown:
+        raise UnsupportedModel(
+            f"architectures {unknown} of model_type {model_type!r} are not causal language "
+            f"models lmforge can load: it imports {supported}"
+        )
+    if model_type == "gpt2":
+        return _gpt2_config(hf)
+    return _llama_config(hf, model_type)
+
+
+def _need(hf: dict[str, Any], key: str) -> Any:
+    if hf.get(key) is None:
+        raise ConfigError(f"the Hugging Face config.json has no {key!r}, which lmforge needs to "
+                          "build the model; is it a complete config.json?")
+    return hf[key]
+
+
+def _refuse(model_type: str, problems: list[str]) -> None:
+    if problems:
+        raise UnsupportedModel(
+            f"this {model_type} model uses options lmforge does not implement: "
+            f"{'; '.join(problems)}. Only checkpoints whose computation lmforge reproduces "
+            "exactly are imported."
+        )
+
+
+def _gpt2_config(hf: dict[str, Any]) -> ModelConfig:
+    problems = []
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in _GPT2_ACTIVATIONS:
+        problems.append(f"activation_function={activation!r} (lmforge's GPT-2 MLP is "
+                        f"{' / '.join(_GPT2_ACTIVATIONS)})")
+    if not hf.get("scale_attn_weights", True):
+        problems.append("scale_attn_weights=false (attention scores always scaled here)")
+    if hf.get("scale_attn_by_inverse_layer_idx"):
+        problems.append("scale_attn_by_inverse_layer_idx=true")
+    if hf.get("add_cross_attention"):
+        problems.append("add_cross_attention=true (a decoder-only model has no cross-attention)")
+    _refuse("gpt2", problems)
+    return ModelConfig(
+        n_layer=_need(hf, "n_layer"),
+        n_head=_need(hf, "n_head"),
+        d_model=_need(hf, "n_embd"),
+        d_mlp=hf.get("n_inner"),  # None means 4 * n_embd in both libraries
+        vocab_size=_need(hf, "vocab_size"),
+        context_length=_need(hf, "n_positions"),
+        positions="learned",
+        norm="layernorm",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        mlp="gelu",
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+        bias=True,
+        init_std=hf.get("initializer_range", 0.02),
+    )
+
+
+def _llama_config(hf: dict[str, Any], model_type: str) -> ModelConfig:
+    problems = []
+    hidden, heads = _need(hf, "hidden_size"), _need(hf, "num_attention_heads")
+    context = _need(hf, "max_position_embeddings")
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and head_dim * heads != hidden:
+        problems.append(f"head_dim={head_dim} differs from hidden_size/num_attention_heads="
+                        f"{hidden // heads}")
+    activation = hf.get("hidden_act", "silu")
+    if activation != "silu":
+        problems.append(f"hidden_act={activation!r} (lmforge's SwiGLU uses silu)")
+    rope_theta = _rope_theta(hf, problems)
+    window = hf.get("sliding_window")
+    # Mistral slides whenever sliding_window is set; Qwen3 only with use_sliding_window.
+    if window is not None and hf.get("use_sliding_window", True) and window < context:
+        problems.append(f"sliding_window={window} is shorter than max_position_embeddings="
+                        f"{context} (lmforge attends to the whole context)")
+    layer_types = set(hf.get("layer_types") or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        problems.append(f"layer_types {sorted(layer_types)} (only full_attention layers)")
+    # Llama has separate switches for attention and MLP biases; we have one for both. Qwen3's
+    # attention_bias covers q/k/v/o and its MLP never has one, so mlp_bias defaults to False.
+    attention_bias, mlp_bias = hf.get("attention_bias", False), hf.get("mlp_bias", False)
+    if attention_bias != mlp_bias:
+        problems.append(f"attention_bias={attention_bias} with mlp_bias={mlp_bias} (lmforge "
+                        "has biases everywhere or nowhere)")
+    _refuse(model_type, problems)
+    return ModelConfig(
+        n_layer=_need(hf, "num_hidden_layers"),
+        n_head=heads,
+        n_kv_head=hf.get("num_key_value_heads") or heads,
+        d_model=hidden,
+        d_mlp=_need(hf, "intermediate_size"),
+        vocab_size=_need(hf, "vocab_size"),
+        context_length=context,
+        positions="rope",
+        rope_base=rope_theta,
+        norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        mlp="swiglu",
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        qk_norm=model_type == "qwen3",
+        bias=bool(attention_bias),
+        init_std=hf.get("initializer_range", 0.02),
+    )
+
+
+def _rope_theta(hf: dict[str, Any], problems: list[str]) -> float:
+    """The rotary base, from transformers 5's rope_parameters or the older top-level keys."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    for source in (params, scaling):
+        kind = source.get("rope_type", source.get("type", "default"))
+        if kind != "default":
+            problems.append(f"rope scaling of type {kind!r} (lmforge has plain rotary only)")
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        problems.append(f"partial_rotary_factor={partial} (rotary over the whole head only)")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _hf_config(cfg: ModelConfig, family: str, tokenizer: Tokenizer) -> dict[str, Any]:
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+           "pad_token_id": tokenizer.pad_id}
+    common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
+              "initializer_range": cfg.init_std, "torch_dtype": "float32", **ids}
+    if family == "gpt2":
+        return {
+            "architectures": [SUPPORTED["gpt2"]], "model_type": "gpt2",
+            "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.d_model,
+            "n_inner": cfg.d_mlp, "n_positions": cfg.context_length,
+            "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
+            "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+            **common,
+        }
+    llama = {
+        "architectures": [SUPPORTED[family]], "model_type": family,
+        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head, "hidden_size": cfg.d_model,
+        "head_dim": cfg.head_dim, "intermediate_size": cfg.d_mlp, "hidden_act": "silu",
+        "max_position_embeddings": cfg.context_length, "rms_norm_eps": cfg.norm_eps,
+        # The pre-5.0 spelling of the rotary settings, which transformers 5 still reads.
+        "rope_theta": cfg.rope_base, "rope_scaling": None,
+        "attention_bias": cfg.bias, "attention_dropout": cfg.dropout,
+        **common,
+    }
+    if family == "qwen3":
+        return {**llama, "use_sliding_window": False, "sliding_window": None}
+    return {**llama, "mlp_bias": cfg.bias}
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+
+
+def _prefix_pattern(template: str) -> re.Pattern[str]:
+    return re.compile(re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)"))
+
+
+def _rename(name: str, table: tuple[tuple[str, str], ...], reverse: bool = False) -> str | None:
+    """`name` with its prefix swapped by `table` (HF -> ours, or ours -> HF), None if none fits."""
+    for hf_prefix, our_prefix in table:
+        source, target = (our_prefix, hf_prefix) if reverse else (hf_prefix, our_prefix)
+        match = _prefix_pattern(source).match(name)
+        if match:
+            layer = match.groupdict().get("i") or ""
+            return target.replace("{i}", layer) + name[match.end():]
+    return None
+
+
+def _read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a HF directory, from model.safetensors or the shards of its index."""
+    if (src / WEIGHTS).is_file():
+        return load_file(str(src / WEIGHTS))
+    if (src / SAFETENSORS_INDEX).is_file():
+        weight_map = json.loads((src / SAFETENSORS_INDEX).read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (src / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{src / SAFETENSORS_INDEX} lists shards that are not in "
+                                    f"{src}: {', '.join(missing)}; download them too")
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(str(src / shard)))
+        return state
+    pickles = sorted(p.name for p in src.glob("pytorch_model*.bin"))
+    if pickles:
+        # Unpickling a file can run arbitrary code; safetensors cannot.
+        raise UnsupportedModel(
+            f"{src} stores its weights as {pickles[0]}, a pickle, which lmforge never loads "
+            "because unpickling can run code. Convert it to safetensors first, e.g. in Python: "
+            "AutoModelForCausalLM.from_pretrained(src).save_pretrained(src), or pick a "
+            "revision of the model that ships model.safetensors."
+        )
+    raise FileNotFoundError(f"no weights in {src}: expected {WEIGHTS} or {SAFETENSORS_INDEX} "
+                            "with its shards")
+
+
+def _state_from_gpt2(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    state, unknown = {}, []
+    for hf_name, tensor in hf_state.items():
+        name = hf_name.removeprefix("transformer.")
+        if _GPT2_BUFFER.match(name):
+            continue
+        if _GPT2_CONV1D.match(name):
+            tensor = tensor.T
+        fused = _GPT2_QKV.match(name)
+        if fused:
+            layer, kind = fused.groups()
+            for proj, part in zip("qkv", tensor.chunk(3, dim=0)):
+                state[f"blocks.{layer}.attn.{proj}_proj.{kind}"] = part
+            continue
+        ours = _rename(name, _GPT2_NAMES)
+        if ours is None:
+            unknown.append(hf_name)
+        else:
+            state[ours] = tensor
+    _no_unknown(unknown)
+    return state
+
+
+def _state_from_llama(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    state, unknown = {}, []
+    for hf_name, tensor in hf_state.items():
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue  # a buffer old checkpoints saved; we compute the same table from rope_base
+        ours = _rename(hf_name, _LLAMA_NAMES)
+        if ours is None:
+            unknown.append(hf_name)
+        else:
+            state[ours] = tensor
+    _no_unknown(unknown)
+    return state
+
+
+def _no_unknown(names: list[str]) -> None:
+    if names:
+        raise CheckpointMismatch(
+            f"the checkpoint has tensors lmforge cannot place: {', '.join(names[:5])}"
+            f"{f' and {len(names) - 5} more' if len(names) > 5 else ''}; its config.json "
+            "says it is a supported model, but these weights belong to something else"
+        )
+
+
+def _gpt2_state(model: Decoder) -> dict[str, torch.Tensor]:
+    """HF GPT-2 tensors of `model`; a bias-free model gets zero biases, which compute nothing."""
+    ours = dict(model.state_dict())
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.LayerNorm)) and name != "lm_head":
+            if module.bias is None:
+                ours[f"{name}.bias"] = torch.zeros(module.weight.shape[0])
+    out = {}
+    for name, tensor in ours.items():
+        qkv = _OUR_QKV.match(name)
+        if qkv:
+            layer, proj, kind = qkv.groups()
+            if proj == "q":
+                parts = [ours[f"blocks.{layer}.attn.{p}_proj.{kind}"] for p in "qkv"]
+                fused = torch.cat(parts, dim=0)
+                fused = fused.T if kind == "weight" else fused  # Conv1D layout
+                out[f"transformer.h.{layer}.attn.c_attn.{kind}"] = fused
+            continue
+        hf_name = _rename(name, _GPT2_NAMES, reverse=True)
+        if _GPT2_CONV1D.match(hf_name):
+            tensor = tensor.T
+        out[hf_name if hf_name.startswith("lm_head.") else f"transformer.{hf_name}"] = tensor
+    return out
+
+
+def _llama_state(model: Decoder) -> dict[str, torch.Tensor]:
+    return {_rename(name, _LLAMA_NAMES, reverse=True): tensor
+            for name, tensor in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _special_tokens(src: Path, backend_spec: dict[str, Any]) -> SpecialTokens:
+    """What tokenizer.json alone does not say, gathered from the files transformers writes."""
+    values = {**_read_json(src / "special_tokens_map.json"),
+              **_read_json(src / TOKENIZER_CONFIG_FILE)}
+    if (src / CHAT_TEMPLATE_FILE).is_file():
+        values["chat_template"] = (src / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    elif "chat_template" not in values and (src / "chat_template.json").is_file():
+        values["chat_template"] = _read_json(src / "chat_template.json").get("chat_template")
+    special = SpecialTokens.from_json(values)
+    if "add_bos_token" not in values:
+        # transformers 5 no longer writes add_bos_token: the post-processor template says it.
+        special.add_bos_token = _template_adds_bos(backend_spec, special.bos_token)
+    return special
+
+
+def _template_adds_bos(spec: dict[str, Any], bos_token: str | None) -> bool:
+    processor = spec.get("post_processor") or {}
+    for step in processor.get("processors", [processor]):
+        if step.get("type") == "TemplateProcessing" and step.get("single"):
+            first = step["single"][0].get("SpecialToken", {})
+            return bos_token is not None and first.get("id") == bos_token
+    return False
+
+
+def _read_tokenizer(src: Path) -> Tokenizer:
+    if not (src / TOKENIZER_FILE).is_file():
+        raise FileNotFoundError(
+            f"{src} has no {TOKENIZER_FILE}; lmforge reads only the fast-tokenizer file. If the "
+            "model ships a slow tokenizer (tokenizer.model, or vocab.json + merges.txt), write "
+            "one with transformers: AutoTokenizer.from_pretrained(src).save_pretrained(src)"
+        )
+    backend = Tokenizer.load(src / TOKENIZER_FILE).backend
+    return Tokenizer(backend, _special_tokens(src, json.loads(backend.to_str())))
+
+
+def _hf_tokenizer_config(tokenizer: Tokenizer, cfg: ModelConfig) -> dict[str, Any]:
+    return {"tokenizer_class": "PreTrainedTokenizerFast", **tokenizer.special.to_json(),
+            "model_max_length": cfg.context_length}
+
+
+# ---------------------------------------------------------------------------------------------
+# Directories
+
+
+def import_hf(src_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write an lmforge model directory (weights in float32) converted from a HF directory."""
+    src, out = Path(src_dir), Path(out_dir)
+    if not is_hf_dir(src):
+        raise FileNotFoundError(f"{src} is not a Hugging Face model directory: expected a "
+                                "config.json with a model_type")
+    if out.resolve() == src.resolve():
+        raise ConfigError(f"import_hf would overwrite {src} with its own conversion; pass "
+                          "another output directory")
+    hf = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    cfg = config_from_hf(hf)
+    tokenizer = _read_tokenizer(src)
+    hf_state = _read_hf_weights(src)
+    convert = _state_from_gpt2 if hf["model_type"] == "gpt2" else _state_from_llama
+    model = Decoder(cfg)
+    load_state(model, convert(hf_state), str(src))
+    save_model(out, model, tokenizer)
+    if (src / GENERATION_CONFIG).is_file():
+        shutil.copyfile(src / GENERATION_CONFIG, out / GENERATION_CONFIG)
+    else:
+        ids = {k: hf[k] for k in ("bos_token_id", "eos_token_id") if hf.get(k) is not None}
+        (out / GENERATION_CONFIG).write_text(json.dumps(ids, indent=2) + "\n")
+    return out
+
+
+def _export_family(cfg: ModelConfig) -> str:
+    """The HF family computing exactly what `cfg` does, or UnsupportedModel saying what differs."""
+    reasons = {}
+    for family, needs in _EXPORT_NEEDS.items():
+        wrong = [f"{k}={needs[k]!r} (has {getattr(cfg, k)!r})"
+                 for k in needs if getattr(cfg, k) != needs[k]]
+        if family == "gpt2" and cfg.n_kv_head != cfg.n_head:
+            wrong.append(f"n_kv_head={cfg.n_head} (has {cfg.n_kv_head}; GPT-2 has no grouped "
+                         "key/value heads)")
+        if not wrong:
+            return family
+        reasons[family] = wrong
+    raise UnsupportedModel(
+        "this model maps onto no Hugging Face architecture lmforge exports: "
+        + "; ".join(f"{SUPPORTED[f]} would need {', '.join(w)}" for f, w in reasons.items())
+    )
+
+
+def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write a HF directory (GPT-2, Llama or Qwen3; float32) for an lmforge model or run dir."""
+    src, out = resolve_model_dir(model_dir), Path(out_dir)
+    if out.resolve() == src.resolve():
+        raise ConfigError(f"export_hf would overwrite the lmforge model in {src}; pass another "
+                          "output directory")
+    model, tokenizer = load_model(src)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{src} has no {TOKENIZER_FILE}, which a Hugging Face directory "
+                                "needs; save the model with its tokenizer")
+    family = _export_family(model.cfg)
+    state = _gpt2_state(model) if family == "gpt2" else _llama_state(model)
+    if model.cfg.tie_embeddings:
+        state.pop("lm_head.weight")  # transformers ties it back from the embedding
+    out.mkdir(parents=True, exist_ok=True)
+    hf = _hf_config(model.cfg, family, tokenizer)
+    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / WEIGHTS),
+              metadata={"format": "pt"})
+    tokenizer.save(out)
+    (out / TOKENIZER_CONFIG_FILE).write_text(
+        json.dumps(_hf_tokenizer_config(tokenizer, model.cfg), indent=2, ensure_ascii=False) + "\n"
+    )
+    if (src / GENERATION_CONFIG).is_file():
+        shutil.copyfile(src / GENERATION_CONFIG, out / GENERATION_CONFIG)
+    else:
+        ids = {k: v for k, v in hf.items() if k.endswith("_token_id") and v is not None}
+        (out / GENERATION_CONFIG).write_text(json.dumps(ids, indent=2) + "\n")
+    return out
