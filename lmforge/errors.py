@@ -22,3 +22,7 @@ class TrainingDiverged(LmforgeError, RuntimeError):
 
 class UnsupportedModel(LmforgeError, ValueError):
     """A model file or architecture lmforge cannot map onto its own model."""
+
+
+class GGUFFileError(LmforgeError, ValueError):
+    """A file that is not a complete, readable GGUF file."""

@@ -1,0 +1,521 @@
+"""GGUF (llama.cpp's single-file format) to and from lmforge model directories.
+
+- `read_gguf` turns a ``llama``-architecture GGUF into a `ModelConfig`, an fp32 state dict under
+  our parameter names, a `Tokenizer` built from the file's metadata, and generation settings.
+- `import_gguf` writes that as an lmforge model directory (plus ``generation_config.json``).
+- `export_gguf` writes a llama-shaped lmforge model directory as a GGUF in f32, f16 or q8_0.
+
+Two things differ between the layouts beyond names:
+- llama.cpp's converter reorders the rows of the query and key projections so that each head's
+  rotary pairs sit next to each other (its rope rotates interleaved pairs); we rotate the two
+  halves of a head, as Hugging Face Llama does, so the rows are reordered on the way in and out.
+- a GGUF has no ``tokenizer.json``: the byte-level BPE vocabulary, merges and special tokens are
+  metadata, and the pre-tokenizer is only named (``tokenizer.ggml.pre``), so we rebuild the
+  ``tokenizers`` pipeline that name stands for in llama.cpp.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import tokenizers
+import torch
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+
+from lmforge.config import ModelConfig
+from lmforge.errors import GGUFFileError, UnsupportedModel
+from lmforge.modeldir import load_model, save_model
+from lmforge.models.decoder import Decoder
+from lmforge.tokenizer import SpecialTokens, Tokenizer
+
+GENERATION_CONFIG_FILE = "generation_config.json"
+ARCHITECTURE = "llama"
+_MAGIC = b"GGUF"
+
+# GGUF tensor name -> ours. Per-block names follow "blk.{i}." / "blocks.{i}.".
+_GLOBAL_NAMES = {
+    "token_embd.weight": "embed.weight",
+    "output_norm.weight": "final_norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_norm.weight": "attn_norm.weight",
+    "attn_q.weight": "attn.q_proj.weight",
+    "attn_k.weight": "attn.k_proj.weight",
+    "attn_v.weight": "attn.v_proj.weight",
+    "attn_output.weight": "attn.o_proj.weight",
+    "ffn_norm.weight": "mlp_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+# Tensor types per export dtype: (2-D weights, GGUF file type). 1-D tensors (norms) stay F32.
+_EXPORT_TYPES = {
+    "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+
+# llama.cpp's pre-tokenizer names whose splitting we can rebuild, as ``tokenizers`` steps.
+# "gpt2" is GPT-2's regex; the starcoder family (SmolLM2 says "smollm") first isolates every
+# digit, then applies GPT-2's regex (llama.cpp: regex "\p{N}" then the GPT-2 one).
+_DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
+_PRE_TOKENIZER_NAMES = ("gpt2", *_DIGITS_THEN_GPT2)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer, dict]:
+    """Config, fp32 state dict (our names; no ``lm_head.weight`` when tied), tokenizer and
+    generation settings (``bos_token_id``, ``eos_token_id``, ``pad_token_id``) of a GGUF file."""
+    path = Path(path)
+    reader = _open_reader(path)
+    try:
+        meta = {name: field.contents() for name, field in reader.fields.items()}
+    except (ValueError, IndexError, UnicodeDecodeError) as err:
+        raise _unreadable(path, err) from err
+    tensors = {t.name: t for t in reader.tensors}
+    cfg = _config_from_metadata(meta, tensors, path)
+    tokenizer = _tokenizer_from_metadata(meta, path)  # before the slow part: it may refuse
+    state = _state_dict(tensors, cfg, path)
+    return cfg, state, tokenizer, _generation_config(meta)
+
+
+def import_gguf(path: str | Path, out_dir: str | Path) -> Path:
+    """Convert a GGUF file into an lmforge model directory (with ``generation_config.json``)."""
+    cfg, state, tokenizer, generation = read_gguf(path)
+    model = Decoder(cfg)
+    if cfg.tie_embeddings:
+        state = {**state, "lm_head.weight": state["embed.weight"]}
+    model.load_state_dict(state)
+    out_dir = save_model(out_dir, model, tokenizer)
+    (out_dir / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
+    return out_dir
+
+
+def _open_reader(path: Path) -> gguf.GGUFReader:
+    if not path.is_file():
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    with path.open("rb") as f:
+        magic = f.read(len(_MAGIC))
+    if magic != _MAGIC:
+        raise GGUFFileError(
+            f"{path} is not a GGUF file: it starts with {magic!r}, a GGUF file starts with "
+            f"{_MAGIC!r}. Pass a .gguf file (llama.cpp's convert_hf_to_gguf.py makes one from a "
+            "Hugging Face checkpoint)"
+        )
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OSError) as err:
+        raise _unreadable(path, err) from err
+
+
+def _unreadable(path: Path, err: Exception) -> GGUFFileError:
+    # The reader fails with numpy's errors when a count or an offset points past the end.
+    return GGUFFileError(
+        f"{path} ({path.stat().st_size} bytes) could not be read as a GGUF file ({err}); it is "
+        "probably truncated (download or export it again), or newer than the installed gguf "
+        "package reads (pip install -U gguf)"
+    )
+
+
+def _config_from_metadata(meta: dict[str, Any], tensors: dict, path: Path) -> ModelConfig:
+    arch = meta.get("general.architecture")
+    if arch != ARCHITECTURE:
+        raise UnsupportedModel(
+            f"{path} holds a {arch!r} model; lmforge reads only {ARCHITECTURE!r} GGUF files "
+            "(Llama, SmolLM, TinyLlama, ... shaped models)"
+        )
+
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise UnsupportedModel(f"{path} lacks the metadata key {arch}.{key}")
+        if isinstance(value, list):
+            raise UnsupportedModel(
+                f"{path} sets {arch}.{key} per layer ({value[:4]}...); lmforge models use one "
+                "value for all layers"
+            )
+        return value
+
+    d_model, n_head = get("embedding_length"), get("attention.head_count")
+    head_dim = d_model // n_head
+    if get("expert_count", 0):
+        raise UnsupportedModel(f"{path} is a mixture-of-experts model, which lmforge lacks")
+    if get("rope.dimension_count", head_dim) != head_dim:
+        raise UnsupportedModel(
+            f"{path} rotates {get('rope.dimension_count')} of {head_dim} dimensions per head; "
+            "lmforge's rotary positions rotate them all"
+        )
+    if get("rope.scaling.type", "none") != "none" or "rope_freqs.weight" in tensors:
+        raise UnsupportedModel(
+            f"{path} uses rope scaling (Llama 3.1 style or {arch}.rope.scaling.type), which "
+            "lmforge's rotary positions lack"
+        )
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise UnsupportedModel(f"{path} has no tokenizer.ggml.tokens: the vocabulary is unknown")
+    return ModelConfig(
+        n_layer=get("block_count"),
+        n_head=n_head,
+        n_kv_head=get("attention.head_count_kv", n_head),
+        d_model=d_model,
+        d_mlp=get("feed_forward_length"),
+        vocab_size=len(tokens),
+        context_length=get("context_length"),
+        positions="rope",
+        rope_base=_float32_value(get("rope.freq_base", 10000.0)),
+        norm="rmsnorm",
+        norm_eps=_float32_value(get("attention.layer_norm_rms_epsilon")),
+        mlp="swiglu",
+        tie_embeddings="output.weight" not in tensors,
+        bias=False,
+    )
+
+
+def _float32_value(value: float) -> float:
+    """The shortest decimal that is the same float32: GGUF stores 1e-5 as 9.99999974e-06."""
+    return float(str(np.float32(value)))
+
+
+def _our_name(name: str) -> str | None:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    prefix, _, rest = name.partition(".")
+    layer, _, suffix = rest.partition(".")
+    if prefix == "blk" and layer.isdigit() and suffix in _BLOCK_NAMES:
+        return f"blocks.{layer}.{_BLOCK_NAMES[suffix]}"
+    return None
+
+
+def _gguf_name(ours: str) -> str:
+    for theirs, name in _GLOBAL_NAMES.items():
+        if name == ours:
+            return theirs
+    _, layer, suffix = ours.split(".", 2)
+    theirs = next(k for k, v in _BLOCK_NAMES.items() if v == suffix)
+    return f"blk.{layer}.{theirs}"
+
+
+def _state_dict(tensors: dict, cfg: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
+    unknown = [name for name in tensors if _our_name(name) is None]
+    if unknown:
+        raise UnsupportedModel(
+            f"{path} has tensors lmforge's decoder has no place for: {', '.join(unknown[:5])}"
+        )
+    state = {}
+    for name, tensor in tensors.items():
+        ours = _our_name(name)
+        weights = _dequantize(tensor, path)
+        if ours.endswith("q_proj.weight"):
+            weights = _pairs_to_halves(weights, cfg.n_head)
+        elif ours.endswith("k_proj.weight"):
+            weights = _pairs_to_halves(weights, cfg.n_kv_head)
+        state[ours] = torch.tensor(weights, dtype=torch.float32)
+    _check_shapes(state, cfg, path)
+    return state
+
+
+def _dequantize(tensor: gguf.ReaderTensor, path: Path) -> np.ndarray:
+    try:
+        return gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError as err:
+        raise UnsupportedModel(
+            f"tensor {tensor.name} in {path} is of type {tensor.tensor_type.name}, which the "
+            "gguf package cannot turn into floats; convert the file to F16, Q8_0 or a K-quant "
+            "with llama.cpp's llama-quantize"
+        ) from err
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Our parameter shapes for a llama-shaped config (what `Decoder` builds from it)."""
+    d, kv = cfg.d_model, cfg.n_kv_head * cfg.head_dim
+    block = {
+        "attn_norm.weight": (d,), "attn.q_proj.weight": (d, d), "attn.k_proj.weight": (kv, d),
+        "attn.v_proj.weight": (kv, d), "attn.o_proj.weight": (d, d), "mlp_norm.weight": (d,),
+        "mlp.gate_proj.weight": (cfg.d_mlp, d), "mlp.up_proj.weight": (cfg.d_mlp, d),
+        "mlp.down_proj.weight": (d, cfg.d_mlp),
+    }
+    shapes = {"embed.weight": (cfg.vocab_size, d), "final_norm.weight": (d,)}
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, d)
+    for i in range(cfg.n_layer):
+        shapes.update({f"blocks.{i}.{name}": shape for name, shape in block.items()})
+    return shapes
+
+
+def _check_shapes(state: dict[str, torch.Tensor], cfg: ModelConfig, path: Path) -> None:
+    expected = _expected_shapes(cfg)
+    problems = [f"missing {_gguf_name(k)}" for k in expected if k not in state]
+    problems += [f"unexpected {_gguf_name(k)}" for k in state if k not in expected]
+    problems += [
+        f"{_gguf_name(k)} is {tuple(v.shape)}, the metadata implies {expected[k]}"
+        for k, v in state.items() if k in expected and tuple(v.shape) != expected[k]
+    ]
+    if problems:
+        raise UnsupportedModel(f"{path} does not match its own metadata: {'; '.join(problems[:5])}")
+
+
+def _pairs_to_halves(weights: np.ndarray, n_heads: int) -> np.ndarray:
+    """Rows of a q/k projection from llama.cpp's order (each head: x0, y0, x1, y1, ...) to the
+    half-split order (each head: x0, x1, ..., y0, y1, ...)."""
+    rows = weights.shape[0]
+    per_head = weights.reshape(n_heads, rows // n_heads // 2, 2, *weights.shape[1:])
+    return per_head.swapaxes(1, 2).reshape(weights.shape)
+
+
+def _halves_to_pairs(weights: np.ndarray, n_heads: int) -> np.ndarray:
+    """The inverse of `_pairs_to_halves`: what llama.cpp's converter does to q/k rows."""
+    rows = weights.shape[0]
+    per_head = weights.reshape(n_heads, 2, rows // n_heads // 2, *weights.shape[1:])
+    return per_head.swapaxes(1, 2).reshape(weights.shape)
+
+
+def _generation_config(meta: dict[str, Any]) -> dict[str, Any]:
+    # Chat models end a turn with an end-of-turn token that can differ from end of text.
+    eos = [meta.get(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")]
+    eos = list(dict.fromkeys(i for i in eos if i is not None))
+    generation = {
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+    }
+    return {k: v for k, v in generation.items() if v is not None}
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def _byte_spelling() -> dict[int, str]:
+    """GPT-2's byte -> character map: printable bytes stand for themselves, the others are
+    moved to code points 256 and up, so every token is a string of visible characters."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
+
+
+def _pre_tokenizer(name: str) -> pre_tokenizers.PreTokenizer:
+    gpt2 = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if name in _DIGITS_THEN_GPT2:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), gpt2])
+    return gpt2
+
+
+def _tokenizer_from_metadata(meta: dict[str, Any], path: Path) -> Tokenizer:
+    model = meta.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise UnsupportedModel(
+            f"{path} has a {model!r} tokenizer; lmforge builds only byte-level BPE ('gpt2') "
+            "tokenizers from GGUF metadata (sentencepiece 'llama' vocabularies are not supported)"
+        )
+    pre = meta.get("tokenizer.ggml.pre")
+    if pre not in _PRE_TOKENIZER_NAMES:
+        raise UnsupportedModel(
+            f"{path} names the pre-tokenizer {pre!r} (tokenizer.ggml.pre), whose splitting rules "
+            f"lmforge does not know; known: {', '.join(_PRE_TOKENIZER_NAMES)}"
+        )
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    types = meta.get("tokenizer.ggml.token_type") or [gguf.TokenType.NORMAL] * len(tokens)
+    spelling = _byte_spelling()
+    alphabet = set(spelling.values())
+    # Tokens are stored in the byte alphabet; one that is not (some converters write added
+    # tokens as raw text) is spelled out byte by byte, as transformers does.
+    spelled = [
+        t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))
+        for t in tokens
+    ]
+    merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges", [])]
+    backend = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(spelled)},
+                                              merges=merges))
+    backend.pre_tokenizer = _pre_tokenizer(pre)
+    backend.decoder = decoders.ByteLevel()
+    # Control tokens (<|im_end|>) and user-defined ones (<think>) are matched whole in the text,
+    # as llama.cpp does; a respelled one could only be added as a new id, so it is left out.
+    added = [(t, kind == gguf.TokenType.CONTROL) for t, s, kind in zip(tokens, spelled, types)
+             if t == s and kind in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED)]
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, control in added if control])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t, control in added if not control])
+
+    def token(key: str) -> str | None:
+        index = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[index] if index is not None and index < len(tokens) else None
+
+    special = SpecialTokens(
+        bos_token=token("bos"),
+        eos_token=token("eos"),
+        pad_token=token("padding"),
+        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        chat_template=meta.get("tokenizer.chat_template"),
+    )
+    return Tokenizer(backend, special)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def export_gguf(model_dir: str | Path, out_path: str | Path, dtype: str = "f32") -> Path:
+    """Write the model in ``model_dir`` as a ``llama`` GGUF file with its tokenizer and chat
+    template; ``dtype`` is "f32", "f16" or "q8_0" for the 2-D weights (norms stay F32)."""
+    if dtype not in _EXPORT_TYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(_EXPORT_TYPES)}")
+    model, tokenizer = load_model(model_dir)
+    _check_llama_shaped(model.cfg, model_dir)
+    if tokenizer is None:
+        raise UnsupportedModel(
+            f"{model_dir} has no tokenizer.json; a GGUF file must carry its tokenizer"
+        )
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the target and renamed, so a failed export leaves no half-written file.
+    partial = out_path.with_name(out_path.name + ".partial")
+    writer = gguf.GGUFWriter(partial, ARCHITECTURE)
+    try:
+        _write_metadata(writer, model.cfg, Path(model_dir).resolve().name, _EXPORT_TYPES[dtype][1])
+        _write_tokenizer(writer, tokenizer, model.cfg.vocab_size, model_dir)
+        _write_tensors(writer, model, _EXPORT_TYPES[dtype][0])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(partial, out_path)
+    finally:
+        writer.close()  # a no-op once closed
+        partial.unlink(missing_ok=True)
+    return out_path
+
+
+def _check_llama_shaped(cfg: ModelConfig, model_dir: str | Path) -> None:
+    wanted = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False,
+              "qk_norm": False}
+    wrong = [f"{k}={getattr(cfg, k)!r}" for k, v in wanted.items() if getattr(cfg, k) != v]
+    if wrong:
+        raise UnsupportedModel(
+            f"{model_dir} cannot be written as a llama GGUF: it has {', '.join(wrong)}, and a "
+            "llama model needs positions='rope', norm='rmsnorm', mlp='swiglu', bias=False, "
+            "qk_norm=False"
+        )
+
+
+def _write_metadata(writer: gguf.GGUFWriter, cfg: ModelConfig, name: str,
+                    file_type: gguf.LlamaFileType) -> None:
+    writer.add_name(name)
+    writer.add_context_length(cfg.context_length)
+    writer.add_embedding_length(cfg.d_model)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_feed_forward_length(cfg.d_mlp)
+    writer.add_head_count(cfg.n_head)
+    writer.add_head_count_kv(cfg.n_kv_head)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope_base)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type(file_type)
+    if file_type != gguf.LlamaFileType.ALL_F32:
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _pre_tokenizer_signature(spec: dict | None) -> list[tuple]:
+    """What a pre-tokenizer (tokenizer.json form) does, leaving out options that only change
+    offsets, so equivalent pipelines compare equal."""
+    if spec is None:
+        return []
+    if spec["type"] == "Sequence":
+        return [step for part in spec["pretokenizers"] for step in _pre_tokenizer_signature(part)]
+    if spec["type"] == "ByteLevel":
+        return [("ByteLevel", spec.get("add_prefix_space"), spec.get("use_regex", True))]
+    if spec["type"] == "Digits":
+        return [("Digits", spec.get("individual_digits"))]
+    return [(spec["type"], json.dumps(spec, sort_keys=True))]
+
+
+def _pre_tokenizer_name(spec: dict | None, model_dir: str | Path) -> str:
+    signature = _pre_tokenizer_signature(spec)
+    for name in _PRE_TOKENIZER_NAMES:
+        # A pre-tokenizer's pickled state is its tokenizer.json form.
+        known = json.loads(_pre_tokenizer(name).__getstate__())
+        if _pre_tokenizer_signature(known) == signature:
+            return name
+    raise UnsupportedModel(
+        f"the tokenizer in {model_dir} splits text with {spec}, which no llama.cpp "
+        "pre-tokenizer name describes; GGUF export supports GPT-2's byte-level regex, alone or "
+        "after isolating digits"
+    )
+
+
+def _merge_strings(merges: Sequence) -> list[str]:
+    # tokenizers >= 0.20 writes merges as pairs, older versions as "a b" strings.
+    return [m if isinstance(m, str) else " ".join(m) for m in merges]
+
+
+def _write_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: int,
+                     model_dir: str | Path) -> None:
+    spec = json.loads(tokenizer.backend.to_str())
+    model = spec["model"]
+    if model.get("type") != "BPE" or spec.get("normalizer") is not None:
+        raise UnsupportedModel(
+            f"the tokenizer in {model_dir} is not byte-level BPE (model {model.get('type')}, "
+            f"normalizer {spec.get('normalizer')}); GGUF export supports byte-level BPE only"
+        )
+    pre = _pre_tokenizer_name(spec.get("pre_tokenizer"), model_dir)
+    by_id = {i: t for t, i in tokenizer.backend.get_vocab(with_added_tokens=True).items()}
+    if sorted(by_id) != list(range(len(by_id))) or len(by_id) > vocab_size:
+        raise UnsupportedModel(
+            f"the tokenizer in {model_dir} has {len(by_id)} tokens with ids that do not run "
+            f"0..{len(by_id) - 1} within the model's vocab_size={vocab_size}"
+        )
+    added = tokenizer.backend.get_added_tokens_decoder()
+    tokens = [by_id[i] for i in range(len(by_id))]
+    types = [
+        (gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        if i in added else gguf.TokenType.NORMAL
+        for i in range(len(tokens))
+    ]
+    # Embedding rows past the tokenizer (vocab padded for speed) get placeholder tokens, as
+    # llama.cpp's converter does, because the file's vocabulary must cover every row.
+    padding = range(len(tokens), vocab_size)
+    tokens += [f"[PAD{i}]" for i in padding]
+    types += [gguf.TokenType.UNUSED] * len(padding)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(_merge_strings(model.get("merges", [])))
+    for add, token_id in ((writer.add_bos_token_id, tokenizer.bos_id),
+                          (writer.add_eos_token_id, tokenizer.eos_id),
+                          (writer.add_pad_token_id, tokenizer.pad_id)):
+        if token_id is not None:
+            add(token_id)
+    writer.add_add_bos_token(tokenizer.special.add_bos_token)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _write_tensors(writer: gguf.GGUFWriter, model: Decoder,
+                   weight_type: gguf.GGMLQuantizationType) -> None:
+    cfg = model.cfg
+    state = model.state_dict()
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight")  # llama.cpp reuses token_embd when output is absent
+    for ours, tensor in state.items():
+        weights = tensor.detach().float().cpu().numpy()
+        if ours.endswith("q_proj.weight"):
+            weights = _halves_to_pairs(weights, cfg.n_head)
+        elif ours.endswith("k_proj.weight"):
+            weights = _halves_to_pairs(weights, cfg.n_kv_head)
+        kind = weight_type if weights.ndim == 2 else gguf.GGMLQuantizationType.F32
+        if kind == gguf.GGMLQuantizationType.Q8_0 and weights.shape[-1] % 32:
+            # Q8_0 packs rows in blocks of 32; llama.cpp's quantizer also falls back to F16.
+            kind = gguf.GGMLQuantizationType.F16
+        data = gguf.quants.quantize(np.ascontiguousarray(weights), kind)
+        writer.add_tensor(_gguf_name(ours), data, raw_dtype=kind)
