@@ -76,6 +76,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     printed = ""
     sys.stdout.write(args.prompt)
     for token in stream(model, prompt, args.max_new_tokens, sampling, args.seed, stop):
+        if token in stop:
+            break
         ids.append(token)
         # Decode the whole continuation each time: a token may end mid-way through a
         # multi-byte character, which only the next token completes.

@@ -21,8 +21,10 @@ def make_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:
 
 def rotary_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, each (length, head_dim), for the half-split rotary convention."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    # Always computed on the CPU (in fp32), whatever device a model is being built on.
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu")
+                               / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32, device="cpu"), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 

@@ -6,6 +6,7 @@ directory or a run directory (whose latest checkpoint is used).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -90,6 +91,25 @@ def load_state(model: Decoder, state: dict[str, torch.Tensor], where: str,
     model.tie_weights()
 
 
+@contextlib.contextmanager
+def _no_weight_init():
+    """Skip random initialisation while building a model whose weights are about to be loaded.
+
+    On the meta device the init functions are decomposed in Python, and the first call
+    imports torch's compiler stack: two seconds of a cold start spent on numbers nobody
+    reads. (transformers skips initialisation on load for the same reason.)
+    """
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    for name in names:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
 def stop_token_ids(directory: str | Path, tokenizer: Tokenizer | None) -> tuple[int, ...]:
     """Tokens that end generation: the tokenizer's EOS and generation_config.json's eos ids."""
     ids = set()
@@ -107,9 +127,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     """Model (in eval mode) and tokenizer from a model or run directory."""
     directory = resolve_model_dir(path)
     cfg = ModelConfig.load(directory / "config.json")
-    # Built on the meta device: random initialisation would be thrown away by the load,
-    # and for a 100M+ model it costs a second.
-    with torch.device("meta"):
+    with torch.device("meta"), _no_weight_init():
         model = Decoder(cfg)
     load_weights(model, directory / WEIGHTS, assign=True)
     model.reset_buffers()
