@@ -326,6 +326,23 @@ def test_smollm2_config_and_tokens_match_transformers(our_smollm2, hf_smollm2):
 
 
 @pytest.mark.slow
+def test_smollm2_chat_prompt_matches_transformers(our_smollm2, hf_smollm2):
+    from lmforge.chat import chat_prompt_ids, render_chat
+
+    _, _, tokenizer = our_smollm2
+    _, hf_tokenizer = hf_smollm2
+    conversation = [{"role": "user", "content": "Hi! What is 2 + 2?"},
+                    {"role": "assistant", "content": "4."},
+                    {"role": "user", "content": "Et en français ? 😀"}]
+    for messages in (conversation, [{"role": "system", "content": "Be brief."}, *conversation]):
+        expected = hf_tokenizer.apply_chat_template(messages, tokenize=False,
+                                                    add_generation_prompt=True)
+        assert render_chat(tokenizer, messages) == expected
+        assert chat_prompt_ids(tokenizer, messages) == hf_tokenizer(
+            expected, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.slow
 def test_smollm2_digits_split_like_llama_cpp(our_smollm2):
     """SmolLM2's pre-tokenizer ("smollm") isolates each digit before GPT-2's regex, so a run of
     spaces before a digit stays one piece. transformers' GGUF loader applies GPT-2's regex alone
