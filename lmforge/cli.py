@@ -190,23 +190,24 @@ def build_parser() -> argparse.ArgumentParser:
     model_help = ("model directory, run directory, Hugging Face directory, .gguf file, "
                   "registry name (see `lmforge list`) or hf:ORG/NAME")
 
-    def sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    def sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float,
+                       top_p: float | None) -> None:
         p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-        p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+        p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
         p.add_argument("--top-k", type=int, default=200)
-        p.add_argument("--top-p", type=float, default=None)
+        p.add_argument("--top-p", type=float, default=top_p)
 
     p = sub.add_parser("generate", help="sample a continuation of a prompt (streaming)")
     p.add_argument("model", help=model_help)
     p.add_argument("--prompt", default="")
-    sampling_flags(p, 200)
+    sampling_flags(p, 200, temperature=0.8, top_p=None)
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="talk to a model in the terminal (its chat template)")
     p.add_argument("model", help=model_help)
     p.add_argument("--system", default=None, help="system prompt")
-    sampling_flags(p, 512)
+    sampling_flags(p, 512, temperature=0.3, top_p=0.9)  # answers, not stories
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("pull", help="fetch a model into the cache (~/.cache/lmforge/models)")
