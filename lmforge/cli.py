@@ -13,9 +13,12 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 
     cfg = quickstart_config(args.data, args.overrides, progress=not args.quiet)
     result = _train(cfg, resume=args.resume)
-    print(f"\nvalidation loss {result.final_val_loss:.4f} ({result.final_val_bpb:.3f} bits/byte) "
-          f"after {result.steps} steps in {result.wall_seconds / 60:.1f} min")
-    print(f"loss curve: {result.run_dir / 'loss.png'}")
+    if result.steps < cfg.max_steps:  # stopped early with Ctrl-C
+        print("continue with: lmforge quickstart --resume")
+    elif result.final_val_loss is not None:
+        print(f"\nvalidation loss {result.final_val_loss:.4f} ({result.final_val_bpb:.3f} "
+              f"bits/byte) after {result.steps} steps in {result.wall_seconds / 60:.1f} min")
+        print(f"loss curve: {result.run_dir / 'loss.png'}")
     print("next:")
     print(f"  lmforge generate {result.run_dir} --prompt 'ROMEO.' --max-new-tokens 200")
     print(f"  lmforge info {result.run_dir}")
