@@ -307,41 +307,38 @@ def _read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
                             "with its shards")
 
 
-def _state_from_gpt2(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _our_state(hf_state: dict[str, torch.Tensor], entries) -> dict[str, torch.Tensor]:
+    """Our state dict from HF tensors; `entries(hf_name, tensor)` gives the (our name, tensor)
+    pairs one HF tensor becomes (our name None: a tensor we cannot place)."""
     state, unknown = {}, []
     for hf_name, tensor in hf_state.items():
-        name = hf_name.removeprefix("transformer.")
-        if _GPT2_BUFFER.match(name):
-            continue
-        if _GPT2_CONV1D.match(name):
-            tensor = tensor.T
-        fused = _GPT2_QKV.match(name)
-        if fused:
-            layer, kind = fused.groups()
-            for proj, part in zip("qkv", tensor.chunk(3, dim=0)):
-                state[f"blocks.{layer}.attn.{proj}_proj.{kind}"] = part
-            continue
-        ours = _rename(name, _GPT2_NAMES)
-        if ours is None:
-            unknown.append(hf_name)
-        else:
-            state[ours] = tensor
+        for ours, value in entries(hf_name, tensor):
+            if ours is None:
+                unknown.append(hf_name)
+            else:
+                state[ours] = value
     _no_unknown(unknown)
     return state
 
 
-def _state_from_llama(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    state, unknown = {}, []
-    for hf_name, tensor in hf_state.items():
-        if hf_name.endswith("rotary_emb.inv_freq"):
-            continue  # a buffer old checkpoints saved; we compute the same table from rope_base
-        ours = _rename(hf_name, _LLAMA_NAMES)
-        if ours is None:
-            unknown.append(hf_name)
-        else:
-            state[ours] = tensor
-    _no_unknown(unknown)
-    return state
+def _gpt2_entries(hf_name: str, tensor: torch.Tensor) -> list[tuple[str | None, torch.Tensor]]:
+    name = hf_name.removeprefix("transformer.")
+    if _GPT2_BUFFER.match(name):
+        return []
+    if _GPT2_CONV1D.match(name):
+        tensor = tensor.T
+    fused = _GPT2_QKV.match(name)
+    if fused:
+        layer, kind = fused.groups()
+        return [(f"blocks.{layer}.attn.{proj}_proj.{kind}", part)
+                for proj, part in zip("qkv", tensor.chunk(3, dim=0))]
+    return [(_rename(name, _GPT2_NAMES), tensor)]
+
+
+def _llama_entries(hf_name: str, tensor: torch.Tensor) -> list[tuple[str | None, torch.Tensor]]:
+    if hf_name.endswith("rotary_emb.inv_freq"):
+        return []  # a buffer old checkpoints saved; we compute the same table from rope_base
+    return [(_rename(hf_name, _LLAMA_NAMES), tensor)]
 
 
 def _no_unknown(names: list[str]) -> None:
@@ -448,9 +445,9 @@ def import_hf(src_dir: str | Path, out_dir: str | Path) -> Path:
     cfg = config_from_hf(hf)
     tokenizer = _read_tokenizer(src)
     hf_state = _read_hf_weights(src)
-    convert = _state_from_gpt2 if hf["model_type"] == "gpt2" else _state_from_llama
+    entries = _gpt2_entries if hf["model_type"] == "gpt2" else _llama_entries
     model = Decoder(cfg)
-    load_state(model, convert(hf_state), str(src))
+    load_state(model, _our_state(hf_state, entries), str(src))
     save_model(out, model, tokenizer)
     if (src / GENERATION_CONFIG).is_file():
         shutil.copyfile(src / GENERATION_CONFIG, out / GENERATION_CONFIG)
