@@ -136,3 +136,46 @@ def test_ddp_two_processes_match_one_process_with_accumulation(char_corpus, tmp_
     assert sorted(one) == sorted(two) == list(range(1, 9))
     for step in one:
         assert abs(one[step] - two[step]) < 1e-5, (step, one[step], two[step])
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(char_corpus, tmp_path):
+    """SIGINT mid-run: the step in progress finishes, a checkpoint is written, exit is clean."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    overrides = [f"{k}={json.dumps(v)}" for k, v in dict(
+        data=str(char_corpus), out_dir=str(run), model=TINY_MODEL, batch_size=4,
+        max_steps=100_000, eval_interval=0, log_interval=1, progress=False,
+        sample_tokens=0).items()]
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "train", *overrides],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text()) > 200):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "interrupted: saved step" in output and "--resume" in output
+    [ckpt] = checkpoint_dirs(run)
+    saved_step = json.loads((ckpt / "trainer.json").read_text())["step"]
+    assert saved_step == max(train_losses(run))  # the checkpoint is the last finished step
+    Trainer(recipe(char_corpus, run, max_steps=saved_step + 3), resume=True).fit()
+    assert checkpoint_dirs(run)[-1].name == f"step_{saved_step + 3:07d}"
+
+
+def test_a_half_written_checkpoint_is_never_taken_for_the_latest(char_corpus, tmp_path):
+    from lmforge.modeldir import resolve_model_dir
+
+    run = tmp_path / "run"
+    Trainer(recipe(char_corpus, run, max_steps=2, halt_at=1)).fit()
+    # A crash while writing step 2 leaves only its temporary directory behind.
+    stale = run / "checkpoints" / ".tmp-step_0000002"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    assert resolve_model_dir(run).name == "step_0000001"
+    Trainer(recipe(char_corpus, run, max_steps=2), resume=True).fit()
+    assert [p.name for p in checkpoint_dirs(run)] == ["step_0000001", "step_0000002"]
+    assert not stale.exists()
