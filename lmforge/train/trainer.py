@@ -169,7 +169,7 @@ class Trainer:
         self.step, self.elapsed_before, self._t_start = 0, 0.0, time.perf_counter()
         if resume:
             self._resume()
-        elif self.dist.is_main and checkpoint_dirs(self.run_dir):
+        elif checkpoint_dirs(self.run_dir):  # every rank: none may go on alone
             raise FileExistsError(
                 f"{self.run_dir} already holds checkpoints: pass --resume to continue that run, "
                 "or choose another out_dir"
