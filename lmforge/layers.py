@@ -6,6 +6,8 @@ Everything here is shape-generic and knows nothing about training or files; the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,41 +22,107 @@ def make_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:
 
 
 def rotary_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each (length, head_dim), for the half-split rotary convention."""
+    """cos and signed sin tables, each (length, head_dim), for the half-split rotary convention.
+
+    The sin table's first half is negated so that rotating the two halves of a vector is one
+    `roll` (see `apply_rotary`), which saves three small ops per call when decoding.
+    """
     # Always computed on the CPU (in fp32), whatever device a model is being built on.
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu")
                                / head_dim))
     angles = torch.outer(torch.arange(length, dtype=torch.float32, device="cpu"), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    sin = angles.sin()
+    return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-sin, sin], dim=-1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, D) by position; cos/sin are (T, D). Rotates the two halves of D."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    """Rotate (B, H, T, D) by position; cos/sin from `rotary_tables`, broadcastable to x.
+
+    x * cos + [-x2, x1] * sin, with [-x2, x1] * sin written as roll(x) * signed sin.
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
-class KVCache(nn.Module):
-    """Keys and values of one layer, preallocated and written in place as decoding goes."""
+@dataclass(frozen=True)
+class Positions:
+    """Where the tokens of one forward pass sit in their sequences.
 
-    def __init__(self, batch: int, n_kv_head: int, length: int, head_dim: int,
+    Either every row starts at the same `start` (training, a prompt, one sequence decoding),
+    or each row has its own positions in `index` (B, T): sequences of different lengths
+    decoding together. `end` is one past the furthest position, so attention reads the
+    first `end` cached positions.
+    """
+
+    start: int
+    end: int
+    index: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, start: int | torch.Tensor, length: int) -> Positions:
+        if isinstance(start, int):
+            return cls(start, start + length)
+        index = start.view(-1, 1) + torch.arange(length, device=start.device)
+        return cls(0, int(index.max()) + 1, index)
+
+    def rotary(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.index is None:
+            return cos[self.start:self.end], sin[self.start:self.end]
+        return cos[self.index].unsqueeze(1), sin[self.index].unsqueeze(1)  # (B, 1, T, D)
+
+    def mask(self, length: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean attention mask (True = may attend) for `length` queries, or None when
+        SDPA's is_causal (or no mask at all, for one query) is right.
+
+        A row's query at position p sees keys 0..p. When every row starts together, SDPA's
+        is_causal covers a whole sequence and a single new token may see everything; only
+        a chunk after cached positions, or rows at different positions, need a mask.
+        """
+        keys = torch.arange(self.end, device=device)
+        if self.index is not None:
+            return keys <= self.index[:, None, :, None]  # (B, 1, T, end)
+        if length == 1 or self.start == 0:
+            return None
+        return keys <= torch.arange(self.start, self.end, device=device)[:, None]
+
+
+class KVCache:
+    """Keys and values of every layer for `batch` sequence slots, preallocated once and
+    written in place as decoding goes. Each slot holds one sequence from position 0."""
+
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, length: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
-        super().__init__()
-        shape = (batch, n_kv_head, length, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (n_layer, batch, n_kv_head, length, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = length
+        # Per-layer views made once: indexing the big tensors every step costs time.
+        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, Hkv, T, D) at positions start..start+T; return everything so far."""
-        end = start + k.shape[2]
-        if end > self.k.shape[2]:
-            raise ValueError(f"KV cache holds {self.k.shape[2]} positions, asked to write up to {end}")
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def rows(self, first: int, count: int = 1) -> KVCache:
+        """A cache over slots first..first+count, sharing this one's memory."""
+        view = object.__new__(KVCache)
+        view.k, view.v = self.k[:, first:first + count], self.v[:, first:first + count]
+        view.length = self.length
+        view.layers = list(zip(view.k.unbind(0), view.v.unbind(0)))
+        return view
+
+
+def write_cache(layer: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor,
+                pos: Positions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Store k, v (B, Hkv, T, D) at their positions; return the first pos.end cached ones."""
+    cache_k, cache_v = layer
+    if pos.index is None:
+        cache_k[:, :, pos.start:pos.end] = k
+        cache_v[:, :, pos.start:pos.end] = v
+    else:
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        cache_k[rows, :, pos.index] = k.transpose(1, 2)
+        cache_v[rows, :, pos.index] = v.transpose(1, 2)
+    return cache_k[:, :, :pos.end], cache_v[:, :, :pos.end]
 
 
 class Attention(nn.Module):
@@ -73,7 +141,8 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+                pos: Positions, mask: torch.Tensor | None,
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -83,28 +152,15 @@ class Attention(nn.Module):
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
-            k, v = cache.update(start, k, v)
+            k, v = write_cache(cache, k, v, pos)
         y = F.scaled_dot_product_attention(
             q, k, v,
-            attn_mask=_decode_mask(T, k.shape[2], x.device),
-            is_causal=T == k.shape[2] and T > 1,
+            attn_mask=mask,
+            is_causal=mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-
-
-def _decode_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor | None:
-    """Mask for queries that are the last q_len of k_len positions (a prefill after a cache).
-
-    SDPA's is_causal aligns the mask to the top-left, which is only right when the queries
-    start at position 0; one new token may see everything, so it needs no mask at all.
-    """
-    if q_len == k_len or q_len == 1:
-        return None
-    offset = k_len - q_len
-    rows = torch.arange(q_len, device=device)[:, None] + offset
-    return rows >= torch.arange(k_len, device=device)[None, :]
 
 
 class MLP(nn.Module):

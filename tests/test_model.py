@@ -49,6 +49,27 @@ def test_kv_cache_decoding_matches_full_forward(variant):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_rows_at_different_positions_decode_together(variant):
+    """Sequences of lengths 9 and 4 share a cache and decode in one batched forward per step
+    (per-row start positions) with the logits of each sequence run alone."""
+    model = tiny(**VARIANTS[variant])
+    x = torch.randint(0, 50, (2, 14))
+    lengths = [9, 4]
+    with torch.no_grad():
+        cache = model.new_cache(2, 16)
+        for row, n in enumerate(lengths):
+            model(x[row:row + 1, :n], cache=cache.rows(row), start=0)
+        steps = []
+        for t in range(5):
+            column = torch.stack([x[row, n + t] for row, n in enumerate(lengths)]).view(2, 1)
+            steps.append(model(column, cache=cache, start=torch.tensor(lengths) + t))
+        for row, n in enumerate(lengths):
+            alone = model(x[row:row + 1, :n + 5])[0, n:]
+            got = torch.cat([step[row] for step in steps])
+            torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-4)
+
+
 def test_tiny_model_overfits_one_batch():
     model = tiny(**VARIANTS["llama-gqa"]).train()
     x = torch.randint(0, 50, (4, 16))

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lmforge.config import FlopsReport, ModelConfig, count_flops
-from lmforge.layers import MLP, Attention, KVCache, make_norm, rotary_tables
+from lmforge.layers import MLP, Attention, KVCache, Positions, make_norm, rotary_tables
 
 
 class Block(nn.Module):
@@ -33,8 +33,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rotary, cache: KVCache | None, start: int) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rotary, cache, start))
+    def forward(self, x: torch.Tensor, rotary, pos: Positions, mask: torch.Tensor | None,
+                cache: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rotary, pos, mask, cache))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -79,41 +80,46 @@ class Decoder(nn.Module):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor, cache: list[KVCache] | None = None,
-                start: int = 0, last_only: bool = False) -> torch.Tensor:
-        """Logits (B, T, vocab) for tokens idx (B, T) sitting at positions start..start+T.
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
+                start: int | torch.Tensor = 0, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab) for tokens idx (B, T).
 
+        start: the position of idx's first column, the same for every row (an int), or one
+        per row (a (B,) tensor) when sequences of different lengths decode together.
+        cache: keys and values of earlier positions, read and written in place.
         last_only: logits of the last position only, (B, 1, vocab): a prompt's other
         positions need no output projection, which for a large vocabulary is most of the work.
         """
         T = idx.shape[1]
-        if start + T > self.cfg.context_length:
-            raise ValueError(
-                f"sequence reaches position {start + T}, past the model's context length "
-                f"{self.cfg.context_length}"
-            )
+        pos = Positions.of(start, T)
+        if pos.end > self.cfg.context_length:
+            raise ValueError(f"sequence reaches position {pos.end}, past the model's context "
+                             f"length {self.cfg.context_length}")
+        if cache is not None and pos.end > cache.length:
+            raise ValueError(f"sequence reaches position {pos.end}, past the KV cache's "
+                             f"{cache.length} positions")
         x = self.embed(idx)
         rotary = None
         if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(start, start + T, device=idx.device))
+            index = pos.index if pos.index is not None else torch.arange(
+                pos.start, pos.end, device=idx.device)
+            x = x + self.pos_embed(index)
         else:
-            rotary = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+            rotary = pos.rotary(self.rope_cos, self.rope_sin)
+        mask = pos.mask(T, idx.device)
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, rotary, cache[i] if cache is not None else None, start)
+            x = block(x, rotary, pos, mask, cache.layers[i] if cache is not None else None)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.final_norm(x))
 
     def new_cache(self, batch: int, length: int | None = None,
-                  dtype: torch.dtype | None = None) -> list[KVCache]:
+                  dtype: torch.dtype | None = None) -> KVCache:
         """An empty KV cache for `batch` sequences of up to `length` positions."""
         cfg, ref = self.cfg, self.embed.weight
-        length = length or cfg.context_length
-        return [
-            KVCache(batch, cfg.n_kv_head, length, cfg.head_dim, dtype or ref.dtype, ref.device)
-            for _ in range(cfg.n_layer)
-        ]
+        return KVCache(cfg.n_layer, batch, cfg.n_kv_head, length or cfg.context_length,
+                       cfg.head_dim, dtype or ref.dtype, ref.device)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
