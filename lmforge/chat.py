@@ -16,7 +16,7 @@ from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
-from lmforge.infer.engine import stream
+from lmforge.infer.engine import Request, stream_one
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.models.decoder import Decoder
 from lmforge.tokenizer import Tokenizer
@@ -97,19 +97,12 @@ class ChatSession:
         prompt = chat_prompt_ids(self.tokenizer, self.messages)
         answer = {"role": "assistant", "content": ""}
         self.messages.append(answer)
-        ids: list[int] = []
-        shown = ""
-        for token in stream(self.model, prompt, self.max_new_tokens, self.sampling, seed,
-                            self.stop_ids):
-            if token in self.stop_ids:
-                break
-            ids.append(token)
-            text = self.tokenizer.decode(ids)
-            # Hold back a piece that ends mid-way through a multi-byte character.
-            if not text.endswith("\ufffd"):
-                answer["content"] = text
-                yield text[len(shown):]
-                shown = text
+        request = Request(prompt, self.max_new_tokens, self.sampling, seed,
+                          stop_ids=self.stop_ids, truncate=True)
+        for event in stream_one(self.model, self.tokenizer, request):
+            answer["content"] += event.text
+            if event.text:
+                yield event.text
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

@@ -66,29 +66,20 @@ def _load(spec: str):
 def _sampling(args: argparse.Namespace):
     from lmforge.infer.sampling import SamplingConfig
 
-    return SamplingConfig(args.temperature, args.top_k, args.top_p)
+    return SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p,
+                          args.repetition_penalty)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from lmforge.infer.engine import prompt_ids, stream
+    from lmforge.infer.engine import Request, prompt_ids, stream_one
 
     model, tokenizer, stop = _load(args.model)
-    prompt = prompt_ids(tokenizer, args.prompt)
-    sampling = _sampling(args)
-    ids: list[int] = []
-    printed = ""
+    request = Request(prompt_ids(tokenizer, args.prompt), args.max_new_tokens, _sampling(args),
+                      args.seed, stop=tuple(args.stop), stop_ids=stop)
     sys.stdout.write(args.prompt)
-    for token in stream(model, prompt, args.max_new_tokens, sampling, args.seed, stop):
-        if token in stop:
-            break
-        ids.append(token)
-        # Decode the whole continuation each time: a token may end mid-way through a
-        # multi-byte character, which only the next token completes.
-        text = tokenizer.decode(ids)
-        if not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(printed):])
-            sys.stdout.flush()
-            printed = text
+    for event in stream_one(model, tokenizer, request):
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
     print()
 
 
@@ -199,12 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
         p.add_argument("--top-k", type=int, default=200)
         p.add_argument("--top-p", type=float, default=top_p)
+        p.add_argument("--min-p", type=float, default=None,
+                       help="drop tokens below this fraction of the top token's probability")
+        p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 avoids repeats")
 
     p = sub.add_parser("generate", help="sample a continuation of a prompt (streaming)")
     p.add_argument("model", help=model_help)
     p.add_argument("--prompt", default="")
     sampling_flags(p, 200, temperature=0.8, top_p=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the text just before TEXT (repeatable)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="talk to a model in the terminal (its chat template)")

@@ -36,11 +36,6 @@ def test_seeded_sampling_is_reproducible_and_stops_at_stop_ids(model):
     assert stopped == a[:a.index(a[4]) + 1]
 
 
-def test_generation_never_runs_past_the_context(model):
-    assert len(generate(model, list(range(40)), 100, SamplingConfig(temperature=0))) == 8
-    assert len(generate(model, list(range(39)) * 2, 5, SamplingConfig(temperature=0))) == 1
-
-
 def test_top_k_and_top_p_only_ever_pick_allowed_tokens():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(500, 1)
     gen = torch.Generator().manual_seed(0)

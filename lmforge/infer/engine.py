@@ -1,18 +1,368 @@
-"""Decoding with a KV cache: the prompt is run once, then one token per step.
+"""The inference engine: many requests decoding together through one preallocated KV cache.
 
-`stream` yields token ids as they are produced; `generate` collects them. Both use the
-same prefill + cached decode steps, so what a user sees streamed is what tests check.
+A request waits in a queue until a cache slot is free; its prompt then runs alone through
+the model (the prefill) and its sequence joins the batch, where every step feeds one new
+token per active sequence through a single forward pass, sequences at different positions
+included. A finished sequence frees its slot at once and the next waiting one takes it
+(continuous batching), so a server only has to call `step` in a loop.
+
+Each step returns `Event`s: the new token, the text it completes (never half a UTF-8
+character, never the start of a stop string that may still match), its log-probability and
+top alternatives when asked, and why the sequence finished. `stream` and `generate` wrap
+the engine for one prompt; `generate`, `chat`, `serve` and evaluation all decode here.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from lmforge.infer.sampling import SamplingConfig, sample
+from lmforge.errors import LmforgeError
+from lmforge.infer.sampling import SamplingConfig, apply_penalties, sample
+from lmforge.layers import KVCache
 from lmforge.models.decoder import Decoder
 from lmforge.tokenizer import Tokenizer
+
+
+class PromptTooLong(LmforgeError, ValueError):
+    """A prompt does not fit in the context (or the engine's cache) with room to generate."""
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_new_tokens: int = 256
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    seed: int | None = None  # the same seed gives the same tokens
+    stop: tuple[str, ...] = ()  # stop strings: the text ends just before the first match
+    stop_ids: tuple[int, ...] = ()  # stop tokens: kept in the tokens, not in the text
+    logprobs: int | None = None  # None: none; k: each token's log-probability + k alternatives
+    prompt_logprobs: bool = False  # log-probabilities of the prompt's tokens too (scoring)
+    truncate: bool = False  # keep the tail of a prompt too long for the context, or refuse it
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model (raw logits, before sampling settings) and
+    the `top` most likely tokens at that position as (token, log-probability), best first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Event:
+    request_id: int
+    token: int | None  # None only for an event that finishes a sequence without a new token
+    text: str  # new text; all of a request's pieces concatenate to its final text
+    logprob: TokenLogprob | None = None
+    finish_reason: str | None = None  # "stop" or "length" on the sequence's last event
+
+
+@dataclass
+class Completion:
+    request_id: int
+    prompt: list[int]
+    tokens: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # None for the first token
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": len(self.prompt), "completion_tokens": len(self.tokens),
+                "total_tokens": len(self.prompt) + len(self.tokens)}
+
+
+class Detokenizer:
+    """Text of a growing token list, released only once it is final.
+
+    A token can end inside a multi-byte character (byte-level vocabularies), and some
+    tokenizers decode a token differently at the start of a string, so each new piece is
+    decoded together with the tokens just before it and only the difference is released.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # tokens before `prefix` are fully released
+        self.read = 0  # tokens before `read` are released, decoded from `prefix` on
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        now = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return now[len(before):]
+
+    def flush(self) -> str:
+        """Whatever is still held back (a dangling partial character decodes as U+FFFD)."""
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        return self.tokenizer.decode(self.ids[self.prefix:])[len(before):]
+
+
+class _Sequence:
+    """One request's state while it decodes."""
+
+    def __init__(self, request_id: int, request: Request, tokenizer: Tokenizer | None,
+                 vocab_size: int, device: torch.device) -> None:
+        self.id, self.request = request_id, request
+        self.tokens = list(request.prompt)  # prompt + generated; the last one is not cached yet
+        self.generated: list[int] = []
+        self.slot = -1
+        self.limit = 0  # most tokens it may generate, set on admission
+        self.generator = torch.Generator(device=device)
+        if request.seed is not None:
+            self.generator.manual_seed(request.seed)
+        else:
+            self.generator.seed()
+        self.detok = Detokenizer(tokenizer) if tokenizer is not None else None
+        self.text = ""  # text so far, stop strings not yet cut
+        self.sent = 0  # characters of `text` already released
+        self.seen = self.counts = None
+        if request.sampling.penalised:
+            self.counts = torch.zeros(vocab_size, device=device)
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            self.seen[torch.tensor(request.prompt, device=device)] = True
+
+    @property
+    def position(self) -> int:
+        """Where the next token fed to the model sits."""
+        return len(self.tokens) - 1
+
+    def next_token(self, logits: torch.Tensor) -> torch.Tensor:
+        """Sample from this sequence's last logits (vocab,)."""
+        cfg = self.request.sampling
+        if self.counts is not None:
+            logits = apply_penalties(logits, cfg, self.seen, self.counts)
+        return sample(logits.view(1, -1), cfg, self.generator)[0]
+
+    def accept(self, token: int, logits: torch.Tensor) -> Event:
+        """Record a sampled token and describe it; finishes the sequence when it should."""
+        self.tokens.append(token)
+        self.generated.append(token)
+        if self.counts is not None:
+            self.counts[token] += 1
+            self.seen[token] = True
+        logprob = None
+        if self.request.logprobs is not None:
+            logprob = token_logprobs(logits.view(1, -1), [token], self.request.logprobs)[0]
+        if token in self.request.stop_ids:
+            return self.finish(token, logprob, "stop")
+        if self.detok is not None:
+            self.text += self.detok.push(token)
+        cut = self._stop_string_at()
+        if cut is not None:
+            released, self.text = self.text[self.sent:cut], self.text[:cut]
+            self.sent = cut
+            return Event(self.id, token, released, logprob, "stop")
+        if len(self.generated) >= self.limit:
+            return self.finish(token, logprob, "length")
+        safe = len(self.text) - self._held_back()
+        released = self.text[self.sent:safe] if safe > self.sent else ""
+        self.sent = max(self.sent, safe)
+        return Event(self.id, token, released, logprob)
+
+    def finish(self, token: int | None, logprob: TokenLogprob | None, reason: str) -> Event:
+        if self.detok is not None:
+            self.text += self.detok.flush()
+        released = self.text[self.sent:]
+        self.sent = len(self.text)
+        return Event(self.id, token, released, logprob, reason)
+
+    def _stop_string_at(self) -> int | None:
+        """Where the earliest stop string starts in the text, if one has appeared."""
+        stops = self.request.stop
+        if not stops:
+            return None
+        # Only text near the end can hold a match that was not there before.
+        start = max(0, self.sent - max(map(len, stops)))
+        hits = [i for i in (self.text.find(s, start) for s in stops) if i >= 0]
+        return min(hits) if hits else None
+
+    def _held_back(self) -> int:
+        """Length of the longest end of the text that could begin a stop string."""
+        best = 0
+        for stop in self.request.stop:
+            for n in range(min(len(stop) - 1, len(self.text)), best, -1):
+                if self.text.endswith(stop[:n]):
+                    best = n
+                    break
+        return best
+
+    def completion(self, reason: str, logprobs: list[TokenLogprob] | None,
+                   prompt_logprobs: list[TokenLogprob | None] | None) -> Completion:
+        return Completion(self.id, list(self.request.prompt), self.generated, self.text, reason,
+                          logprobs, prompt_logprobs)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Log-probabilities of `tokens` under logits (N, vocab), one row each, with the `top`
+    alternatives of each row."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+    if top:
+        values, ids = logp.topk(top, dim=-1)
+        alternatives = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        alternatives = [[] for _ in tokens]
+    return [TokenLogprob(t, c, a) for t, c, a in zip(tokens, chosen, alternatives)]
+
+
+class Engine:
+    """Decodes many requests together; see the module docstring.
+
+    max_batch: sequences decoding at once (cache slots). max_len: positions per slot
+    (prompt + generated), the model's context length by default; memory is
+    2 x layers x max_batch x kv_heads x max_len x head_dim values.
+    """
+
+    def __init__(self, model: Decoder, tokenizer: Tokenizer | None = None, max_batch: int = 8,
+                 max_len: int | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = model.embed.weight.device
+        self.max_len = min(max_len or model.cfg.context_length, model.cfg.context_length)
+        self.cache = model.new_cache(max_batch, self.max_len)
+        self.slots: list[_Sequence | None] = [None] * max_batch
+        self.waiting: deque[_Sequence] = deque()
+        self._ids = itertools.count()
+        self._logprobs: dict[int, list[TokenLogprob]] = {}
+        self._prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}
+        self.finished: dict[int, Completion] = {}
+        self._rows: dict[tuple[int, int], KVCache] = {}
+
+    # ----------------------------------------------------------------- requests
+    def submit(self, request: Request) -> int:
+        """Queue a request; returns its id. Refuses what can never run, right away."""
+        if not request.prompt:
+            raise ValueError("the prompt is empty: give at least one token (e.g. a BOS token)")
+        if request.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {request.max_new_tokens}")
+        if request.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer to read the text")
+        room = self.max_len - len(request.prompt)
+        if room < 1 and not request.truncate:
+            raise PromptTooLong(
+                f"the prompt has {len(request.prompt)} tokens; at most {self.max_len - 1} fit "
+                f"(context {self.max_len}) with room for one new token: shorten it, or ask "
+                "for truncation to keep its end")
+        if room < 1:
+            request = replace(request, prompt=request.prompt[-(self.max_len - 1):])
+        seq = _Sequence(next(self._ids), request, self.tokenizer, self.model.cfg.vocab_size,
+                        self.device)
+        seq.limit = min(request.max_new_tokens, self.max_len - len(request.prompt))
+        self.waiting.append(seq)
+        return seq.id
+
+    def cancel(self, request_id: int) -> None:
+        """Forget a request (a client went away): its slot is free for the next step."""
+        self.waiting = deque(s for s in self.waiting if s.id != request_id)
+        for i, seq in enumerate(self.slots):
+            if seq is not None and seq.id == request_id:
+                self.slots[i] = None
+        self._logprobs.pop(request_id, None)
+        self._prompt_logprobs.pop(request_id, None)
+
+    @property
+    def active(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or self.active > 0
+
+    # --------------------------------------------------------------- decoding
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """Admit waiting requests into free slots (running their prompts), then advance every
+        other active sequence by one token in one batched forward pass."""
+        events = self._decode_active()
+        while self.waiting and None in self.slots:
+            events.append(self._admit(self.waiting.popleft()))
+        return events
+
+    def _admit(self, seq: _Sequence) -> Event:
+        seq.slot = self.slots.index(None)
+        self.slots[seq.slot] = seq
+        prompt = torch.tensor([seq.request.prompt], device=self.device)
+        scoring = seq.request.prompt_logprobs
+        logits = self.model(prompt, cache=self._cache_rows(seq.slot, 1), start=0,
+                            last_only=not scoring)[0]
+        if scoring:
+            top = seq.request.logprobs or 0
+            self._prompt_logprobs[seq.id] = [None] + token_logprobs(
+                logits[:-1], seq.request.prompt[1:], top)
+        if seq.request.logprobs is not None:
+            self._logprobs[seq.id] = []
+        if seq.limit == 0:
+            return self._record(seq, seq.finish(None, None, "length"))
+        return self._emit(seq, logits[-1])
+
+    def _decode_active(self) -> list[Event]:
+        active = [s for s in self.slots if s is not None]
+        if not active:
+            return []
+        rows = max(s.slot for s in active) + 1
+        tokens = torch.zeros(rows, 1, dtype=torch.long)
+        starts = torch.zeros(rows, dtype=torch.long)
+        for s in active:
+            tokens[s.slot, 0], starts[s.slot] = s.tokens[-1], s.position
+        positions = {s.position for s in active}
+        # Rows at one position (always so for a single sequence) take the faster path.
+        start = positions.pop() if len(positions) == 1 else starts.to(self.device)
+        logits = self.model(tokens.to(self.device), cache=self._cache_rows(0, rows),
+                            start=start)[:, -1]
+        return [self._emit(s, logits[s.slot]) for s in active]
+
+    def _cache_rows(self, first: int, count: int) -> KVCache:
+        # Views are cheap but not free; a decode step should not rebuild 2 x layers of them.
+        key = (first, count)
+        if key not in self._rows:
+            self._rows[key] = self.cache.rows(first, count)
+        return self._rows[key]
+
+    def _emit(self, seq: _Sequence, logits: torch.Tensor) -> Event:
+        token = int(seq.next_token(logits))
+        return self._record(seq, seq.accept(token, logits))
+
+    def _record(self, seq: _Sequence, event: Event) -> Event:
+        if event.logprob is not None:
+            self._logprobs[seq.id].append(event.logprob)
+        if event.finish_reason is not None:
+            self.slots[seq.slot] = None
+            self.finished[seq.id] = seq.completion(
+                event.finish_reason, self._logprobs.pop(seq.id, None),
+                self._prompt_logprobs.pop(seq.id, None))
+        return event
+
+    # ------------------------------------------------------------ conveniences
+    def run(self, requests: list[Request]) -> list[Completion]:
+        """Decode all requests (batched) and return their completions in order."""
+        ids = [self.submit(r) for r in requests]
+        while self.has_work():
+            self.step()
+        return [self.finished.pop(i) for i in ids]
+
+    def stream(self, request: Request) -> Iterator[Event]:
+        """Events of one request as they happen (other queued requests advance too)."""
+        request_id = self.submit(request)
+        try:
+            while True:
+                for event in self.step():
+                    if event.request_id == request_id:
+                        yield event
+                        if event.finish_reason is not None:
+                            return
+        finally:
+            self.cancel(request_id)
 
 
 def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -23,35 +373,26 @@ def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     return [tokenizer.bos_id] if tokenizer.bos_id is not None else tokenizer.encode("\n")
 
 
-@torch.inference_mode()
+def stream_one(model: Decoder, tokenizer: Tokenizer | None, request: Request) -> Iterator[Event]:
+    """Events of a single request, through an engine with a cache just big enough for it."""
+    needed = len(request.prompt) + max(request.max_new_tokens, 1)
+    engine = Engine(model, tokenizer, max_batch=1,
+                    max_len=min(needed, model.cfg.context_length))
+    yield from engine.stream(request)
+
+
 def stream(model: Decoder, prompt: list[int], max_new_tokens: int,
            sampling: SamplingConfig | None = None, seed: int | None = None,
-           stop_ids: tuple[int, ...] = ()) -> Iterator[int]:
-    """Yield up to `max_new_tokens` new token ids after `prompt`, stopping at a stop id."""
-    if not prompt:
-        raise ValueError("the prompt is empty: give at least one token (e.g. a BOS token)")
-    sampling = sampling or SamplingConfig()
-    device = model.embed.weight.device
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    context = model.cfg.context_length
-    # A prompt longer than the context keeps its tail; generation stops at the context end.
-    prompt = prompt[-(context - 1):]
-    max_new_tokens = min(max_new_tokens, context - len(prompt))
-    cache = model.new_cache(1, len(prompt) + max_new_tokens)
-    logits = model(torch.tensor([prompt], device=device), cache=cache, start=0,
-                   last_only=True)[:, -1]
-    position = len(prompt)
-    for i in range(max_new_tokens):
-        token = sample(logits, sampling, generator)
-        token_id = int(token.item())
-        yield token_id
-        if token_id in stop_ids or i == max_new_tokens - 1:
-            return
-        logits = model(token.view(1, 1), cache=cache, start=position)[:, -1]
-        position += 1
+           stop_ids: tuple[int, ...] = (), truncate: bool = False) -> Iterator[int]:
+    """Token ids after `prompt`, one at a time; a stop id is yielded, then decoding ends."""
+    request = Request(list(prompt), max_new_tokens, sampling or SamplingConfig(), seed,
+                      stop_ids=tuple(stop_ids), truncate=truncate)
+    for event in stream_one(model, None, request):
+        if event.token is not None:
+            yield event.token
 
 
 def generate(model: Decoder, prompt: list[int], max_new_tokens: int,
              sampling: SamplingConfig | None = None, seed: int | None = None,
-             stop_ids: tuple[int, ...] = ()) -> list[int]:
-    return list(stream(model, prompt, max_new_tokens, sampling, seed, stop_ids))
+             stop_ids: tuple[int, ...] = (), truncate: bool = False) -> list[int]:
+    return list(stream(model, prompt, max_new_tokens, sampling, seed, stop_ids, truncate))

@@ -1,4 +1,8 @@
-"""Turning logits into the next token: temperature, top-k, top-p (nucleus), greedy."""
+"""Turning logits into the next token: penalties, temperature, top-k, top-p, min-p, greedy.
+
+The order is the usual one: penalties change the model's logits, temperature scales them,
+then top-k, top-p and min-p cut the tail, and a token is drawn from what is left.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,10 @@ class SamplingConfig:
     temperature: float = 0.8  # 0 = greedy
     top_k: int | None = 200
     top_p: float | None = None
+    min_p: float | None = None  # drop tokens below min_p x the top token's probability
+    repetition_penalty: float = 1.0  # > 1 discourages any token already in the sequence
+    presence_penalty: float = 0.0  # subtracted once from each token already generated
+    frequency_penalty: float = 0.0  # subtracted per time a token was generated
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -20,6 +28,49 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+
+    @property
+    def penalised(self) -> bool:
+        return (self.repetition_penalty != 1 or self.presence_penalty != 0
+                or self.frequency_penalty != 0)
+
+
+def apply_penalties(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor,
+                    counts: torch.Tensor) -> torch.Tensor:
+    """Penalised logits (vocab,): `seen` marks tokens of the prompt and output (for the
+    repetition penalty), `counts` how often each was generated (presence and frequency)."""
+    logits = logits.float()
+    if cfg.repetition_penalty != 1:
+        # Dividing a negative logit would raise it: scale towards lower probability instead.
+        scaled = torch.where(logits > 0, logits / cfg.repetition_penalty,
+                             logits * cfg.repetition_penalty)
+        logits = torch.where(seen, scaled, logits)
+    if cfg.presence_penalty or cfg.frequency_penalty:
+        logits = logits - cfg.presence_penalty * (counts > 0) - cfg.frequency_penalty * counts
+    return logits
+
+
+def filtered_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Logits (B, vocab) after temperature, top-k, top-p and min-p: softmax of these is the
+    distribution a token is drawn from (cut tokens are -inf). Needs temperature > 0."""
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p is not None and cfg.top_p < 1:
+        logits = _nucleus(logits, cfg.top_p)
+    if cfg.min_p:
+        probs = torch.softmax(logits, dim=-1)
+        floor = cfg.min_p * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < floor, float("-inf"))
+    return logits
 
 
 def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None
@@ -27,20 +78,14 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
     """Next token ids (B,) from last-position logits (B, vocab)."""
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / cfg.temperature
-    if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p is not None and cfg.top_p < 1:
-        logits = _nucleus(logits, cfg.top_p)
-    probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax(filtered_logits(logits, cfg), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of tokens whose probability reaches top_p (always the top one)."""
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-    drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p
+    probs = torch.softmax(sorted_logits, dim=-1)
+    drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
