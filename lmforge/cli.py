@@ -77,8 +77,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     request = Request(prompt_ids(tokenizer, args.prompt), args.max_new_tokens, _sampling(args),
                       args.seed, stop=tuple(args.stop), stop_ids=stop)
     sys.stdout.write(args.prompt)
-    for event in stream_one(model, tokenizer, request):
-        sys.stdout.write(event.text)
+    if args.speculative:
+        from lmforge.infer.speculative import speculative_text
+
+        pieces = speculative_text(model, tokenizer, request)
+    else:
+        pieces = (event.text for event in stream_one(model, tokenizer, request))
+    for piece in pieces:
+        sys.stdout.write(piece)
         sys.stdout.flush()
     print()
 
@@ -201,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end the text just before TEXT (repeatable)")
+    p.add_argument("--speculative", action="store_true",
+                   help="draft tokens by copying from the prompt and check them in one pass: "
+                        "faster when the output repeats the input; greedy output is unchanged")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="talk to a model in the terminal (its chat template)")
