@@ -58,11 +58,13 @@ class Positions:
     index: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, start: int | torch.Tensor, length: int) -> Positions:
+    def of(cls, start: int | torch.Tensor, length: int, end: int | None = None) -> Positions:
+        """end: how many cache positions attention reads when rows have their own starts;
+        by default one past the furthest, a fixed number keeps shapes static (compiled)."""
         if isinstance(start, int):
             return cls(start, start + length)
         index = start.view(-1, 1) + torch.arange(length, device=start.device)
-        return cls(0, int(index.max()) + 1, index)
+        return cls(0, int(index.max()) + 1 if end is None else end, index)
 
     def rotary(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.index is None:
@@ -95,6 +97,9 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = length
+        # Attend over every position (masked) instead of the furthest one used: static shapes
+        # for a compiled decode step, at the price of reading the whole cache.
+        self.static = False
         # Per-layer views made once: indexing the big tensors every step costs time.
         self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
 
@@ -106,7 +111,7 @@ class KVCache:
         """A cache over slots first..first+count, sharing this one's memory."""
         view = object.__new__(KVCache)
         view.k, view.v = self.k[:, first:first + count], self.v[:, first:first + count]
-        view.length = self.length
+        view.length, view.static = self.length, self.static
         view.layers = list(zip(view.k.unbind(0), view.v.unbind(0)))
         return view
 

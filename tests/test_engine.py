@@ -165,3 +165,11 @@ def test_penalised_greedy_decoding_avoids_repeats(model, tokenizer):
     penalised = Engine(model, tokenizer).run([Request(
         prompt, 30, SamplingConfig(temperature=0, frequency_penalty=2.0))])[0].tokens
     assert len(set(penalised)) > len(set(plain))
+
+
+@pytest.mark.slow
+def test_a_compiled_engine_decodes_the_same_tokens(model, tokenizer):
+    requests = [Request(p, 8, GREEDY) for p in prompts(tokenizer)[:3]]
+    eager = Engine(model, tokenizer, max_batch=2, max_len=40).run(requests)
+    compiled = Engine(model, tokenizer, max_batch=2, max_len=40, compile=True).run(requests)
+    assert [c.tokens for c in compiled] == [c.tokens for c in eager]

@@ -223,10 +223,13 @@ class Engine:
     max_batch: sequences decoding at once (cache slots). max_len: positions per slot
     (prompt + generated), the model's context length by default; memory is
     2 x layers x max_batch x kv_heads x max_len x head_dim values.
+    compile: run decode steps through `torch.compile` with static shapes (every slot, the
+    whole cache, masked): slow to start (a minute or two on a small CPU), then faster,
+    because a step no longer pays Python's cost for each of its hundreds of small ops.
     """
 
     def __init__(self, model: Decoder, tokenizer: Tokenizer | None = None, max_batch: int = 8,
-                 max_len: int | None = None) -> None:
+                 max_len: int | None = None, compile: bool = False) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = model.embed.weight.device
@@ -239,6 +242,8 @@ class Engine:
         self._prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}
         self.finished: dict[int, Completion] = {}
         self._rows: dict[tuple[int, int], KVCache] = {}
+        self._step_model = _compiled(model) if compile else None
+        self.cache.static = compile
 
     # ----------------------------------------------------------------- requests
     def submit(self, request: Request) -> int:
@@ -310,17 +315,23 @@ class Engine:
         active = [s for s in self.slots if s is not None]
         if not active:
             return []
-        rows = max(s.slot for s in active) + 1
+        compiled = self._step_model is not None
+        # A compiled step always takes every slot; otherwise free slots past the last
+        # active one are left out.
+        rows = len(self.slots) if compiled else max(s.slot for s in active) + 1
         tokens = torch.zeros(rows, 1, dtype=torch.long)
         starts = torch.zeros(rows, dtype=torch.long)
         for s in active:
             tokens[s.slot, 0], starts[s.slot] = s.tokens[-1], s.position
-        positions = {s.position for s in active}
-        # Rows at one position (always so for a single sequence) take the faster path.
-        start = positions.pop() if len(positions) == 1 else starts.to(self.device)
-        logits = self.model(tokens.to(self.device), cache=self._cache_rows(0, rows),
-                            start=start)[:, -1]
-        return [self._emit(s, logits[s.slot]) for s in active]
+        tokens, starts = tokens.to(self.device), starts.to(self.device)
+        if compiled:
+            logits = self._step_model(tokens, cache=self.cache, start=starts)
+        else:
+            positions = {s.position for s in active}
+            # Rows at one position (always so for a single sequence) take the faster path.
+            start = positions.pop() if len(positions) == 1 else starts
+            logits = self.model(tokens, cache=self._cache_rows(0, rows), start=start)
+        return [self._emit(s, logits[s.slot, -1]) for s in active]
 
     def _cache_rows(self, first: int, count: int) -> KVCache:
         # Views are cheap but not free; a decode step should not rebuild 2 x layers of them.
@@ -371,6 +382,13 @@ def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     if ids:
         return ids
     return [tokenizer.bos_id] if tokenizer.bos_id is not None else tokenizer.encode("\n")
+
+
+def _compiled(model: Decoder):
+    if model.embed.weight.device.type == "cuda":
+        return torch.compile(model, dynamic=False, mode="reduce-overhead")
+    # On a CPU the generated C++ launcher (instead of Python) is most of the gain.
+    return torch.compile(model, dynamic=False, options={"cpp_wrapper": True})
 
 
 def stream_one(model: Decoder, tokenizer: Tokenizer | None, request: Request) -> Iterator[Event]:

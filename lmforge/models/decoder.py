@@ -91,7 +91,7 @@ class Decoder(nn.Module):
         positions need no output projection, which for a large vocabulary is most of the work.
         """
         T = idx.shape[1]
-        pos = Positions.of(start, T)
+        pos = Positions.of(start, T, cache.length if cache is not None and cache.static else None)
         if pos.end > self.cfg.context_length:
             raise ValueError(f"sequence reaches position {pos.end}, past the model's context "
                              f"length {self.cfg.context_length}")
