@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from lmforge.errors import LmforgeError
@@ -96,6 +97,31 @@ def cmd_chat(args: argparse.Namespace) -> None:
     session = ChatSession(model, tokenizer, stop, _sampling(args), system=args.system,
                           max_new_tokens=args.max_new_tokens)
     run_terminal_chat(session)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from lmforge.serve.app import ServeConfig, create_app
+
+    model, tokenizer, stop = _load(args.model)
+    name = args.name or _served_name(args.model)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach this "
+              "machine can use the model", file=sys.stderr)
+    cfg = ServeConfig(name, args.api_key, args.max_batch, args.max_queue, args.max_len,
+                      timeout=args.timeout, cors_origins=args.cors_origin, compile=args.compile)
+    app = create_app(model, tokenizer, stop, cfg)
+    print(f"serving {name} on http://{args.host}:{args.port} (chat page at /, API at /v1)",
+          file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+def _served_name(spec: str) -> str:
+    """The name clients use: a registry name as is, a path by its last part."""
+    from pathlib import Path
+
+    return Path(spec.rstrip("/")).name.removesuffix(".gguf") or spec
 
 
 def cmd_pull(args: argparse.Namespace) -> None:
@@ -217,6 +243,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     sampling_flags(p, 512, temperature=0.3, top_p=0.9)  # answers, not stories
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API and web chat page")
+    p.add_argument("model", help=model_help)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", default=None, help="model name in the API (default: from MODEL)")
+    p.add_argument("--api-key", default=os.environ.get("LMFORGE_API_KEY"),
+                   help="require `Authorization: Bearer KEY` (default $LMFORGE_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoding together")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="waiting requests before new ones get 429")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="positions per sequence (default: the model's context)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN to call the API (repeatable)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step (slow start, faster decoding)")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("pull", help="fetch a model into the cache (~/.cache/lmforge/models)")
     p.add_argument("name", help="registry name (see `lmforge list`) or hf:ORG/NAME")
