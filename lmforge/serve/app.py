@@ -31,7 +31,7 @@ from lmforge.infer.engine import Completion, Engine, Event, PromptTooLong, Token
 from lmforge.infer.engine import Request as EngineRequest
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.models.decoder import Decoder
-from lmforge.serve.scheduler import QueueFull, Scheduler
+from lmforge.serve.scheduler import QueueFull, Scheduler, Ticket
 from lmforge.serve.schemas import ChatRequest, CompletionRequest, SamplingFields
 from lmforge.tokenizer import Tokenizer
 
@@ -83,8 +83,9 @@ class Metrics:
     def engine_gauges(self, scheduler: Scheduler) -> None:
         r, stats = self.registry, scheduler.stats
         for name, doc, read in (
-            ("lmforge_queue_length", "Requests waiting for a slot", lambda: stats.waiting),
-            ("lmforge_active_sequences", "Sequences decoding", lambda: stats.active),
+            ("lmforge_queue_length", "Requests waiting for a slot",
+             lambda: len(scheduler.engine.waiting)),
+            ("lmforge_active_sequences", "Sequences decoding", lambda: scheduler.engine.active),
             ("lmforge_batch_size", "Sequences in the last decode step",
              lambda: stats.batch_sizes[-1] if stats.batch_sizes else 0),
             ("lmforge_prompt_tokens_total", "Prompt tokens processed", lambda: stats.prompt_tokens),
@@ -115,22 +116,7 @@ def create_app(model: Decoder, tokenizer: Tokenizer, stop_ids: tuple[int, ...],
     if cfg.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins,
                            allow_methods=["GET", "POST"], allow_headers=["*"])
-    app.add_middleware(_BodyLimit, limit=cfg.max_body_bytes)
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if request.url.path.startswith("/v1/") and cfg.api_key is not None:
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), cfg.api_key.encode()):
-                return ApiError(401, "missing or wrong API key: send `Authorization: Bearer KEY`",
-                                code="invalid_api_key").response()
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.url.path if request.url.path.startswith("/v1/") else "other"
-        metrics.requests.labels(route, str(response.status_code)).inc()
-        if route != "other":
-            metrics.latency.labels(route).observe(time.perf_counter() - started)
-        return response
+    app.add_middleware(_Gate, api_key=cfg.api_key, limit=cfg.max_body_bytes, metrics=metrics)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError):
@@ -146,6 +132,11 @@ def create_app(model: Decoder, tokenizer: Tokenizer, stop_ids: tuple[int, ...],
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, err: HTTPException):
         return ApiError(err.status_code, str(err.detail), code=None).response()
+
+    @app.exception_handler(Exception)
+    async def crashed(_: Request, err: Exception):
+        return ApiError(500, f"internal error: {type(err).__name__}: {err}",
+                        type="server_error").response()
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -198,12 +189,14 @@ class _Api:
                 "model": self.cfg.model_name}
         if body.stream:
             tally = {"completion_tokens": 0}
+            # Submitted before the response starts, so a full queue is still a 429.
+            tickets = await self._submit_all(requests)
 
             async def chunks() -> AsyncIterator[dict]:
                 for index, request in enumerate(requests if body.echo else []):
                     yield {**head, "choices": [{"index": index, "text": self._echo_text(request),
                                                 "finish_reason": None, "logprobs": None}]}
-                async for index, event in self._merged(requests, tally):
+                async for index, event in self._merged(tickets, tally):
                     yield {**head, "choices": [{
                         "index": index, "text": event.text, "finish_reason":
                         event.finish_reason, "logprobs": self._stream_logprobs(event, body)}]}
@@ -280,13 +273,15 @@ class _Api:
                 else "chat.completion", "created": created, "model": self.cfg.model_name}
         if body.stream:
             tally = {"completion_tokens": 0}
+            # Submitted before the response starts, so a full queue is still a 429.
+            tickets = await self._submit_all(requests)
 
             async def chunks() -> AsyncIterator[dict]:
                 for index in range(len(requests)):
                     yield {**head, "choices": [{"index": index, "delta": {
                         "role": "assistant", "content": ""}, "logprobs": None,
                         "finish_reason": None}]}
-                async for index, event in self._merged(requests, tally):
+                async for index, event in self._merged(tickets, tally):
                     delta = {"content": event.text} if event.text else {}
                     logprobs = ({"content": [self._chat_logprob(event.logprob)]}
                                 if event.logprob is not None else None)
@@ -329,7 +324,7 @@ class _Api:
             repetition_penalty=body.repetition_penalty,
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
         return EngineRequest(prompt, min(max_tokens, room), sampling, body.seed,
-                             stop=tuple(body.stop), stop_ids=self.stop_ids, logprobs=logprobs,
+                             stop=tuple(body.stop or ()), stop_ids=self.stop_ids, logprobs=logprobs,
                              prompt_logprobs=echo and logprobs is not None)
 
     def _seeded(self, requests: list[EngineRequest]) -> list[EngineRequest]:
@@ -337,9 +332,24 @@ class _Api:
         return [replace(r, seed=None if r.seed is None else r.seed + i)
                 for i, r in enumerate(requests)]
 
-    async def _collect(self, request: EngineRequest, started: float) -> Completion:
+    async def _submit_all(self, requests: list[EngineRequest]) -> list[Ticket]:
+        tickets: list[Ticket] = []
+        try:
+            for request in self._seeded(requests):
+                tickets.append(await self.scheduler.submit(request))
+        except (QueueFull, PromptTooLong) as err:
+            for ticket in tickets:
+                self.scheduler.cancel(ticket.id)
+            if isinstance(err, QueueFull):
+                raise ApiError(429, f"the server is busy ({err}); retry shortly",
+                               type="server_busy", code="queue_full",
+                               headers={"Retry-After": "1"}) from err
+            raise ApiError(400, str(err), code="context_length_exceeded") from err
+        return tickets
+
+    async def _collect(self, ticket: Ticket, started: float) -> Completion:
         first = True
-        async for event in self.scheduler.events(request, self.cfg.timeout):
+        async for event in self.scheduler.events(ticket, self.cfg.timeout):
             if first:
                 self.metrics.first_token.observe(time.perf_counter() - started)
                 first = False
@@ -349,27 +359,23 @@ class _Api:
 
     async def _all(self, requests: list[EngineRequest]) -> list[Completion]:
         started = time.perf_counter()
+        tickets = await self._submit_all(requests)
         try:
-            return await asyncio.gather(*(self._collect(r, started)
-                                          for r in self._seeded(requests)))
-        except QueueFull as err:
-            raise _busy(err) from err
-        except PromptTooLong as err:
-            raise ApiError(400, str(err), code="context_length_exceeded") from err
+            return await asyncio.gather(*(self._collect(t, started) for t in tickets))
         except TimeoutError as err:
             raise ApiError(504, str(err), type="timeout", code="timeout") from err
 
-    async def _merged(self, requests: list[EngineRequest], tally: dict[str, int]
+    async def _merged(self, tickets: list[Ticket], tally: dict[str, int]
                       ) -> AsyncIterator[tuple[int, Event]]:
         """Events of several requests as they come, tagged with the request's index;
         counts generated tokens into `tally`."""
         out: asyncio.Queue = asyncio.Queue()
         started = time.perf_counter()
 
-        async def pump(index: int, request: EngineRequest) -> None:
+        async def pump(index: int, ticket: Ticket) -> None:
             try:
                 first = True
-                async for event in self.scheduler.events(request, self.cfg.timeout):
+                async for event in self.scheduler.events(ticket, self.cfg.timeout):
                     if first:
                         self.metrics.first_token.observe(time.perf_counter() - started)
                         first = False
@@ -377,7 +383,7 @@ class _Api:
             except Exception as err:
                 await out.put((index, err))
 
-        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(self._seeded(requests))]
+        tasks = [asyncio.create_task(pump(i, t)) for i, t in enumerate(tickets)]
         finished = 0
         try:
             while finished < len(tasks):
@@ -400,10 +406,9 @@ class _Api:
             try:
                 async for chunk in chunks:
                     yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-            except QueueFull as err:
-                yield f"data: {json.dumps(_busy(err).body())}\n\n"
-            except (PromptTooLong, TimeoutError) as err:
-                yield f"data: {json.dumps(ApiError(400, str(err)).body())}\n\n"
+            except TimeoutError as err:
+                error = ApiError(504, str(err), type="timeout", code="timeout")
+                yield f"data: {json.dumps(error.body())}\n\n"
             if include_usage:
                 prompt = sum(len(r.prompt) for r in requests)
                 generated = tally["completion_tokens"]
@@ -426,23 +431,61 @@ def _usage(done: list[Completion]) -> dict[str, int]:
             "total_tokens": prompt + completion}
 
 
-def _busy(err: QueueFull) -> ApiError:
-    return ApiError(429, f"the server is busy ({err}); retry shortly", type="server_busy",
-                    code="queue_full", headers={"Retry-After": "1"})
+class _Gate:
+    """What every request passes first (plain ASGI, so streamed answers and client
+    disconnects reach the app untouched): the API key on `/v1/` routes, the body size limit
+    (413 before anything parses it), and request counts and latencies for `/metrics`."""
 
-
-class _BodyLimit:
-    """Refuse request bodies over `limit` bytes with a 413, before anything parses them."""
-
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app, api_key: str | None, limit: int, metrics: Metrics) -> None:
+        self.app, self.api_key, self.limit, self.metrics = app, api_key, limit, metrics
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and int(declared) > self.limit:
-            return await self._refuse(scope, receive, send)
+        route = scope["path"] if scope["path"].startswith("/v1/") else "other"
+        error = self._refusal(scope, route)
+        body = b""
+        if error is None:
+            body, error = await self._read_body(receive)
+        if error is not None:
+            self.metrics.requests.labels(route, str(error.status)).inc()
+            return await error.response()(scope, receive, send)
+
+        started, status = time.perf_counter(), {}
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # waits for the client to leave
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def observe(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, replay, observe)
+        finally:
+            self.metrics.requests.labels(route, str(status.get("code", 500))).inc()
+            if route != "other":
+                self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+    def _refusal(self, scope, route: str) -> ApiError | None:
+        headers = dict(scope.get("headers", []))
+        if route != "other" and self.api_key is not None:
+            given = headers.get(b"authorization", b"").removeprefix(b"Bearer ").strip()
+            if not hmac.compare_digest(given, self.api_key.encode()):
+                return ApiError(401, "missing or wrong API key: send `Authorization: Bearer "
+                                "KEY`", code="invalid_api_key")
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return self._too_large()
+        return None
+
+    async def _read_body(self, receive) -> tuple[bytes, ApiError | None]:
         body, more = b"", True
         while more:
             message = await receive()
@@ -451,19 +494,9 @@ class _BodyLimit:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.limit:
-                return await self._refuse(scope, receive, send)
-        replayed = False
+                return b"", self._too_large()
+        return body, None
 
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, scope, receive, send) -> None:
-        error = ApiError(413, f"the request body is over {self.limit} bytes",
-                         code="request_too_large")
-        await error.response()(scope, receive, send)
+    def _too_large(self) -> ApiError:
+        return ApiError(413, f"the request body is over {self.limit} bytes",
+                        code="request_too_large")

@@ -31,10 +31,16 @@ class Stats:
     rejected: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
-    waiting: int = 0
-    active: int = 0
     steps: int = 0
     batch_sizes: list[int] = field(default_factory=list)  # since the last scrape
+
+
+@dataclass
+class Ticket:
+    """A submitted request: its id in the engine and the queue its events arrive on."""
+
+    id: int
+    events: asyncio.Queue
 
 
 class Scheduler:
@@ -57,37 +63,35 @@ class Scheduler:
         self._thread.join(timeout=10)
 
     # ------------------------------------------------------------ handler side
-    async def submit(self, request: Request) -> tuple[int, asyncio.Queue]:
-        """Queue a request; events arrive on the returned queue. Raises QueueFull, or the
-        engine's own error (e.g. PromptTooLong) for a request that can never run."""
+    async def submit(self, request: Request) -> Ticket:
+        """Queue a request; its events arrive on the ticket's queue. Raises QueueFull, or
+        the engine's own error (e.g. PromptTooLong) for a request that can never run."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
         events: asyncio.Queue = asyncio.Queue()
         self._inbox.put(("submit", request, (loop, events, done)))
         self._wake.set()
-        return await done, events
+        return Ticket(await done, events)
 
     def cancel(self, request_id: int) -> None:
         self._inbox.put(("cancel", request_id, None))
         self._wake.set()
 
-    async def events(self, request: Request, timeout: float | None = None
-                     ) -> AsyncIterator[Event]:
+    async def events(self, ticket: Ticket, timeout: float | None = None) -> AsyncIterator[Event]:
         """A request's events until it finishes; leaving early (a disconnect, a timeout)
         cancels it."""
-        request_id, events = await self.submit(request)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError("the request took longer than the server's timeout")
-                event = await asyncio.wait_for(events.get(), remaining)
+                event = await asyncio.wait_for(ticket.events.get(), remaining)
                 yield event
                 if event.finish_reason is not None:
                     return
         finally:
-            self.cancel(request_id)
+            self.cancel(ticket.id)
 
     # ------------------------------------------------------------- engine side
     def _run(self) -> None:
@@ -134,7 +138,6 @@ class Scheduler:
         stats.generated_tokens += sum(e.token is not None for e in events)
         stats.batch_sizes.append(len(events))
         del stats.batch_sizes[:-1000]
-        stats.waiting, stats.active = len(self.engine.waiting), self.engine.active
         for event in events:
             if event.finish_reason is not None:
                 # Its completion travels with the last event; the engine need not keep it.
