@@ -62,6 +62,7 @@ class Event:
     text: str  # new text; all of a request's pieces concatenate to its final text
     logprob: TokenLogprob | None = None
     finish_reason: str | None = None  # "stop" or "length" on the sequence's last event
+    completion: Completion | None = None  # the whole result, on the last event
 
 
 @dataclass
@@ -349,7 +350,7 @@ class Engine:
             self._logprobs[seq.id].append(event.logprob)
         if event.finish_reason is not None:
             self.slots[seq.slot] = None
-            self.finished[seq.id] = seq.completion(
+            event.completion = self.finished[seq.id] = seq.completion(
                 event.finish_reason, self._logprobs.pop(seq.id, None),
                 self._prompt_logprobs.pop(seq.id, None))
         return event
