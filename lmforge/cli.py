@@ -52,13 +52,22 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     print(f"prepared: {out}")
 
 
-def _load(spec: str):
-    """Model, tokenizer and stop tokens for any way of naming a model."""
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _load(spec: str, args: argparse.Namespace | None = None):
+    """Model, tokenizer and stop tokens for any way of naming a model, on the device and in
+    the dtype asked for (`--device`, `--dtype`; by default a GPU in bf16 when there is one,
+    else the CPU in fp32, where bf16 decoding is no faster)."""
+    import torch
+
     from lmforge.interop.hub import resolve_model
     from lmforge.modeldir import load_model, stop_token_ids
 
+    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(args, "dtype", None) or ("bf16" if device.startswith("cuda") else "fp32")
     directory = resolve_model(spec)
-    model, tokenizer = load_model(directory)
+    model, tokenizer = load_model(directory, device, getattr(torch, DTYPES[dtype]))
     if tokenizer is None:
         raise FileNotFoundError(f"{spec} has no tokenizer.json to encode text with")
     return model, tokenizer, stop_token_ids(directory, tokenizer)
@@ -74,7 +83,7 @@ def _sampling(args: argparse.Namespace):
 def cmd_generate(args: argparse.Namespace) -> None:
     from lmforge.infer.engine import Request, prompt_ids, stream_one
 
-    model, tokenizer, stop = _load(args.model)
+    model, tokenizer, stop = _load(args.model, args)
     request = Request(prompt_ids(tokenizer, args.prompt), args.max_new_tokens, _sampling(args),
                       args.seed, stop=tuple(args.stop), stop_ids=stop)
     sys.stdout.write(args.prompt)
@@ -93,7 +102,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from lmforge.chat import ChatSession, run_terminal_chat
 
-    model, tokenizer, stop = _load(args.model)
+    model, tokenizer, stop = _load(args.model, args)
     session = ChatSession(model, tokenizer, stop, _sampling(args), system=args.system,
                           max_new_tokens=args.max_new_tokens)
     run_terminal_chat(session)
@@ -104,7 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from lmforge.serve.app import ServeConfig, create_app
 
-    model, tokenizer, stop = _load(args.model)
+    model, tokenizer, stop = _load(args.model, args)
     name = args.name or _served_name(args.model)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this "
@@ -216,8 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     model_help = ("model directory, run directory, Hugging Face directory, .gguf file, "
                   "registry name (see `lmforge list`) or hf:ORG/NAME")
 
+    def device_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: a GPU "
+                       "if there is one)")
+        p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                       help="weights and activations (default: bf16 on a GPU, fp32 on a CPU)")
+
     def sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float,
                        top_p: float | None) -> None:
+        device_flags(p)
         p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
         p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
         p.add_argument("--top-k", type=int, default=200)
@@ -261,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow browser pages from ORIGIN to call the API (repeatable)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (slow start, faster decoding)")
+    device_flags(p)
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_serve)
 
