@@ -35,6 +35,8 @@ from lmforge.serve.scheduler import QueueFull, Scheduler, Ticket
 from lmforge.serve.schemas import ChatRequest, CompletionRequest, SamplingFields
 from lmforge.tokenizer import Tokenizer
 
+DEFAULT_MAX_LEN = 4096
+
 
 @dataclass
 class ServeConfig:
@@ -42,7 +44,9 @@ class ServeConfig:
     api_key: str | None = None
     max_batch: int = 8
     max_queue: int = 64
-    max_len: int | None = None  # positions per sequence; the model's context by default
+    # Positions per sequence: the model's context, at most DEFAULT_MAX_LEN unless set, as the
+    # KV cache is allocated up front for every slot.
+    max_len: int | None = None
     max_body_bytes: int = 1 << 20
     timeout: float = 600.0  # seconds a request may take, queueing included
     cors_origins: list[str] = field(default_factory=list)
@@ -100,7 +104,8 @@ class Metrics:
 
 def create_app(model: Decoder, tokenizer: Tokenizer, stop_ids: tuple[int, ...],
                cfg: ServeConfig) -> FastAPI:
-    engine = Engine(model, tokenizer, cfg.max_batch, cfg.max_len, compile=cfg.compile)
+    max_len = cfg.max_len or min(model.cfg.context_length, DEFAULT_MAX_LEN)
+    engine = Engine(model, tokenizer, cfg.max_batch, max_len, compile=cfg.compile)
     scheduler = Scheduler(engine, cfg.max_queue)
     metrics = Metrics()
     metrics.engine_gauges(scheduler)
@@ -144,7 +149,10 @@ def create_app(model: Decoder, tokenizer: Tokenizer, stop_ids: tuple[int, ...],
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": cfg.model_name, "active": engine.active}
+        cache = engine.cache
+        return {"status": "ok", "model": cfg.model_name, "active": engine.active,
+                "slots": cache.batch, "max_len": engine.max_len,
+                "kv_cache_mb": round((cache.k.nbytes + cache.v.nbytes) / 1e6, 1)}
 
     @app.get("/metrics")
     async def prometheus():
