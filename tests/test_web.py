@@ -138,6 +138,12 @@ def fake_stream(page, *events: dict | str) -> None:
         status=200, content_type="text/event-stream", body=body))
 
 
+def decoding(server: str) -> int:
+    """Sequences the server's engine is decoding now."""
+    with urllib.request.urlopen(f"{server}/health", timeout=5) as response:
+        return json.load(response)["active"]
+
+
 def delta(text: str) -> dict:
     return {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
 
@@ -157,7 +163,7 @@ def test_answer_streams_and_stop_keeps_the_partial_answer(page, server):
     stopped = answer_length(page)
     assert stopped > seen
     deadline = time.monotonic() + 10
-    while json.load(urllib.request.urlopen(f"{server}/health"))["active"]:
+    while decoding(server):
         assert time.monotonic() < deadline, "the server kept decoding after the client left"
         time.sleep(0.05)
     assert answer_length(page) == stopped  # nothing more arrives once the server stopped
