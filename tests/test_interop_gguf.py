@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.errors import UnsupportedModel
+from lmforge.evaluate import perplexity
 from lmforge.infer.engine import generate
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.interop.gguf import (
@@ -295,20 +295,6 @@ def our_smollm2(smollm2, tmp_path_factory):
     model, tokenizer = load_model(directory)
     print(f"\nimport_gguf + load_model took {time.perf_counter() - start:.1f} s")
     return directory, model, tokenizer
-
-
-def perplexity(logits_fn, ids: list[int], window: int = 512) -> tuple[float, int]:
-    """exp(mean NLL) over non-overlapping windows (each window's first token is not scored)."""
-    nll, count = 0.0, 0
-    for start in range(0, len(ids), window):
-        chunk = torch.tensor([ids[start:start + window]])
-        if chunk.shape[1] < 2:
-            continue
-        with torch.no_grad():
-            logits = logits_fn(chunk)[0, :-1].double()
-        nll += torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum").item()
-        count += chunk.shape[1] - 1
-    return math.exp(nll / count), count
 
 
 @pytest.mark.slow
