@@ -1,4 +1,5 @@
-"""The model directory: config.json + model.safetensors + tokenizer.json.
+"""The model directory: config.json + model.safetensors + tokenizer.json (+ quantization.json
+for a model with quantized weights, see `lmforge.quant`).
 
 Every command that takes a model reads it through `load_model`, which accepts a model
 directory or a run directory (whose latest checkpoint is used).
@@ -16,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from lmforge.config import ModelConfig
 from lmforge.errors import CheckpointMismatch
 from lmforge.models.decoder import Decoder
+from lmforge.quant import QUANT_FILE, QuantSpec, prepare_quantized, quantization_of
 from lmforge.tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -31,9 +33,19 @@ def save_model(directory: str | Path, model: Decoder, tokenizer: Tokenizer | Non
         # The output projection is the embedding; storing it twice is what safetensors forbids.
         state.pop("lm_head.weight")
     save_file(state, directory / WEIGHTS, metadata={"format": "pt"})
+    spec = quantization_of(model)
+    if spec is not None:
+        spec.save(directory)
+    else:  # a float model saved over a quantized one must not be read as quantized
+        (directory / QUANT_FILE).unlink(missing_ok=True)
     if tokenizer is not None:
         tokenizer.save(directory)
     return directory
+
+
+def directory_bytes(directory: str | Path) -> int:
+    """Size on disk of the files in a directory."""
+    return sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file())
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -127,8 +139,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     """Model (in eval mode) and tokenizer from a model or run directory."""
     directory = resolve_model_dir(path)
     cfg = ModelConfig.load(directory / "config.json")
+    spec = QuantSpec.load(directory)
     with torch.device("meta"), _no_weight_init():
         model = Decoder(cfg)
+        if spec is not None:
+            prepare_quantized(model, spec)
     load_weights(model, directory / WEIGHTS, assign=True)
     model.reset_buffers()
     model = model.to(device=device, dtype=dtype)

@@ -1,0 +1,196 @@
+"""Weight-only quantization: the layer against a dequantized matmul, rounding error bounds,
+quantized model directories, `lmforge quantize`, and SmolLM2's perplexity budget (slow)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.cli import main
+from lmforge.config import ModelConfig
+from lmforge.evaluate import perplexity
+from lmforge.interop.gguf import import_gguf
+from lmforge.modeldir import load_model, save_model
+from lmforge.models.decoder import Decoder
+from lmforge.quant import (
+    QUANT_FILE,
+    QuantizationError,
+    QuantLinear,
+    QuantSpec,
+    dequantize_int4,
+    dequantize_int8,
+    quantization_of,
+    quantize,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4,
+)
+from lmforge.tokenizer import train_char
+
+from .smollm2 import smollm2_gguf
+
+SPECS = [QuantSpec(8), QuantSpec(4, 32), QuantSpec(4, 64), QuantSpec(4, 32, head_bits=4)]
+LLAMA = dict(positions="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2)
+
+
+def tiny(**overrides) -> Decoder:
+    """A model whose widths (64, 256) suit every group size, with a vocabulary (50) that is
+    not a multiple of the int4 kernel's 16 rows."""
+    torch.manual_seed(0)
+    cfg = dict(n_layer=2, n_head=4, d_model=64, vocab_size=50, context_length=32) | overrides
+    return Decoder(ModelConfig(**cfg)).eval()
+
+
+def logits(model: Decoder, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("spec", SPECS[:3], ids=QuantSpec.describe)
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layer_matches_a_matmul_by_its_dequantized_weight(spec, bias, dtype):
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 40, bias=bias)
+    layer = QuantLinear.from_linear(linear, spec.bits, spec.group_size)
+    x = torch.randn(3, 5, 128)
+    expected = F.linear(x, layer.dequantized_weight(), layer.bias)
+    got = layer(x.to(dtype))
+    assert got.shape == (3, 5, 40) and got.dtype == dtype
+    # The kernels take bfloat16 activations: about 3 significant digits.
+    torch.testing.assert_close(got.float(), expected, atol=0.01 * expected.abs().max(), rtol=0)
+
+
+def test_int8_rounds_each_weight_to_the_nearest_step():
+    torch.manual_seed(0)
+    w = torch.randn(64, 256) * torch.rand(64, 1)  # rows of different scales
+    q, scales = quantize_int8(w)
+    assert q.dtype == torch.int8 and q.abs().max() == 127
+    error = (dequantize_int8(q, scales) - w).abs()
+    assert (error <= scales[:, None].float() / 2 + 1e-6).all()
+    assert error.pow(2).mean().sqrt() < 0.01 * w.pow(2).mean().sqrt()
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_rounds_each_weight_to_the_nearest_step_of_its_group(group_size):
+    torch.manual_seed(0)
+    w = torch.randn(64, 256) + torch.randn(64, 256 // group_size).repeat_interleave(group_size, 1)
+    packed, scales, zeros = quantize_int4(w, group_size)
+    assert packed.shape == (64, 128) and scales.shape == zeros.shape == (64, 256 // group_size)
+    q = unpack_int4(packed)
+    assert q.max() == 15 and q.min() == 0
+    assert torch.equal(packed, q[:, 0::2] | (q[:, 1::2] << 4))
+    error = (dequantize_int4(packed, scales, zeros) - w).abs()
+    step = scales.float().repeat_interleave(group_size, 1)
+    assert (error <= step / 2 + 1e-6).all()
+    assert error.pow(2).mean().sqrt() < 0.12 * w.pow(2).mean().sqrt()
+
+
+@pytest.mark.parametrize("spec,shape", zip(SPECS, [
+    dict(), dict(**LLAMA, tie_embeddings=False), dict(**LLAMA, bias=True), dict(**LLAMA),
+]), ids=["int8-gpt2-tied", "int4-g32-llama", "int4-g64-bias", "int4-head-llama-tied"])
+def test_saved_quantized_model_loads_with_the_same_logits(tmp_path, spec, shape):
+    model = tiny(**shape)
+    x = torch.randint(0, 50, (2, 16))
+    reference = logits(model, x)
+    quantize(model, spec)
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert model.lm_head.bits == spec.head_bits and not model.cfg.tie_embeddings
+    quantized = logits(model, x)
+    # Rounding moves the logits by about what it moves the weights (0.4% at int8, 7% at int4).
+    assert (quantized - reference).norm() < (0.02 if spec.bits == 8 else 0.15) * reference.norm()
+
+    save_model(tmp_path, model, None)
+    assert json.loads((tmp_path / QUANT_FILE).read_text())["bits"] == spec.bits
+    again, _ = load_model(tmp_path)
+    assert quantization_of(again) == spec
+    assert torch.equal(logits(again, x), quantized)
+    weights = {name: t.dtype for name, t in again.state_dict().items() if name.endswith("weight")}
+    assert weights["blocks.0.mlp.up_proj.weight"] == (torch.int8 if spec.bits == 8 else torch.uint8)
+
+    save_model(tmp_path, tiny(), None)  # a float model over a quantized one
+    assert quantization_of(load_model(tmp_path)[0]) is None
+
+
+def test_kv_cache_decoding_matches_full_forward_when_quantized():
+    model = quantize(tiny(**LLAMA), QuantSpec(4, 32))
+    x = torch.randint(0, 50, (1, 12))
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_cache(1, 12)
+        steps = [model(x[:, :8], cache=cache, start=0)]
+        steps += [model(x[:, t:t + 1], cache=cache, start=t) for t in range(8, 12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-3)
+
+
+def test_a_width_the_group_size_does_not_divide_is_named_with_a_size_that_does():
+    with pytest.raises(QuantizationError, match=r"blocks\.0\.attn\.q_proj has 96 input "
+                                                r"features.*group size 64.*\(32\)"):
+        quantize(tiny(d_model=96), QuantSpec(4, 64))
+    with pytest.raises(QuantizationError, match="use 8 bits"):
+        quantize(tiny(d_model=48), QuantSpec(4, 32))
+
+
+def test_specs_that_make_no_sense_are_refused():
+    with pytest.raises(QuantizationError, match="4 bits only"):
+        QuantSpec(8, 32)
+    with pytest.raises(QuantizationError, match="not one of 32, 64, 128"):
+        QuantSpec(4, 16)
+    with pytest.raises(QuantizationError, match="use 8 or 4"):
+        QuantSpec(2, 32)
+    with pytest.raises(QuantizationError, match="already quantized"):
+        quantize(quantize(tiny(), QuantSpec(8)), QuantSpec(8))
+
+
+def test_cli_quantizes_a_model_directory_and_generates_from_it(tmp_path, capsys):
+    text = "To be, or not to be, that is the question.\n" * 4
+    tokenizer = train_char(text, byte_fallback=False)
+    torch.manual_seed(0)
+    model = Decoder(ModelConfig(n_layer=1, n_head=2, d_model=32, vocab_size=tokenizer.vocab_size,
+                                context_length=32))
+    source = save_model(tmp_path / "float", model, tokenizer)
+    out = tmp_path / "int4"
+
+    assert main(["quantize", str(source), "--bits", "4", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "int4 g32" in printed and "MB ->" in printed
+    assert json.loads((out / QUANT_FILE).read_text())["group_size"] == 32
+    assert main(["generate", str(out), "--prompt", "To be", "--max-new-tokens", "8",
+                 "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("To be")
+
+    assert main(["quantize", str(out), "--bits", "8", "--out", str(tmp_path / "again")]) == 2
+    assert "already quantized" in capsys.readouterr().err
+    assert main(["quantize", str(source), "--bits", "4", "--group-size", "64",
+                 "--out", str(tmp_path / "g64")]) == 2
+    assert "use a group size that divides it (32)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- SmolLM2 (slow)
+
+
+@pytest.fixture(scope="module")
+def smollm2_baseline(tmp_path_factory, shakespeare):
+    """SmolLM2-135M-Instruct's directory, the tokens of 20k characters of Shakespeare, and
+    its perplexity on them."""
+    directory = import_gguf(smollm2_gguf(), tmp_path_factory.mktemp("smollm2"))
+    model, tokenizer = load_model(directory)
+    ids = tokenizer.encode(shakespeare[:20_000])
+    return directory, ids, perplexity(model, ids)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("spec,budget", [(QuantSpec(8), 0.01), (QuantSpec(4, 32), 0.05)],
+                         ids=["int8", "int4-g32"])
+def test_smollm2_perplexity_stays_within_budget(smollm2_baseline, spec, budget):
+    directory, ids, baseline = smollm2_baseline
+    model = quantize(load_model(directory)[0], spec)
+    ppl = perplexity(model, ids)[0]
+    print(f"\nSmolLM2 perplexity on {len(ids)} tokens: float {baseline:.3f}, "
+          f"{spec.describe()} {ppl:.3f} ({ppl / baseline - 1:+.2%})")
+    assert ppl / baseline - 1 < budget
