@@ -166,6 +166,24 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(export_gguf(directory, args.out, dtype=args.dtype))
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    import time
+
+    from lmforge.interop.hub import resolve_model
+    from lmforge.modeldir import directory_bytes
+    from lmforge.quant import QuantSpec, quantize_dir
+
+    group_size = 32 if args.bits == 4 and args.group_size is None else args.group_size
+    spec = QuantSpec(args.bits, group_size)
+    source = resolve_model(args.model)
+    start = time.perf_counter()
+    out = quantize_dir(source, args.out, spec)
+    seconds = time.perf_counter() - start
+    before, after = directory_bytes(source), directory_bytes(out)
+    print(f"{spec.describe()} model in {out} ({seconds:.1f} s)")
+    print(f"size on disk: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB ({after / before:.2f}x)")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from lmforge.config import PRESETS, ModelConfig, preset
     from lmforge.interop.hub import resolve_model
@@ -294,6 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (hf) or .gguf path")
     p.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f32", help="gguf only")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("quantize", help="int8 or int4 weights: a smaller, faster model directory")
+    p.add_argument("model", help=model_help)
+    p.add_argument("--bits", type=int, choices=[8, 4], required=True)
+    p.add_argument("--group-size", type=int, default=None,
+                   help="int4: columns sharing a scale, 32 | 64 | 128 (default 32)")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("info", help="parameters and FLOPs per token of a model or preset")
     p.add_argument("model", help="preset name, or " + model_help)
