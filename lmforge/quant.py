@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import from_dict
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, UnsupportedModel
 from lmforge.models.decoder import Decoder
 
 QUANT_FILE = "quantization.json"
@@ -251,6 +251,14 @@ def _int4_kernel_operands(packed: torch.Tensor, scales: torch.Tensor, zeros: tor
 
 
 # ------------------------------------------------------------------------- the model
+
+
+def require_float(model: Decoder, where: str, action: str) -> None:
+    """Refuse a quantized model for work that needs float weights (e.g. export)."""
+    spec = quantization_of(model)
+    if spec is not None:
+        raise UnsupportedModel(f"{where} has {spec.describe()} weights; {action} needs the "
+                               "float model it was quantized from")
 
 
 def quantization_of(model: Decoder) -> QuantSpec | None:

@@ -165,6 +165,10 @@ def test_cli_quantizes_a_model_directory_and_generates_from_it(tmp_path, capsys)
     assert main(["generate", str(out), "--prompt", "To be", "--max-new-tokens", "8",
                  "--seed", "0"]) == 0
     assert capsys.readouterr().out.startswith("To be")
+    assert main(["info", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
+    assert "needs the float model it was quantized from" in capsys.readouterr().err
 
     assert main(["quantize", str(out), "--bits", "8", "--out", str(tmp_path / "again")]) == 2
     assert "already quantized" in capsys.readouterr().err

@@ -32,6 +32,7 @@ from lmforge.config import ModelConfig
 from lmforge.errors import GGUFFileError, UnsupportedModel
 from lmforge.modeldir import load_model, save_model
 from lmforge.models.decoder import Decoder
+from lmforge.quant import require_float
 from lmforge.tokenizer import SpecialTokens, Tokenizer
 
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -370,6 +371,7 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, dtype: str = "f32")
     if dtype not in _EXPORT_TYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {', '.join(_EXPORT_TYPES)}")
     model, tokenizer = load_model(model_dir)
+    require_float(model, str(model_dir), "a GGUF export")
     _check_llama_shaped(model.cfg, model_dir)
     if tokenizer is None:
         raise UnsupportedModel(

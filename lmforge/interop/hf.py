@@ -29,6 +29,7 @@ from lmforge.config import ModelConfig
 from lmforge.errors import CheckpointMismatch, ConfigError, UnsupportedModel
 from lmforge.modeldir import WEIGHTS, load_model, load_state, resolve_model_dir, save_model
 from lmforge.models.decoder import Decoder
+from lmforge.quant import require_float
 from lmforge.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, SpecialTokens, Tokenizer
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -482,6 +483,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
         raise ConfigError(f"export_hf would overwrite the lmforge model in {src}; pass another "
                           "output directory")
     model, tokenizer = load_model(src)
+    require_float(model, str(src), "a Hugging Face export")
     if tokenizer is None:
         raise FileNotFoundError(f"{src} has no {TOKENIZER_FILE}, which a Hugging Face directory "
                                 "needs; save the model with its tokenizer")
