@@ -340,6 +340,7 @@ def test_smollm2_digits_split_like_llama_cpp(our_smollm2):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # transformers' perplexity and generation: minutes on a busy CPU
 def test_smollm2_logits_greedy_and_perplexity_match_transformers(our_smollm2, hf_smollm2,
                                                                  shakespeare):
     _, model, tokenizer = our_smollm2
