@@ -94,7 +94,7 @@ class ChatSession:
         """Stream the answer to `user_text` as text pieces; the turn is kept in the history
         even when the caller stops early (the partial answer is what the user saw)."""
         self.messages.append({"role": "user", "content": user_text})
-        prompt = chat_prompt_ids(self.tokenizer, self.messages)
+        prompt = self._prompt()
         answer = {"role": "assistant", "content": ""}
         self.messages.append(answer)
         request = Request(prompt, self.max_new_tokens, self.sampling, seed,
@@ -103,6 +103,24 @@ class ChatSession:
             answer["content"] += event.text
             if event.text:
                 yield event.text
+
+    def _prompt(self) -> list[int]:
+        """The conversation's prompt, leaving out its oldest turns (never the system prompt
+        or the new message) when it would not fit the context with room for an answer; the
+        saved history keeps everything."""
+        room = self.model.cfg.context_length - min(self.max_new_tokens,
+                                                   self.model.cfg.context_length // 4)
+        system = [m for m in self.messages[:1] if m["role"] == "system"]
+        turns = self.messages[len(system):]
+        prompt = chat_prompt_ids(self.tokenizer, system + turns)
+        while len(prompt) > room and len(turns) > 1:
+            # Whole exchanges go: what is left still starts with a user message.
+            turns = turns[1:]
+            while len(turns) > 1 and turns[0]["role"] != "user":
+                turns = turns[1:]
+            prompt = chat_prompt_ids(self.tokenizer, system + turns)
+        # A single message longer than the context keeps its end (truncate=True below).
+        return prompt
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

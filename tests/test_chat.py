@@ -79,3 +79,19 @@ def test_session_keeps_history_and_commands_work(tokenizer, tmp_path):
     assert [m["role"] for m in session.messages] == ["system", "user", "assistant"]
     assert session.messages[1]["content"] == "again"
     assert "/reset" in out.getvalue() and "(conversation cleared)" in out.getvalue()
+
+
+def test_a_long_conversation_leaves_out_its_oldest_turns(tokenizer):
+    torch.manual_seed(0)
+    model = Decoder(ModelConfig(n_layer=1, n_head=2, d_model=16, vocab_size=tokenizer.vocab_size,
+                                context_length=96, positions="rope")).eval()
+    session = ChatSession(model, tokenizer, (tokenizer.eos_id,), SamplingConfig(temperature=0),
+                          system="Be brief.", max_new_tokens=8)
+    for i in range(8):
+        "".join(session.reply(f"Tell me about the king, part {i}."))
+    assert len(session.messages) == 17  # the history keeps every turn
+    prompt = session._prompt()
+    text = tokenizer.decode(prompt)
+    assert len(prompt) <= 96 - 8
+    assert "system\nBe brief." in text and "part 0" not in text and "part 7" in text
+    assert text.split("<|im_end|>\n")[1].startswith("<|im_start|>user")  # whole exchanges
