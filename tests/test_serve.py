@@ -17,24 +17,20 @@ from lmforge.infer.engine import Engine, Request
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.models.decoder import Decoder
 from lmforge.serve.app import ServeConfig, create_app
-from lmforge.tokenizer import Tokenizer, train_bpe
+from lmforge.tokenizer import Tokenizer
 
 NAME = "tiny-shakespeare"
 GREEDY = SamplingConfig(temperature=0)
 
 
 @pytest.fixture(scope="module")
-def tokenizer(shakespeare) -> Tokenizer:
-    return train_bpe([shakespeare[:50_000]], vocab_size=400)
+def tokenizer(bpe_tokenizer) -> Tokenizer:
+    return bpe_tokenizer
 
 
 @pytest.fixture(scope="module")
-def model(tokenizer) -> Decoder:
-    torch.manual_seed(0)
-    cfg = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=32,
-                      vocab_size=tokenizer.vocab_size, context_length=128, positions="rope",
-                      norm="rmsnorm", mlp="swiglu")
-    return Decoder(cfg).eval()
+def model(tokenizer, tiny_llama) -> Decoder:
+    return tiny_llama(tokenizer.vocab_size, context_length=128)
 
 
 def free_port() -> int:
