@@ -59,7 +59,7 @@ def run_recipe(name: str, seed: int, data: Path, out: Path) -> dict:
     wall = time.perf_counter() - start
     return {"recipe": name, "seed": seed, "wall_s": wall, "ms_per_iter": result.ms_per_step,
             "tokens_per_s": result.tokens_per_second, "val_loss": result.final_val_loss,
-            "whole_val_loss": trainer.evaluate(n_batches=0)[0]}
+            "whole_val_loss": trainer.evaluate(n_batches=0)["val_loss"]}
 
 
 def hf_peer_ms_per_iter(data: Path, iters: int = 150) -> float:

@@ -1,8 +1,10 @@
 """The model directory: config.json + model.safetensors + tokenizer.json (+ quantization.json
-for a model with quantized weights, see `lmforge.quant`).
+for a model with quantized weights, see `lmforge.quant`; + classifier.json for a model with a
+classification head, see `lmforge.finetune.classify`).
 
 Every command that takes a model reads it through `load_model`, which accepts a model
-directory or a run directory (whose latest checkpoint is used).
+directory, a run directory (whose latest checkpoint is used) or a LoRA adapter directory
+(`adapter_config.json`: the base model it names is loaded and the adapter put on it).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmforge.config import ModelConfig
-from lmforge.errors import CheckpointMismatch
+from lmforge.errors import CheckpointMismatch, ConfigError
+from lmforge.finetune.lora import ADAPTER_CONFIG, load_adapter, read_adapter_config
 from lmforge.models.decoder import Decoder
 from lmforge.quant import QUANT_FILE, QuantSpec, prepare_quantized, quantization_of
 from lmforge.tokenizer import Tokenizer
@@ -63,11 +66,14 @@ def resolve_model_dir(path: str | Path) -> Path:
         raise FileNotFoundError(f"no such model or run directory: {path}")
     if (path / "config.json").is_file() and (path / WEIGHTS).is_file():
         return path
+    if (path / ADAPTER_CONFIG).is_file():
+        return path
     checkpoints = checkpoint_dirs(path)
     if checkpoints:
         return checkpoints[-1]
     raise FileNotFoundError(
-        f"{path} holds neither a model (config.json + {WEIGHTS}) nor a run's checkpoints/"
+        f"{path} holds neither a model (config.json + {WEIGHTS}), a LoRA adapter "
+        f"({ADAPTER_CONFIG}) nor a run's checkpoints/"
     )
 
 
@@ -134,10 +140,35 @@ def stop_token_ids(directory: str | Path, tokenizer: Tokenizer | None) -> tuple[
     return tuple(sorted(ids))
 
 
+def adapter_base(directory: str | Path) -> Path:
+    """The model directory of the base model an adapter directory names."""
+    from lmforge.interop.hub import resolve_model
+
+    base = read_adapter_config(directory)[1].get("base_model_name_or_path")
+    if not base:
+        raise CheckpointMismatch(f"{directory}/{ADAPTER_CONFIG} names no base model "
+                                 "(base_model_name_or_path): load the base and pass --adapter")
+    try:
+        return resolve_model(base)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"the base model of the adapter in {directory} is not "
+                                f"available: {err}") from None
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> tuple[Decoder, Tokenizer | None]:
-    """Model (in eval mode) and tokenizer from a model or run directory."""
+               dtype: torch.dtype | None = None, adapter: str | Path | None = None
+               ) -> tuple[Decoder, Tokenizer | None]:
+    """Model (in eval mode) and tokenizer from a model, run or adapter directory.
+
+    adapter: a LoRA adapter directory to put on the model (unmerged; see `merge_lora`).
+    """
     directory = resolve_model_dir(path)
+    if (directory / ADAPTER_CONFIG).is_file():
+        if adapter is not None:
+            raise ConfigError(f"{path} is itself an adapter; pass its base model with --adapter")
+        model, tokenizer = load_model(adapter_base(directory), device, dtype, adapter=directory)
+        own = directory / "tokenizer.json"
+        return model, Tokenizer.load(own) if own.is_file() else tokenizer
     cfg = ModelConfig.load(directory / "config.json")
     spec = QuantSpec.load(directory)
     with torch.device("meta"), _no_weight_init():
@@ -147,6 +178,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     load_weights(model, directory / WEIGHTS, assign=True)
     model.reset_buffers()
     model = model.to(device=device, dtype=dtype)
+    if adapter is not None:
+        load_adapter(model, resolve_model_dir(adapter))
     tokenizer_file = directory / "tokenizer.json"
     tokenizer = Tokenizer.load(tokenizer_file) if tokenizer_file.is_file() else None
     return model.eval(), tokenizer

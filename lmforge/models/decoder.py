@@ -19,6 +19,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import FlopsReport, ModelConfig, count_flops
 from lmforge.layers import MLP, Attention, KVCache, Positions, make_norm, rotary_tables
@@ -51,6 +52,7 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.grad_checkpointing = False  # trade compute for activation memory when training
         self.tie_weights()
         self.reset_buffers()
         self.reset_parameters()
@@ -90,6 +92,13 @@ class Decoder(nn.Module):
         last_only: logits of the last position only, (B, 1, vocab): a prompt's other
         positions need no output projection, which for a large vocabulary is most of the work.
         """
+        x = self.features(idx, cache, start)
+        return self.lm_head(x[:, -1:] if last_only else x)
+
+    def features(self, idx: torch.Tensor, cache: KVCache | None = None,
+                 start: int | torch.Tensor = 0) -> torch.Tensor:
+        """The final normed hidden states (B, T, d_model): what the output projection, or a
+        task head such as a classifier, reads."""
         T = idx.shape[1]
         pos = Positions.of(start, T, cache.length if cache is not None and cache.static else None)
         if pos.end > self.cfg.context_length:
@@ -109,10 +118,13 @@ class Decoder(nn.Module):
         mask = pos.mask(T, idx.device)
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, rotary, pos, mask, cache.layers[i] if cache is not None else None)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.final_norm(x))
+            layer_cache = cache.layers[i] if cache is not None else None
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                # Keep only each block's input; recompute its activations in the backward pass.
+                x = checkpoint(block, x, rotary, pos, mask, layer_cache, use_reentrant=False)
+            else:
+                x = block(x, rotary, pos, mask, layer_cache)
+        return self.final_norm(x)
 
     def new_cache(self, batch: int, length: int | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:

@@ -1,7 +1,8 @@
 """Training checkpoints: a model directory plus what it takes to continue the run.
 
-A checkpoint is `run/checkpoints/step_NNNNNNN/` holding the model directory files
-(config.json, model.safetensors, tokenizer.json), `optimizer.pt` (tensors only, loaded
+A checkpoint is `run/checkpoints/step_NNNNNNN/` holding what the task writes of the model
+(a model directory: config.json, model.safetensors, tokenizer.json; or a LoRA adapter
+directory), `optimizer.pt` (tensors only, loaded
 with weights_only=True), `rng.pt` and `trainer.json`. It is written into a temporary
 directory and renamed into place, so a crash or Ctrl-C mid-write leaves the previous
 checkpoint as the latest complete one.
@@ -12,26 +13,27 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmforge.modeldir import CHECKPOINTS, WEIGHTS, checkpoint_dirs, load_weights, save_model
-from lmforge.models.decoder import Decoder
-from lmforge.tokenizer import Tokenizer
+from lmforge.modeldir import CHECKPOINTS, checkpoint_dirs
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: Decoder, tokenizer: Tokenizer | None,
+def save_checkpoint(run_dir: str | Path, step: int, write_model: Callable[[Path], None],
                     optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any],
                     keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically; write_model(directory) writes the model's files."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
     for stale in root.glob(".tmp-*"):  # left by a run that died mid-write
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-step_{step:07d}"
-    save_model(tmp, model, tokenizer)
+    tmp.mkdir()
+    write_model(tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
@@ -45,11 +47,12 @@ def save_checkpoint(run_dir: str | Path, step: int, model: Decoder, tokenizer: T
     return final
 
 
-def load_checkpoint(directory: str | Path, model: Decoder,
+def load_checkpoint(directory: str | Path, read_model: Callable[[Path], None],
                     optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Restore weights (and optimizer and RNG state when given); return trainer state."""
+    """Restore the model with read_model(directory) (and optimizer and RNG state when
+    given); return trainer state."""
     directory = Path(directory)
-    load_weights(model, directory / WEIGHTS)
+    read_model(directory)
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
         set_rng_state(torch.load(directory / "rng.pt", weights_only=True))

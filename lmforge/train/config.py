@@ -14,8 +14,16 @@ from typing import Any
 
 import yaml
 
-from lmforge.config import ModelConfig, from_dict, resolve_model_config
+from lmforge.config import ModelConfig, closest_hint, from_dict, resolve_model_config
 from lmforge.errors import ConfigError
+
+# task name -> "module:class" of its Task; imported only when used, so the training loop
+# does not depend on the fine-tuning code it can run.
+TASKS = {
+    "lm": "lmforge.train.lm:LanguageModelingTask",
+    "sft": "lmforge.finetune.sft:ChatTask",
+    "classify": "lmforge.finetune.classify:ClassifyTask",
+}
 
 
 @dataclass
@@ -27,6 +35,23 @@ class TrainConfig:
     out_dir: str = "runs/default"
     model: Any = "shakespeare-char"  # preset name or mapping of ModelConfig fields
     seed: int = 1337
+
+    # What is learned: lm (next-token prediction on a corpus), sft (chat fine-tuning on
+    # conversations), classify (a classification head on the decoder).
+    task: str = "lm"
+    init_from: str = ""  # start from this model (any model name or path) instead of `model`
+    val_data: str = ""  # fine-tuning: a validation file; else val_fraction of `data`
+    val_fraction: float = 0.1
+    epochs: float = 0.0  # fine-tuning: > 0 sets max_steps to this many passes over the data
+    packing: bool = False  # sft: several short conversations per row
+    truncate: bool = False  # sft: cut conversations longer than the context instead of skipping
+    text_field: str = "text"  # classify: the column or field holding the text
+    label_field: str = "label"  # classify: the column or field holding the label
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank, the base model frozen
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "all-linear"  # comma-separated layer names, e.g. q_proj,v_proj
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory
 
     # Batches: global batch = batch_size * grad_accum * world_size sequences of context_length.
     batch_size: int = 12
@@ -64,6 +89,14 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     compile: bool = False
     progress: bool = True
+
+    def lora(self):
+        """The LoRA settings, or None for full training."""
+        if self.lora_rank <= 0:
+            return None
+        from lmforge.finetune.lora import LoraConfig
+
+        return LoraConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
 
     def model_config(self) -> ModelConfig:
         return resolve_model_config(self.model)
@@ -107,4 +140,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     where = str(path) if path else "overrides"
     cfg = from_dict(TrainConfig, values, where=where)
     cfg.model_config()  # fail now, not an hour into the run, on a bad model key
+    if cfg.task not in TASKS:
+        raise ConfigError(f"unknown task {cfg.task!r}: {closest_hint(cfg.task, list(TASKS))}"
+                          f"tasks are {', '.join(TASKS)}")
     return cfg

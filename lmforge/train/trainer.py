@@ -1,46 +1,38 @@
 """The training loop, shared by every task and by 1 or N processes.
 
-`Trainer(cfg).fit()` prepares the data if needed, builds the model, and runs optimizer
-steps until `max_steps`: gradient accumulation, DDP under torchrun, bf16 autocast on GPU,
-periodic validation (loss and bits per byte), samples, atomic checkpoints, metrics.jsonl
-and a loss-curve PNG. A run directory can be resumed exactly (`resume=True`).
+`Trainer(cfg).fit()` lets the recipe's task (`lmforge.train.task`: pretraining, chat SFT,
+classification) prepare its data and build its model, then runs optimizer steps until
+`max_steps`: gradient accumulation, DDP under torchrun, bf16 autocast on GPU, periodic
+validation (loss and the task's own figures), samples, atomic checkpoints, metrics.jsonl and
+a loss-curve PNG. A run directory can be resumed exactly (`resume=True`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from lmforge.config import ModelConfig
-from lmforge.data import loader
-from lmforge.data.loader import TokenShards
-from lmforge.errors import CheckpointMismatch, TrainingDiverged
-from lmforge.infer.engine import generate, prompt_ids
-from lmforge.infer.sampling import SamplingConfig
+from lmforge.errors import TrainingDiverged
 from lmforge.modeldir import checkpoint_dirs
-from lmforge.models.decoder import Decoder
-from lmforge.paths import cache_dir
-from lmforge.tokenizer import Tokenizer
 from lmforge.train import distributed as distr
 from lmforge.train.checkpoint import load_checkpoint, save_checkpoint
 from lmforge.train.config import TrainConfig
 from lmforge.train.optim import build_optimizer
 from lmforge.train.plot import plot_run
 from lmforge.train.schedule import lr_at
+from lmforge.train.task import load_task
 
 # Dense bf16 peak FLOP/s per GPU, for MFU: the accelerators people are likely to have.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12,
@@ -84,27 +76,7 @@ class TrainResult:
     tokens_per_second: float
     ms_per_step: float
     checkpoint: Path | None
-
-
-class LanguageModelingTask:
-    """Next-token prediction on token shards: batches and loss."""
-
-    def __init__(self, shards: TokenShards, context_length: int, batch_size: int, seed: int):
-        self.shards, self.length, self.batch_size, self.seed = shards, context_length, batch_size, seed
-
-    def train_batch(self, step: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return loader.train_batch(self.shards.split("train"), self.length, self.batch_size,
-                                  self.seed, step, slot)
-
-    def eval_batches(self, n_batches: int, rank: int, world: int):
-        return loader.eval_batches(self.shards.split("val"), self.length, self.batch_size,
-                                   n_batches, self.seed, rank, world)
-
-    @staticmethod
-    def loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x, y = batch
-        logits = model(x)
-        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1))
+    final_metrics: dict[str, float] = field(default_factory=dict)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -115,40 +87,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def prepare_data(cfg: TrainConfig) -> Path:
-    """A prepared corpus directory for cfg.data, preparing (once, cached) when needed."""
-    from lmforge.data.prepare import PrepareConfig, prepare
-
-    if not cfg.data:
-        raise FileNotFoundError("no data given: set data=PATH (a text file, folder, JSONL or "
-                                "parquet, or a directory made by `lmforge prepare`)")
-    path = Path(cfg.data).expanduser()
-    if (path / "meta.json").is_file():
-        return path
-    if not path.exists():
-        raise FileNotFoundError(f"data file not found: {path}")
-    key = json.dumps([str(path.resolve()), cfg.tokenizer, cfg.vocab_size])
-    out = cache_dir() / "prepared" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    return prepare(PrepareConfig(inputs=[str(path)], out_dir=str(out), tokenizer=cfg.tokenizer,
-                                 vocab_size=cfg.vocab_size), progress=cfg.progress)
-
-
-def model_config_for_data(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
-    """The recipe's model, with its vocabulary sized to the tokenizer unless set larger."""
-    model_cfg = cfg.model_config()
-    explicit = isinstance(cfg.model, dict) and "vocab_size" in cfg.model
-    if not explicit:
-        model_cfg.vocab_size = vocab_size
-    elif model_cfg.vocab_size < vocab_size:
-        raise CheckpointMismatch(
-            f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
-            f"{vocab_size}: remove model.vocab_size or set it >= {vocab_size}"
-        )
-    if cfg.context_length:
-        model_cfg.context_length = max(model_cfg.context_length, cfg.context_length)
-    return model_cfg
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
         self.cfg = cfg
@@ -157,16 +95,16 @@ class Trainer:
         if self.device.type == "cuda" and self.dist.world > 1:
             self.device = torch.device("cuda", self.dist.local_rank)
         self.run_dir = Path(cfg.out_dir)
-        self.shards = TokenShards(self._prepared_data())
-        self.tokenizer = Tokenizer.load(self.shards.dir / "tokenizer.json")
-        self.model_cfg = model_config_for_data(cfg, self.shards.vocab_size)
-        self.context = cfg.context_length or self.model_cfg.context_length
-        self.task = LanguageModelingTask(self.shards, self.context, cfg.batch_size, cfg.seed)
+        self.task = load_task(cfg, self.dist)
+        self.tokenizer, self.context = self.task.tokenizer, self.task.context
 
         torch.manual_seed(cfg.seed)
-        self.model = Decoder(self.model_cfg).to(self.device)
+        self.model = self.task.build_model(self.device)
+        decoder = getattr(self.model, "decoder", self.model)
+        decoder.grad_checkpointing = cfg.grad_checkpointing
         self.optimizer = build_optimizer(self.model, cfg, self.device.type)
-        self.step, self.elapsed_before, self._t_start = 0, 0.0, time.perf_counter()
+        self.step, self.elapsed_before, self.tokens_seen = 0, 0.0, 0
+        self._t_start = time.perf_counter()
         if resume:
             self._resume()
         elif checkpoint_dirs(self.run_dir):  # every rank: none may go on alone
@@ -182,33 +120,14 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
 
-    def _prepared_data(self) -> Path:
-        # Rank 0 prepares; the others wait and then find it cached.
-        if self.dist.is_main:
-            path = prepare_data(self.cfg)
-        distr.barrier(self.dist)
-        return path if self.dist.is_main else prepare_data(self.cfg)
-
     def _resume(self) -> None:
         checkpoints = checkpoint_dirs(self.run_dir)
         if not checkpoints:
             raise FileNotFoundError(f"nothing to resume: {self.run_dir} has no checkpoints yet")
         latest = checkpoints[-1]
-        saved = ModelConfig.load(latest / "config.json").to_dict()
-        wanted = self.model_cfg.to_dict()
-        diff = [f"{k}: checkpoint {saved.get(k)!r}, recipe {wanted[k]!r}"
-                for k in wanted if saved.get(k) != wanted[k]]
-        if diff:
-            raise CheckpointMismatch(f"{latest} was trained with another model config ("
-                                     + "; ".join(diff) + "): resume with the run's own recipe")
-        saved_tok = Tokenizer.load(latest / "tokenizer.json").fingerprint()
-        if saved_tok != self.tokenizer.fingerprint():
-            raise CheckpointMismatch(
-                f"{latest} was trained with a different tokenizer than the data in "
-                f"{self.shards.dir}: resume on the corpus the run was started with"
-            )
-        state = load_checkpoint(latest, self.model, self.optimizer)
+        state = load_checkpoint(latest, lambda d: self.task.load(d, self.model), self.optimizer)
         self.step, self.elapsed_before = state["step"], state.get("elapsed", 0.0)
+        self.tokens_seen = state.get("tokens", 0)
 
     # The loop ----------------------------------------------------------------------------
 
@@ -218,33 +137,32 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             self._trim_metrics()
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * d.world * self.context
-        flops_per_token = self.model.flops().flops_per_token
+        flops_per_token = getattr(self.model, "decoder", self.model).flops().flops_per_token
         peak = self._peak_flops()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and d.is_main),
                    unit="step", dynamic_ncols=True)
-        start_step, t_start = self.step, time.perf_counter()
+        start_step, tokens_at_start, t_start = self.step, self.tokens_seen, time.perf_counter()
         self._t_start = t_start
-        val_loss = val_bpb = None
+        metrics: dict[str, float] = {}
         last_saved: Path | None = None
         with _stop_on_ctrl_c() as stop:
-            last_log = (self.step, time.perf_counter())
+            last_log = (self.tokens_seen, time.perf_counter())
             while self.step < cfg.max_steps and not stop.requested:
                 # A resumed run already evaluated the step it resumes from.
                 first = self.step == start_step and self.step > 0
                 if cfg.eval_interval and self.step % cfg.eval_interval == 0 and not first:
-                    val_loss, val_bpb = self._evaluate(bar, t_start)
+                    metrics = self._evaluate(bar, t_start)
                     if self.step > start_step and self._checkpoint_due(evaluating=True):
                         last_saved = self._save()
-                    last_log = (self.step, time.perf_counter())
+                    last_log = (self.tokens_seen, time.perf_counter())
                 loss = self._train_step()
                 self.step += 1
                 if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                     # Throughput since the last log line, evaluations and saves excluded.
                     now = time.perf_counter()
-                    tps = tokens_per_step * (self.step - last_log[0]) / (now - last_log[1])
+                    tps = (self.tokens_seen - last_log[0]) / (now - last_log[1])
                     record = {"step": self.step, "train_loss": loss, "lr": self._lr(self.step - 1),
-                              "tokens": self.step * tokens_per_step, "tokens_per_s": round(tps),
+                              "tokens": self.tokens_seen, "tokens_per_s": round(tps),
                               "time": self._elapsed(t_start)}
                     postfix = {"loss": f"{loss:.4f}", "tok/s": f"{tps:,.0f}"}
                     if peak:
@@ -258,12 +176,12 @@ class Trainer:
                 if self.step == cfg.halt_at:
                     break
                 if self.step % cfg.log_interval == 0:
-                    last_log = (self.step, time.perf_counter())
+                    last_log = (self.tokens_seen, time.perf_counter())
                 if self._checkpoint_due(evaluating=False):
                     last_saved = self._save()
-                    last_log = (self.step, time.perf_counter())
+                    last_log = (self.tokens_seen, time.perf_counter())
             if self.step == cfg.max_steps:
-                val_loss, val_bpb = self._evaluate(bar, t_start)
+                metrics = self._evaluate(bar, t_start)
             last_saved = self._save()
         bar.close()
         if stop.requested and d.is_main:
@@ -276,9 +194,10 @@ class Trainer:
             plot_run(self.run_dir)
         distr.shutdown(d)
         return TrainResult(
-            run_dir=self.run_dir, steps=self.step, final_val_loss=val_loss, final_val_bpb=val_bpb,
-            wall_seconds=wall, tokens_per_second=steps_run * tokens_per_step / wall,
-            ms_per_step=1000 * wall / steps_run, checkpoint=last_saved,
+            run_dir=self.run_dir, steps=self.step, final_val_loss=metrics.get("val_loss"),
+            final_val_bpb=metrics.get("val_bpb"), wall_seconds=wall,
+            tokens_per_second=(self.tokens_seen - tokens_at_start) / wall,
+            ms_per_step=1000 * wall / steps_run, checkpoint=last_saved, final_metrics=metrics,
         )
 
     def _train_step(self) -> float:
@@ -288,9 +207,11 @@ class Trainer:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         self.train_model.train()
         total = torch.zeros((), device=self.device)
+        tokens = torch.zeros((), device=self.device, dtype=torch.int64)
         for micro in range(cfg.grad_accum):
-            x, y = self.task.train_batch(self.step, slot=micro * d.world + d.rank)
-            batch = (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+            batch = self.task.train_batch(self.step, slot=micro * d.world + d.rank)
+            tokens += self.task.tokens(batch)
+            batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
             last = micro == cfg.grad_accum - 1
             # Only the last micro-batch all-reduces gradients; the others just accumulate.
             sync = contextlib.nullcontext() if last or d.world == 1 else self.train_model.no_sync()
@@ -303,6 +224,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss = distr.all_mean(total / cfg.grad_accum, d).item()
+        self.tokens_seen += int(distr.all_sum(tokens, d))
         if not math.isfinite(loss):
             latest = checkpoint_dirs(self.run_dir)
             where = f"the last good checkpoint is {latest[-1]}" if latest else "no checkpoint was saved yet"
@@ -313,41 +235,38 @@ class Trainer:
         return loss
 
     @torch.no_grad()
-    def evaluate(self, n_batches: int | None = None) -> tuple[float | None, float | None]:
-        """Validation loss (nats/token) and bits per byte; n_batches 0 = the whole split.
-
-        (None, None) when the corpus has no validation split (val_fraction=0).
-        """
-        if len(self.shards.split("val")) <= self.context + 1:
-            return None, None
+    def evaluate(self, n_batches: int | None = None) -> dict[str, float]:
+        """Validation loss (`val_loss`, nats per scored target) and the task's own figures;
+        n_batches 0 = the whole split. Empty when there is no validation split."""
         n_batches = self.cfg.eval_batches if n_batches is None else n_batches
         self.model.eval()
         total = torch.zeros(2, device=self.device, dtype=torch.float64)
-        for x, y in self.task.eval_batches(n_batches, self.dist.rank, self.dist.world):
+        for batch in self.task.eval_batches(n_batches, self.dist.rank, self.dist.world):
             with self._autocast():
-                loss = self.task.loss(self.model, (x.to(self.device), y.to(self.device)))
-            total += torch.tensor([loss.item() * y.numel(), y.numel()], device=self.device,
-                                  dtype=torch.float64)
+                loss = self.task.loss(self.model, tuple(t.to(self.device) for t in batch))
+            n = self.task.count(batch)
+            total += torch.tensor([loss.item() * n, n], device=self.device, dtype=torch.float64)
         total = distr.all_sum(total, self.dist)
+        if total[1] == 0:
+            return {}
         val_loss = float(total[0] / total[1])
-        return val_loss, val_loss / math.log(2) / self.shards.bytes_per_token("val")
+        return {"val_loss": val_loss, **self.task.val_metrics(self.model, val_loss)}
 
-    def _evaluate(self, bar, t_start: float) -> tuple[float | None, float | None]:
-        val_loss, bpb = self.evaluate()
-        if val_loss is not None and self.dist.is_main:
-            self._log({"step": self.step, "val_loss": val_loss, "val_bpb": bpb,
-                       "time": self._elapsed(t_start)})
-            bar.write(f"step {self.step:>6}: val loss {val_loss:.4f}, {bpb:.3f} bits/byte")
-        return val_loss, bpb
+    def _evaluate(self, bar, t_start: float) -> dict[str, float]:
+        metrics = self.evaluate()
+        if metrics and self.dist.is_main:
+            self._log({"step": self.step, **metrics, "time": self._elapsed(t_start)})
+            shown = ", ".join(_show(k, v) for k, v in metrics.items())
+            bar.write(f"step {self.step:>6}: {shown}")
+        return metrics
 
     def _print_sample(self, bar) -> None:
         if not self.dist.is_main or self.cfg.sample_tokens == 0:
             return
-        tok = self.tokenizer
-        prompt = prompt_ids(tok, self.cfg.sample_prompt)
-        out = generate(self.model, prompt, self.cfg.sample_tokens, SamplingConfig(), seed=self.cfg.seed)
-        text = tok.decode(prompt + out) if self.cfg.sample_prompt else tok.decode(out)
-        (bar.write if bar else print)(f"--- sample at step {self.step} ---\n{text}\n---")
+        self.model.eval()
+        text = self.task.sample(self.model)
+        if text is not None:
+            (bar.write if bar else print)(f"--- sample at step {self.step} ---\n{text}\n---")
 
     # Helpers -----------------------------------------------------------------------------
 
@@ -368,8 +287,9 @@ class Trainer:
     def _save(self) -> Path | None:
         path = None
         if self.dist.is_main:
-            state = {"elapsed": self._elapsed(self._t_start), "recipe": self.cfg.to_dict()}
-            path = save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer,
+            state = {"elapsed": self._elapsed(self._t_start), "tokens": self.tokens_seen,
+                     "recipe": self.cfg.to_dict()}
+            path = save_checkpoint(self.run_dir, self.step, lambda d: self.task.save(d, self.model),
                                    self.optimizer, state, keep=self.cfg.keep_checkpoints)
         distr.barrier(self.dist)
         return path
@@ -397,3 +317,11 @@ class Trainer:
             return None
         name = torch.cuda.get_device_name(self.device)
         return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def _show(key: str, value: float) -> str:
+    names = {"val_loss": "val loss", "val_bpb": "bits/byte", "val_acc": "accuracy",
+             "val_macro_f1": "macro-F1"}
+    if key == "val_bpb":
+        return f"{value:.3f} {names[key]}"
+    return f"{names.get(key, key)} {value:.4f}"
