@@ -43,6 +43,56 @@ def _train(cfg, resume: bool):
     return Trainer(cfg, resume=resume).fit()
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from lmforge.finetune.run import finetune_recipe
+
+    flags = {"task": args.task, "val_data": args.val_data, "out_dir": args.out,
+             "epochs": args.epochs, "max_steps": args.max_steps, "lr": args.lr,
+             "batch_size": args.batch_size, "lora_rank": 0 if args.full else args.lora_rank,
+             "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
+             "lora_targets": args.lora_targets, "text_field": args.text_field,
+             "label_field": args.label_field, "context_length": args.context_length}
+    flags = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    flags += [f"{k}=true" for k in ("packing", "truncate", "grad_checkpointing")
+              if getattr(args, k)]
+    if args.max_steps is not None:
+        flags.append("epochs=0")
+    cfg = finetune_recipe(args.model, args.data, args.recipe, flags + list(args.overrides))
+    result = _train(cfg, resume=args.resume)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in result.final_metrics.items())
+    if shown:
+        print(shown)
+    print(f"checkpoint: {result.checkpoint}")
+    kind = "adapter" if cfg.lora_rank else "model"
+    print(f"next: lmforge {'predict' if cfg.task == 'classify' else 'chat'} {result.run_dir}"
+          + (f"   (or fold the {kind} in: lmforge merge {result.run_dir} --out DIR)"
+             if cfg.lora_rank else ""))
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from lmforge.finetune.run import merge
+
+    print(merge(args.adapter_dir, args.out, base=args.base))
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from lmforge.errors import ConfigError
+    from lmforge.finetune.classify import load_classifier, predict
+
+    texts = list(args.text)
+    if args.file:
+        from pathlib import Path
+
+        texts += [line for line in Path(args.file).read_text().splitlines() if line.strip()]
+    if not texts:
+        raise ConfigError("nothing to classify: pass --text TEXT (repeatable) or --file FILE")
+    model, tokenizer, labels = load_classifier(args.model, args.device or "cpu")
+    for text, probs in zip(texts, predict(model, tokenizer, labels, texts)):
+        best = next(iter(probs))
+        shown = "  ".join(f"{label} {p:.3f}" for label, p in probs.items())
+        print(f"{best}\t{shown}\t{text[:60]}")
+
+
 def cmd_prepare(args: argparse.Namespace) -> None:
     from lmforge.data.prepare import PrepareConfig, prepare
 
@@ -67,7 +117,8 @@ def _load(spec: str, args: argparse.Namespace | None = None):
     device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(args, "dtype", None) or ("bf16" if device.startswith("cuda") else "fp32")
     directory = resolve_model(spec)
-    model, tokenizer = load_model(directory, device, getattr(torch, DTYPES[dtype]))
+    model, tokenizer = load_model(directory, device, getattr(torch, DTYPES[dtype]),
+                                  adapter=getattr(args, "adapter", None))
     if tokenizer is None:
         raise FileNotFoundError(f"{spec} has no tokenizer.json to encode text with")
     return model, tokenizer, stop_token_ids(directory, tokenizer)
@@ -152,10 +203,28 @@ def cmd_list(args: argparse.Namespace) -> None:
             print(f"{name:<32} {'-':>9}  not pulled: {entry.description}")
 
 
-def cmd_export(args: argparse.Namespace) -> None:
+def _model_dir(args: argparse.Namespace):
+    """The model directory MODEL names, with --adapter folded in (into a temporary
+    directory removed at exit) for commands that work on files."""
+    import atexit
+    import shutil
+    import tempfile
+    from pathlib import Path
+
     from lmforge.interop.hub import resolve_model
 
     directory = resolve_model(args.model)
+    if not args.adapter:
+        return directory
+    from lmforge.finetune.run import merge
+
+    scratch = Path(tempfile.mkdtemp(prefix="lmforge-merged-"))
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    return merge(args.adapter, scratch / "model", base=directory)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    directory = _model_dir(args)
     if args.format == "hf":
         from lmforge.interop.hf import export_hf
 
@@ -169,13 +238,12 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_quantize(args: argparse.Namespace) -> None:
     import time
 
-    from lmforge.interop.hub import resolve_model
     from lmforge.modeldir import directory_bytes
     from lmforge.quant import QuantSpec, quantize_dir
 
     group_size = 32 if args.bits == 4 and args.group_size is None else args.group_size
     spec = QuantSpec(args.bits, group_size)
-    source = resolve_model(args.model)
+    source = _model_dir(args)
     start = time.perf_counter()
     out = quantize_dir(source, args.out, spec)
     seconds = time.perf_counter() - start
@@ -204,6 +272,62 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"  non-embedding  {report.non_embedding_params:,}")
     print(f"FLOPs per token  {report.flops_per_token:,} (training, forward + backward)")
     print(f"                 {report.flops_per_token // 3:,} (inference, forward)")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from lmforge.errors import ConfigError
+
+    if (args.task is None) == (args.harness is None):
+        raise ConfigError("say what to evaluate: --task perplexity|multiple-choice|generation "
+                          "with --data FILE, or --harness TASKS (lm-evaluation-harness)")
+    if args.harness:
+        from lmforge.eval.harness import format_harness, run_harness, write_harness
+
+        results = run_harness(args.model, args.harness.split(","), args.include_path,
+                              args.limit, args.num_fewshot, args.batch_size, args.device,
+                              args.dtype, getattr(args, "adapter", None), args.chat,
+                              args.log_samples)
+        print(format_harness(results))
+        if args.out:
+            print(f"results: {write_harness(args.out, results)}")
+        return
+    if not args.data:
+        raise ConfigError(f"--task {args.task} needs --data FILE")
+    from lmforge.eval import evaluate_choice, evaluate_generation, evaluate_perplexity
+    from lmforge.eval.data import read_choice_examples, read_generation_examples, read_text
+    from lmforge.eval.results import format_table, write_results
+
+    # The data is read first: a bad line is reported before a large model loads.
+    if args.task == "perplexity":
+        data = read_text(args.data, args.max_chars)
+    elif args.task == "multiple-choice":
+        data = read_choice_examples(args.data, args.context_field, args.choices_field,
+                                    args.answer_field, args.limit)
+    else:
+        data = read_generation_examples(args.data, args.prompt_field, args.answer_field,
+                                        args.limit)
+    model, tokenizer, stop = _load(args.model, args)
+    progress = not args.quiet
+    if args.task == "perplexity":
+        result = evaluate_perplexity(model, tokenizer, data, args.window, args.stride,
+                                     args.batch_size, progress)
+    elif args.task == "multiple-choice":
+        result = evaluate_choice(model, tokenizer, data, _unescape(args.delimiter),
+                                 args.batch_size, progress)
+    else:
+        result = evaluate_generation(
+            model, tokenizer, data, args.max_new_tokens, [_unescape(s) for s in args.stop],
+            stop, args.chat, args.regex, args.ignore_case, args.batch_size, progress)
+    print(format_table([result]))
+    if args.out:
+        config = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+        path = write_results(args.out, [result], args.model, config, args.log_samples)
+        print(f"results: {path}")
+
+
+def _unescape(text: str) -> str:
+    """Newlines and tabs typed as \\n and \\t, which a shell argument cannot easily hold."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -240,10 +364,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from out_dir's last checkpoint")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("finetune", help="chat SFT or classification on your data, LoRA or full")
+    p.add_argument("model", help="base model (any way of naming one, see `lmforge list`)")
+    p.add_argument("--data", required=True, help="sft: JSONL of {\"messages\": [...]} or "
+                   "{\"prompt\", \"completion\"}; classify: CSV or JSONL with text and label")
+    p.add_argument("--task", choices=["sft", "classify"], default=None, help="default sft")
+    p.add_argument("--val-data", default=None, help="validation file (default: a share of --data)")
+    p.add_argument("--out", default=None, help="run directory (default runs/finetune-DATA)")
+    p.add_argument("--recipe", default=None, help="YAML recipe with any training keys")
+    p.add_argument("--epochs", type=float, default=None, help="passes over the data (default 1)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps instead of epochs")
+    p.add_argument("--lr", type=float, default=None, help="default 2e-4 (LoRA), 2e-5 (--full)")
+    p.add_argument("--batch-size", type=int, default=None, help="examples per step (default 8)")
+    p.add_argument("--context-length", type=int, default=None,
+                   help="longest example in tokens (default: the model's context)")
+    p.add_argument("--full", action="store_true", help="train every weight instead of LoRA")
+    p.add_argument("--lora-rank", type=int, default=None, help="default 16")
+    p.add_argument("--lora-alpha", type=float, default=None, help="default 32")
+    p.add_argument("--lora-dropout", type=float, default=None, help="default 0")
+    p.add_argument("--lora-targets", default=None,
+                   help="layers to adapt: all-linear (default) or e.g. q_proj,v_proj")
+    p.add_argument("--packing", action="store_true", help="sft: several short examples per row")
+    p.add_argument("--truncate", action="store_true",
+                   help="sft: cut conversations longer than the context (default: skip them)")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory, ~30%% slower")
+    p.add_argument("--text-field", default=None, help="classify: text column (default text)")
+    p.add_argument("--label-field", default=None, help="classify: label column (default label)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("overrides", nargs="*", help="key=value training overrides, e.g. warmup_steps=20")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base: a plain model directory")
+    p.add_argument("adapter_dir", help="adapter directory, or a LoRA fine-tuning run directory")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--base", default=None,
+                   help="base model (default: the one the adapter names)")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("predict", help="label probabilities from a fine-tuned classifier")
+    p.add_argument("model", help="classifier run, model or adapter directory")
+    p.add_argument("--text", action="append", default=[], help="text to classify (repeatable)")
+    p.add_argument("--file", default=None, help="one text per line")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_predict)
+
     model_help = ("model directory, run directory, Hugging Face directory, .gguf file, "
                   "registry name (see `lmforge list`) or hf:ORG/NAME")
 
     def device_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--adapter", default=None, metavar="DIR",
+                       help="put this LoRA adapter (adapter or run directory) on the model")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: a GPU "
                        "if there is one)")
         p.add_argument("--dtype", choices=list(DTYPES), default=None,
@@ -311,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["hf", "gguf"], required=True)
     p.add_argument("--out", required=True, help="output directory (hf) or .gguf path")
     p.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f32", help="gguf only")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="fold this LoRA adapter in first")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("quantize", help="int8 or int4 weights: a smaller, faster model directory")
@@ -319,11 +491,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=None,
                    help="int4: columns sharing a scale, 32 | 64 | 128 (default 32)")
     p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="fold this LoRA adapter in first")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("info", help="parameters and FLOPs per token of a model or preset")
     p.add_argument("model", help="preset name, or " + model_help)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("eval", help="score a model: perplexity, multiple choice, generation, "
+                       "lm-evaluation-harness tasks")
+    p.add_argument("model", help=model_help)
+    p.add_argument("--task", choices=["perplexity", "multiple-choice", "generation"],
+                   help="perplexity of a text file, or JSONL examples (see --data)")
+    p.add_argument("--data", help="perplexity: a UTF-8 text file; multiple-choice: JSONL with "
+                   "context, choices, answer (index); generation: JSONL with prompt, answer")
+    p.add_argument("--harness", metavar="TASKS", help="lm-evaluation-harness tasks instead, "
+                   "comma-separated, e.g. hellaswag,arc_easy (pip install lm-eval)")
+    p.add_argument("--include-path", default=None, help="harness: a folder of task YAMLs")
+    p.add_argument("--num-fewshot", type=int, default=None, help="harness: examples in prompts")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
+    p.add_argument("--window", type=int, default=None,
+                   help="perplexity: tokens per forward pass (default: the model's context)")
+    p.add_argument("--stride", type=int, default=None, help="perplexity: tokens newly scored "
+                   "per window (default: the window; less gives each token more context)")
+    p.add_argument("--max-chars", type=int, default=None,
+                   help="perplexity: the file's first N characters")
+    p.add_argument("--context-field", default="context")
+    p.add_argument("--choices-field", default="choices")
+    p.add_argument("--answer-field", default="answer")
+    p.add_argument("--prompt-field", default="prompt")
+    p.add_argument("--delimiter", default=" ", help="multiple-choice: text between context and "
+                   "choice (lm-eval's target_delimiter; \\n for a newline)")
+    p.add_argument("--chat", action="store_true",
+                   help="generation and harness: prompts go through the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="generation")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="generation: end "
+                   "the output before TEXT (repeatable; \\n for a newline)")
+    p.add_argument("--regex", default=None, help="generation: compare the first match's first "
+                   "group (or whole match) with the answer, e.g. 'answer is (\\d+)'")
+    p.add_argument("--ignore-case", action="store_true", help="generation: case-blind match")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--out", default=None, help="write the results as JSON")
+    p.add_argument("--log-samples", action="store_true",
+                   help="with --out: every example's scores and outputs too")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    device_flags(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("plot", help="draw a run's loss curve to PNG")
     p.add_argument("run", help="run directory")
@@ -333,7 +546,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options too (argparse only takes them before).
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
     except (LmforgeError, FileNotFoundError, FileExistsError) as err:

@@ -129,10 +129,11 @@ def _no_weight_init():
 
 
 def stop_token_ids(directory: str | Path, tokenizer: Tokenizer | None) -> tuple[int, ...]:
-    """Tokens that end generation: the tokenizer's EOS and generation_config.json's eos ids."""
+    """Tokens that end generation: the tokenizer's EOS, generation_config.json's eos ids, and
+    ChatML's end of turn when the tokenizer has one (a chat fine-tune learns to say it)."""
     ids = set()
-    if tokenizer is not None and tokenizer.eos_id is not None:
-        ids.add(tokenizer.eos_id)
+    if tokenizer is not None:
+        ids.update(i for i in (tokenizer.eos_id, tokenizer.token_id("<|im_end|>")) if i is not None)
     config = resolve_model_dir(directory) / "generation_config.json"
     if config.is_file():
         eos = json.loads(config.read_text()).get("eos_token_id")

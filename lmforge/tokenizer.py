@@ -200,6 +200,10 @@ class Tokenizer:
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
 
+    def token_id(self, token: str) -> int | None:
+        """The id of a whole token such as ``<|im_end|>``, None if the vocabulary lacks it."""
+        return self._id(token)
+
     @property
     def bos_id(self) -> int | None:
         """``<|endoftext|>`` for our BPE (also the document separator); ``None`` for char;

@@ -126,16 +126,19 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return values
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """A TrainConfig from a YAML recipe (or defaults) plus key=value overrides."""
-    values: dict[str, Any] = {}
+def load_recipe(path: str | Path | None, overrides: list[str] = (),
+                defaults: dict[str, Any] | None = None) -> TrainConfig:
+    """A TrainConfig from `defaults` (else TrainConfig's), then a YAML recipe, then
+    key=value overrides."""
+    values: dict[str, Any] = dict(defaults or {})
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no recipe at {path}: give a YAML file (see configs/)")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
+        from_file = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(from_file, dict):
             raise ConfigError(f"{path} must be a mapping of keys to values")
+        values.update(from_file)
     values = apply_overrides(values, list(overrides))
     where = str(path) if path else "overrides"
     cfg = from_dict(TrainConfig, values, where=where)
