@@ -180,7 +180,7 @@ def save_adapter(directory: str | Path, model: nn.Module, cfg: LoraConfig, base:
         "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
         "target_modules": sorted(cfg.targets), "bias": "none", "fan_in_fan_out": False,
         "modules_to_save": modules_to_save, "inference_mode": True, "init_lora_weights": True,
-        "use_rslora": False, "use_dora": False, "lmforge_names": family not in ("llama", "qwen3"),
+        "use_rslora": False, "use_dora": False,
     }
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return directory
@@ -215,8 +215,10 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, torch.Ten
     cfg, raw = read_adapter_config(directory)
     if not lora_layers(model):
         apply_lora(model, cfg)
-    family = None if raw.get("lmforge_names") else _family(model)
-    ours = {_PEFT_PREFIX + _hf_layer_name(name, family): name for name in lora_layers(model)}
+    # Keys may use Hugging Face's layer names (the Llama family, as PEFT writes them) or ours.
+    family = _family(model)
+    ours = {_PEFT_PREFIX + prefix: name for name in lora_layers(model)
+            for prefix in (name, _hf_layer_name(name, family))}
     state = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
     adapters, extra = {}, {}
     for key, value in state.items():

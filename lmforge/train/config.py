@@ -8,6 +8,7 @@ on the command line use the same names: `lr=3e-4`, `model.n_layer=6`, `model=gpt
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,15 @@ def _parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw else ""
 
 
+# YAML 1.1 reads 3e-4 (no dot) as a string, and that is how people write learning rates.
+_SCIENTIFIC = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
+
+
+def _numbers(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: float(v) if isinstance(v, str) and _SCIENTIFIC.fullmatch(v) else v
+            for k, v in values.items()}
+
+
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     values = dict(values)
     for item in overrides:
@@ -139,7 +149,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (),
         if not isinstance(from_file, dict):
             raise ConfigError(f"{path} must be a mapping of keys to values")
         values.update(from_file)
-    values = apply_overrides(values, list(overrides))
+    values = _numbers(apply_overrides(values, list(overrides)))
     where = str(path) if path else "overrides"
     cfg = from_dict(TrainConfig, values, where=where)
     cfg.model_config()  # fail now, not an hour into the run, on a bad model key
