@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lmforge.evaluate import perplexity
+from lmforge.eval import perplexity
 from lmforge.infer.engine import generate
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.interop.hub import resolve_model

@@ -285,8 +285,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
         results = run_harness(args.model, args.harness.split(","), args.include_path,
                               args.limit, args.num_fewshot, args.batch_size, args.device,
-                              args.dtype, getattr(args, "adapter", None), args.chat,
-                              args.log_samples)
+                              args.dtype, args.adapter, args.chat, args.log_samples)
         print(format_harness(results))
         if args.out:
             print(f"results: {write_harness(args.out, results)}")
@@ -512,8 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
     p.add_argument("--window", type=int, default=None,
                    help="perplexity: tokens per forward pass (default: the model's context)")
-    p.add_argument("--stride", type=int, default=None, help="perplexity: tokens newly scored "
-                   "per window (default: the window; less gives each token more context)")
+    p.add_argument("--stride", type=int, default=None, help="perplexity: tokens between "
+                   "window starts (default: window - 1; less gives each token more context)")
     p.add_argument("--max-chars", type=int, default=None,
                    help="perplexity: the file's first N characters")
     p.add_argument("--context-field", default="context")

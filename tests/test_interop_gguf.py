@@ -15,7 +15,7 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.errors import UnsupportedModel
-from lmforge.evaluate import perplexity
+from lmforge.eval import perplexity
 from lmforge.infer.engine import generate
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.interop.gguf import (

@@ -12,7 +12,7 @@ from torch import nn
 
 from lmforge.cli import main
 from lmforge.config import ModelConfig
-from lmforge.evaluate import perplexity
+from lmforge.eval import perplexity
 from lmforge.interop.gguf import import_gguf
 from lmforge.modeldir import load_model, save_model
 from lmforge.models.decoder import Decoder
