@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from lmforge.chat import chat_prompt_ids
 from lmforge.cli import main
 from lmforge.eval import (
     ChoiceExample,
@@ -174,9 +175,10 @@ def test_multiple_choice_equals_a_direct_computation(tiny):
 
 # ------------------------------------------------------------------------------- generation
 
-def greedy_by_hand(model, tokenizer, prompt, max_new_tokens, stop):
-    """Greedy text after a prompt, one full forward pass per token, cut at a stop string."""
-    ids = tokenizer.encode(prompt)
+def greedy_by_hand(model, tokenizer, prompt, max_new_tokens, stop=()):
+    """Greedy text after a prompt (text or ids), one full forward pass per token, cut at a
+    stop string."""
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
     new = []
     for _ in range(max_new_tokens):
         token = int(next_token_logprobs(model, ids + new).argmax())
@@ -213,6 +215,13 @@ def test_generation_exact_match_and_regex_scores_known_answers(tiny):
     blind = evaluate_generation(model, tokenizer, examples, max_new_tokens=12, stop=["\n"],
                                 regex=r"(\S+)", ignore_case=True)
     assert blind.metrics["exact_match"] == 1.0
+    # --chat: the prompt is the user's message in the chat template (ChatML here).
+    chat = evaluate_generation(model, tokenizer, examples[:2], max_new_tokens=6, chat=True,
+                               stop_ids=(tokenizer.eos_id,))
+    assert [s["output"] for s in chat.samples] == [
+        greedy_by_hand(model, tokenizer, chat_prompt_ids(tokenizer, [{"role": "user",
+                                                                      "content": p}]), 6)
+        for p in PROMPTS[:2]]
     # No match is a wrong answer, not an error.
     none = evaluate_generation(model, tokenizer, examples[:1], max_new_tokens=12, stop=["\n"],
                                regex=r"(\d{9})")
