@@ -261,3 +261,13 @@ def test_conversations_past_the_context_are_skipped_or_truncated(tmp_path, base_
                                  truncate=True))
     assert len(trainer.task.examples) == 9  # cut to the context, the answer was lost: dropped
     assert trainer.task.describe()["truncated"] == 1
+
+
+def test_sft_loss_reads_logits_only_where_targets_are_scored(tmp_path, base_dir):
+    trainer = Trainer(sft_recipe(base_dir, repeat_data(tmp_path, 16), tmp_path / "r",
+                                 max_steps=1, val_fraction=0))
+    x, y, lengths = trainer.task.train_batch(0, 0)
+    assert int(lengths.sum()) == trainer.task.tokens((x, y, lengths)) <= x.numel()
+    full = torch.nn.functional.cross_entropy(trainer.model(x).flatten(0, 1), y.flatten(),
+                                             ignore_index=-100)
+    torch.testing.assert_close(trainer.task.loss(trainer.model, (x, y, lengths)), full)

@@ -50,7 +50,10 @@ def generate_texts(model: Decoder, tokenizer: Tokenizer, prompts: Sequence[list[
     if not 0 < max_new_tokens < context:
         raise ConfigError(f"max_new_tokens must be between 1 and {context - 1} (the model's "
                           f"context is {context}), got {max_new_tokens}")
-    engine = Engine(model, tokenizer, max_batch=batch_size)
+    # A cache as long as the longest example needs, not the model's whole context (SmolLM2's
+    # 8192 positions x 8 slots would be 3 GB to clear and to attend over).
+    longest = max((len(p) for p in prompts), default=0) + max_new_tokens
+    engine = Engine(model, tokenizer, max_batch=batch_size, max_len=min(longest, context))
     ids = [engine.submit(Request(list(p[-(context - max_new_tokens):]), max_new_tokens,
                                  sampling, seed, stop=tuple(stop), stop_ids=tuple(stop_ids)))
            for p in prompts]

@@ -166,21 +166,27 @@ class ChatTask(FinetuneTask):
         return rows
 
     def collate(self, rows):
-        return pad_rows([x for x, _ in rows], self.pad_id), pad_rows([y for _, y in rows], IGNORE)
+        lengths = torch.tensor([len(x) for x, _ in rows])
+        return (pad_rows([x for x, _ in rows], self.pad_id), pad_rows([y for _, y in rows], IGNORE),
+                lengths)
 
     @staticmethod
-    def loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x, y = batch
-        logits = model(x)
-        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1),
-                               ignore_index=IGNORE)
+    def loss(model: nn.Module, batch) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        # The output projection only where a target is scored: most positions of a chat are
+        # prompt, and the vocabulary-wide logits (and their gradient) are the largest
+        # activations of a small model.
+        scored = y != IGNORE
+        logits = model(x, select=scored)
+        return F.cross_entropy(logits.float(), y[scored])
 
     @staticmethod
-    def count(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+    def count(batch) -> int:
         return int((batch[1] != IGNORE).sum())
 
-    def tokens(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
-        return int((batch[0] != self.pad_id).sum())
+    @staticmethod
+    def tokens(batch) -> int:
+        return int(batch[2].sum())
 
     def sample(self, model: nn.Module) -> str | None:
         """The model's answer to the first validation conversation's last question."""

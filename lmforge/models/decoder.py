@@ -83,7 +83,8 @@ class Decoder(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
-                start: int | torch.Tensor = 0, last_only: bool = False) -> torch.Tensor:
+                start: int | torch.Tensor = 0, last_only: bool = False,
+                select: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for tokens idx (B, T).
 
         start: the position of idx's first column, the same for every row (an int), or one
@@ -91,8 +92,12 @@ class Decoder(nn.Module):
         cache: keys and values of earlier positions, read and written in place.
         last_only: logits of the last position only, (B, 1, vocab): a prompt's other
         positions need no output projection, which for a large vocabulary is most of the work.
+        select: a (B, T) boolean mask; logits (N, vocab) of the N selected positions only
+        (training on some targets, such as a chat's answers).
         """
         x = self.features(idx, cache, start)
+        if select is not None:
+            return self.lm_head(x[select])
         return self.lm_head(x[:, -1:] if last_only else x)
 
     def features(self, idx: torch.Tensor, cache: KVCache | None = None,
