@@ -32,7 +32,7 @@ class ModelConfig:
     rope_base: float = 10000.0
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
-    mlp: str = "gelu"  # gelu | swiglu | relu2
+    mlp: str = "gelu"  # gelu | swiglu | relu2 | relu
     tie_embeddings: bool = True
     qk_norm: bool = False
     bias: bool = False
@@ -46,7 +46,7 @@ class ModelConfig:
             self.d_mlp = 4 * self.d_model
         _check_choice("positions", self.positions, ("learned", "rope"))
         _check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
-        _check_choice("mlp", self.mlp, ("gelu", "swiglu", "relu2"))
+        _check_choice("mlp", self.mlp, ("gelu", "swiglu", "relu2", "relu"))
         if self.d_model % self.n_head:
             raise ConfigError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
         if self.n_head % self.n_kv_head:
@@ -144,6 +144,56 @@ def resolve_model_config(spec: dict[str, Any] | str | None) -> ModelConfig:
     if name is None:
         return from_dict(ModelConfig, spec, where="model")
     return preset(name, **spec)
+
+
+@dataclass
+class Seq2SeqConfig:
+    """Shape and options of an encoder-decoder Transformer (translation and other
+    sequence-to-sequence tasks). The defaults are the original paper's base model."""
+
+    n_encoder_layer: int = 6
+    n_decoder_layer: int = 6
+    n_head: int = 8
+    d_model: int = 512
+    d_mlp: int = 2048
+    vocab_size: int = 8192  # one vocabulary for source and target (a joint tokenizer)
+    max_length: int = 256  # longest source or target, in tokens
+    positions: str = "sinusoidal"  # sinusoidal | learned
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_first: bool = False  # pre-norm (stabler, no warmup needed) or the original post-norm
+    norm_eps: float = 1e-5
+    mlp: str = "relu"  # relu | gelu | swiglu | relu2
+    bias: bool = True
+    dropout: float = 0.1
+    tie_embeddings: bool = True  # source, target and output share one matrix
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        _check_choice("positions", self.positions, ("sinusoidal", "learned"))
+        self.block_config()  # the shared layers check the rest
+
+    def block_config(self) -> ModelConfig:
+        """The settings the shared layers (attention, MLP) read."""
+        return ModelConfig(n_layer=self.n_encoder_layer, n_head=self.n_head, d_model=self.d_model,
+                           d_mlp=self.d_mlp, vocab_size=self.vocab_size,
+                           context_length=self.max_length, norm=self.norm, norm_eps=self.norm_eps,
+                           mlp=self.mlp, bias=self.bias, dropout=self.dropout,
+                           init_std=self.init_std)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": "seq2seq", **dataclasses.asdict(self)}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+SEQ2SEQ_PRESETS: dict[str, dict[str, Any]] = {
+    "transformer-base": {},  # Vaswani et al. 2017: 6+6 layers, width 512, 8 heads, MLP 2048
+    "transformer-small": dict(n_encoder_layer=3, n_decoder_layer=3, n_head=4, d_model=256,
+                              d_mlp=1024, norm_first=True),
+    "transformer-tiny": dict(n_encoder_layer=2, n_decoder_layer=2, n_head=4, d_model=128,
+                             d_mlp=512, norm_first=True, dropout=0.0),
+}
 
 
 @dataclass

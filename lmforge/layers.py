@@ -35,6 +35,16 @@ def rotary_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor
     return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-sin, sin], dim=-1)
 
 
+def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
+    """The original Transformer's fixed position table (length, dim): sin on even features,
+    cos on odd ones, wavelengths from 2 pi to 10000 * 2 pi."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    table = torch.zeros(length, dim)
+    table[:, 0::2], table[:, 1::2] = angles.sin(), angles.cos()
+    return table
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate (B, H, T, D) by position; cos/sin from `rotary_tables`, broadcastable to x.
 
@@ -168,8 +178,39 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
+class CrossAttention(nn.Module):
+    """Queries from the decoder, keys and values from the encoder's output (`memory`), which
+    are computed once per sequence and reused at every decoding step."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], self.n_head, self.head_dim).transpose(1, 2)
+
+    def memory(self, encoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, H, S, D) of the encoder's output."""
+        return self._heads(self.k_proj(encoded)), self._heads(self.v_proj(encoded))
+
+    def forward(self, x: torch.Tensor, memory: tuple[torch.Tensor, torch.Tensor],
+                key_mask: torch.Tensor) -> torch.Tensor:
+        """key_mask: (B, 1, 1, S), True where the source has a token (not padding)."""
+        B, T, _ = x.shape
+        y = F.scaled_dot_product_attention(
+            self._heads(self.q_proj(x)), *memory, attn_mask=key_mask,
+            dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
 class MLP(nn.Module):
-    """Feed-forward block: GELU, ReLU squared, or the gated SwiGLU."""
+    """Feed-forward block: GELU, ReLU (the original Transformer), ReLU squared, or the gated
+    SwiGLU."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -184,6 +225,8 @@ class MLP(nn.Module):
             h = F.silu(self.gate_proj(x)) * h
         elif self.kind == "relu2":
             h = F.relu(h).square()
+        elif self.kind == "relu":
+            h = F.relu(h)
         else:
             # The tanh approximation is what GPT-2 was trained with.
             h = F.gelu(h, approximate="tanh")

@@ -1,0 +1,163 @@
+"""The encoder-decoder Transformer (Vaswani et al., 2017), for translation and other
+sequence-to-sequence tasks, built from the same layers as the decoder-only model.
+
+- The encoder reads the whole source with self-attention; padding is masked out of every
+  attention, so a padded source encodes exactly as the unpadded one.
+- The decoder writes the target with causal self-attention (a KV cache when generating) and
+  cross-attention to the encoder's output, whose keys and values are computed once.
+- Positions: the original fixed sinusoids, or learned; embeddings scaled by sqrt(d_model).
+- Post-norm residual blocks as in the paper, or pre-norm (`norm_first`), which trains
+  without a long warmup.
+- One embedding for source, target and output projection when `tie_embeddings` (a joint
+  vocabulary, as the paper shares for English-German).
+
+The model returns logits; losses (label smoothing included) belong to the training task.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lmforge.config import Seq2SeqConfig
+from lmforge.layers import (
+    MLP,
+    Attention,
+    CrossAttention,
+    KVCache,
+    Positions,
+    make_norm,
+    sinusoidal_positions,
+)
+
+
+class _Residual(nn.Module):
+    """x + dropout(f(x)) with the norm before f (pre-norm) or after the sum (post-norm)."""
+
+    def __init__(self, cfg: Seq2SeqConfig, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.norm_first = inner, cfg.norm_first
+        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
+        if self.norm_first:
+            return x + self.dropout(self.inner(self.norm(x), *args))
+        return self.norm(x + self.dropout(self.inner(x, *args)))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, cfg: Seq2SeqConfig) -> None:
+        super().__init__()
+        block = cfg.block_config()
+        self.attn = _Residual(cfg, Attention(block))
+        self.mlp = _Residual(cfg, MLP(block))
+
+    def forward(self, x: torch.Tensor, pos: Positions, key_mask: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.attn(x, None, pos, key_mask))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: Seq2SeqConfig) -> None:
+        super().__init__()
+        block = cfg.block_config()
+        self.attn = _Residual(cfg, Attention(block))
+        self.cross = _Residual(cfg, CrossAttention(block))
+        self.mlp = _Residual(cfg, MLP(block))
+
+    def forward(self, x: torch.Tensor, pos: Positions, mask: torch.Tensor | None,
+                cache: tuple[torch.Tensor, torch.Tensor] | None,
+                memory: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor) -> torch.Tensor:
+        x = self.attn(x, None, pos, mask, cache)
+        return self.mlp(self.cross(x, memory, key_mask))
+
+
+class Seq2Seq(nn.Module):
+    def __init__(self, cfg: Seq2SeqConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.positions == "learned":
+            self.source_pos = nn.Embedding(cfg.max_length, cfg.d_model)
+            self.target_pos = nn.Embedding(cfg.max_length, cfg.d_model)
+        else:
+            self.register_buffer("sinusoids", sinusoidal_positions(cfg.max_length, cfg.d_model),
+                                 persistent=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_encoder_layer))
+        self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_decoder_layer))
+        # Pre-norm leaves the residual stream unnormalised: one last norm on each side.
+        self.encoder_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) \
+            if cfg.norm_first else nn.Identity()
+        self.decoder_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) \
+            if cfg.norm_first else nn.Identity()
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def reset_parameters(self) -> None:
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, 0.0, self.cfg.init_std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def _embed(self, ids: torch.Tensor, start: int, side: str) -> torch.Tensor:
+        end = start + ids.shape[1]
+        if end > self.cfg.max_length:
+            raise ValueError(f"a {side} of {end} tokens is past the model's max_length "
+                             f"{self.cfg.max_length}")
+        x = self.embed(ids) * math.sqrt(self.cfg.d_model)
+        if self.cfg.positions == "learned":
+            table = self.source_pos if side == "source" else self.target_pos
+            x = x + table(torch.arange(start, end, device=ids.device))
+        else:
+            x = x + self.sinusoids[start:end]
+        return self.dropout(x)
+
+    @staticmethod
+    def key_mask(source_mask: torch.Tensor) -> torch.Tensor:
+        """(B, S) True-for-tokens -> the (B, 1, 1, S) mask attention over the source takes."""
+        return source_mask[:, None, None, :]
+
+    def encode(self, source: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
+        """Encoder output (B, S, d_model) for source ids (B, S); source_mask (B, S) is True
+        at tokens and False at padding."""
+        x = self._embed(source, 0, "source")
+        pos, key_mask = Positions.of(0, source.shape[1]), self.key_mask(source_mask)
+        for block in self.encoder:
+            x = block(x, pos, key_mask)
+        return self.encoder_norm(x)
+
+    def memory(self, encoded: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every decoder layer's cross-attention keys and values, computed once."""
+        return [block.cross.inner.memory(encoded) for block in self.decoder]
+
+    def decode(self, target: torch.Tensor, memory: list[tuple[torch.Tensor, torch.Tensor]],
+               source_mask: torch.Tensor, cache: KVCache | None = None,
+               start: int = 0) -> torch.Tensor:
+        """Logits (B, T, vocab) for target ids (B, T) at positions start.. (with a cache of
+        the earlier ones when generating)."""
+        x = self._embed(target, start, "target")
+        pos = Positions.of(start, target.shape[1])
+        mask, key_mask = pos.mask(target.shape[1], target.device), self.key_mask(source_mask)
+        for i, block in enumerate(self.decoder):
+            layer_cache = cache.layers[i] if cache is not None else None
+            x = block(x, pos, mask, layer_cache, memory[i], key_mask)
+        return self.lm_head(self.decoder_norm(x))
+
+    def forward(self, source: torch.Tensor, source_mask: torch.Tensor,
+                target: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits (B, T, vocab) of target inputs given the source."""
+        return self.decode(target, self.memory(self.encode(source, source_mask)), source_mask)
+
+    def new_cache(self, batch: int, length: int | None = None) -> KVCache:
+        cfg, ref = self.cfg, self.embed.weight
+        return KVCache(cfg.n_decoder_layer, batch, cfg.n_head, length or cfg.max_length,
+                       cfg.d_model // cfg.n_head, ref.dtype, ref.device)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
