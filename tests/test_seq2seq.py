@@ -78,3 +78,20 @@ def test_too_long_inputs_are_refused():
     model = tiny()
     with pytest.raises(ValueError, match="past the model's max_length 32"):
         model.encode(torch.ones(1, 33, dtype=torch.long), torch.ones(1, 33, dtype=torch.bool))
+
+
+def test_beam_search_with_one_beam_is_greedy_and_batching_changes_nothing():
+    from lmforge.infer.seq2seq import beam_search, generate
+
+    model = tiny()
+    torch.manual_seed(3)
+    sources = [torch.randint(3, 97, (n,)).tolist() for n in (5, 9, 7)]
+    free = generate(model, sources, bos=1, eos=2, max_new_tokens=12)
+    # An EOS the greedy path meets part way, so stopping is tested too.
+    eos = free[0][4]
+    greedy = generate(model, sources, bos=1, eos=eos, max_new_tokens=12)
+    assert len(greedy[0]) == free[0].index(eos)
+    assert beam_search(model, sources, bos=1, eos=eos, beam=1, max_new_tokens=12) == greedy
+    batched = beam_search(model, sources, bos=1, eos=eos, beam=4, max_new_tokens=12)
+    alone = [beam_search(model, [s], bos=1, eos=eos, beam=4, max_new_tokens=12)[0] for s in sources]
+    assert batched == alone

@@ -1,0 +1,140 @@
+"""Decoding an encoder-decoder model: greedy or sampled, and beam search, batched.
+
+Every source is encoded once; the decoder then runs one position per step for all rows with
+a KV cache, reading the cross-attention keys and values computed from the encoder output.
+Beam search keeps `beam` hypotheses per source, reordering the cache rows as beams are
+chosen, and scores finished ones by log-probability / length ** length_penalty.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.infer.sampling import SamplingConfig, sample
+from lmforge.models.seq2seq import Seq2Seq
+
+
+def _encode(model: Seq2Seq, sources: list[list[int]], pad: int, repeat: int = 1):
+    """Right-padded sources, their mask, and the decoder's cross-attention memory, each row
+    repeated `repeat` times (for beams)."""
+    device = model.embed.weight.device
+    width = max(len(s) for s in sources)
+    ids = torch.full((len(sources), width), pad, dtype=torch.long, device=device)
+    for i, s in enumerate(sources):
+        ids[i, :len(s)] = torch.tensor(s, device=device)
+    mask = torch.arange(width, device=device)[None] < torch.tensor([len(s) for s in sources],
+                                                                   device=device)[:, None]
+    ids, mask = ids.repeat_interleave(repeat, 0), mask.repeat_interleave(repeat, 0)
+    return mask, model.memory(model.encode(ids, mask))
+
+
+def _budget(model: Seq2Seq, max_new_tokens: int) -> int:
+    return min(max_new_tokens, model.cfg.max_length - 1)
+
+
+@torch.no_grad()
+def generate(model: Seq2Seq, sources: list[list[int]], bos: int, eos: int,
+             max_new_tokens: int = 128, sampling: SamplingConfig | None = None,
+             seed: int | None = None, pad: int = 0) -> list[list[int]]:
+    """Target ids for each source (without BOS and EOS): greedy, or sampled with `sampling`."""
+    sampling = sampling or SamplingConfig(temperature=0.0)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(model.embed.weight.device).manual_seed(seed)
+    steps = _budget(model, max_new_tokens)
+    mask, memory = _encode(model, sources, pad)
+    cache = model.new_cache(len(sources), steps + 1)
+    token = torch.full((len(sources), 1), bos, dtype=torch.long, device=mask.device)
+    out = [[] for _ in sources]
+    done = torch.zeros(len(sources), dtype=torch.bool, device=mask.device)
+    for t in range(steps):
+        logits = model.decode(token, memory, mask, cache, start=t)[:, -1].float()
+        token = sample(logits, sampling, generator).view(-1, 1)
+        for i in (~done).nonzero().flatten().tolist():
+            if token[i, 0] == eos:
+                done[i] = True
+            else:
+                out[i].append(int(token[i, 0]))
+        if done.all():
+            break
+    return out
+
+
+def _reorder(cache, rows: torch.Tensor) -> None:
+    """Make cache row i hold what row rows[i] held (in place, so per-layer views stay valid)."""
+    cache.k.copy_(cache.k[:, rows])
+    cache.v.copy_(cache.v[:, rows])
+
+
+@torch.no_grad()
+def beam_search(model: Seq2Seq, sources: list[list[int]], bos: int, eos: int, beam: int = 4,
+                max_new_tokens: int = 128, length_penalty: float = 1.0,
+                early_stopping: bool = True, pad: int = 0) -> list[list[int]]:
+    """The best-scoring target ids for each source (without BOS and EOS).
+
+    early_stopping: a source is done once `beam` hypotheses have ended; otherwise it goes on
+    while a live beam could still beat the best ended one.
+    """
+    B, K = len(sources), beam
+    steps = _budget(model, max_new_tokens)
+    mask, memory = _encode(model, sources, pad, repeat=K)
+    device = mask.device
+    cache = model.new_cache(B * K, steps + 1)
+    # Only the first beam of each source is live at the start (the others are copies).
+    scores = torch.full((B, K), float("-inf"), device=device)
+    scores[:, 0] = 0.0
+    history = torch.full((B * K, 1), bos, dtype=torch.long, device=device)
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+    done = [False] * B
+    for t in range(steps):
+        logp = model.decode(history[:, -1:], memory, mask, cache, start=t)[:, -1].float()
+        logp = logp.log_softmax(-1).view(B, K, -1)
+        vocab = logp.shape[-1]
+        top, index = (scores[:, :, None] + logp).view(B, -1).topk(2 * K, dim=1)
+        next_scores = torch.full((B, K), float("-inf"), device=device)
+        next_rows = torch.arange(B * K, device=device)  # done sources keep their rows
+        next_tokens = torch.full((B * K,), eos, dtype=torch.long, device=device)
+        for b in range(B):
+            if done[b]:
+                continue
+            kept = 0
+            for score, flat in zip(top[b].tolist(), index[b].tolist()):
+                k, token = divmod(flat, vocab)
+                if token == eos:
+                    if len(finished[b]) < K or not early_stopping:
+                        tokens = history[b * K + k, 1:].tolist()
+                        finished[b].append((score / max(len(tokens) + 1, 1) ** length_penalty,
+                                            tokens))
+                    continue
+                next_scores[b, kept] = score
+                next_rows[b * K + kept] = b * K + k
+                next_tokens[b * K + kept] = token
+                kept += 1
+                if kept == K:
+                    break
+            done[b] = _source_done(finished[b], next_scores[b], K, t + 1, length_penalty,
+                                   early_stopping)
+        if all(done):
+            break
+        _reorder(cache, next_rows)
+        history = torch.cat([history[next_rows], next_tokens[:, None]], dim=1)
+        scores = next_scores
+    best = []
+    for b in range(B):
+        if not finished[b]:  # nothing ended within the budget: the best live beam
+            k = int(scores[b].argmax())
+            finished[b].append((0.0, history[b * K + k, 1:].tolist()))
+        best.append(max(finished[b], key=lambda f: f[0])[1])
+    return best
+
+
+def _source_done(finished: list, live: torch.Tensor, beam: int, length: int,
+                 length_penalty: float, early_stopping: bool) -> bool:
+    if len(finished) < beam:
+        return False
+    if early_stopping:
+        return True
+    # A live beam's score only falls as it grows; with a non-negative length penalty its
+    # best possible normalised score is reached at the longest length, bounded here.
+    best_live = float(live.max()) / (length + 1) ** length_penalty
+    return max(f[0] for f in finished) >= best_live
