@@ -32,8 +32,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     if recipe and "=" in recipe:  # no recipe file, only overrides
         recipe, overrides = None, [recipe, *overrides]
     result = _train(load_recipe(recipe, overrides), resume=args.resume)
-    if result.final_val_loss is not None:
-        print(f"validation loss {result.final_val_loss:.4f} ({result.final_val_bpb:.3f} bits/byte)")
+    if result.final_metrics:
+        print(", ".join(f"{k} {v:.4f}" for k, v in result.final_metrics.items()))
     print(f"checkpoint: {result.checkpoint}")
 
 

@@ -76,6 +76,18 @@ class ModelConfig:
         return from_dict(cls, json.loads(path.read_text()), where=str(path))
 
 
+def load_config(path: str | Path) -> ModelConfig | Seq2SeqConfig:
+    """The config.json of a model directory, of either family."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    values = json.loads(path.read_text()) if path.is_file() else {}
+    if values.get("family") == "seq2seq":
+        values.pop("family")
+        return from_dict(Seq2SeqConfig, values, where=str(path))
+    return ModelConfig.load(path)
+
+
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
@@ -185,6 +197,16 @@ class Seq2SeqConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def resolve_seq2seq_config(spec: dict[str, Any] | str) -> Seq2SeqConfig:
+    """A seq2seq model section of a recipe: a preset name, or fields with optional `preset`."""
+    spec = {"preset": spec} if isinstance(spec, str) else dict(spec)
+    name = spec.pop("preset", "transformer-small")
+    if name not in SEQ2SEQ_PRESETS:
+        raise ConfigError(f"unknown seq2seq preset {name!r}: {closest_hint(name, list(SEQ2SEQ_PRESETS))}"
+                          f"presets are: {', '.join(SEQ2SEQ_PRESETS)}")
+    return from_dict(Seq2SeqConfig, {**SEQ2SEQ_PRESETS[name], **spec}, where="model")
 
 
 SEQ2SEQ_PRESETS: dict[str, dict[str, Any]] = {

@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmforge.config import ModelConfig
+from lmforge.config import Seq2SeqConfig, load_config
 from lmforge.errors import CheckpointMismatch, ConfigError
 from lmforge.finetune.lora import ADAPTER_CONFIG, load_adapter, read_adapter_config
 from lmforge.models.decoder import Decoder
+from lmforge.models.seq2seq import Seq2Seq
 from lmforge.quant import QUANT_FILE, QuantSpec, prepare_quantized, quantization_of
 from lmforge.tokenizer import Tokenizer
 
@@ -170,10 +171,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         model, tokenizer = load_model(adapter_base(directory), device, dtype, adapter=directory)
         own = directory / "tokenizer.json"
         return model, Tokenizer.load(own) if own.is_file() else tokenizer
-    cfg = ModelConfig.load(directory / "config.json")
+    cfg = load_config(directory / "config.json")
     spec = QuantSpec.load(directory)
     with torch.device("meta"), _no_weight_init():
-        model = Decoder(cfg)
+        model = Seq2Seq(cfg) if isinstance(cfg, Seq2SeqConfig) else Decoder(cfg)
         if spec is not None:
             prepare_quantized(model, spec)
     load_weights(model, directory / WEIGHTS, assign=True)

@@ -95,3 +95,51 @@ def test_beam_search_with_one_beam_is_greedy_and_batching_changes_nothing():
     batched = beam_search(model, sources, bos=1, eos=eos, beam=4, max_new_tokens=12)
     alone = [beam_search(model, [s], bos=1, eos=eos, beam=4, max_new_tokens=12)[0] for s in sources]
     assert batched == alone
+
+
+def digit_pairs(path, n, seed, reverse=True):
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            digits = [str(rng.randint(0, 9)) for _ in range(rng.randint(3, 8))]
+            out = reversed(digits) if reverse else digits
+            f.write(f"{' '.join(digits)}\t{' '.join(out)}\tignored column\n")
+    return path
+
+
+@pytest.mark.slow
+def test_a_tiny_model_learns_to_reverse_digit_strings(tmp_path):
+    from lmforge.infer.seq2seq import translate
+    from lmforge.modeldir import load_model
+    from lmforge.train.config import load_recipe
+    from lmforge.train.trainer import Trainer
+
+    data = digit_pairs(tmp_path / "reverse.tsv", 3000, 0)
+    cfg = load_recipe(None, ["task=seq2seq", f"data={data}", "model=transformer-tiny",
+                             "vocab_size=300", f"out_dir={tmp_path / 'run'}", "max_steps=800",
+                             "batch_size=32", "lr=1e-3", "warmup_steps=50", "eval_interval=0",
+                             "val_fraction=0.05", "progress=false", "sample_tokens=0"])
+    result = Trainer(cfg).fit()
+    assert result.wall_seconds < 60
+    assert result.final_metrics["val_bleu"] == pytest.approx(100.0)
+    model, tokenizer = load_model(tmp_path / "run")
+    sources = [line.split("\t")[0] for line in data.read_text().splitlines()[:50]]
+    wanted = [" ".join(reversed(s.split())) for s in sources]
+    assert translate(model, tokenizer, sources) == wanted
+    assert translate(model, tokenizer, sources, beam=4) == wanted
+
+
+def test_bad_parallel_lines_are_named_and_skipped_on_request(tmp_path):
+    from lmforge.data.parallel import read_pairs
+    from lmforge.errors import ConfigError
+
+    path = tmp_path / "pairs.tsv"
+    path.write_text("Go.\tVa !\nno tab here\n\nHi.\t \nRun!\tCours !\n")
+    with pytest.raises(ConfigError, match="pairs.tsv:2: no tab between source and target"):
+        read_pairs(path)
+    pairs, skipped = read_pairs(path, bad_lines="skip")
+    assert pairs == [("Go.", "Va !"), ("Run!", "Cours !")]
+    assert [s.split(": ", 1)[1] for s in skipped] == ["no tab between source and target",
+                                                      "empty target"]

@@ -41,6 +41,9 @@ class Classifier(nn.Module):
                                dtype=ref.dtype)
         nn.init.normal_(self.score.weight, 0.0, decoder.cfg.init_std)
 
+    def flops(self):
+        return self.decoder.flops()
+
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Label logits (B, n_labels) for right-padded rows idx (B, T) of `lengths` tokens."""
         hidden = self.decoder.features(idx)

@@ -12,6 +12,36 @@ import torch
 
 from lmforge.infer.sampling import SamplingConfig, sample
 from lmforge.models.seq2seq import Seq2Seq
+from lmforge.tokenizer import Tokenizer
+
+# How lmforge frames a target: <|im_start|> target <|im_end|> (tokens every lmforge BPE has).
+BOS, EOS = "<|im_start|>", "<|im_end|>"
+
+
+def framing(tokenizer: Tokenizer) -> tuple[int, int, int]:
+    """BOS, EOS and padding ids of a seq2seq model's tokenizer."""
+    bos, eos = tokenizer.token_id(BOS), tokenizer.token_id(EOS)
+    if bos is None or eos is None:
+        raise ValueError(f"the tokenizer has no {BOS} / {EOS} tokens to frame targets with")
+    return bos, eos, tokenizer.pad_id if tokenizer.pad_id is not None else 0
+
+
+def translate(model: Seq2Seq, tokenizer: Tokenizer, texts: list[str], beam: int = 1,
+              max_new_tokens: int = 128, batch_size: int = 32, length_penalty: float = 1.0
+              ) -> list[str]:
+    """Target texts for source texts: greedy (beam 1) or beam search, `batch_size` at once."""
+    bos, eos, pad = framing(tokenizer)
+    out = []
+    for start in range(0, len(texts), batch_size):
+        sources = [tokenizer.encode(t)[:model.cfg.max_length] or [pad]
+                   for t in texts[start:start + batch_size]]
+        if beam == 1:
+            ids = generate(model, sources, bos, eos, max_new_tokens, pad=pad)
+        else:
+            ids = beam_search(model, sources, bos, eos, beam, max_new_tokens, length_penalty,
+                              pad=pad)
+        out += [tokenizer.decode(i) for i in ids]
+    return out
 
 
 def _encode(model: Seq2Seq, sources: list[list[int]], pad: int, repeat: int = 1):

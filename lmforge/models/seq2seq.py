@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from lmforge.config import Seq2SeqConfig
+from lmforge.config import FlopsReport, Seq2SeqConfig
 from lmforge.layers import (
     MLP,
     Attention,
@@ -82,9 +82,7 @@ class Seq2Seq(nn.Module):
         if cfg.positions == "learned":
             self.source_pos = nn.Embedding(cfg.max_length, cfg.d_model)
             self.target_pos = nn.Embedding(cfg.max_length, cfg.d_model)
-        else:
-            self.register_buffer("sinusoids", sinusoidal_positions(cfg.max_length, cfg.d_model),
-                                 persistent=False)
+        self.reset_buffers()
         self.dropout = nn.Dropout(cfg.dropout)
         self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_encoder_layer))
         self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_decoder_layer))
@@ -95,8 +93,17 @@ class Seq2Seq(nn.Module):
             if cfg.norm_first else nn.Identity()
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()
-        if cfg.tie_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+
+    def reset_buffers(self) -> None:
+        """The sinusoid table: derived, never saved (rebuilt after loading on the meta device)."""
+        if self.cfg.positions == "sinusoidal":
+            table = sinusoidal_positions(self.cfg.max_length, self.cfg.d_model)
+            self.register_buffer("sinusoids", table.to(self.embed.weight.device), persistent=False)
 
     def reset_parameters(self) -> None:
         for name, p in self.named_parameters():
@@ -161,3 +168,11 @@ class Seq2Seq(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def flops(self) -> FlopsReport:
+        """Training FLOPs per target token, roughly: 6 per weight (source tokens, which go
+        through the encoder only, are counted as target tokens)."""
+        params = self.num_params()
+        embedding = self.embed.weight.numel()
+        matmul = params - embedding + self.cfg.vocab_size * self.cfg.d_model
+        return FlopsReport(params, params - embedding, 6 * matmul)

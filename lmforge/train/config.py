@@ -24,6 +24,7 @@ TASKS = {
     "lm": "lmforge.train.lm:LanguageModelingTask",
     "sft": "lmforge.finetune.sft:ChatTask",
     "classify": "lmforge.finetune.classify:ClassifyTask",
+    "seq2seq": "lmforge.train.seq2seq:Seq2SeqTask",
 }
 
 
@@ -53,6 +54,11 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_targets: str = "all-linear"  # comma-separated layer names, e.g. q_proj,v_proj
     grad_checkpointing: bool = False  # recompute activations in backward: less memory
+    source_field: str = "source"  # seq2seq JSONL: the field holding the source text
+    target_field: str = "target"
+    bad_lines: str = "fail"  # seq2seq: a malformed line stops the run (fail) or is skipped
+    test_fraction: float = 0.0  # seq2seq: a held-out test share, besides validation
+    label_smoothing: float = 0.0  # seq2seq: 0.1 in the original Transformer
 
     # Batches: global batch = batch_size * grad_accum * world_size sequences of context_length.
     batch_size: int = 12
@@ -98,6 +104,10 @@ class TrainConfig:
         from lmforge.finetune.lora import LoraConfig
 
         return LoraConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
+
+    def seq2seq_model(self) -> Any:
+        """The model section for a seq2seq run: pretraining's default means the seq2seq one."""
+        return "transformer-small" if self.model == "shakespeare-char" else self.model
 
     def model_config(self) -> ModelConfig:
         return resolve_model_config(self.model)
@@ -152,8 +162,14 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (),
     values = _numbers(apply_overrides(values, list(overrides)))
     where = str(path) if path else "overrides"
     cfg = from_dict(TrainConfig, values, where=where)
-    cfg.model_config()  # fail now, not an hour into the run, on a bad model key
     if cfg.task not in TASKS:
         raise ConfigError(f"unknown task {cfg.task!r}: {closest_hint(cfg.task, list(TASKS))}"
                           f"tasks are {', '.join(TASKS)}")
+    # Fail now, not an hour into the run, on a bad model key.
+    if cfg.task == "seq2seq":
+        from lmforge.config import resolve_seq2seq_config
+
+        resolve_seq2seq_config(cfg.seq2seq_model())
+    else:
+        cfg.model_config()
     return cfg

@@ -100,8 +100,9 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         self.model = self.task.build_model(self.device)
-        decoder = getattr(self.model, "decoder", self.model)
-        decoder.grad_checkpointing = cfg.grad_checkpointing
+        for module in self.model.modules():
+            if hasattr(module, "grad_checkpointing"):
+                module.grad_checkpointing = cfg.grad_checkpointing
         self.optimizer = build_optimizer(self.model, cfg, self.device.type)
         self.step, self.elapsed_before, self.tokens_seen = 0, 0.0, 0
         self._t_start = time.perf_counter()
@@ -137,7 +138,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             self._trim_metrics()
-        flops_per_token = getattr(self.model, "decoder", self.model).flops().flops_per_token
+        flops_per_token = self.model.flops().flops_per_token
         peak = self._peak_flops()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and d.is_main),
                    unit="step", dynamic_ncols=True)
