@@ -69,6 +69,33 @@ def cmd_finetune(args: argparse.Namespace) -> None:
              if cfg.lora_rank else ""))
 
 
+def cmd_translate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from lmforge.errors import ConfigError
+    from lmforge.infer.seq2seq import translate
+    from lmforge.interop.hub import resolve_model
+    from lmforge.modeldir import load_model
+    from lmforge.models.seq2seq import Seq2Seq
+
+    texts = list(args.text)
+    if args.file:
+        texts += Path(args.file).read_text(encoding="utf-8").splitlines()
+    if not texts:
+        raise ConfigError("nothing to translate: pass --text TEXT (repeatable) or --file FILE")
+    model, tokenizer = load_model(resolve_model(args.model), args.device or "cpu")
+    if not isinstance(model, Seq2Seq):
+        raise ConfigError(f"{args.model} is a decoder-only model; translate takes an "
+                          "encoder-decoder (train one with task=seq2seq)")
+    out = translate(model, tokenizer, texts, beam=args.beam, max_new_tokens=args.max_new_tokens,
+                    length_penalty=args.length_penalty)
+    if args.out:
+        Path(args.out).write_text("".join(line + "\n" for line in out), encoding="utf-8")
+        print(f"{len(out)} lines -> {args.out}")
+    else:
+        print("\n".join(out))
+
+
 def cmd_merge(args: argparse.Namespace) -> None:
     from lmforge.finetune.run import merge
 
@@ -393,6 +420,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("overrides", nargs="*", help="key=value training overrides, e.g. warmup_steps=20")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("translate", help="source text -> target text with an encoder-decoder model")
+    p.add_argument("model", help="a seq2seq model or run directory")
+    p.add_argument("--text", action="append", default=[], help="a sentence (repeatable)")
+    p.add_argument("--file", default=None, help="one sentence per line")
+    p.add_argument("--out", default=None, help="write the translations here, one per line")
+    p.add_argument("--beam", type=int, default=4, help="beam width (1 = greedy)")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam scores are log-probability / length ** this")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_translate)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base: a plain model directory")
     p.add_argument("adapter_dir", help="adapter directory, or a LoRA fine-tuning run directory")

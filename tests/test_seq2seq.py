@@ -129,6 +129,12 @@ def test_a_tiny_model_learns_to_reverse_digit_strings(tmp_path):
     wanted = [" ".join(reversed(s.split())) for s in sources]
     assert translate(model, tokenizer, sources) == wanted
     assert translate(model, tokenizer, sources, beam=4) == wanted
+    from lmforge.cli import main
+
+    (tmp_path / "in.txt").write_text("\n".join(sources[:5]) + "\n")
+    assert main(["translate", str(tmp_path / "run"), "--file", str(tmp_path / "in.txt"),
+                 "--out", str(tmp_path / "out.txt")]) == 0
+    assert (tmp_path / "out.txt").read_text().splitlines() == wanted[:5]
 
 
 def test_bad_parallel_lines_are_named_and_skipped_on_request(tmp_path):
