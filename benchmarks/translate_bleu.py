@@ -37,15 +37,15 @@ def main() -> None:
     print(f"{len(test)} test pairs from {recipe['data']}")
     print("| decoding | BLEU | chrF | seconds |")
     print("|---|---:|---:|---:|")
+    bleu, chrf = sacrebleu.BLEU(), sacrebleu.CHRF()
     for beam in (1, args.beam):
         start = time.perf_counter()
         hypotheses = translate(model, tokenizer, sources, beam=beam)
         seconds = time.perf_counter() - start
-        bleu = sacrebleu.corpus_bleu(hypotheses, references)
-        chrf = sacrebleu.corpus_chrf(hypotheses, references)
         name = "greedy" if beam == 1 else f"beam {beam}"
-        print(f"| {name} | {bleu.score:.1f} | {chrf.score:.1f} | {seconds:.1f} |")
-    print(f"sacrebleu: {sacrebleu.BLEU().get_signature()}")
+        print(f"| {name} | {bleu.corpus_score(hypotheses, references).score:.1f} | "
+              f"{chrf.corpus_score(hypotheses, references).score:.1f} | {seconds:.1f} |")
+    print(f"sacrebleu: {bleu.get_signature()}; {chrf.get_signature()}")
 
 
 if __name__ == "__main__":
