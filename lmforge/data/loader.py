@@ -95,3 +95,14 @@ def eval_batches(tokens: np.ndarray, length: int, batch: int, n_batches: int, se
     starts = np.arange(0, len(tokens) - length, length)
     for i in range(rank * batch, len(starts), batch * world):
         yield window_batch(tokens, starts[i:i + batch], length)
+
+
+def in_order(rows: list, batch: int, n_batches: int, rank: int = 0, world: int = 1
+             ) -> Iterator[list]:
+    """This rank's share of consecutive batches of held-out rows (examples, pairs):
+    the first n_batches, or all of them when n_batches is 0."""
+    starts = range(0, len(rows), batch)
+    if n_batches > 0:
+        starts = starts[:n_batches]
+    for start in starts[rank::world]:
+        yield rows[start:start + batch]

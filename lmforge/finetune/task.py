@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lmforge.config import ModelConfig
+from lmforge.data.loader import in_order
 from lmforge.errors import CheckpointMismatch, ConfigError
 from lmforge.finetune.lora import apply_lora, load_adapter, read_adapter_config, save_adapter
 from lmforge.modeldir import WEIGHTS, load_model, load_weights, save_model
@@ -132,12 +133,8 @@ class FinetuneTask:
         return self.collate([self.examples[i] for i in picks])
 
     def eval_batches(self, n_batches: int, rank: int, world: int) -> Iterator[tuple]:
-        size = self.cfg.batch_size
-        starts = range(0, len(self.val_examples), size)
-        if n_batches > 0:
-            starts = starts[:n_batches]
-        for start in starts[rank::world]:
-            yield self.collate(self.val_examples[start:start + size])
+        for rows in in_order(self.val_examples, self.cfg.batch_size, n_batches, rank, world):
+            yield self.collate(rows)
 
     def val_metrics(self, model: nn.Module, val_loss: float) -> dict[str, float]:
         return {}

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import Seq2SeqConfig, resolve_seq2seq_config
+from lmforge.data.loader import in_order
 from lmforge.data.parallel import read_pairs, split_pairs
 from lmforge.errors import CheckpointMismatch
 from lmforge.infer.seq2seq import framing, translate
@@ -105,12 +106,8 @@ class Seq2SeqTask:
         return source, mask, target_in, target_out
 
     def eval_batches(self, n_batches: int, rank: int, world: int):
-        size = self.cfg.batch_size
-        starts = range(0, len(self.val_rows), size)
-        if n_batches > 0:
-            starts = starts[:n_batches]
-        for start in starts[rank::world]:
-            yield self.collate(self.val_rows[start:start + size])
+        for rows in in_order(self.val_rows, self.cfg.batch_size, n_batches, rank, world):
+            yield self.collate(rows)
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         source, mask, target_in, target_out = batch
