@@ -1,4 +1,5 @@
-"""Test-split BLEU and chrF (sacrebleu) of a seq2seq run, greedy against beam search.
+"""Test-split BLEU, chrF (sacrebleu) and exact match of a seq2seq run, greedy against beam
+search.
 
     python benchmarks/translate_bleu.py runs/en-fr [--beam 4]
 
@@ -35,16 +36,18 @@ def main() -> None:
     model, tokenizer = load_model(args.run)
     sources, references = [s for s, _ in test], [[t for _, t in test]]
     print(f"{len(test)} test pairs from {recipe['data']}")
-    print("| decoding | BLEU | chrF | seconds |")
-    print("|---|---:|---:|---:|")
+    print("| decoding | BLEU | chrF | exact match | seconds |")
+    print("|---|---:|---:|---:|---:|")
     bleu, chrf = sacrebleu.BLEU(), sacrebleu.CHRF()
     for beam in (1, args.beam):
         start = time.perf_counter()
         hypotheses = translate(model, tokenizer, sources, beam=beam)
         seconds = time.perf_counter() - start
         name = "greedy" if beam == 1 else f"beam {beam}"
+        exact = sum(h == r for h, r in zip(hypotheses, references[0])) / len(hypotheses)
         print(f"| {name} | {bleu.corpus_score(hypotheses, references).score:.1f} | "
-              f"{chrf.corpus_score(hypotheses, references).score:.1f} | {seconds:.1f} |")
+              f"{chrf.corpus_score(hypotheses, references).score:.1f} | {exact:.1%} | "
+              f"{seconds:.1f} |")
     print(f"sacrebleu: {bleu.get_signature()}; {chrf.get_signature()}")
 
 
