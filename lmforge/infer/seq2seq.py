@@ -128,10 +128,13 @@ def beam_search(model: Seq2Seq, sources: list[list[int]], bos: int, eos: int, be
             if done[b]:
                 continue
             kept = 0
-            for score, flat in zip(top[b].tolist(), index[b].tolist()):
+            for rank, (score, flat) in enumerate(zip(top[b].tolist(), index[b].tolist())):
                 k, token = divmod(flat, vocab)
                 if token == eos:
-                    if len(finished[b]) < K or not early_stopping:
+                    # Only an ending among the K best candidates counts: the extra K are
+                    # there to keep K beams alive, and a weak early ending would win the
+                    # length-normalised comparison unfairly.
+                    if rank < K and (len(finished[b]) < K or not early_stopping):
                         tokens = history[b * K + k, 1:].tolist()
                         finished[b].append((score / max(len(tokens) + 1, 1) ** length_penalty,
                                             tokens))
