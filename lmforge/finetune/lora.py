@@ -135,23 +135,12 @@ def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
 # PEFT's files
 
 
-def _hf_layer_name(our: str, family: str | None) -> str:
-    """PEFT's key prefix for one of our module names (HF names for the Llama family)."""
-    if family in ("llama", "qwen3"):
-        from lmforge.interop.hf import _LLAMA_NAMES, _rename
+def _peft_names(model: nn.Module):
+    """Our module name -> the name PEFT keys its adapter by (Hugging Face's for the Llama
+    family, ours otherwise)."""
+    from lmforge.interop.hf import hf_module_names
 
-        return _rename(our + ".", _LLAMA_NAMES, reverse=True)[:-1]
-    return our
-
-
-def _family(model: nn.Module) -> str | None:
-    from lmforge.errors import UnsupportedModel
-    from lmforge.interop.hf import _export_family
-
-    try:
-        return _export_family(model.cfg)
-    except UnsupportedModel:
-        return None
+    return hf_module_names(model.cfg) or (lambda name: name)
 
 
 def save_adapter(directory: str | Path, model: nn.Module, cfg: LoraConfig, base: str,
@@ -165,11 +154,11 @@ def save_adapter(directory: str | Path, model: nn.Module, cfg: LoraConfig, base:
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    family = _family(model)
+    peft_name = _peft_names(model)
     tensors = {}
     for key, value in lora_state(model).items():
         layer, _, rest = key.partition(".lora_")
-        tensors[_PEFT_PREFIX + _hf_layer_name(layer, family) + ".lora_" + rest] = value
+        tensors[_PEFT_PREFIX + peft_name(layer) + ".lora_" + rest] = value
     for key, value in (extra or {}).items():
         tensors[_PEFT_PREFIX + key] = value
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
@@ -216,9 +205,9 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, torch.Ten
     if not lora_layers(model):
         apply_lora(model, cfg)
     # Keys may use Hugging Face's layer names (the Llama family, as PEFT writes them) or ours.
-    family = _family(model)
+    peft_name = _peft_names(model)
     ours = {_PEFT_PREFIX + prefix: name for name in lora_layers(model)
-            for prefix in (name, _hf_layer_name(name, family))}
+            for prefix in (name, peft_name(name))}
     state = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
     adapters, extra = {}, {}
     for key, value in state.items():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -474,6 +475,19 @@ def _export_family(cfg: ModelConfig) -> str:
         "this model maps onto no Hugging Face architecture lmforge exports: "
         + "; ".join(f"{SUPPORTED[f]} would need {', '.join(w)}" for f, w in reasons.items())
     )
+
+
+def hf_module_names(cfg: ModelConfig) -> Callable[[str], str] | None:
+    """For a Llama-family model, a function from our module names to Hugging Face's
+    (`blocks.0.attn.q_proj` -> `model.layers.0.self_attn.q_proj`), as PEFT keys adapters by
+    them; None for shapes whose layers do not map one to one (GPT-2's fused attention)."""
+    try:
+        family = _export_family(cfg)
+    except UnsupportedModel:
+        return None
+    if family not in ("llama", "qwen3"):
+        return None
+    return lambda name: _rename(name + ".", _LLAMA_NAMES, reverse=True)[:-1]
 
 
 def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
