@@ -179,3 +179,18 @@ def test_a_half_written_checkpoint_is_never_taken_for_the_latest(char_corpus, tm
     Trainer(recipe(char_corpus, run, max_steps=2), resume=True).fit()
     assert [p.name for p in checkpoint_dirs(run)] == ["step_0000001", "step_0000002"]
     assert not stale.exists()
+
+
+def test_schedules_warm_up_then_follow_their_shape():
+    from lmforge.train.schedule import lr_at
+
+    args = dict(lr=1.0, min_lr=0.1, warmup=10, total=100)
+    for kind in ("cosine", "wsd", "constant", "inverse-sqrt"):
+        warm = [lr_at(s, kind=kind, **args) for s in range(10)]
+        assert warm == sorted(warm) and warm[-1] < 1.0
+        assert lr_at(10, kind=kind, **args) == pytest.approx(1.0, rel=0.1)
+    assert lr_at(100, kind="cosine", **args) == pytest.approx(0.1)
+    assert lr_at(39, kind="inverse-sqrt", **args) == pytest.approx(0.5)  # sqrt(10 / 40)
+    assert lr_at(10**6, kind="inverse-sqrt", **args) == 0.1  # floored at min_lr
+    with pytest.raises(ConfigError, match="did you mean 'inverse-sqrt'"):
+        load_recipe(None, ["schedule=inverse_sqrt"])

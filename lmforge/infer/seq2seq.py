@@ -99,11 +99,13 @@ def _reorder(cache, rows: torch.Tensor) -> None:
 @torch.no_grad()
 def beam_search(model: Seq2Seq, sources: list[list[int]], bos: int, eos: int, beam: int = 4,
                 max_new_tokens: int = 128, length_penalty: float = 1.0,
-                early_stopping: bool = True, pad: int = 0) -> list[list[int]]:
+                early_stopping: bool = False, pad: int = 0) -> list[list[int]]:
     """The best-scoring target ids for each source (without BOS and EOS).
 
-    early_stopping: a source is done once `beam` hypotheses have ended; otherwise it goes on
-    while a live beam could still beat the best ended one.
+    A source goes on while a live beam, scored at its current length, still beats the best
+    ended hypothesis. early_stopping=True stops it as soon as `beam` hypotheses have ended:
+    faster, but on a confident model the weak beams end first (they are the short, wrong
+    readings) and the best one is cut off before it ends.
     """
     B, K = len(sources), beam
     steps = _budget(model, max_new_tokens)
@@ -167,7 +169,6 @@ def _source_done(finished: list, live: torch.Tensor, beam: int, length: int,
         return False
     if early_stopping:
         return True
-    # A live beam's score only falls as it grows; with a non-negative length penalty its
-    # best possible normalised score is reached at the longest length, bounded here.
+    # The usual heuristic: compare the best live beam as if it ended now.
     best_live = float(live.max()) / (length + 1) ** length_penalty
     return max(f[0] for f in finished) >= best_live

@@ -17,6 +17,7 @@ import yaml
 
 from lmforge.config import ModelConfig, closest_hint, from_dict, resolve_model_config
 from lmforge.errors import ConfigError
+from lmforge.train.schedule import SCHEDULES
 
 # task name -> "module:class" of its Task; imported only when used, so the training loop
 # does not depend on the fine-tuning code it can run.
@@ -71,7 +72,7 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine | wsd | constant
+    schedule: str = "cosine"  # cosine | wsd | constant | inverse-sqrt
     decay_fraction: float = 0.2  # wsd: share of the run spent decaying
     beta1: float = 0.9
     beta2: float = 0.99
@@ -165,6 +166,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (),
     if cfg.task not in TASKS:
         raise ConfigError(f"unknown task {cfg.task!r}: {closest_hint(cfg.task, list(TASKS))}"
                           f"tasks are {', '.join(TASKS)}")
+    if cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"unknown schedule {cfg.schedule!r}: "
+                          f"{closest_hint(cfg.schedule, list(SCHEDULES))}"
+                          f"schedules are {', '.join(SCHEDULES)}")
     # Fail now, not an hour into the run, on a bad model key.
     if cfg.task == "seq2seq":
         from lmforge.config import resolve_seq2seq_config

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+SCHEDULES = ("cosine", "wsd", "constant", "inverse-sqrt")
+
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int, kind: str = "cosine",
           decay_fraction: float = 0.2) -> float:
@@ -13,6 +15,8 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int, kind:
     wsd: linear warmup, constant, then a linear decay to min_lr over the final
     `decay_fraction` of the run (warmup-stable-decay).
     constant: linear warmup, then lr.
+    inverse-sqrt: linear warmup, then lr * sqrt(warmup / step), never below min_lr (the
+    original Transformer's schedule, scaled so that its peak is lr).
     """
     if step < warmup:
         return lr * (step + 1) / (warmup + 1)
@@ -24,7 +28,9 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int, kind:
             return lr
         progress = (step - decay_start) / max(total - decay_start, 1)
         return lr + (min_lr - lr) * min(progress, 1.0)
+    if kind == "inverse-sqrt":
+        return max(lr * math.sqrt(max(warmup, 1) / (step + 1)), min_lr)
     if kind == "cosine":
         progress = min((step - warmup) / max(total - warmup, 1), 1.0)
         return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-    raise ValueError(f"unknown schedule {kind!r}: use cosine, wsd or constant")
+    raise ValueError(f"unknown schedule {kind!r}: use one of {', '.join(SCHEDULES)}")
