@@ -170,7 +170,8 @@ class Seq2SeqConfig:
     d_mlp: int = 2048
     vocab_size: int = 8192  # one vocabulary for source and target (a joint tokenizer)
     max_length: int = 256  # longest source or target, in tokens
-    positions: str = "sinusoidal"  # sinusoidal | learned
+    positions: str = "sinusoidal"  # sinusoidal | learned | rope (self-attention only)
+    rope_base: float = 10000.0
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_first: bool = False  # pre-norm (stabler, no warmup needed) or the original post-norm
     norm_eps: float = 1e-5
@@ -181,16 +182,23 @@ class Seq2SeqConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        _check_choice("positions", self.positions, ("sinusoidal", "learned"))
+        _check_choice("positions", self.positions, ("sinusoidal", "learned", "rope"))
         self.block_config()  # the shared layers check the rest
 
     def block_config(self) -> ModelConfig:
         """The settings the shared layers (attention, MLP) read."""
         return ModelConfig(n_layer=self.n_encoder_layer, n_head=self.n_head, d_model=self.d_model,
                            d_mlp=self.d_mlp, vocab_size=self.vocab_size,
-                           context_length=self.max_length, norm=self.norm, norm_eps=self.norm_eps,
+                           context_length=self.max_length,
+                           positions="rope" if self.positions == "rope" else "learned",
+                           rope_base=self.rope_base, norm=self.norm, norm_eps=self.norm_eps,
                            mlp=self.mlp, bias=self.bias, dropout=self.dropout,
                            init_std=self.init_std)
+
+    @property
+    def context_length(self) -> int:
+        """Positions in a target: what the inference engine sizes its cache by."""
+        return self.max_length
 
     def to_dict(self) -> dict[str, Any]:
         return {"family": "seq2seq", **dataclasses.asdict(self)}

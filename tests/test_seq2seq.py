@@ -5,13 +5,15 @@ import pytest
 import torch
 
 from lmforge.config import SEQ2SEQ_PRESETS, Seq2SeqConfig
+from lmforge.infer.sampling import SamplingConfig
 from lmforge.models.seq2seq import Seq2Seq
 
 VARIANTS = {
     "post-norm, sinusoidal": dict(norm_first=False),
     "pre-norm, learned": dict(norm_first=True, positions="learned"),
-    "pre-norm, rmsnorm, swiglu, untied": dict(norm_first=True, norm="rmsnorm", mlp="swiglu",
-                                              bias=False, tie_embeddings=False),
+    "pre-norm, rmsnorm, swiglu, untied, rotary": dict(
+        norm_first=True, norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False,
+        positions="rope"),
 }
 
 
@@ -95,6 +97,25 @@ def test_beam_search_with_one_beam_is_greedy_and_batching_changes_nothing():
     batched = beam_search(model, sources, bos=1, eos=eos, beam=4, max_new_tokens=12)
     alone = [beam_search(model, [s], bos=1, eos=eos, beam=4, max_new_tokens=12)[0] for s in sources]
     assert batched == alone
+
+
+def test_the_engine_decodes_sources_of_any_length_together_as_generate_does(bpe_tokenizer):
+    from lmforge.infer.engine import PromptTooLong, Request
+    from lmforge.infer.seq2seq import Seq2SeqEngine, framing, generate
+
+    model = tiny(vocab_size=bpe_tokenizer.vocab_size, positions="learned")
+    bos, eos, _ = framing(bpe_tokenizer)
+    texts = ["To be, or not", "the", "What light through yonder window breaks", "Romeo"]
+    sources = [bpe_tokenizer.encode(t) for t in texts]
+    wanted = generate(model, sources, bos, eos, max_new_tokens=10)
+    # Two slots for four requests: later ones join while others are part way through, so
+    # rows decode at different positions with sources of different lengths.
+    engine = Seq2SeqEngine(model, bpe_tokenizer, max_batch=2)
+    done = engine.run([Request(s, 10, SamplingConfig(temperature=0.0)) for s in sources])
+    assert [[t for t in c.tokens if t != eos] for c in done] == wanted
+    assert [c.text for c in done] == [bpe_tokenizer.decode(w) for w in wanted]
+    with pytest.raises(PromptTooLong, match="source has 40 tokens"):
+        engine.submit(Request([5] * 40, 4))
 
 
 def digit_pairs(path, n, seed, reverse=True):

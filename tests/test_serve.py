@@ -244,3 +244,31 @@ def test_stream_ends_with_done(server):
     assert lines[-1] == "data: [DONE]"
     first = json.loads(lines[0].removeprefix("data: "))
     assert first["object"] == "chat.completion.chunk"
+
+
+def test_a_seq2seq_model_answers_completions_and_chat(tokenizer):
+    from lmforge.config import Seq2SeqConfig
+    from lmforge.infer.seq2seq import translate
+    from lmforge.models.seq2seq import Seq2Seq
+
+    torch.manual_seed(0)
+    model = Seq2Seq(Seq2SeqConfig(n_encoder_layer=1, n_decoder_layer=1, n_head=2, d_model=32,
+                                  d_mlp=64, vocab_size=tokenizer.vocab_size, max_length=24,
+                                  dropout=0.0)).eval()
+    sources = ["To be, or not to be", "Romeo"]
+    wanted = translate(model, tokenizer, sources, max_new_tokens=8)
+    with running(model, tokenizer, max_batch=2) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        reply = client.completions.create(model=NAME, prompt=sources, max_tokens=8,
+                                          temperature=0)
+        assert [c.text for c in reply.choices] == wanted
+        stream = client.completions.create(model=NAME, prompt=sources[0], max_tokens=8,
+                                           temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in stream) == wanted[0]
+        chat = client.chat.completions.create(model=NAME, max_tokens=8, temperature=0,
+                                              messages=[{"role": "user", "content": sources[1]}])
+        assert chat.choices[0].message.content == wanted[1]
+        with pytest.raises(openai.BadRequestError, match="source has 30 tokens"):
+            client.completions.create(model=NAME, prompt=[[5] * 30], max_tokens=4)
+        with pytest.raises(openai.BadRequestError, match="does not score its source"):
+            client.completions.create(model=NAME, prompt="x", echo=True, logprobs=1)

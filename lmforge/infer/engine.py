@@ -255,7 +255,7 @@ class Engine:
             raise ValueError(f"max_new_tokens must be >= 0, got {request.max_new_tokens}")
         if request.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer to read the text")
-        room = self.max_len - len(request.prompt)
+        room = self.room(request.prompt)
         if room < 1 and not request.truncate:
             raise PromptTooLong(
                 f"the prompt has {len(request.prompt)} tokens; at most {self.max_len - 1} fit "
@@ -265,9 +265,13 @@ class Engine:
             request = replace(request, prompt=request.prompt[-(self.max_len - 1):])
         seq = _Sequence(next(self._ids), request, self.tokenizer, self.model.cfg.vocab_size,
                         self.device)
-        seq.limit = min(request.max_new_tokens, self.max_len - len(request.prompt))
+        seq.limit = min(request.max_new_tokens, self.room(request.prompt))
         self.waiting.append(seq)
         return seq.id
+
+    def room(self, prompt: list[int]) -> int:
+        """Most tokens a sequence with this prompt can generate."""
+        return self.max_len - len(prompt)
 
     def cancel(self, request_id: int) -> None:
         """Forget a request (a client went away): its slot is free for the next step."""
@@ -316,23 +320,31 @@ class Engine:
         active = [s for s in self.slots if s is not None]
         if not active:
             return []
-        compiled = self._step_model is not None
         # A compiled step always takes every slot; otherwise free slots past the last
         # active one are left out.
-        rows = len(self.slots) if compiled else max(s.slot for s in active) + 1
+        rows = len(self.slots) if self._step_model is not None else \
+            max(s.slot for s in active) + 1
         tokens = torch.zeros(rows, 1, dtype=torch.long)
         starts = torch.zeros(rows, dtype=torch.long)
         for s in active:
             tokens[s.slot, 0], starts[s.slot] = s.tokens[-1], s.position
-        tokens, starts = tokens.to(self.device), starts.to(self.device)
-        if compiled:
-            logits = self._step_model(tokens, cache=self.cache, start=starts)
-        else:
-            positions = {s.position for s in active}
-            # Rows at one position (always so for a single sequence) take the faster path.
-            start = positions.pop() if len(positions) == 1 else starts
-            logits = self.model(tokens, cache=self._cache_rows(0, rows), start=start)
+        logits = self._forward(tokens.to(self.device), starts.to(self.device), active)
         return [self._emit(s, logits[s.slot, -1]) for s in active]
+
+    def _forward(self, tokens: torch.Tensor, starts: torch.Tensor, active: list[_Sequence]
+                 ) -> torch.Tensor:
+        """Logits of one decode step for the first len(tokens) slots."""
+        if self._step_model is not None:
+            return self._step_model(tokens, cache=self.cache, start=starts)
+        return self.model(tokens, cache=self._cache_rows(0, len(tokens)),
+                          start=self._start(active, starts))
+
+    @staticmethod
+    def _start(active: list[_Sequence], starts: torch.Tensor) -> int | torch.Tensor:
+        """One position for all rows when they share it (always so for a single sequence):
+        the faster path; else each row's own."""
+        positions = {s.position for s in active}
+        return positions.pop() if len(positions) == 1 else starts
 
     def _cache_rows(self, first: int, count: int) -> KVCache:
         # Views are cheap but not free; a decode step should not rebuild 2 x layers of them.

@@ -4,12 +4,25 @@ Every source is encoded once; the decoder then runs one position per step for al
 a KV cache, reading the cross-attention keys and values computed from the encoder output.
 Beam search keeps `beam` hypotheses per source, reordering the cache rows as beams are
 chosen, and scores finished ones by log-probability / length ** length_penalty.
+
+`Seq2SeqEngine` serves an encoder-decoder model through the inference engine's request
+handling (queue, slots, sampling, stop strings, streaming events), so `lmforge serve`
+batches translation requests as it batches completions.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
+from lmforge.infer.engine import (
+    Engine,
+    Event,
+    PromptTooLong,
+    Request,
+    _Sequence,
+)
 from lmforge.infer.sampling import SamplingConfig, sample
 from lmforge.models.seq2seq import Seq2Seq
 from lmforge.tokenizer import Tokenizer
@@ -172,3 +185,72 @@ def _source_done(finished: list, live: torch.Tensor, beam: int, length: int,
     # The usual heuristic: compare the best live beam as if it ended now.
     best_live = float(live.max()) / (length + 1) ** length_penalty
     return max(f[0] for f in finished) >= best_live
+
+
+class Seq2SeqEngine(Engine):
+    """The inference engine for an encoder-decoder model: a request's prompt is the source.
+
+    Admitting a request encodes its source and keeps its cross-attention keys and values in
+    the request's slot (padded to max_length, masked); every step then runs the decoder one
+    position for all active slots, each reading its own source.
+    """
+
+    def __init__(self, model: Seq2Seq, tokenizer: Tokenizer, max_batch: int = 8,
+                 max_len: int | None = None) -> None:
+        super().__init__(model, tokenizer, max_batch, max_len)
+        self.bos, self.eos, _ = framing(tokenizer)
+        cfg, ref = model.cfg, model.embed.weight
+        shape = (max_batch, cfg.n_head, cfg.max_length, cfg.d_model // cfg.n_head)
+        self.memory = [(ref.new_zeros(shape), ref.new_zeros(shape)) for _ in model.decoder]
+        self.source_mask = torch.zeros(max_batch, cfg.max_length, dtype=torch.bool,
+                                       device=self.device)
+        self.source_mask[:, 0] = True  # a free slot must not attend to nothing (NaN)
+
+    def submit(self, request: Request) -> int:
+        if request.prompt_logprobs:
+            raise ValueError("an encoder-decoder model does not score its source: ask for "
+                             "logprobs without echo")
+        if len(request.prompt) > self.model.cfg.max_length:
+            request = self._fitted_source(request)
+        return super().submit(replace(request, stop_ids=(*request.stop_ids, self.eos)))
+
+    def _fitted_source(self, request: Request) -> Request:
+        limit = self.model.cfg.max_length
+        if not request.truncate:
+            raise PromptTooLong(f"the source has {len(request.prompt)} tokens; the model reads "
+                                f"at most {limit}: shorten it, or ask for truncation")
+        return replace(request, prompt=request.prompt[:limit])
+
+    def room(self, prompt: list[int]) -> int:
+        return self.max_len - 1  # the target starts afresh after BOS, whatever the source
+
+    def _admit(self, seq: _Sequence) -> Event:
+        seq.slot = self.slots.index(None)
+        self.slots[seq.slot] = seq
+        seq.tokens = [self.bos]  # the target so far: its last token is the next input
+        source = torch.tensor([seq.request.prompt], device=self.device)
+        n, row = source.shape[1], seq.slot
+        self.source_mask[row] = False
+        self.source_mask[row, :n] = True
+        encoded = self.model.encode(source, self.source_mask[row:row + 1, :n])
+        for (k, v), (slot_k, slot_v) in zip(self.model.memory(encoded), self.memory):
+            slot_k[row, :, :n], slot_v[row, :, :n] = k[0], v[0]
+        if seq.request.logprobs is not None:
+            self._logprobs[seq.id] = []
+        if seq.limit == 0:
+            return self._record(seq, seq.finish(None, None, "length"))
+        tokens = torch.tensor([[self.bos]], device=self.device)
+        logits = self._decode(tokens, 0, row, row + 1, n)
+        return self._emit(seq, logits[0, -1])
+
+    def _forward(self, tokens: torch.Tensor, starts: torch.Tensor, active: list[_Sequence]
+                 ) -> torch.Tensor:
+        width = max(len(s.request.prompt) for s in active)
+        return self._decode(tokens, self._start(active, starts), 0, len(tokens), width)
+
+    def _decode(self, tokens: torch.Tensor, start: int | torch.Tensor, first: int, end: int,
+                width: int) -> torch.Tensor:
+        """Decoder logits for slots first..end, reading the first `width` source positions."""
+        memory = [(k[first:end, :, :width], v[first:end, :, :width]) for k, v in self.memory]
+        return self.model.decode(tokens, memory, self.source_mask[first:end, :width],
+                                 self._cache_rows(first, end - first), start)

@@ -5,7 +5,9 @@ sequence-to-sequence tasks, built from the same layers as the decoder-only model
   attention, so a padded source encodes exactly as the unpadded one.
 - The decoder writes the target with causal self-attention (a KV cache when generating) and
   cross-attention to the encoder's output, whose keys and values are computed once.
-- Positions: the original fixed sinusoids, or learned; embeddings scaled by sqrt(d_model).
+- Positions: the original fixed sinusoids or learned ones added to the embeddings (scaled by
+  sqrt(d_model)), or rotary in both self-attentions (cross-attention compares a target
+  position with source positions, which rotary has no meaning for, so it has none).
 - Post-norm residual blocks as in the paper, or pre-norm (`norm_first`), which trains
   without a long warmup.
 - One embedding for source, target and output projection when `tie_embeddings` (a joint
@@ -29,8 +31,11 @@ from lmforge.layers import (
     KVCache,
     Positions,
     make_norm,
+    rotary_tables,
     sinusoidal_positions,
 )
+
+Rotary = tuple[torch.Tensor, torch.Tensor]
 
 
 class _Residual(nn.Module):
@@ -55,8 +60,9 @@ class EncoderBlock(nn.Module):
         self.attn = _Residual(cfg, Attention(block))
         self.mlp = _Residual(cfg, MLP(block))
 
-    def forward(self, x: torch.Tensor, pos: Positions, key_mask: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.attn(x, None, pos, key_mask))
+    def forward(self, x: torch.Tensor, rotary: Rotary | None, pos: Positions,
+                key_mask: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.attn(x, rotary, pos, key_mask))
 
 
 class DecoderBlock(nn.Module):
@@ -67,10 +73,10 @@ class DecoderBlock(nn.Module):
         self.cross = _Residual(cfg, CrossAttention(block))
         self.mlp = _Residual(cfg, MLP(block))
 
-    def forward(self, x: torch.Tensor, pos: Positions, mask: torch.Tensor | None,
-                cache: tuple[torch.Tensor, torch.Tensor] | None,
+    def forward(self, x: torch.Tensor, rotary: Rotary | None, pos: Positions,
+                mask: torch.Tensor | None, cache: tuple[torch.Tensor, torch.Tensor] | None,
                 memory: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor) -> torch.Tensor:
-        x = self.attn(x, None, pos, mask, cache)
+        x = self.attn(x, rotary, pos, mask, cache)
         return self.mlp(self.cross(x, memory, key_mask))
 
 
@@ -100,10 +106,16 @@ class Seq2Seq(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     def reset_buffers(self) -> None:
-        """The sinusoid table: derived, never saved (rebuilt after loading on the meta device)."""
-        if self.cfg.positions == "sinusoidal":
-            table = sinusoidal_positions(self.cfg.max_length, self.cfg.d_model)
-            self.register_buffer("sinusoids", table.to(self.embed.weight.device), persistent=False)
+        """Sinusoid or rotary tables: derived, never saved (rebuilt after loading on the meta
+        device)."""
+        cfg, device = self.cfg, self.embed.weight.device
+        if cfg.positions == "sinusoidal":
+            table = sinusoidal_positions(cfg.max_length, cfg.d_model)
+            self.register_buffer("sinusoids", table.to(device), persistent=False)
+        elif cfg.positions == "rope":
+            cos, sin = rotary_tables(cfg.d_model // cfg.n_head, cfg.max_length, cfg.rope_base)
+            self.register_buffer("rope_cos", cos.to(device), persistent=False)
+            self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
     def reset_parameters(self) -> None:
         for name, p in self.named_parameters():
@@ -112,18 +124,21 @@ class Seq2Seq(nn.Module):
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
-    def _embed(self, ids: torch.Tensor, start: int, side: str) -> torch.Tensor:
-        end = start + ids.shape[1]
-        if end > self.cfg.max_length:
-            raise ValueError(f"a {side} of {end} tokens is past the model's max_length "
+    def _embed(self, ids: torch.Tensor, pos: Positions, side: str) -> torch.Tensor:
+        if pos.end > self.cfg.max_length:
+            raise ValueError(f"a {side} of {pos.end} tokens is past the model's max_length "
                              f"{self.cfg.max_length}")
         x = self.embed(ids) * math.sqrt(self.cfg.d_model)
+        index = pos.index if pos.index is not None else \
+            torch.arange(pos.start, pos.end, device=ids.device)
         if self.cfg.positions == "learned":
-            table = self.source_pos if side == "source" else self.target_pos
-            x = x + table(torch.arange(start, end, device=ids.device))
-        else:
-            x = x + self.sinusoids[start:end]
+            x = x + (self.source_pos if side == "source" else self.target_pos)(index)
+        elif self.cfg.positions == "sinusoidal":
+            x = x + self.sinusoids[index]
         return self.dropout(x)
+
+    def _rotary(self, pos: Positions) -> Rotary | None:
+        return pos.rotary(self.rope_cos, self.rope_sin) if self.cfg.positions == "rope" else None
 
     @staticmethod
     def key_mask(source_mask: torch.Tensor) -> torch.Tensor:
@@ -133,10 +148,11 @@ class Seq2Seq(nn.Module):
     def encode(self, source: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
         """Encoder output (B, S, d_model) for source ids (B, S); source_mask (B, S) is True
         at tokens and False at padding."""
-        x = self._embed(source, 0, "source")
         pos, key_mask = Positions.of(0, source.shape[1]), self.key_mask(source_mask)
+        x = self._embed(source, pos, "source")
+        rotary = self._rotary(pos)
         for block in self.encoder:
-            x = block(x, pos, key_mask)
+            x = block(x, rotary, pos, key_mask)
         return self.encoder_norm(x)
 
     def memory(self, encoded: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -145,15 +161,16 @@ class Seq2Seq(nn.Module):
 
     def decode(self, target: torch.Tensor, memory: list[tuple[torch.Tensor, torch.Tensor]],
                source_mask: torch.Tensor, cache: KVCache | None = None,
-               start: int = 0) -> torch.Tensor:
+               start: int | torch.Tensor = 0) -> torch.Tensor:
         """Logits (B, T, vocab) for target ids (B, T) at positions start.. (with a cache of
-        the earlier ones when generating)."""
-        x = self._embed(target, start, "target")
+        the earlier ones when generating); `start` may be a tensor (B,), one per row."""
         pos = Positions.of(start, target.shape[1])
+        x = self._embed(target, pos, "target")
         mask, key_mask = pos.mask(target.shape[1], target.device), self.key_mask(source_mask)
+        rotary = self._rotary(pos)
         for i, block in enumerate(self.decoder):
             layer_cache = cache.layers[i] if cache is not None else None
-            x = block(x, pos, mask, layer_cache, memory[i], key_mask)
+            x = block(x, rotary, pos, mask, layer_cache, memory[i], key_mask)
         return self.lm_head(self.decoder_norm(x))
 
     def forward(self, source: torch.Tensor, source_mask: torch.Tensor,

@@ -5,6 +5,9 @@ Routes: `GET /` (the chat page), `GET /health`, `GET /metrics` (Prometheus text)
 `stream` as server-sent events). Every request decodes through one shared `Engine` on its
 own thread (see `scheduler.py`), so concurrent requests batch together. Errors use the
 OpenAI shape `{"error": {"message", "type", "param", "code"}}`.
+
+An encoder-decoder (seq2seq) model is served the same way: a completion's prompt is the
+source text, and a chat request's last user message is (so the chat page translates).
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from lmforge.chat import chat_prompt_ids
 from lmforge.infer.engine import Completion, Engine, Event, PromptTooLong, TokenLogprob
 from lmforge.infer.engine import Request as EngineRequest
 from lmforge.infer.sampling import SamplingConfig
+from lmforge.infer.seq2seq import Seq2SeqEngine
 from lmforge.models.decoder import Decoder
+from lmforge.models.seq2seq import Seq2Seq
 from lmforge.serve.scheduler import QueueFull, Scheduler, Ticket
 from lmforge.serve.schemas import ChatRequest, CompletionRequest, SamplingFields
 from lmforge.tokenizer import Tokenizer
@@ -102,10 +107,16 @@ class Metrics:
             Gauge(name, doc, registry=r).set_function(read)
 
 
-def create_app(model: Decoder, tokenizer: Tokenizer, stop_ids: tuple[int, ...],
+def create_app(model: Decoder | Seq2Seq, tokenizer: Tokenizer, stop_ids: tuple[int, ...],
                cfg: ServeConfig) -> FastAPI:
     max_len = cfg.max_len or min(model.cfg.context_length, DEFAULT_MAX_LEN)
-    engine = Engine(model, tokenizer, cfg.max_batch, max_len, compile=cfg.compile)
+    if isinstance(model, Seq2Seq):
+        if cfg.compile:
+            raise ValueError("--compile is for decoder-only models; serve this seq2seq model "
+                             "without it")
+        engine = Seq2SeqEngine(model, tokenizer, cfg.max_batch, max_len)
+    else:
+        engine = Engine(model, tokenizer, cfg.max_batch, max_len, compile=cfg.compile)
     scheduler = Scheduler(engine, cfg.max_queue)
     metrics = Metrics()
     metrics.engine_gauges(scheduler)
@@ -266,14 +277,10 @@ class _Api:
         self._check_model(body.model)
         messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
                     for m in body.messages]
-        try:
-            prompt = chat_prompt_ids(self.tokenizer, messages)
-        except Exception as err:  # the model's own template refuses the conversation
-            raise ApiError(400, f"the chat template refused the messages: {err}",
-                           param="messages") from err
+        prompt = self._chat_prompt(messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is None:
-            max_tokens = self.engine.max_len - len(prompt)
+            max_tokens = self.engine.room(prompt)
         top = (body.top_logprobs or 0) if body.logprobs else None
         requests = [self._request(prompt, body, max_tokens, top, False) for _ in range(body.n)]
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -304,6 +311,19 @@ class _Api:
                    for i, c in enumerate(done)]
         return {**head, "choices": choices, "usage": _usage(done)}
 
+    def _chat_prompt(self, messages: list[dict]) -> list[int]:
+        if isinstance(self.engine, Seq2SeqEngine):
+            said = [m["content"] for m in messages if m["role"] == "user" and m["content"]]
+            if not said:
+                raise ApiError(400, "a seq2seq model takes the last user message as its "
+                               "source: send one with text", param="messages")
+            return self.tokenizer.encode(said[-1])
+        try:
+            return chat_prompt_ids(self.tokenizer, messages)
+        except Exception as err:  # the model's own template refuses the conversation
+            raise ApiError(400, f"the chat template refused the messages: {err}",
+                           param="messages") from err
+
     def _chat_logprob(self, lp: TokenLogprob) -> dict:
         def entry(token: int, value: float) -> dict:
             text = self._token_text(token)
@@ -319,7 +339,7 @@ class _Api:
 
     def _request(self, prompt: list[int], body: SamplingFields, max_tokens: int,
                  logprobs: int | None, echo: bool) -> EngineRequest:
-        room = self.engine.max_len - len(prompt)
+        room = self.engine.room(prompt)
         if room < 1:
             raise ApiError(400, f"the prompt has {len(prompt)} tokens, the context holds "
                            f"{self.engine.max_len} (with room for one new token)",
@@ -345,14 +365,15 @@ class _Api:
         try:
             for request in self._seeded(requests):
                 tickets.append(await self.scheduler.submit(request))
-        except (QueueFull, PromptTooLong) as err:
+        except (QueueFull, ValueError) as err:  # the engine refuses bad requests with ValueError
             for ticket in tickets:
                 self.scheduler.cancel(ticket.id)
             if isinstance(err, QueueFull):
                 raise ApiError(429, f"the server is busy ({err}); retry shortly",
                                type="server_busy", code="queue_full",
                                headers={"Retry-After": "1"}) from err
-            raise ApiError(400, str(err), code="context_length_exceeded") from err
+            code = "context_length_exceeded" if isinstance(err, PromptTooLong) else None
+            raise ApiError(400, str(err), code=code) from err
         return tickets
 
     async def _collect(self, ticket: Ticket, started: float) -> Completion:
