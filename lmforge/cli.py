@@ -73,6 +73,7 @@ def cmd_translate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from lmforge.errors import ConfigError
+    from lmforge.infer.sampling import SamplingConfig
     from lmforge.infer.seq2seq import translate
     from lmforge.interop.hub import resolve_model
     from lmforge.modeldir import load_model
@@ -87,8 +88,11 @@ def cmd_translate(args: argparse.Namespace) -> None:
     if not isinstance(model, Seq2Seq):
         raise ConfigError(f"{args.model} is a decoder-only model; translate takes an "
                           "encoder-decoder (train one with task=seq2seq)")
+    if args.temperature > 0 and args.beam != 1:
+        raise ConfigError("--temperature samples one output per source: use it with --beam 1")
     out = translate(model, tokenizer, texts, beam=args.beam, max_new_tokens=args.max_new_tokens,
-                    length_penalty=args.length_penalty)
+                    length_penalty=args.length_penalty,
+                    sampling=SamplingConfig(temperature=args.temperature), seed=args.seed)
     if args.out:
         Path(args.out).write_text("".join(line + "\n" for line in out), encoding="utf-8")
         print(f"{len(out)} lines -> {args.out}")
@@ -132,14 +136,17 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def _load(spec: str, args: argparse.Namespace | None = None):
+def _load(spec: str, args: argparse.Namespace | None = None, seq2seq: bool = False):
     """Model, tokenizer and stop tokens for any way of naming a model, on the device and in
     the dtype asked for (`--device`, `--dtype`; by default a GPU in bf16 when there is one,
-    else the CPU in fp32, where bf16 decoding is no faster)."""
+    else the CPU in fp32, where bf16 decoding is no faster). Encoder-decoder models only
+    where the command takes them (`seq2seq`)."""
     import torch
 
+    from lmforge.errors import ConfigError
     from lmforge.interop.hub import resolve_model
     from lmforge.modeldir import load_model, stop_token_ids
+    from lmforge.models.seq2seq import Seq2Seq
 
     device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(args, "dtype", None) or ("bf16" if device.startswith("cuda") else "fp32")
@@ -148,6 +155,9 @@ def _load(spec: str, args: argparse.Namespace | None = None):
                                   adapter=getattr(args, "adapter", None))
     if tokenizer is None:
         raise FileNotFoundError(f"{spec} has no tokenizer.json to encode text with")
+    if not seq2seq and isinstance(model, Seq2Seq):
+        raise ConfigError(f"{spec} is an encoder-decoder (seq2seq) model: use `lmforge "
+                          "translate` or `lmforge serve` with it")
     return model, tokenizer, stop_token_ids(directory, tokenizer)
 
 
@@ -191,7 +201,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from lmforge.serve.app import ServeConfig, create_app
 
-    model, tokenizer, stop = _load(args.model, args)
+    model, tokenizer, stop = _load(args.model, args, seq2seq=True)
     name = args.name or _served_name(args.model)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this "
@@ -429,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam", type=int, default=4, help="beam width (1 = greedy)")
     p.add_argument("--length-penalty", type=float, default=1.0,
                    help="beam scores are log-probability / length ** this")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="above 0: sample (with --beam 1) instead of the most likely tokens")
+    p.add_argument("--seed", type=int, default=None, help="repeatable sampling")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_translate)

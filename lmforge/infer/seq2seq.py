@@ -40,16 +40,18 @@ def framing(tokenizer: Tokenizer) -> tuple[int, int, int]:
 
 
 def translate(model: Seq2Seq, tokenizer: Tokenizer, texts: list[str], beam: int = 1,
-              max_new_tokens: int = 128, batch_size: int = 32, length_penalty: float = 1.0
-              ) -> list[str]:
-    """Target texts for source texts: greedy (beam 1) or beam search, `batch_size` at once."""
+              max_new_tokens: int = 128, batch_size: int = 32, length_penalty: float = 1.0,
+              sampling: SamplingConfig | None = None, seed: int | None = None) -> list[str]:
+    """Target texts for source texts, `batch_size` at once: beam search, or with beam 1
+    greedy (or sampled with `sampling`)."""
     bos, eos, pad = framing(tokenizer)
     out = []
     for start in range(0, len(texts), batch_size):
         sources = [tokenizer.encode(t)[:model.cfg.max_length] or [pad]
                    for t in texts[start:start + batch_size]]
         if beam == 1:
-            ids = generate(model, sources, bos, eos, max_new_tokens, pad=pad)
+            ids = generate(model, sources, bos, eos, max_new_tokens, sampling,
+                           None if seed is None else seed + start, pad)
         else:
             ids = beam_search(model, sources, bos, eos, beam, max_new_tokens, length_penalty,
                               pad=pad)
