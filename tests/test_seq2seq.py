@@ -99,6 +99,34 @@ def test_beam_search_with_one_beam_is_greedy_and_batching_changes_nothing():
     assert batched == alone
 
 
+def log_prob(model, source, target, bos, eos):
+    """Log-probability of BOS target EOS given the source, teacher-forced."""
+    framed = torch.tensor([[bos, *target, eos]])
+    logits = model(torch.tensor([source]), torch.ones(1, len(source), dtype=torch.bool),
+                   framed[:, :-1])
+    return logits.log_softmax(-1)[0].gather(-1, framed[0, 1:, None]).sum().item()
+
+
+def test_beam_search_never_finds_less_likely_outputs_than_greedy():
+    from lmforge.infer.seq2seq import beam_search, generate
+
+    # Large random weights make peaked distributions, where token 15 ends some greedy
+    # outputs part way and beams end at many different lengths.
+    model, eos = tiny(vocab_size=16, init_std=0.5), 15
+    torch.manual_seed(0)
+    sources = [torch.randint(3, 16, (n,)).tolist() for n in (4, 6, 8, 5, 7, 3, 9, 4)]
+    greedy = generate(model, sources, bos=1, eos=eos, max_new_tokens=10)
+    ended = [(s, g) for s, g in zip(sources, greedy) if len(g) < 10]
+    assert len(ended) >= 3
+    # Without length normalisation a longer output can only lose probability, so beam
+    # search stops exactly when no live beam can win, and must match or beat greedy.
+    beamed = beam_search(model, [s for s, _ in ended], bos=1, eos=eos, beam=4,
+                         max_new_tokens=10, length_penalty=0.0)
+    with torch.no_grad():
+        for (source, g), b in zip(ended, beamed):
+            assert log_prob(model, source, b, 1, eos) >= log_prob(model, source, g, 1, eos) - 1e-5
+
+
 def test_the_engine_decodes_sources_of_any_length_together_as_generate_does(bpe_tokenizer):
     from lmforge.infer.engine import PromptTooLong, Request
     from lmforge.infer.seq2seq import Seq2SeqEngine, framing, generate
