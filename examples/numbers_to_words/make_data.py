@@ -1,10 +1,10 @@
 """A synthetic seq2seq task: numbers written in digits -> the same numbers in English words.
 
-    python examples/numbers_to_words/make_data.py --out data/numbers.tsv [--pairs 20000] [--seed 0]
+    python examples/numbers_to_words/make_data.py --out data/numbers.tsv [--pairs 50000] [--seed 0]
 
 Writes TSV lines `4071<TAB>four thousand seventy-one` for distinct random numbers from 0 to
-999,999 (seeded). Train with `lmforge train task=seq2seq data=data/numbers.tsv ...` and score
-exact match on the test split.
+999,999 (seeded). Train with `lmforge train configs/numbers-to-words.yaml` and score exact
+match on the test split with `python benchmarks/translate_bleu.py runs/numbers`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def in_words(n: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--pairs", type=int, default=20000)
+    parser.add_argument("--pairs", type=int, default=50000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     numbers = random.Random(args.seed).sample(range(1_000_000), args.pairs)
