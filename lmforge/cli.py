@@ -290,18 +290,29 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from lmforge.config import PRESETS, ModelConfig, preset
+    import torch
+
+    from lmforge.config import (
+        PRESETS,
+        SEQ2SEQ_PRESETS,
+        Seq2SeqConfig,
+        load_config,
+        preset,
+        resolve_seq2seq_config,
+    )
     from lmforge.interop.hub import resolve_model
     from lmforge.models.decoder import Decoder
+    from lmforge.models.seq2seq import Seq2Seq
 
     if args.model in PRESETS:
         cfg = preset(args.model)
+    elif args.model in SEQ2SEQ_PRESETS:
+        cfg = resolve_seq2seq_config(args.model)
     else:
-        cfg = ModelConfig.load(resolve_model(args.model) / "config.json")
-    import torch
-
+        cfg = load_config(resolve_model(args.model))
     with torch.device("meta"):
-        report = Decoder(cfg).flops()
+        model = Seq2Seq(cfg) if isinstance(cfg, Seq2SeqConfig) else Decoder(cfg)
+        report = model.flops()
     print(f"model            {args.model}")
     for key, value in cfg.to_dict().items():
         print(f"  {key:<16} {value}")

@@ -3,9 +3,12 @@
 import json
 
 import pytest
+import torch
 
 from lmforge.cli import main
+from lmforge.config import Seq2SeqConfig
 from lmforge.modeldir import checkpoint_dirs
+from lmforge.models.seq2seq import Seq2Seq
 
 TINY = ["model.n_layer=1", "model.d_model=32", "model.context_length=32", "batch_size=4",
         "eval_batches=2", "log_interval=1", "progress=false", "sample_tokens=16"]
@@ -46,6 +49,10 @@ def test_info_and_plot(trained_run, capsys, tmp_path):
     assert "124,439,808" in capsys.readouterr().out
     assert main(["info", str(trained_run)]) == 0
     assert "n_layer          1" in capsys.readouterr().out
+    assert main(["info", "transformer-base"]) == 0
+    with torch.device("meta"):
+        params = Seq2Seq(Seq2SeqConfig()).num_params()
+    assert f"parameters       {params:,}" in capsys.readouterr().out
     out = tmp_path / "curve.png"
     assert main(["plot", str(trained_run), "--out", str(out)]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
