@@ -241,16 +241,21 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def _model_dir(args: argparse.Namespace):
-    """The model directory MODEL names, with --adapter folded in (into a temporary
-    directory removed at exit) for commands that work on files."""
+    """The decoder-only model directory MODEL names, with --adapter folded in (into a
+    temporary directory removed at exit) for commands that work on files."""
     import atexit
     import shutil
     import tempfile
     from pathlib import Path
 
+    from lmforge.config import Seq2SeqConfig, load_config
+    from lmforge.errors import ConfigError
     from lmforge.interop.hub import resolve_model
 
     directory = resolve_model(args.model)
+    if (directory / "config.json").is_file() and isinstance(load_config(directory), Seq2SeqConfig):
+        raise ConfigError(f"{args.model} is an encoder-decoder (seq2seq) model; {args.command} "
+                          "works on decoder-only models for now")
     if not args.adapter:
         return directory
     from lmforge.finetune.run import merge

@@ -211,6 +211,11 @@ def test_a_tiny_model_learns_to_reverse_digit_strings(tmp_path):
     assert main(["translate", str(tmp_path / "run"), "--file", str(tmp_path / "in.txt"),
                  "--out", str(tmp_path / "out.txt")]) == 0
     assert (tmp_path / "out.txt").read_text().splitlines() == wanted[:5]
+    # Commands for decoder-only models say so instead of failing part way.
+    run = str(tmp_path / "run")
+    assert main(["generate", run, "--prompt", "1 2"]) == 2
+    assert main(["export", run, "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
+    assert main(["info", run]) == 0
 
 
 def test_bad_parallel_lines_are_named_and_skipped_on_request(tmp_path):
