@@ -69,8 +69,24 @@ def _json_pair(line: str, source_field: str, target_field: str):
 
 def split_pairs(pairs: list, val_fraction: float, test_fraction: float, seed: int
                 ) -> tuple[list, list, list]:
-    """Seeded shuffle, then train / validation / test (validation and test rounded)."""
-    order = np.random.default_rng(seed).permutation(len(pairs))
+    """Train / validation / test pairs: a seeded shuffle, validation and test sizes rounded.
+
+    Pairs that share a source sentence stay together in one split (corpora such as Tatoeba
+    hold several translations of one sentence): otherwise the test set would score sources
+    the model was trained on. With distinct sources this is a plain shuffle and cut.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, (source, _) in enumerate(pairs):
+        groups.setdefault(source, []).append(i)
+    members = list(groups.values())
     n_val, n_test = round(len(pairs) * val_fraction), round(len(pairs) * test_fraction)
-    shuffled = [pairs[i] for i in order]
-    return (shuffled[n_val + n_test:], shuffled[:n_val], shuffled[n_val:n_val + n_test])
+    train, val, test = [], [], []
+    for g in np.random.default_rng(seed).permutation(len(members)):
+        group = [pairs[i] for i in members[g]]
+        if len(val) + len(group) <= n_val:
+            val += group
+        elif len(test) + len(group) <= n_test:
+            test += group
+        else:
+            train += group
+    return train, val, test

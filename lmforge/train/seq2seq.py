@@ -4,7 +4,8 @@ its target (translation), from a parallel corpus.
 Pairs are split (seeded) into train / validation / test; a joint byte-level BPE is trained on
 both sides of the training pairs (or `tokenizer=PATH` reuses one). Batches group pairs of
 similar length, so little of each batch is padding; the loss is cross-entropy on the target
-tokens with optional label smoothing. Validation reports loss and greedy-decoding BLEU.
+tokens with optional label smoothing. Validation reports loss (without smoothing) and
+greedy-decoding BLEU.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class Seq2SeqTask:
         self.val_rows = [self.encode_pair(p) for p in self.val_pairs]
         self.lengths = [len(s) + len(t) for s, t in self.train_rows]
         self._epoch_cache: tuple[int, list[list[int]]] = (-1, [])
+        self.per_epoch = len(self._epoch(0))  # the same count every epoch
 
     def encode_source(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)[:self.context]
@@ -88,8 +90,7 @@ class Seq2SeqTask:
         return self._epoch_cache[1]
 
     def train_batch(self, step: int, slot: int):
-        per_epoch = len(self._epoch(0))
-        epoch, i = divmod(step * self.cfg.grad_accum * self.dist.world + slot, per_epoch)
+        epoch, i = divmod(step * self.cfg.grad_accum * self.dist.world + slot, self.per_epoch)
         return self.collate([self.train_rows[j] for j in self._epoch(epoch)[i]])
 
     def collate(self, rows):
@@ -112,8 +113,10 @@ class Seq2SeqTask:
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         source, mask, target_in, target_out = batch
         logits = model(source, mask, target_in)
+        # Smoothing shapes training only: validation loss stays the plain negative log-likelihood.
+        smoothing = self.cfg.label_smoothing if model.training else 0.0
         return F.cross_entropy(logits.flatten(0, 1).float(), target_out.flatten(),
-                               ignore_index=IGNORE, label_smoothing=self.cfg.label_smoothing)
+                               ignore_index=IGNORE, label_smoothing=smoothing)
 
     @staticmethod
     def count(batch) -> int:
