@@ -74,7 +74,7 @@ def cmd_translate(args: argparse.Namespace) -> None:
 
     from lmforge.errors import ConfigError
     from lmforge.infer.sampling import SamplingConfig
-    from lmforge.infer.seq2seq import translate
+    from lmforge.infer.seq2seq import too_long, translate
     from lmforge.interop.hub import resolve_model
     from lmforge.modeldir import load_model
     from lmforge.models.seq2seq import Seq2Seq
@@ -84,12 +84,19 @@ def cmd_translate(args: argparse.Namespace) -> None:
         texts += Path(args.file).read_text(encoding="utf-8").splitlines()
     if not texts:
         raise ConfigError("nothing to translate: pass --text TEXT (repeatable) or --file FILE")
+    if args.beam < 1:
+        raise ConfigError(f"--beam {args.beam}: the beam width is at least 1 (1 is greedy)")
     model, tokenizer = load_model(resolve_model(args.model), args.device or "cpu")
     if not isinstance(model, Seq2Seq):
         raise ConfigError(f"{args.model} is a decoder-only model; translate takes an "
                           "encoder-decoder (train one with task=seq2seq)")
     if args.temperature > 0 and args.beam != 1:
         raise ConfigError("--temperature samples one output per source: use it with --beam 1")
+    cut = too_long(model, tokenizer, texts)
+    if cut:
+        lines = ", ".join(str(i + 1) for i in cut[:10]) + (" ..." if len(cut) > 10 else "")
+        print(f"warning: {len(cut)} source(s) longer than the model's {model.cfg.max_length} "
+              f"tokens were cut to fit (line {lines})", file=sys.stderr)
     out = translate(model, tokenizer, texts, beam=args.beam, max_new_tokens=args.max_new_tokens,
                     length_penalty=args.length_penalty,
                     sampling=SamplingConfig(temperature=args.temperature), seed=args.seed)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, load_config
 from lmforge.data.loader import in_order
 from lmforge.errors import CheckpointMismatch, ConfigError
 from lmforge.finetune.lora import apply_lora, load_adapter, read_adapter_config, save_adapter
@@ -87,7 +87,12 @@ class FinetuneTask:
         if (self.base_dir / "adapter_config.json").is_file():
             raise ConfigError(f"{cfg.init_from} is a LoRA adapter: fold it into its base first "
                               "(`lmforge merge`) and fine-tune the merged model")
-        self.base_cfg = ModelConfig.load(self.base_dir / "config.json")
+        base_cfg = load_config(self.base_dir)
+        if not isinstance(base_cfg, ModelConfig):
+            raise ConfigError(f"{cfg.init_from} is an encoder-decoder (seq2seq) model; finetune "
+                              "takes decoder-only models (seq2seq ones train with `lmforge "
+                              "train task=seq2seq`)")
+        self.base_cfg = base_cfg
         tokenizer_file = self.base_dir / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise FileNotFoundError(f"{cfg.init_from} has no tokenizer.json to encode the data with")

@@ -43,20 +43,31 @@ def translate(model: Seq2Seq, tokenizer: Tokenizer, texts: list[str], beam: int 
               max_new_tokens: int = 128, batch_size: int = 32, length_penalty: float = 1.0,
               sampling: SamplingConfig | None = None, seed: int | None = None) -> list[str]:
     """Target texts for source texts, `batch_size` at once: beam search, or with beam 1
-    greedy (or sampled with `sampling`)."""
+    greedy (or sampled with `sampling`). An empty source gives an empty target; a source
+    past the model's max_length is read up to it (`too_long` finds those)."""
+    if beam < 1:
+        raise ValueError(f"beam must be at least 1 (1 is greedy), got {beam}")
     bos, eos, pad = framing(tokenizer)
-    out = []
-    for start in range(0, len(texts), batch_size):
-        sources = [tokenizer.encode(t)[:model.cfg.max_length] or [pad]
-                   for t in texts[start:start + batch_size]]
+    sources = [tokenizer.encode(t)[:model.cfg.max_length] for t in texts]
+    out = [""] * len(texts)
+    todo = [i for i, s in enumerate(sources) if s]
+    for start in range(0, len(todo), batch_size):
+        rows = todo[start:start + batch_size]
+        batch = [sources[i] for i in rows]
         if beam == 1:
-            ids = generate(model, sources, bos, eos, max_new_tokens, sampling,
+            ids = generate(model, batch, bos, eos, max_new_tokens, sampling,
                            None if seed is None else seed + start, pad)
         else:
-            ids = beam_search(model, sources, bos, eos, beam, max_new_tokens, length_penalty,
+            ids = beam_search(model, batch, bos, eos, beam, max_new_tokens, length_penalty,
                               pad=pad)
-        out += [tokenizer.decode(i) for i in ids]
+        for i, target in zip(rows, ids):
+            out[i] = tokenizer.decode(target)
     return out
+
+
+def too_long(model: Seq2Seq, tokenizer: Tokenizer, texts: list[str]) -> list[int]:
+    """Indices of the texts longer than the model reads (translate cuts them)."""
+    return [i for i, t in enumerate(texts) if len(tokenizer.encode(t)) > model.cfg.max_length]
 
 
 def _encode(model: Seq2Seq, sources: list[list[int]], pad: int, repeat: int = 1):
@@ -105,10 +116,11 @@ def generate(model: Seq2Seq, sources: list[list[int]], bos: int, eos: int,
     return out
 
 
-def _reorder(cache, rows: torch.Tensor) -> None:
-    """Make cache row i hold what row rows[i] held (in place, so per-layer views stay valid)."""
-    cache.k.copy_(cache.k[:, rows])
-    cache.v.copy_(cache.v[:, rows])
+def _reorder(cache, rows: torch.Tensor, length: int) -> None:
+    """Make cache row i hold what row rows[i] held in its first `length` positions (in place,
+    so per-layer views stay valid)."""
+    cache.k[:, :, :, :length] = cache.k[:, rows, :, :length]
+    cache.v[:, :, :, :length] = cache.v[:, rows, :, :length]
 
 
 @torch.no_grad()
@@ -122,6 +134,10 @@ def beam_search(model: Seq2Seq, sources: list[list[int]], bos: int, eos: int, be
     faster, but on a confident model the weak beams end first (they are the short, wrong
     readings) and the best one is cut off before it ends.
     """
+    if beam == 1:
+        # A beam of one is greedy decoding. (The search below would not stop at greedy's
+        # first EOS: its runner-up token lives on, and length normalisation can let it win.)
+        return generate(model, sources, bos, eos, max_new_tokens, pad=pad)
     B, K = len(sources), beam
     steps = _budget(model, max_new_tokens)
     mask, memory = _encode(model, sources, pad, repeat=K)
@@ -166,16 +182,19 @@ def beam_search(model: Seq2Seq, sources: list[list[int]], bos: int, eos: int, be
                                    early_stopping)
         if all(done):
             break
-        _reorder(cache, next_rows)
+        _reorder(cache, next_rows, t + 1)
         history = torch.cat([history[next_rows], next_tokens[:, None]], dim=1)
         scores = next_scores
-    best = []
     for b in range(B):
-        if not finished[b]:  # nothing ended within the budget: the best live beam
-            k = int(scores[b].argmax())
-            finished[b].append((0.0, history[b * K + k, 1:].tolist()))
-        best.append(max(finished[b], key=lambda f: f[0])[1])
-    return best
+        if done[b]:
+            continue
+        # The budget ran out: live beams compete with the ended ones, cut where they are.
+        for k in range(K):
+            if scores[b, k] > float("-inf"):
+                tokens = history[b * K + k, 1:].tolist()
+                finished[b].append((float(scores[b, k]) / max(len(tokens), 1) ** length_penalty,
+                                    tokens))
+    return [max(f, key=lambda f: f[0])[1] for f in finished]
 
 
 def _source_done(finished: list, live: torch.Tensor, beam: int, length: int,
@@ -209,6 +228,8 @@ class Seq2SeqEngine(Engine):
         self.source_mask[:, 0] = True  # a free slot must not attend to nothing (NaN)
 
     def submit(self, request: Request) -> int:
+        if not request.prompt:
+            raise ValueError("the source is empty: give some text to translate")
         if request.prompt_logprobs:
             raise ValueError("an encoder-decoder model does not score its source: ask for "
                              "logprobs without echo")
@@ -220,7 +241,7 @@ class Seq2SeqEngine(Engine):
         limit = self.model.cfg.max_length
         if not request.truncate:
             raise PromptTooLong(f"the source has {len(request.prompt)} tokens; the model reads "
-                                f"at most {limit}: shorten it, or ask for truncation")
+                                f"at most {limit}: shorten or split it")
         return replace(request, prompt=request.prompt[:limit])
 
     def room(self, prompt: list[int]) -> int:
@@ -230,6 +251,8 @@ class Seq2SeqEngine(Engine):
         seq.slot = self.slots.index(None)
         self.slots[seq.slot] = seq
         seq.tokens = [self.bos]  # the target so far: its last token is the next input
+        if seq.seen is not None:  # penalties look at the target only, not the source
+            seq.seen.zero_()
         source = torch.tensor([seq.request.prompt], device=self.device)
         n, row = source.shape[1], seq.slot
         self.source_mask[row] = False

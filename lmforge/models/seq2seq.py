@@ -187,9 +187,14 @@ class Seq2Seq(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops(self) -> FlopsReport:
-        """Training FLOPs per target token, roughly: 6 per weight (source tokens, which go
-        through the encoder only, are counted as target tokens)."""
+        """Training FLOPs per target token, roughly: 6 per matmul weight, counting each target
+        token as if it also paid for one source token's pass through the encoder."""
         params = self.num_params()
-        embedding = self.embed.weight.numel()
-        matmul = params - embedding + self.cfg.vocab_size * self.cfg.d_model
-        return FlopsReport(params, params - embedding, 6 * matmul)
+        tables = [self.embed.weight] + [t.weight for t in (getattr(self, "source_pos", None),
+                                                           getattr(self, "target_pos", None))
+                                        if t is not None]
+        if not self.cfg.tie_embeddings:
+            tables.append(self.lm_head.weight)
+        non_embedding = params - sum(t.numel() for t in tables)
+        matmul = non_embedding + self.cfg.vocab_size * self.cfg.d_model  # the output projection
+        return FlopsReport(params, non_embedding, 6 * matmul)

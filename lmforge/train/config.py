@@ -174,6 +174,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (),
     if cfg.task == "seq2seq":
         from lmforge.config import resolve_seq2seq_config
 
+        if cfg.grad_checkpointing or cfg.lora_rank:
+            raise ConfigError("grad_checkpointing and LoRA are for decoder-only models; "
+                              "a seq2seq run trains without them")
+
         resolve_seq2seq_config(cfg.seq2seq_model())
     else:
         cfg.model_config()
