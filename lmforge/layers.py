@@ -35,6 +35,15 @@ def rotary_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor
     return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-sin, sin], dim=-1)
 
 
+def register_rotary(module: nn.Module, head_dim: int, length: int, base: float,
+                    device: torch.device | str) -> None:
+    """Give `module` rotary tables as buffers `rope_cos` / `rope_sin`: derived from the config,
+    never saved (rebuilt after a model is materialised from the meta device)."""
+    cos, sin = rotary_tables(head_dim, length, base)
+    module.register_buffer("rope_cos", cos.to(device), persistent=False)
+    module.register_buffer("rope_sin", sin.to(device), persistent=False)
+
+
 def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
     """The original Transformer's fixed position table (length, dim): sin on even features,
     cos on odd ones, wavelengths from 2 pi to 10000 * 2 pi."""

@@ -302,6 +302,16 @@ class Engine:
     def _admit(self, seq: _Sequence) -> Event:
         seq.slot = self.slots.index(None)
         self.slots[seq.slot] = seq
+        logits = self._prefill(seq)
+        if seq.request.logprobs is not None:
+            self._logprobs[seq.id] = []
+        if seq.limit == 0:
+            return self._record(seq, seq.finish(None, None, "length"))
+        return self._emit(seq, logits)
+
+    def _prefill(self, seq: _Sequence) -> torch.Tensor:
+        """Run a newly admitted sequence's prompt into its cache slot; the logits (vocab,)
+        of its first new token."""
         prompt = torch.tensor([seq.request.prompt], device=self.device)
         scoring = seq.request.prompt_logprobs
         logits = self.model(prompt, cache=self._cache_rows(seq.slot, 1), start=0,
@@ -310,11 +320,7 @@ class Engine:
             top = seq.request.logprobs or 0
             self._prompt_logprobs[seq.id] = [None] + token_logprobs(
                 logits[:-1], seq.request.prompt[1:], top)
-        if seq.request.logprobs is not None:
-            self._logprobs[seq.id] = []
-        if seq.limit == 0:
-            return self._record(seq, seq.finish(None, None, "length"))
-        return self._emit(seq, logits[-1])
+        return logits[-1]
 
     def _decode_active(self) -> list[Event]:
         active = [s for s in self.slots if s is not None]

@@ -16,15 +16,9 @@ from dataclasses import replace
 
 import torch
 
-from lmforge.infer.engine import (
-    Engine,
-    Event,
-    PromptTooLong,
-    Request,
-    _Sequence,
-)
+from lmforge.infer.engine import Engine, PromptTooLong, Request, _Sequence
 from lmforge.infer.sampling import SamplingConfig, sample
-from lmforge.models.seq2seq import Seq2Seq
+from lmforge.models.seq2seq import Seq2Seq, pad_sources
 from lmforge.tokenizer import Tokenizer
 
 # How lmforge frames a target: <|im_start|> target <|im_end|> (tokens every lmforge BPE has).
@@ -71,15 +65,9 @@ def too_long(model: Seq2Seq, tokenizer: Tokenizer, texts: list[str]) -> list[int
 
 
 def _encode(model: Seq2Seq, sources: list[list[int]], pad: int, repeat: int = 1):
-    """Right-padded sources, their mask, and the decoder's cross-attention memory, each row
-    repeated `repeat` times (for beams)."""
-    device = model.embed.weight.device
-    width = max(len(s) for s in sources)
-    ids = torch.full((len(sources), width), pad, dtype=torch.long, device=device)
-    for i, s in enumerate(sources):
-        ids[i, :len(s)] = torch.tensor(s, device=device)
-    mask = torch.arange(width, device=device)[None] < torch.tensor([len(s) for s in sources],
-                                                                   device=device)[:, None]
+    """The sources' mask and the decoder's cross-attention memory, each row repeated
+    `repeat` times (for beams)."""
+    ids, mask = pad_sources(sources, pad, model.embed.weight.device)
     ids, mask = ids.repeat_interleave(repeat, 0), mask.repeat_interleave(repeat, 0)
     return mask, model.memory(model.encode(ids, mask))
 
@@ -247,9 +235,8 @@ class Seq2SeqEngine(Engine):
     def room(self, prompt: list[int]) -> int:
         return self.max_len - 1  # the target starts afresh after BOS, whatever the source
 
-    def _admit(self, seq: _Sequence) -> Event:
-        seq.slot = self.slots.index(None)
-        self.slots[seq.slot] = seq
+    def _prefill(self, seq: _Sequence) -> torch.Tensor:
+        """Encode the source into the slot's cross-attention memory; the logits after BOS."""
         seq.tokens = [self.bos]  # the target so far: its last token is the next input
         if seq.seen is not None:  # penalties look at the target only, not the source
             seq.seen.zero_()
@@ -260,13 +247,8 @@ class Seq2SeqEngine(Engine):
         encoded = self.model.encode(source, self.source_mask[row:row + 1, :n])
         for (k, v), (slot_k, slot_v) in zip(self.model.memory(encoded), self.memory):
             slot_k[row, :, :n], slot_v[row, :, :n] = k[0], v[0]
-        if seq.request.logprobs is not None:
-            self._logprobs[seq.id] = []
-        if seq.limit == 0:
-            return self._record(seq, seq.finish(None, None, "length"))
         tokens = torch.tensor([[self.bos]], device=self.device)
-        logits = self._decode(tokens, 0, row, row + 1, n)
-        return self._emit(seq, logits[0, -1])
+        return self._decode(tokens, 0, row, row + 1, n)[0, -1]
 
     def _forward(self, tokens: torch.Tensor, starts: torch.Tensor, active: list[_Sequence]
                  ) -> torch.Tensor:

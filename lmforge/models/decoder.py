@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import FlopsReport, ModelConfig, count_flops
-from lmforge.layers import MLP, Attention, KVCache, Positions, make_norm, rotary_tables
+from lmforge.layers import MLP, Attention, KVCache, Positions, make_norm, register_rotary
 
 
 class Block(nn.Module):
@@ -66,10 +66,8 @@ class Decoder(nn.Module):
         a model is materialised from the meta device)."""
         cfg = self.cfg
         if cfg.positions == "rope":
-            device = self.embed.weight.device
-            cos, sin = rotary_tables(cfg.head_dim, cfg.context_length, cfg.rope_base)
-            self.register_buffer("rope_cos", cos.to(device), persistent=False)
-            self.register_buffer("rope_sin", sin.to(device), persistent=False)
+            register_rotary(self, cfg.head_dim, cfg.context_length, cfg.rope_base,
+                            self.embed.weight.device)
 
     def reset_parameters(self) -> None:
         std = self.cfg.init_std

@@ -31,11 +31,22 @@ from lmforge.layers import (
     KVCache,
     Positions,
     make_norm,
-    rotary_tables,
+    register_rotary,
     sinusoidal_positions,
 )
 
 Rotary = tuple[torch.Tensor, torch.Tensor]
+
+
+def pad_sources(sources: list[list[int]], pad: int, device: torch.device | str = "cpu"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source ids right-padded to one width (B, S), and their mask: True at tokens."""
+    width = max(len(s) for s in sources)
+    ids = torch.full((len(sources), width), pad, dtype=torch.long)
+    for i, s in enumerate(sources):
+        ids[i, :len(s)] = torch.tensor(s)
+    mask = torch.arange(width)[None] < torch.tensor([len(s) for s in sources])[:, None]
+    return ids.to(device), mask.to(device)
 
 
 class _Residual(nn.Module):
@@ -113,9 +124,7 @@ class Seq2Seq(nn.Module):
             table = sinusoidal_positions(cfg.max_length, cfg.d_model)
             self.register_buffer("sinusoids", table.to(device), persistent=False)
         elif cfg.positions == "rope":
-            cos, sin = rotary_tables(cfg.d_model // cfg.n_head, cfg.max_length, cfg.rope_base)
-            self.register_buffer("rope_cos", cos.to(device), persistent=False)
-            self.register_buffer("rope_sin", sin.to(device), persistent=False)
+            register_rotary(self, cfg.d_model // cfg.n_head, cfg.max_length, cfg.rope_base, device)
 
     def reset_parameters(self) -> None:
         for name, p in self.named_parameters():
@@ -190,9 +199,7 @@ class Seq2Seq(nn.Module):
         """Training FLOPs per target token, roughly: 6 per matmul weight, counting each target
         token as if it also paid for one source token's pass through the encoder."""
         params = self.num_params()
-        tables = [self.embed.weight] + [t.weight for t in (getattr(self, "source_pos", None),
-                                                           getattr(self, "target_pos", None))
-                                        if t is not None]
+        tables = [m.weight for m in self.modules() if isinstance(m, nn.Embedding)]
         if not self.cfg.tie_embeddings:
             tables.append(self.lm_head.weight)
         non_embedding = params - sum(t.numel() for t in tables)

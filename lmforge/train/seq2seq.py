@@ -24,7 +24,7 @@ from lmforge.data.parallel import read_pairs, split_pairs
 from lmforge.errors import CheckpointMismatch
 from lmforge.infer.seq2seq import framing, translate
 from lmforge.modeldir import WEIGHTS, load_weights, save_model
-from lmforge.models.seq2seq import Seq2Seq
+from lmforge.models.seq2seq import Seq2Seq, pad_sources
 from lmforge.tokenizer import Tokenizer, train_bpe
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import Dist
@@ -72,13 +72,10 @@ class Seq2SeqTask:
         self._epoch_cache: tuple[int, list[list[int]]] = (-1, [])
         self.per_epoch = len(self._epoch(0))  # the same count every epoch
 
-    def encode_source(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)[:self.context]
-
     def encode_pair(self, pair: tuple[str, str]) -> tuple[list[int], list[int]]:
         """Source ids, and target ids framed as BOS target EOS."""
         target = self.tokenizer.encode(pair[1])[:self.context - 1]
-        return self.encode_source(pair[0]), [self.bos, *target, self.eos]
+        return self.tokenizer.encode(pair[0])[:self.context], [self.bos, *target, self.eos]
 
     def build_model(self, device: torch.device) -> nn.Module:
         return Seq2Seq(self.model_cfg).to(device)
@@ -94,16 +91,13 @@ class Seq2SeqTask:
         return self.collate([self.train_rows[j] for j in self._epoch(epoch)[i]])
 
     def collate(self, rows):
-        width_s = max(len(s) for s, _ in rows)
+        source, mask = pad_sources([s for s, _ in rows], self.pad)
         width_t = max(len(t) for _, t in rows) - 1
-        source = torch.full((len(rows), width_s), self.pad, dtype=torch.long)
         target_in = torch.full((len(rows), width_t), self.pad, dtype=torch.long)
         target_out = torch.full((len(rows), width_t), IGNORE, dtype=torch.long)
-        for i, (s, t) in enumerate(rows):
-            source[i, :len(s)] = torch.tensor(s)
+        for i, (_, t) in enumerate(rows):
             target_in[i, :len(t) - 1] = torch.tensor(t[:-1])
             target_out[i, :len(t) - 1] = torch.tensor(t[1:])
-        mask = torch.arange(width_s)[None] < torch.tensor([len(s) for s, _ in rows])[:, None]
         return source, mask, target_in, target_out
 
     def eval_batches(self, n_batches: int, rank: int, world: int):
