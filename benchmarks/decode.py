@@ -26,7 +26,7 @@ import torch
 from lmforge.infer.engine import Engine, Request, generate
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.interop.hub import registry_file, resolve_model
-from lmforge.modeldir import load_model
+from lmforge.open import open_model
 
 NAME = "smollm2-135m-instruct"
 BATCH = 8
@@ -68,7 +68,8 @@ def prefill_ids(tokenizer_encode, n: int) -> list[int]:
 
 
 def bench_lmforge(new_tokens: int, prefill: int, repeats: int, compile: bool) -> dict:
-    model, tokenizer = load_model(resolve_model(NAME))
+    opened = open_model(resolve_model(NAME))
+    model, tokenizer = opened.model, opened.tokenizer
     prompt = tokenizer.encode(PROMPT)
     greedy = SamplingConfig(temperature=0)
     out: list[int] = []

@@ -19,7 +19,8 @@ from lmforge.eval import perplexity
 from lmforge.infer.engine import generate
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.interop.hub import resolve_model
-from lmforge.modeldir import directory_bytes, load_model
+from lmforge.modeldir import directory_bytes
+from lmforge.open import open_model
 from lmforge.quant import QuantSpec, quantize_dir
 
 NAME = "smollm2-135m-instruct"
@@ -45,7 +46,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i, spec in enumerate(VARIANTS):
             directory = source if spec is None else quantize_dir(source, Path(tmp) / str(i), spec)
-            model, tokenizer = load_model(directory)
+            opened = open_model(directory)
+            model, tokenizer = opened.model, opened.tokenizer
             ids = tokenizer.encode(SHAKESPEARE.read_text()[:20_000])
             rows.append({"name": "fp32" if spec is None else spec.describe(), "model": model,
                          "bytes": directory_bytes(directory), "ppl": perplexity(model, ids)[0]})

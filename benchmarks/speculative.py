@@ -23,7 +23,8 @@ from lmforge.infer.engine import generate
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.infer.speculative import SpeculativeStats, speculative_stream
 from lmforge.interop.hub import resolve_model
-from lmforge.modeldir import load_model, stop_token_ids
+from lmforge.modeldir import stop_token_ids
+from lmforge.open import open_model
 
 NAME = "smollm2-135m-instruct"
 PARAGRAPH = (
@@ -83,7 +84,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     directory = resolve_model(NAME)
-    model, tokenizer = load_model(directory)
+    opened = open_model(directory)
+    model, tokenizer = opened.model, opened.tokenizer
     stop = stop_token_ids(directory, tokenizer)
     generate(model, tokenizer.encode(PARAGRAPH), 8, SamplingConfig(temperature=0))  # warm-up
     rows = {}

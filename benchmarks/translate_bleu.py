@@ -24,7 +24,8 @@ from lmforge.infer.engine import Engine, Request
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.infer.seq2seq import translate
 from lmforge.interop.hub import resolve_model
-from lmforge.modeldir import load_model, stop_token_ids
+from lmforge.modeldir import stop_token_ids
+from lmforge.open import open_model
 
 PROMPT = ("Translate this {source} sentence into {target}. Answer with the translation "
           "only.\n\n{text}")
@@ -33,7 +34,8 @@ PROMPT = ("Translate this {source} sentence into {target}. Answer with the trans
 def prompted(spec: str, sources: list[str], source: str, target: str) -> list[str]:
     """A chat model's greedy translations of `sources`: the first line of each answer."""
     directory = resolve_model(spec)
-    model, tokenizer = load_model(directory)
+    opened = open_model(directory)
+    model, tokenizer = opened.model, opened.tokenizer
     stops = stop_token_ids(directory, tokenizer)
     requests = [Request(chat_prompt_ids(tokenizer, [{"role": "user", "content": PROMPT.format(
         source=source, target=target, text=text)}]), 96, SamplingConfig(temperature=0.0),
@@ -57,7 +59,8 @@ def main() -> None:
                              recipe["seed"])
     if not test:
         raise SystemExit(f"{args.run} was trained without a test split (test_fraction=0)")
-    model, tokenizer = load_model(args.run)
+    opened = open_model(args.run)
+    model, tokenizer = opened.model, opened.tokenizer
     sources, references = [s for s, _ in test], [[t for _, t in test]]
     print(f"{len(test)} test pairs from {recipe['data']}")
     print("| model, decoding | BLEU | chrF | exact match | seconds |")

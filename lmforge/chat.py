@@ -16,6 +16,7 @@ from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
+from lmforge.config import MAX_NEW_TOKENS
 from lmforge.infer.engine import Request, stream_one
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.models.decoder import Decoder
@@ -81,7 +82,7 @@ class ChatSession:
     stop_ids: tuple[int, ...]
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     system: str | None = None
-    max_new_tokens: int = 512
+    max_new_tokens: int = MAX_NEW_TOKENS
     messages: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -1,12 +1,21 @@
-"""The `lmforge` command: parses arguments and calls the library; no logic of its own."""
+"""The `lmforge` command: parses arguments and calls the library; no logic of its own.
+
+Every value is checked while the arguments are parsed, so a bad one is a one-line error
+before any work starts; errors meant for people (`LmforgeError`) print as one line too.
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
+from collections.abc import Callable
 
+from lmforge.config import MAX_NEW_TOKENS, PERPLEXITY_WINDOW, SamplingConfig
 from lmforge.errors import LmforgeError
+
+SAMPLING = SamplingConfig()  # the defaults every command shares (see lmforge.infer.sampling)
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
@@ -26,25 +35,30 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from lmforge.train.config import load_recipe
+    from lmforge.api import load_recipe
 
     recipe, overrides = args.recipe, list(args.overrides)
     if recipe and "=" in recipe:  # no recipe file, only overrides
         recipe, overrides = None, [recipe, *overrides]
-    result = _train(load_recipe(recipe, overrides), resume=args.resume)
+    cfg = load_recipe(recipe, overrides)
+    result = _train(cfg, resume=args.resume)
     if result.final_metrics:
         print(", ".join(f"{k} {v:.4f}" for k, v in result.final_metrics.items()))
     print(f"checkpoint: {result.checkpoint}")
+    if cfg.task == "seq2seq":
+        print(f"next: lmforge translate {result.run_dir} --text 'A sentence to translate.'")
+    else:
+        print(f"next: lmforge generate {result.run_dir} --prompt '...'")
 
 
 def _train(cfg, resume: bool):
-    from lmforge.train.trainer import Trainer
+    from lmforge.api import Trainer
 
     return Trainer(cfg, resume=resume).fit()
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from lmforge.finetune.run import finetune_recipe
+    from lmforge.api import finetune_recipe
 
     flags = {"task": args.task, "val_data": args.val_data, "out_dir": args.out,
              "epochs": args.epochs, "max_steps": args.max_steps, "lr": args.lr,
@@ -73,33 +87,30 @@ def cmd_translate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from lmforge.errors import ConfigError
-    from lmforge.infer.sampling import SamplingConfig
     from lmforge.infer.seq2seq import too_long, translate
-    from lmforge.interop.hub import resolve_model
-    from lmforge.modeldir import load_model
     from lmforge.models.seq2seq import Seq2Seq
 
     texts = list(args.text)
     if args.file:
-        texts += Path(args.file).read_text(encoding="utf-8").splitlines()
+        texts += _read_lines(args.file)
     if not texts:
         raise ConfigError("nothing to translate: pass --text TEXT (repeatable) or --file FILE")
-    if args.beam < 1:
-        raise ConfigError(f"--beam {args.beam}: the beam width is at least 1 (1 is greedy)")
-    model, tokenizer = load_model(resolve_model(args.model), args.device or "cpu")
-    if not isinstance(model, Seq2Seq):
+    sampled = any(getattr(args, k) is not None for k in ("temperature", "top_k", "top_p"))
+    if sampled and args.beam != 1:
+        raise ConfigError("--temperature, --top-k and --top-p sample one output per source: "
+                          "use them with --beam 1 (beam search is deterministic)")
+    opened = _open(args.model, args)
+    if not isinstance(opened.model, Seq2Seq):
         raise ConfigError(f"{args.model} is a decoder-only model; translate takes an "
                           "encoder-decoder (train one with task=seq2seq)")
-    if args.temperature > 0 and args.beam != 1:
-        raise ConfigError("--temperature samples one output per source: use it with --beam 1")
+    model, tokenizer = opened.model, opened.tokenizer
     cut = too_long(model, tokenizer, texts)
     if cut:
         lines = ", ".join(str(i + 1) for i in cut[:10]) + (" ..." if len(cut) > 10 else "")
         print(f"warning: {len(cut)} source(s) longer than the model's {model.cfg.max_length} "
               f"tokens were cut to fit (line {lines})", file=sys.stderr)
     out = translate(model, tokenizer, texts, beam=args.beam, max_new_tokens=args.max_new_tokens,
-                    length_penalty=args.length_penalty,
-                    sampling=SamplingConfig(temperature=args.temperature), seed=args.seed)
+                    length_penalty=args.length_penalty, sampling=_sampling(args), seed=args.seed)
     if args.out:
         Path(args.out).write_text("".join(line + "\n" for line in out), encoding="utf-8")
         print(f"{len(out)} lines -> {args.out}")
@@ -107,25 +118,31 @@ def cmd_translate(args: argparse.Namespace) -> None:
         print("\n".join(out))
 
 
+def _read_lines(path: str) -> list[str]:
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    return Path(path).read_text(encoding="utf-8").splitlines()
+
+
 def cmd_merge(args: argparse.Namespace) -> None:
-    from lmforge.finetune.run import merge
+    from lmforge.api import merge
 
     print(merge(args.adapter_dir, args.out, base=args.base))
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    from lmforge.api import load_classifier, predict
     from lmforge.errors import ConfigError
-    from lmforge.finetune.classify import load_classifier, predict
 
     texts = list(args.text)
     if args.file:
-        from pathlib import Path
-
-        texts += [line for line in Path(args.file).read_text().splitlines() if line.strip()]
+        texts += [line for line in _read_lines(args.file) if line.strip()]
     if not texts:
         raise ConfigError("nothing to classify: pass --text TEXT (repeatable) or --file FILE")
-    model, tokenizer, labels = load_classifier(args.model, args.device or "cpu")
-    for text, probs in zip(texts, predict(model, tokenizer, labels, texts)):
+    model, tokenizer = load_classifier(args.model, args.device)
+    for text, probs in zip(texts, predict(model, tokenizer, texts)):
         best = next(iter(probs))
         shown = "  ".join(f"{label} {p:.3f}" for label, p in probs.items())
         print(f"{best}\t{shown}\t{text[:60]}")
@@ -140,47 +157,47 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     print(f"prepared: {out}")
 
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+def _open(spec: str, args: argparse.Namespace):
+    """The model `spec` names (`lmforge.open_model`) on the asked device and dtype, with its
+    tokenizer required."""
+    from lmforge.api import open_model
+
+    opened = open_model(spec, args.device, args.dtype, getattr(args, "adapter", None))
+    if opened.tokenizer is None:
+        raise FileNotFoundError(f"{spec} has no tokenizer.json to encode text with")
+    return opened
 
 
-def _load(spec: str, args: argparse.Namespace | None = None, seq2seq: bool = False):
-    """Model, tokenizer and stop tokens for any way of naming a model, on the device and in
-    the dtype asked for (`--device`, `--dtype`; by default a GPU in bf16 when there is one,
-    else the CPU in fp32, where bf16 decoding is no faster). Encoder-decoder models only
-    where the command takes them (`seq2seq`)."""
-    import torch
-
+def _language_model(spec: str, args: argparse.Namespace):
+    """The decoder-only language model `spec` names, for the commands that continue text."""
     from lmforge.errors import ConfigError
-    from lmforge.interop.hub import resolve_model
-    from lmforge.modeldir import load_model, stop_token_ids
+    from lmforge.models.decoder import Decoder
     from lmforge.models.seq2seq import Seq2Seq
 
-    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(args, "dtype", None) or ("bf16" if device.startswith("cuda") else "fp32")
-    directory = resolve_model(spec)
-    model, tokenizer = load_model(directory, device, getattr(torch, DTYPES[dtype]),
-                                  adapter=getattr(args, "adapter", None))
-    if tokenizer is None:
-        raise FileNotFoundError(f"{spec} has no tokenizer.json to encode text with")
-    if not seq2seq and isinstance(model, Seq2Seq):
+    opened = _open(spec, args)
+    if isinstance(opened.model, Seq2Seq):
         raise ConfigError(f"{spec} is an encoder-decoder (seq2seq) model: use `lmforge "
                           "translate` or `lmforge serve` with it")
-    return model, tokenizer, stop_token_ids(directory, tokenizer)
+    if not isinstance(opened.model, Decoder):
+        raise ConfigError(f"{spec} is a {type(opened.model).__name__}, not a language model "
+                          "(use `lmforge predict` with a classifier)")
+    return opened
 
 
-def _sampling(args: argparse.Namespace):
-    from lmforge.infer.sampling import SamplingConfig
-
-    return SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p,
-                          args.repetition_penalty)
+def _sampling(args: argparse.Namespace) -> SamplingConfig:
+    """The sampling settings given, the shared defaults for the others."""
+    given = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "min_p",
+                                           "repetition_penalty")}
+    return SamplingConfig(**{k: v for k, v in given.items() if v is not None})
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from lmforge.infer.engine import Request, prompt_ids, stream_one
 
-    model, tokenizer, stop = _load(args.model, args)
+    opened = _language_model(args.model, args)
+    model, tokenizer = opened.model, opened.tokenizer
     request = Request(prompt_ids(tokenizer, args.prompt), args.max_new_tokens, _sampling(args),
-                      args.seed, stop=tuple(args.stop), stop_ids=stop)
+                      args.seed, stop=tuple(args.stop), stop_ids=opened.stop_ids)
     sys.stdout.write(args.prompt)
     if args.speculative:
         from lmforge.infer.speculative import speculative_text
@@ -197,9 +214,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from lmforge.chat import ChatSession, run_terminal_chat
 
-    model, tokenizer, stop = _load(args.model, args)
-    session = ChatSession(model, tokenizer, stop, _sampling(args), system=args.system,
-                          max_new_tokens=args.max_new_tokens)
+    opened = _language_model(args.model, args)
+    session = ChatSession(opened.model, opened.tokenizer, opened.stop_ids, _sampling(args),
+                          system=args.system, max_new_tokens=args.max_new_tokens)
     run_terminal_chat(session)
 
 
@@ -208,14 +225,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from lmforge.serve.app import ServeConfig, create_app
 
-    model, tokenizer, stop = _load(args.model, args, seq2seq=True)
+    opened = _open(args.model, args)
     name = args.name or _served_name(args.model)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this "
               "machine can use the model", file=sys.stderr)
     cfg = ServeConfig(name, args.api_key, args.max_batch, args.max_queue, args.max_len,
                       timeout=args.timeout, cors_origins=args.cors_origin, compile=args.compile)
-    app = create_app(model, tokenizer, stop, cfg)
+    app = create_app(opened.model, opened.tokenizer, opened.stop_ids, cfg)
     print(f"serving {name} on http://{args.host}:{args.port} (chat page at /, API at /v1)",
           file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
@@ -255,18 +272,18 @@ def _model_dir(args: argparse.Namespace):
     import tempfile
     from pathlib import Path
 
-    from lmforge.config import Seq2SeqConfig, load_config
+    from lmforge.api import merge
+    from lmforge.config import Seq2SeqConfig
     from lmforge.errors import ConfigError
-    from lmforge.interop.hub import resolve_model
+    from lmforge.modeldir import is_model_dir, read_config
+    from lmforge.open import resolve_model
 
     directory = resolve_model(args.model)
-    if (directory / "config.json").is_file() and isinstance(load_config(directory), Seq2SeqConfig):
+    if is_model_dir(directory) and isinstance(read_config(directory), Seq2SeqConfig):
         raise ConfigError(f"{args.model} is an encoder-decoder (seq2seq) model; {args.command} "
                           "works on decoder-only models for now")
     if not args.adapter:
         return directory
-    from lmforge.finetune.run import merge
-
     scratch = Path(tempfile.mkdtemp(prefix="lmforge-merged-"))
     atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     return merge(args.adapter, scratch / "model", base=directory)
@@ -281,7 +298,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     else:
         from lmforge.interop.gguf import export_gguf
 
-        print(export_gguf(directory, args.out, dtype=args.dtype))
+        print(export_gguf(directory, args.out, dtype=args.gguf_dtype))
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -304,27 +321,19 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     import torch
 
-    from lmforge.config import (
-        PRESETS,
-        SEQ2SEQ_PRESETS,
-        Seq2SeqConfig,
-        load_config,
-        preset,
-        resolve_seq2seq_config,
-    )
-    from lmforge.interop.hub import resolve_model
-    from lmforge.models.decoder import Decoder
-    from lmforge.models.seq2seq import Seq2Seq
+    from lmforge.config import PRESETS, SEQ2SEQ_PRESETS, preset, resolve_seq2seq_config
+    from lmforge.modeldir import read_config
+    from lmforge.models import build_model
+    from lmforge.open import resolve_model
 
     if args.model in PRESETS:
         cfg = preset(args.model)
     elif args.model in SEQ2SEQ_PRESETS:
         cfg = resolve_seq2seq_config(args.model)
     else:
-        cfg = load_config(resolve_model(args.model))
+        cfg = read_config(_weights_dir(resolve_model(args.model)))
     with torch.device("meta"):
-        model = Seq2Seq(cfg) if isinstance(cfg, Seq2SeqConfig) else Decoder(cfg)
-        report = model.flops()
+        report = build_model(cfg).flops()
     print(f"model            {args.model}")
     for key, value in cfg.to_dict().items():
         print(f"  {key:<16} {value}")
@@ -332,6 +341,14 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"  non-embedding  {report.non_embedding_params:,}")
     print(f"FLOPs per token  {report.flops_per_token:,} (training, forward + backward)")
     print(f"                 {report.flops_per_token // 3:,} (inference, forward)")
+
+
+def _weights_dir(directory):
+    """An adapter's base model directory; any other model directory as it is."""
+    from lmforge.modeldir import is_adapter_dir
+    from lmforge.open import adapter_base
+
+    return adapter_base(directory) if is_adapter_dir(directory) else directory
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -365,8 +382,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     else:
         data = read_generation_examples(args.data, args.prompt_field, args.answer_field,
                                         args.limit)
-    model, tokenizer, stop = _load(args.model, args)
-    progress = not args.quiet
+    opened = _language_model(args.model, args)
+    model, tokenizer, progress = opened.model, opened.tokenizer, not args.quiet
     if args.task == "perplexity":
         result = evaluate_perplexity(model, tokenizer, data, args.window, args.stride,
                                      args.batch_size, progress)
@@ -376,7 +393,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     else:
         result = evaluate_generation(
             model, tokenizer, data, args.max_new_tokens, [_unescape(s) for s in args.stop],
-            stop, args.chat, args.regex, args.ignore_case, args.batch_size, progress)
+            opened.stop_ids, args.chat, args.regex, args.ignore_case, args.batch_size, progress)
     print(format_table([result]))
     if args.out:
         config = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
@@ -395,35 +412,98 @@ def cmd_plot(args: argparse.Namespace) -> None:
     print(plot_run(args.run, args.out))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmforge", description="Make your own Transformer "
-                                     "language models: prepare, train, generate.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+# ------------------------------------------------------------------------------ arguments
 
-    p = sub.add_parser("quickstart", help="corpus -> tokenizer -> small model -> samples, in minutes")
+
+def _number(kind: type, low: float | None = None, high: float | None = None,
+            low_open: bool = False, what: str = "") -> Callable[[str], int | float]:
+    """An argparse type: a number of `kind` within [low, high] ((low, high] if low_open)."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'a whole number' if kind is int else 'a number'}") from None
+        if value != value or (low is not None and (value <= low if low_open else value < low)) \
+                or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    return parse
+
+
+COUNT = _number(int, 1, what=">= 1")  # something there must be at least one of
+AMOUNT = _number(int, 0, what=">= 0")
+POSITIVE = _number(float, 0, low_open=True, what="> 0")
+NON_NEGATIVE = _number(float, 0, what=">= 0")
+PROBABILITY = _number(float, 0, 1, low_open=True, what="in (0, 1]")
+FRACTION = _number(float, 0, 1, what="in [0, 1]")
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Help that shows every option's default (argparse's own formatter shows only those
+    with help text, and says "None" for the unset ones)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and default not in (None, False, [], argparse.SUPPRESS)
+                and "default" not in text and "%(default)" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """One-line errors that name the command and point at its --help."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def add_argument(self, *args, **kwargs):
+        # Every option gets a help line, so --help shows its default.
+        if args and args[0].startswith("-") and not kwargs.get("help"):
+            raise ValueError(f"{args[0]} needs a help text")
+        return super().add_argument(*args, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lmforge", description="Make your own Transformer language models: "
+                     "prepare, train, fine-tune, generate, chat, serve, evaluate, export.",
+                     formatter_class=_Formatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
+
+    def command(name: str, help: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, formatter_class=_Formatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("quickstart", "corpus -> tokenizer -> small model -> samples, in minutes",
+                cmd_quickstart)
     p.add_argument("--data", help="your own text file/folder/JSONL instead of Shakespeare")
     p.add_argument("--resume", action="store_true", help="continue runs/quickstart")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. max_steps=300")
-    p.set_defaults(func=cmd_quickstart)
 
-    p = sub.add_parser("prepare", help="text files / folders / JSONL / parquet -> token shards")
+    p = command("prepare", "text files / folders / JSONL / parquet -> token shards", cmd_prepare)
     p.add_argument("inputs", nargs="+", help="files or folders")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--tokenizer", default="bpe", help="bpe | char | path to tokenizer.json")
-    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--vocab-size", type=_number(int, 1, 2**31 - 1, what="between 1 and 2^31"),
+                   default=8192, help="tokens in a trained BPE vocabulary")
     p.add_argument("--text-field", default="text", help="JSONL/parquet field with the text")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--workers", type=int, default=0, help="0 = all cores")
-    p.set_defaults(func=cmd_prepare)
+    p.add_argument("--val-fraction", type=_number(float, 0, 1, what="in [0, 1)"), default=0.1,
+                   help="share of the documents held out for validation")
+    p.add_argument("--workers", type=AMOUNT, default=0, help="processes; 0 = all cores")
 
-    p = sub.add_parser("train", help="pretrain from a YAML recipe with key=value overrides")
+    p = command("train", "pretrain from a YAML recipe with key=value overrides", cmd_train)
     p.add_argument("recipe", nargs="?", help="YAML recipe (see configs/); optional")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. lr=3e-4 model.n_layer=6")
     p.add_argument("--resume", action="store_true", help="continue from out_dir's last checkpoint")
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("finetune", help="chat SFT or classification on your data, LoRA or full")
+    p = command("finetune", "chat SFT or classification on your data, LoRA or full",
+                cmd_finetune)
     p.add_argument("model", help="base model (any way of naming one, see `lmforge list`)")
     p.add_argument("--data", required=True, help="sft: JSONL of {\"messages\": [...]} or "
                    "{\"prompt\", \"completion\"}; classify: CSV or JSONL with text and label")
@@ -431,16 +511,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-data", default=None, help="validation file (default: a share of --data)")
     p.add_argument("--out", default=None, help="run directory (default runs/finetune-DATA)")
     p.add_argument("--recipe", default=None, help="YAML recipe with any training keys")
-    p.add_argument("--epochs", type=float, default=None, help="passes over the data (default 1)")
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps instead of epochs")
-    p.add_argument("--lr", type=float, default=None, help="default 2e-4 (LoRA), 2e-5 (--full)")
-    p.add_argument("--batch-size", type=int, default=None, help="examples per step (default 8)")
-    p.add_argument("--context-length", type=int, default=None,
+    p.add_argument("--epochs", type=POSITIVE, default=None,
+                   help="passes over the data (default 1)")
+    p.add_argument("--max-steps", type=COUNT, default=None, help="optimizer steps instead of epochs")
+    p.add_argument("--lr", type=POSITIVE, default=None,
+                   help="default 2e-4 (LoRA), 2e-5 (--full)")
+    p.add_argument("--batch-size", type=COUNT, default=None, help="examples per step (default 8)")
+    p.add_argument("--context-length", type=_number(int, 2, what=">= 2"), default=None,
                    help="longest example in tokens (default: the model's context)")
     p.add_argument("--full", action="store_true", help="train every weight instead of LoRA")
-    p.add_argument("--lora-rank", type=int, default=None, help="default 16")
-    p.add_argument("--lora-alpha", type=float, default=None, help="default 32")
-    p.add_argument("--lora-dropout", type=float, default=None, help="default 0")
+    p.add_argument("--lora-rank", type=COUNT, default=None, help="default 16")
+    p.add_argument("--lora-alpha", type=POSITIVE, default=None, help="default 32")
+    p.add_argument("--lora-dropout", type=_number(float, 0, 1, what="in [0, 1)"), default=None,
+                   help="default 0")
     p.add_argument("--lora-targets", default=None,
                    help="layers to adapt: all-linear (default) or e.g. q_proj,v_proj")
     p.add_argument("--packing", action="store_true", help="sft: several short examples per row")
@@ -452,128 +535,139 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-field", default=None, help="classify: label column (default label)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("overrides", nargs="*", help="key=value training overrides, e.g. warmup_steps=20")
-    p.set_defaults(func=cmd_finetune)
-
-    p = sub.add_parser("translate", help="source text -> target text with an encoder-decoder model")
-    p.add_argument("model", help="a seq2seq model or run directory")
-    p.add_argument("--text", action="append", default=[], help="a sentence (repeatable)")
-    p.add_argument("--file", default=None, help="one sentence per line")
-    p.add_argument("--out", default=None, help="write the translations here, one per line")
-    p.add_argument("--beam", type=int, default=4, help="beam width (1 = greedy)")
-    p.add_argument("--length-penalty", type=float, default=1.0,
-                   help="beam scores are log-probability / length ** this")
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="above 0: sample (with --beam 1) instead of the most likely tokens")
-    p.add_argument("--seed", type=int, default=None, help="repeatable sampling")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--device", default=None)
-    p.set_defaults(func=cmd_translate)
-
-    p = sub.add_parser("merge", help="fold a LoRA adapter into its base: a plain model directory")
-    p.add_argument("adapter_dir", help="adapter directory, or a LoRA fine-tuning run directory")
-    p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--base", default=None,
-                   help="base model (default: the one the adapter names)")
-    p.set_defaults(func=cmd_merge)
-
-    p = sub.add_parser("predict", help="label probabilities from a fine-tuned classifier")
-    p.add_argument("model", help="classifier run, model or adapter directory")
-    p.add_argument("--text", action="append", default=[], help="text to classify (repeatable)")
-    p.add_argument("--file", default=None, help="one text per line")
-    p.add_argument("--device", default=None)
-    p.set_defaults(func=cmd_predict)
 
     model_help = ("model directory, run directory, Hugging Face directory, .gguf file, "
                   "registry name (see `lmforge list`) or hf:ORG/NAME")
 
-    def device_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--adapter", default=None, metavar="DIR",
-                       help="put this LoRA adapter (adapter or run directory) on the model")
+    def device_flags(p: argparse.ArgumentParser, adapter: bool = True) -> None:
+        if adapter:
+            p.add_argument("--adapter", default=None, metavar="DIR",
+                           help="put this LoRA adapter (adapter or run directory) on the model")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: a GPU "
                        "if there is one)")
-        p.add_argument("--dtype", choices=list(DTYPES), default=None,
+        p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                        help="weights and activations (default: bf16 on a GPU, fp32 on a CPU)")
 
-    def sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float,
-                       top_p: float | None) -> None:
-        device_flags(p)
-        p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-        p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-        p.add_argument("--top-k", type=int, default=200)
-        p.add_argument("--top-p", type=float, default=top_p)
-        p.add_argument("--min-p", type=float, default=None,
-                       help="drop tokens below this fraction of the top token's probability")
-        p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 avoids repeats")
+    def sampling_flags(p: argparse.ArgumentParser, shown: bool = True) -> None:
+        """Sampling settings; unset ones take the shared defaults (shown in --help)."""
 
-    p = sub.add_parser("generate", help="sample a continuation of a prompt (streaming)")
+        def default(value):
+            return f" (default: {value})" if shown else ""
+
+        p.add_argument("--temperature", type=NON_NEGATIVE, default=None,
+                       help="0 = greedy" + default(SAMPLING.temperature))
+        p.add_argument("--top-k", type=COUNT, default=None,
+                       help="keep the k most likely tokens" + default(SAMPLING.top_k or "off"))
+        p.add_argument("--top-p", type=PROBABILITY, default=None,
+                       help="keep the most likely tokens up to this probability"
+                       + default(SAMPLING.top_p))
+        p.add_argument("--min-p", type=FRACTION, default=None,
+                       help="drop tokens below this fraction of the top token's probability"
+                       + default(SAMPLING.min_p or "off"))
+        p.add_argument("--repetition-penalty", type=POSITIVE, default=None,
+                       help="> 1 avoids repeats" + default(SAMPLING.repetition_penalty))
+
+    p = command("translate", "source text -> target text with an encoder-decoder model",
+                cmd_translate)
+    p.add_argument("model", help="a seq2seq model or run directory")
+    p.add_argument("--text", action="append", default=[], help="a sentence (repeatable)")
+    p.add_argument("--file", default=None, help="one sentence per line")
+    p.add_argument("--out", default=None, help="write the translations here, one per line")
+    p.add_argument("--beam", type=COUNT, default=4, help="beam width (1: sample, or greedy "
+                   "with --temperature 0)")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam scores are log-probability / length ** this")
+    sampling_flags(p)
+    p.add_argument("--seed", type=AMOUNT, default=None, help="repeatable sampling")
+    p.add_argument("--max-new-tokens", type=COUNT, default=128, help="longest translation")
+    device_flags(p, adapter=False)
+
+    p = command("merge", "fold a LoRA adapter into its base: a plain model directory",
+                cmd_merge)
+    p.add_argument("adapter_dir", help="adapter directory, or a LoRA fine-tuning run directory")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--base", default=None,
+                   help="base model (default: the one the adapter names)")
+
+    p = command("predict", "label probabilities from a fine-tuned classifier", cmd_predict)
+    p.add_argument("model", help="classifier run, model or adapter directory")
+    p.add_argument("--text", action="append", default=[], help="text to classify (repeatable)")
+    p.add_argument("--file", default=None, help="one text per line")
+    p.add_argument("--device", default=None, help="cpu, cuda... (default: a GPU if there is one)")
+
+    p = command("generate", "sample a continuation of a prompt (streaming)", cmd_generate)
     p.add_argument("model", help=model_help)
-    p.add_argument("--prompt", default="")
-    sampling_flags(p, 200, temperature=0.8, top_p=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--prompt", default="", help="text to continue (default: from the start)")
+    p.add_argument("--max-new-tokens", type=AMOUNT, default=MAX_NEW_TOKENS,
+                   help="most tokens to write")
+    sampling_flags(p)
+    p.add_argument("--seed", type=AMOUNT, default=None, help="the same seed, the same text")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end the text just before TEXT (repeatable)")
     p.add_argument("--speculative", action="store_true",
                    help="draft tokens by copying from the prompt and check them in one pass: "
                         "faster when the output repeats the input; greedy output is unchanged")
-    p.set_defaults(func=cmd_generate)
+    device_flags(p)
 
-    p = sub.add_parser("chat", help="talk to a model in the terminal (its chat template)")
+    p = command("chat", "talk to a model in the terminal (its chat template)", cmd_chat)
     p.add_argument("model", help=model_help)
     p.add_argument("--system", default=None, help="system prompt")
-    sampling_flags(p, 512, temperature=0.3, top_p=0.9)  # answers, not stories
-    p.set_defaults(func=cmd_chat)
+    p.add_argument("--max-new-tokens", type=AMOUNT, default=MAX_NEW_TOKENS,
+                   help="longest answer in tokens")
+    sampling_flags(p)
+    device_flags(p)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API and web chat page")
+    p = command("serve", "OpenAI-compatible HTTP API and web chat page", cmd_serve)
     p.add_argument("model", help=model_help)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=_number(int, 0, 65535, what="a port, 0-65535"), default=8000,
+                   help="port to listen on")
     p.add_argument("--name", default=None, help="model name in the API (default: from MODEL)")
     p.add_argument("--api-key", default=os.environ.get("LMFORGE_API_KEY"),
                    help="require `Authorization: Bearer KEY` (default $LMFORGE_API_KEY)")
-    p.add_argument("--max-batch", type=int, default=8, help="sequences decoding together")
-    p.add_argument("--max-queue", type=int, default=64,
+    p.add_argument("--max-batch", type=COUNT, default=8, help="sequences decoding together")
+    p.add_argument("--max-queue", type=AMOUNT, default=64,
                    help="waiting requests before new ones get 429")
-    p.add_argument("--max-len", type=int, default=None,
+    p.add_argument("--max-len", type=_number(int, 2, what=">= 2"), default=None,
                    help="positions per sequence (default: the model's context)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--timeout", type=POSITIVE, default=600.0, help="seconds per request")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser pages from ORIGIN to call the API (repeatable)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (slow start, faster decoding)")
     device_flags(p)
-    p.add_argument("--log-level", default="info")
-    p.set_defaults(func=cmd_serve)
+    p.add_argument("--log-level", default="info", help="uvicorn's logging",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
 
-    p = sub.add_parser("pull", help="fetch a model into the cache (~/.cache/lmforge/models)")
+    p = command("pull", "fetch a model into the cache (~/.cache/lmforge/models)", cmd_pull)
     p.add_argument("name", help="registry name (see `lmforge list`) or hf:ORG/NAME")
-    p.set_defaults(func=cmd_pull)
 
-    p = sub.add_parser("list", help="models in the cache, and the registry's names")
-    p.set_defaults(func=cmd_list)
+    command("list", "models in the cache, and the registry's names", cmd_list)
 
-    p = sub.add_parser("export", help="write a model as a Hugging Face directory or a GGUF file")
+    p = command("export", "write a model as a Hugging Face directory or a GGUF file",
+                cmd_export)
     p.add_argument("model", help=model_help)
-    p.add_argument("--format", choices=["hf", "gguf"], required=True)
+    p.add_argument("--format", choices=["hf", "gguf"], required=True,
+                   help="a Hugging Face directory or a GGUF file")
     p.add_argument("--out", required=True, help="output directory (hf) or .gguf path")
-    p.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f32", help="gguf only")
+    p.add_argument("--dtype", dest="gguf_dtype", choices=["f32", "f16", "q8_0"], default="f32",
+                   help="gguf only: the 2-D weights' type")
     p.add_argument("--adapter", default=None, metavar="DIR", help="fold this LoRA adapter in first")
-    p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("quantize", help="int8 or int4 weights: a smaller, faster model directory")
+    p = command("quantize", "int8 or int4 weights: a smaller, faster model directory",
+                cmd_quantize)
     p.add_argument("model", help=model_help)
-    p.add_argument("--bits", type=int, choices=[8, 4], required=True)
-    p.add_argument("--group-size", type=int, default=None,
-                   help="int4: columns sharing a scale, 32 | 64 | 128 (default 32)")
+    p.add_argument("--bits", type=int, choices=[8, 4], required=True, help="bits per weight")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=None,
+                   help="int4: columns sharing a scale (default 32)")
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--adapter", default=None, metavar="DIR", help="fold this LoRA adapter in first")
-    p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("info", help="parameters and FLOPs per token of a model or preset")
+    p = command("info", "parameters and FLOPs per token of a model or preset", cmd_info)
     p.add_argument("model", help="preset name, or " + model_help)
-    p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("eval", help="score a model: perplexity, multiple choice, generation, "
-                       "lm-evaluation-harness tasks")
+    p = command("eval", "score a model: perplexity, multiple choice, generation, "
+                "lm-evaluation-harness tasks", cmd_eval)
     p.add_argument("model", help=model_help)
     p.add_argument("--task", choices=["perplexity", "multiple-choice", "generation"],
                    help="perplexity of a text file, or JSONL examples (see --data)")
@@ -582,45 +676,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--harness", metavar="TASKS", help="lm-evaluation-harness tasks instead, "
                    "comma-separated, e.g. hellaswag,arc_easy (pip install lm-eval)")
     p.add_argument("--include-path", default=None, help="harness: a folder of task YAMLs")
-    p.add_argument("--num-fewshot", type=int, default=None, help="harness: examples in prompts")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
-    p.add_argument("--window", type=int, default=None,
-                   help="perplexity: tokens per forward pass (default: the model's context)")
-    p.add_argument("--stride", type=int, default=None, help="perplexity: tokens between "
+    p.add_argument("--num-fewshot", type=AMOUNT, default=None,
+                   help="harness: examples in prompts")
+    p.add_argument("--limit", type=COUNT, default=None, help="score only the first N examples")
+    p.add_argument("--window", type=_number(int, 2, what=">= 2"), default=None,
+                   help="perplexity: tokens per forward pass (default: the model's context, at "
+                   f"most {PERPLEXITY_WINDOW}); memory grows with batch x window x vocabulary, e.g. "
+                   "SmolLM2-135M (49k tokens) at 1024 x 8: ~2 GB")
+    p.add_argument("--stride", type=COUNT, default=None, help="perplexity: tokens between "
                    "window starts (default: window - 1; less gives each token more context)")
-    p.add_argument("--max-chars", type=int, default=None,
+    p.add_argument("--max-chars", type=COUNT, default=None,
                    help="perplexity: the file's first N characters")
-    p.add_argument("--context-field", default="context")
-    p.add_argument("--choices-field", default="choices")
-    p.add_argument("--answer-field", default="answer")
-    p.add_argument("--prompt-field", default="prompt")
+    p.add_argument("--context-field", default="context", help="multiple-choice: JSONL field")
+    p.add_argument("--choices-field", default="choices", help="multiple-choice: JSONL field")
+    p.add_argument("--answer-field", default="answer", help="JSONL field with the answer")
+    p.add_argument("--prompt-field", default="prompt", help="generation: JSONL field")
     p.add_argument("--delimiter", default=" ", help="multiple-choice: text between context and "
                    "choice (lm-eval's target_delimiter; \\n for a newline)")
     p.add_argument("--chat", action="store_true",
                    help="generation and harness: prompts go through the chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="generation")
+    p.add_argument("--max-new-tokens", type=COUNT, default=64, help="generation")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="generation: end "
                    "the output before TEXT (repeatable; \\n for a newline)")
     p.add_argument("--regex", default=None, help="generation: compare the first match's first "
                    "group (or whole match) with the answer, e.g. 'answer is (\\d+)'")
     p.add_argument("--ignore-case", action="store_true", help="generation: case-blind match")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--batch-size", type=COUNT, default=8, help="sequences per forward pass")
     p.add_argument("--out", default=None, help="write the results as JSON")
     p.add_argument("--log-samples", action="store_true",
                    help="with --out: every example's scores and outputs too")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     device_flags(p)
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("plot", help="draw a run's loss curve to PNG")
+    p = command("plot", "draw a run's loss curve to PNG", cmd_plot)
     p.add_argument("run", help="run directory")
     p.add_argument("--out", default=None, help="PNG path (default RUN/loss.png)")
-    p.set_defaults(func=cmd_plot)
     return parser
 
 
+def _misspelt_command(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """An error for a first argument that is no command, with the closest one."""
+    if not argv or argv[0].startswith("-"):
+        return None
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if argv[0] in commands.choices:
+        return None
+    match = difflib.get_close_matches(argv[0], list(commands.choices), n=1)
+    hint = f"did you mean `lmforge {match[0]}`?" if match else "see `lmforge --help`"
+    return f"lmforge: error: no command {argv[0]!r}: {hint}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
+    misspelt = _misspelt_command(parser, argv)
+    if misspelt:
+        sys.stderr.write(misspelt)
+        return 2
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after options too (argparse only takes them before).
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,15 +100,46 @@ def closest_hint(key: str, valid: list[str]) -> str:
 
 
 def from_dict(cls: type, values: dict[str, Any], where: str = "config") -> Any:
-    """Build dataclass `cls` from `values`, failing on unknown keys with the closest match."""
-    valid = [f.name for f in dataclasses.fields(cls)]
-    for key in values:
-        if key not in valid:
-            raise ConfigError(
-                f"unknown key {key!r} in {where}: {closest_hint(key, valid)}"
-                f"valid keys are: {', '.join(valid)}"
-            )
-    return cls(**values)
+    """Build dataclass `cls` from `values`, failing on unknown keys (with the closest match)
+    and on values of the wrong type."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    checked = {}
+    for key, value in values.items():
+        if key not in fields:
+            hint = closest_hint(key, list(fields))
+            raise ConfigError(f"unknown key {key!r} in {where}: " + (
+                hint.rstrip() if hint else f"valid keys are: {', '.join(fields)}"))
+        expected = _TYPES.get(str(fields[key].type))
+        if expected is not None and float in expected[1] and isinstance(value, str) \
+                and _SCIENTIFIC.fullmatch(value):
+            value = float(value)
+        if expected is not None and not _is_a(value, expected):
+            raise ConfigError(f"{key}={value!r} in {where}: expected {expected[0]}")
+        checked[key] = value
+    return cls(**checked)
+
+
+# YAML 1.1 reads 3e-4 (no dot) as a string, and that is how people write learning rates.
+_SCIENTIFIC = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
+
+
+# Field annotations (strings, under `from __future__ import annotations`) whose values are
+# checked: a name for messages and the Python types that are accepted.
+_TYPES: dict[str, tuple[str, tuple[type, ...]]] = {
+    "int": ("a whole number", (int,)),
+    "float": ("a number", (int, float)),
+    "bool": ("true or false", (bool,)),
+    "str": ("a string", (str,)),
+    "int | None": ("a whole number or null", (int, type(None))),
+    "float | None": ("a number or null", (int, float, type(None))),
+}
+
+
+def _is_a(value: Any, expected: tuple[str, tuple[type, ...]]) -> bool:
+    # bool is an int to Python, never to a person writing a recipe.
+    if isinstance(value, bool) and bool not in expected[1]:
+        return False
+    return isinstance(value, expected[1])
 
 
 # Named shapes. The quickstart preset is small enough to learn something in minutes on 2 cores.
@@ -249,3 +281,49 @@ def count_flops(cfg: ModelConfig, params: int, embedding_params: int) -> FlopsRe
         non_embedding_params=non_embedding,
         flops_per_token=6 * matmul_params + attention,
     )
+
+
+# How many tokens a request generates unless it says: generate, chat and the Python API.
+MAX_NEW_TOKENS = 256
+# Perplexity windows: at most this many tokens per forward pass unless asked, as the logits
+# of a window take window x vocabulary floats (SmolLM2's 8,192-token context: 1.6 GB a row).
+PERPLEXITY_WINDOW = 1024
+
+
+@dataclass
+class SamplingConfig:
+    """How a token is drawn from the logits (see `lmforge.infer.sampling`).
+
+    The defaults are lmforge's one set, used wherever a setting is not given: `lmforge
+    generate`, `lmforge chat`, the HTTP API, `lmforge translate --beam 1` and the Python API.
+    Temperature 0.8 with top-p 0.95 keeps a small model's text varied without its long tail
+    of unlikely tokens; temperature 0 is greedy decoding.
+    """
+
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = 0.95
+    min_p: float | None = None  # drop tokens below min_p x the top token's probability
+    repetition_penalty: float = 1.0  # > 1 discourages any token already in the sequence
+    presence_penalty: float = 0.0  # subtracted once from each token already generated
+    frequency_penalty: float = 0.0  # subtracted per time a token was generated
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+
+    @property
+    def penalised(self) -> bool:
+        return (self.repetition_penalty != 1 or self.presence_penalty != 0
+                or self.frequency_penalty != 0)

@@ -126,9 +126,14 @@ class KVCache:
     def batch(self) -> int:
         return self.k.shape[1]
 
+    @property
+    def nbytes(self) -> int:
+        """Memory the cache holds."""
+        return self.k.nbytes + self.v.nbytes
+
     def rows(self, first: int, count: int = 1) -> KVCache:
         """A cache over slots first..first+count, sharing this one's memory."""
-        view = object.__new__(KVCache)
+        view = object.__new__(type(self))
         view.k, view.v = self.k[:, first:first + count], self.v[:, first:first + count]
         view.length, view.static = self.length, self.static
         view.layers = list(zip(view.k.unbind(0), view.v.unbind(0)))

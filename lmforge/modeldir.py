@@ -1,47 +1,88 @@
-"""The model directory: config.json + model.safetensors + tokenizer.json (+ quantization.json
-for a model with quantized weights, see `lmforge.quant`; + classifier.json for a model with a
-classification head, see `lmforge.finetune.classify`).
+"""The model directory: the one on-disk format every lmforge command reads and writes.
 
-Every command that takes a model reads it through `load_model`, which accepts a model
-directory, a run directory (whose latest checkpoint is used) or a LoRA adapter directory
-(`adapter_config.json`: the base model it names is loaded and the adapter put on it).
+A model directory holds `config.json` + `model.safetensors` + `tokenizer.json`, and may declare
+more beside them: `generation_config.json` (stop tokens), `quantization.json` (quantized
+weights, see `lmforge.quant`), `classifier.json` (a classification head). A LoRA adapter
+directory (`adapter_config.json` + `adapter_model.safetensors`) names the base model it goes
+on. Every file name is spelt here, once.
+
+This module only reads and writes directories. What a declared file means to the model is
+applied by a `DirectoryHook` that the package owning it registers (`register_hook`); opening a
+model by any name (registry names, GGUF files, adapters) is `lmforge.open.open_model`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from lmforge.config import Seq2SeqConfig, load_config
+from lmforge.config import ModelConfig, Seq2SeqConfig, load_config
 from lmforge.errors import CheckpointMismatch, ConfigError
-from lmforge.finetune.lora import ADAPTER_CONFIG, load_adapter, read_adapter_config
-from lmforge.models.decoder import Decoder
-from lmforge.models.seq2seq import Seq2Seq
-from lmforge.quant import QUANT_FILE, QuantSpec, prepare_quantized, quantization_of
-from lmforge.tokenizer import Tokenizer
+from lmforge.models import LanguageModel, build_model
+from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
+CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
-CHECKPOINTS = "checkpoints"
+TOKENIZER = TOKENIZER_FILE
+GENERATION_CONFIG = "generation_config.json"
+QUANTIZATION = "quantization.json"
+CLASSIFIER_CONFIG = "classifier.json"
+CLASSIFIER_WEIGHTS = "classifier.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+SOURCE = "source.json"  # where a pulled or converted model came from
+CHECKPOINTS = "checkpoints"  # in a run directory: checkpoints/step_NNNNNNN/
 
 
-def save_model(directory: str | Path, model: Decoder, tokenizer: Tokenizer | None) -> Path:
+@dataclass(frozen=True)
+class DirectoryHook:
+    """What a model directory declares with `file`, applied while it is read.
+
+    before_weights(model, directory) reshapes the freshly built model (on the meta device) so
+    that the saved tensors fit it, e.g. quantized layers in place of `nn.Linear`.
+    after_weights(model, directory) returns the model to hand out, e.g. wrapped with a head.
+    on_save(model, directory) writes `file` for a model that has what it declares, and removes
+    a stale one for a model that has not (a float model saved over a quantized one).
+    """
+
+    file: str
+    before_weights: Callable[[nn.Module, Path], None] | None = None
+    after_weights: Callable[[nn.Module, Path], nn.Module] | None = None
+    on_save: Callable[[nn.Module, Path], None] | None = None
+
+
+_HOOKS: dict[str, DirectoryHook] = {}
+
+
+def register_hook(hook: DirectoryHook) -> None:
+    """Make `read_model` apply `hook` to every directory holding `hook.file`."""
+    _HOOKS[hook.file] = hook
+
+
+def declared_hooks(directory: str | Path) -> list[DirectoryHook]:
+    """The registered hooks whose file `directory` holds."""
+    return [hook for file, hook in _HOOKS.items() if (Path(directory) / file).is_file()]
+
+
+def save_model(directory: str | Path, model: LanguageModel, tokenizer: Tokenizer | None) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model.cfg.save(directory / "config.json")
+    model.cfg.save(directory / CONFIG)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
         # The output projection is the embedding; storing it twice is what safetensors forbids.
         state.pop("lm_head.weight")
     save_file(state, directory / WEIGHTS, metadata={"format": "pt"})
-    spec = quantization_of(model)
-    if spec is not None:
-        spec.save(directory)
-    else:  # a float model saved over a quantized one must not be read as quantized
-        (directory / QUANT_FILE).unlink(missing_ok=True)
+    for hook in _HOOKS.values():
+        if hook.on_save is not None:
+            hook.on_save(model, directory)
     if tokenizer is not None:
         tokenizer.save(directory)
     return directory
@@ -60,30 +101,55 @@ def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.name.startswith("step_") and p.is_dir())
 
 
+def is_model_dir(path: str | Path) -> bool:
+    return (Path(path) / CONFIG).is_file() and (Path(path) / WEIGHTS).is_file()
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
 def resolve_model_dir(path: str | Path) -> Path:
-    """A model directory for `path`: itself, or a run directory's latest checkpoint."""
+    """A model or adapter directory for `path`: itself, or a run directory's latest
+    checkpoint."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such model or run directory: {path}")
-    if (path / "config.json").is_file() and (path / WEIGHTS).is_file():
-        return path
-    if (path / ADAPTER_CONFIG).is_file():
+    if is_model_dir(path) or is_adapter_dir(path):
         return path
     checkpoints = checkpoint_dirs(path)
     if checkpoints:
         return checkpoints[-1]
     raise FileNotFoundError(
-        f"{path} holds neither a model (config.json + {WEIGHTS}), a LoRA adapter "
-        f"({ADAPTER_CONFIG}) nor a run's checkpoints/"
+        f"{path} holds neither a model ({CONFIG} + {WEIGHTS}), a LoRA adapter "
+        f"({ADAPTER_CONFIG}) nor a run's {CHECKPOINTS}/"
     )
 
 
-def load_weights(model: Decoder, weights_file: str | Path, assign: bool = False) -> None:
+def read_config(directory: str | Path) -> ModelConfig | Seq2SeqConfig:
+    """The model config of a model directory, of any family."""
+    path = Path(directory) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"no model config at {path}: expected a {CONFIG}")
+    return load_config(path)
+
+
+def read_tokenizer(directory: str | Path) -> Tokenizer | None:
+    path = Path(directory) / TOKENIZER
+    return Tokenizer.load(path) if path.is_file() else None
+
+
+def read_generation_config(directory: str | Path) -> dict:
+    path = Path(directory) / GENERATION_CONFIG
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_weights(model: LanguageModel, weights_file: str | Path, assign: bool = False) -> None:
     """Load safetensors weights into `model` (see `load_state`)."""
     load_state(model, load_file(str(weights_file)), str(weights_file), assign)
 
 
-def load_state(model: Decoder, state: dict[str, torch.Tensor], where: str,
+def load_state(model: LanguageModel, state: dict[str, torch.Tensor], where: str,
                assign: bool = False) -> None:
     """Load a state dict with our names into `model`, naming any tensor that does not fit.
 
@@ -129,59 +195,32 @@ def _no_weight_init():
             setattr(torch.nn.init, name, fn)
 
 
+def read_model(directory: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> LanguageModel:
+    """The model (in eval mode) saved in model directory `directory`, with the weights-shaping
+    hooks it declares applied (see `DirectoryHook`; `after_weights` hooks are the caller's)."""
+    directory = Path(directory)
+    if is_adapter_dir(directory) and not is_model_dir(directory):
+        raise ConfigError(f"{directory} holds a LoRA adapter, not a model: open it with "
+                          "open_model (which loads its base), or fold it in with `lmforge merge`")
+    cfg = read_config(directory)
+    hooks = declared_hooks(directory)
+    with torch.device("meta"), _no_weight_init():
+        model = build_model(cfg)
+        for hook in hooks:
+            if hook.before_weights is not None:
+                hook.before_weights(model, directory)
+    load_weights(model, directory / WEIGHTS, assign=True)
+    model.reset_buffers()
+    return model.to(device=device, dtype=dtype).eval()
+
+
 def stop_token_ids(directory: str | Path, tokenizer: Tokenizer | None) -> tuple[int, ...]:
     """Tokens that end generation: the tokenizer's EOS, generation_config.json's eos ids, and
     ChatML's end of turn when the tokenizer has one (a chat fine-tune learns to say it)."""
     ids = set()
     if tokenizer is not None:
         ids.update(i for i in (tokenizer.eos_id, tokenizer.token_id("<|im_end|>")) if i is not None)
-    config = resolve_model_dir(directory) / "generation_config.json"
-    if config.is_file():
-        eos = json.loads(config.read_text()).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    eos = read_generation_config(directory).get("eos_token_id")
+    ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
     return tuple(sorted(ids))
-
-
-def adapter_base(directory: str | Path) -> Path:
-    """The model directory of the base model an adapter directory names."""
-    from lmforge.interop.hub import resolve_model
-
-    base = read_adapter_config(directory)[1].get("base_model_name_or_path")
-    if not base:
-        raise CheckpointMismatch(f"{directory}/{ADAPTER_CONFIG} names no base model "
-                                 "(base_model_name_or_path): load the base and pass --adapter")
-    try:
-        return resolve_model(base)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"the base model of the adapter in {directory} is not "
-                                f"available: {err}") from None
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None, adapter: str | Path | None = None
-               ) -> tuple[Decoder, Tokenizer | None]:
-    """Model (in eval mode) and tokenizer from a model, run or adapter directory.
-
-    adapter: a LoRA adapter directory to put on the model (unmerged; see `merge_lora`).
-    """
-    directory = resolve_model_dir(path)
-    if (directory / ADAPTER_CONFIG).is_file():
-        if adapter is not None:
-            raise ConfigError(f"{path} is itself an adapter; pass its base model with --adapter")
-        model, tokenizer = load_model(adapter_base(directory), device, dtype, adapter=directory)
-        own = directory / "tokenizer.json"
-        return model, Tokenizer.load(own) if own.is_file() else tokenizer
-    cfg = load_config(directory / "config.json")
-    spec = QuantSpec.load(directory)
-    with torch.device("meta"), _no_weight_init():
-        model = Seq2Seq(cfg) if isinstance(cfg, Seq2SeqConfig) else Decoder(cfg)
-        if spec is not None:
-            prepare_quantized(model, spec)
-    load_weights(model, directory / WEIGHTS, assign=True)
-    model.reset_buffers()
-    model = model.to(device=device, dtype=dtype)
-    if adapter is not None:
-        load_adapter(model, resolve_model_dir(adapter))
-    tokenizer_file = directory / "tokenizer.json"
-    tokenizer = Tokenizer.load(tokenizer_file) if tokenizer_file.is_file() else None
-    return model.eval(), tokenizer

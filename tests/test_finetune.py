@@ -11,10 +11,11 @@ from lmforge.chat import render_chat
 from lmforge.cli import main
 from lmforge.errors import CheckpointMismatch, ConfigError
 from lmforge.finetune.classify import load_classifier, predict
-from lmforge.finetune.lora import LoraConfig, apply_lora, lora_layers, merge_lora, save_adapter
 from lmforge.finetune.run import finetune_recipe, merge
 from lmforge.finetune.sft import encode_conversation, read_conversations
-from lmforge.modeldir import checkpoint_dirs, load_model, save_model
+from lmforge.lora import LoraConfig, apply_lora, lora_layers, merge_lora, save_adapter
+from lmforge.modeldir import checkpoint_dirs, save_model
+from lmforge.open import open_model
 from lmforge.tokenizer import SpecialTokens, Tokenizer
 from lmforge.train.trainer import Trainer
 
@@ -95,7 +96,8 @@ def test_peft_loads_our_adapter_onto_the_exported_base(tmp_path, base_dir):
 
     from lmforge.interop.hf import export_hf
 
-    model, tok = load_model(base_dir)
+    opened = open_model(base_dir)
+    model, tok = opened.model, opened.tokenizer
     apply_lora(model, LoraConfig(rank=4, alpha=16, targets=["q_proj", "v_proj", "down_proj"]))
     torch.manual_seed(1)
     with torch.no_grad():
@@ -112,7 +114,7 @@ def test_peft_loads_our_adapter_onto_the_exported_base(tmp_path, base_dir):
         ours = model(x)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     # And back: our loader reads the adapter PEFT would write, onto our own model.
-    loaded, _ = load_model(base_dir, adapter=tmp_path / "adapter")
+    loaded = open_model(base_dir, adapter=tmp_path / "adapter").model
     torch.testing.assert_close(loaded(x), ours, atol=1e-6, rtol=1e-6)
 
 
@@ -154,12 +156,13 @@ def test_lora_sft_learns_resumes_exactly_and_merges(tmp_path, base_dir):
     assert (checkpoint / "adapter_config.json").is_file()
     assert not (checkpoint / "model.safetensors").exists()  # only the adapter is saved
     # The run directory is a model: the base with the adapter on it.
-    tuned, tok = load_model(tmp_path / "a")
+    opened = open_model(tmp_path / "a")
+    tuned, tok = opened.model, opened.tokenizer
     Trainer(sft_recipe(base_dir, data, tmp_path / "b", halt_at=12)).fit()
     Trainer(sft_recipe(base_dir, data, tmp_path / "b"), resume=True).fit()
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     merged_dir = merge(tmp_path / "a", tmp_path / "merged")
-    merged, _ = load_model(merged_dir)
+    merged = open_model(merged_dir).model
     x = torch.tensor([tok.encode("Say king twice.")])
     torch.testing.assert_close(merged(x), tuned(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(CheckpointMismatch, match="rank 8"):
@@ -206,9 +209,9 @@ def test_classifier_learns_a_separable_task(tmp_path, base_dir, capsys):
     assert result.final_metrics["val_acc"] == 1.0
     assert result.final_metrics["val_macro_f1"] == 1.0
     capsys.readouterr()
-    model, tok, labels = load_classifier(tmp_path / "run")
-    assert labels == ["royal", "rustic"]
-    probs = predict(model, tok, labels, ["queen and my", "miller of the"])
+    model, tok = load_classifier(tmp_path / "run")
+    assert model.labels == ["royal", "rustic"]
+    probs = predict(model, tok, ["queen and my", "miller of the"])
     assert [next(iter(p)) for p in probs] == ["royal", "rustic"]
     assert main(["predict", str(tmp_path / "run"), "--text", "prince it be"]) == 0
     assert capsys.readouterr().out.startswith("royal\t")
@@ -220,10 +223,10 @@ def test_lora_classifier_saves_its_head_beside_the_adapter(tmp_path, base_dir):
         "task=classify", "lora_rank=4", "epochs=0", "max_steps=3", "progress=false",
         f"out_dir={tmp_path / 'run'}"])
     Trainer(cfg).fit()
-    model, tok, labels = load_classifier(tmp_path / "run")
-    merged, _, _ = load_classifier(merge(tmp_path / "run", tmp_path / "merged"))
+    model, tok = load_classifier(tmp_path / "run")
+    merged, _ = load_classifier(merge(tmp_path / "run", tmp_path / "merged"))
     texts = ["king of the", "farmer with me"]
-    for a, b in zip(predict(model, tok, labels, texts), predict(merged, tok, labels, texts)):
+    for a, b in zip(predict(model, tok, texts), predict(merged, tok, texts)):
         assert a == pytest.approx(b, abs=1e-5)
 
 

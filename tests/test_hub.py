@@ -6,7 +6,7 @@ import pytest
 
 from lmforge.config import ModelConfig
 from lmforge.interop import hub
-from lmforge.modeldir import save_model
+from lmforge.modeldir import SOURCE, save_model
 from lmforge.models.decoder import Decoder
 
 
@@ -47,7 +47,7 @@ def test_install_is_atomic_and_listed(models):
     target = hub._install("tiny", good, {"source": "test"}, progress=False)
     [row] = hub.list_models()
     assert row["name"] == "tiny" and row["source"] == "test" and row["size_bytes"] > 1000
-    assert json.loads((target / hub.SOURCE_FILE).read_text())["name"] == "tiny"
+    assert json.loads((target / SOURCE).read_text())["name"] == "tiny"
 
 
 def test_offline_hub_download_fails_fast_with_a_clear_message(models, monkeypatch):

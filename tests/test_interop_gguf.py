@@ -25,8 +25,9 @@ from lmforge.interop.gguf import (
     import_gguf,
     read_gguf,
 )
-from lmforge.modeldir import load_model, save_model
+from lmforge.modeldir import save_model
 from lmforge.models.decoder import Decoder
+from lmforge.open import open_model
 from lmforge.tokenizer import SpecialTokens, Tokenizer, train_bpe
 
 from .smollm2 import smollm2_gguf
@@ -94,7 +95,7 @@ def sample_ids(tokenizer: Tokenizer) -> list[int]:
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_f32_round_trip_is_exact(tmp_path, tiny_tokenizer, tie):
     source = tiny_model_dir(tmp_path / "src", tiny_tokenizer, tie=tie)
-    model, _ = load_model(source)
+    model = open_model(source).model
     path = export_gguf(source, tmp_path / "tiny.gguf")
 
     cfg, state, tokenizer, generation = read_gguf(path)
@@ -111,7 +112,7 @@ def test_f32_round_trip_is_exact(tmp_path, tiny_tokenizer, tie):
                           "pad_token_id": tiny_tokenizer.pad_id}
 
     imported = import_gguf(path, tmp_path / "imported")
-    again, _ = load_model(imported)
+    again = open_model(imported).model
     ids = sample_ids(tiny_tokenizer)
     assert (logits_of(again, ids) - logits_of(model, ids)).abs().max().item() <= 1e-6
     saved = json.loads((imported / GENERATION_CONFIG_FILE).read_text())
@@ -122,7 +123,7 @@ def test_f32_round_trip_is_exact(tmp_path, tiny_tokenizer, tie):
 def test_f16_and_q8_0_round_trip_within_quantization_error(tmp_path, tiny_tokenizer, dtype,
                                                            weight_tol, logit_tol):
     source = tiny_model_dir(tmp_path / "src", tiny_tokenizer, tie=False)
-    model, _ = load_model(source)
+    model = open_model(source).model
     path = export_gguf(source, tmp_path / f"tiny-{dtype}.gguf", dtype=dtype)
     kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
     assert kinds["blk.0.attn_norm.weight"] == "F32"  # norms are never quantized
@@ -167,7 +168,7 @@ def test_transformers_reads_our_export(tmp_path, tiny_tokenizer):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     source = tiny_model_dir(tmp_path / "src", tiny_tokenizer, tie=False)
-    model, _ = load_model(source)
+    model = open_model(source).model
     path = export_gguf(source, tmp_path / "tiny.gguf")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
@@ -292,8 +293,9 @@ def hf_smollm2(smollm2):
 def our_smollm2(smollm2, tmp_path_factory):
     start = time.perf_counter()
     directory = import_gguf(smollm2, tmp_path_factory.mktemp("smollm2"))
-    model, tokenizer = load_model(directory)
-    print(f"\nimport_gguf + load_model took {time.perf_counter() - start:.1f} s")
+    opened = open_model(directory)
+    model, tokenizer = opened.model, opened.tokenizer
+    print(f"\nimport_gguf + open_model took {time.perf_counter() - start:.1f} s")
     return directory, model, tokenizer
 
 

@@ -17,8 +17,9 @@ transformers = pytest.importorskip("transformers")
 from lmforge.config import ModelConfig  # noqa: E402
 from lmforge.errors import UnsupportedModel  # noqa: E402
 from lmforge.interop.hf import config_from_hf, export_hf, import_hf, is_hf_dir  # noqa: E402
-from lmforge.modeldir import load_model, save_model  # noqa: E402
+from lmforge.modeldir import save_model  # noqa: E402
 from lmforge.models.decoder import Decoder  # noqa: E402
+from lmforge.open import open_model  # noqa: E402
 from lmforge.tokenizer import SpecialTokens, Tokenizer, train_bpe  # noqa: E402
 
 VOCAB = 320  # larger than the tokenizer's 300, as padded vocabularies of real models are
@@ -115,7 +116,7 @@ def test_import_then_export_keeps_transformers_logits(name, tmp_path, tokenizer,
         _to_hub_gpt2_layout(src / "model.safetensors")
     _save_hf_tokenizer(src, tokenizer)
 
-    model, _ = load_model(import_hf(src, tmp_path / "ours"))
+    model = open_model(import_hf(src, tmp_path / "ours")).model
     with torch.no_grad():
         ours, theirs = model(ids), hf_model(ids).logits
     _assert_same_logits(ours, theirs)
@@ -148,7 +149,7 @@ def test_lmforge_model_exports_and_comes_back(name, tmp_path, tokenizer, ids):
     exported = export_hf(tmp_path / "ours", tmp_path / "exported")
     assert is_hf_dir(exported) and not is_hf_dir(tmp_path / "ours")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
-    back, _ = load_model(import_hf(exported, tmp_path / "back"))
+    back = open_model(import_hf(exported, tmp_path / "back")).model
     with torch.no_grad():
         ours = model(ids)
         _assert_same_logits(reloaded(ids).logits, ours)
@@ -161,7 +162,7 @@ def test_tokenizer_and_chat_template_survive_both_directions(tmp_path, tokenizer
     _save_hf_tokenizer(src, tokenizer)
     source = transformers.AutoTokenizer.from_pretrained(src)
 
-    _, ours = load_model(import_hf(src, tmp_path / "ours"))
+    ours = open_model(import_hf(src, tmp_path / "ours")).tokenizer
     assert ours.chat_template == TEMPLATE
     assert (ours.special.bos_token, ours.special.eos_token, ours.special.pad_token) == (
         "<|endoftext|>", "<|im_end|>", "<|pad|>")
@@ -186,14 +187,14 @@ def test_bos_added_by_the_tokenizer_template_becomes_add_bos_token(tmp_path, tok
     _hf_model("llama-tied").save_pretrained(src)
     _save_hf_tokenizer(src, tokenizer)
     assert "add_bos_token" not in json.loads((src / "tokenizer_config.json").read_text())
-    _, plain = load_model(import_hf(src, tmp_path / "plain"))
+    plain = open_model(import_hf(src, tmp_path / "plain")).tokenizer
     assert not plain.special.add_bos_token
 
     backend = tokenizers.Tokenizer.from_str(tokenizer.backend.to_str())
     backend.post_processor = processors.TemplateProcessing(
         single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
     _save_hf_tokenizer(src, Tokenizer(backend))
-    _, with_bos = load_model(import_hf(src, tmp_path / "with-bos"))
+    with_bos = open_model(import_hf(src, tmp_path / "with-bos")).tokenizer
     assert with_bos.special.add_bos_token
 
 

@@ -14,10 +14,10 @@ from lmforge.cli import main
 from lmforge.config import ModelConfig
 from lmforge.eval import perplexity
 from lmforge.interop.gguf import import_gguf
-from lmforge.modeldir import load_model, save_model
+from lmforge.modeldir import QUANTIZATION, save_model
 from lmforge.models.decoder import Decoder
+from lmforge.open import open_model
 from lmforge.quant import (
-    QUANT_FILE,
     QuantizationError,
     QuantLinear,
     QuantSpec,
@@ -106,15 +106,15 @@ def test_saved_quantized_model_loads_with_the_same_logits(tmp_path, spec, shape)
     assert (quantized - reference).norm() < (0.02 if spec.bits == 8 else 0.15) * reference.norm()
 
     save_model(tmp_path, model, None)
-    assert json.loads((tmp_path / QUANT_FILE).read_text())["bits"] == spec.bits
-    again, _ = load_model(tmp_path)
+    assert json.loads((tmp_path / QUANTIZATION).read_text())["bits"] == spec.bits
+    again = open_model(tmp_path).model
     assert quantization_of(again) == spec
     assert torch.equal(logits(again, x), quantized)
     weights = {name: t.dtype for name, t in again.state_dict().items() if name.endswith("weight")}
     assert weights["blocks.0.mlp.up_proj.weight"] == (torch.int8 if spec.bits == 8 else torch.uint8)
 
     save_model(tmp_path, tiny(), None)  # a float model over a quantized one
-    assert quantization_of(load_model(tmp_path)[0]) is None
+    assert quantization_of(open_model(tmp_path).model) is None
 
 
 @pytest.mark.parametrize("spec", SPECS[:2], ids=QuantSpec.describe)
@@ -161,7 +161,7 @@ def test_cli_quantizes_a_model_directory_and_generates_from_it(tmp_path, capsys)
     assert main(["quantize", str(source), "--bits", "4", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "int4 g32" in printed and "MB ->" in printed
-    assert json.loads((out / QUANT_FILE).read_text())["group_size"] == 32
+    assert json.loads((out / QUANTIZATION).read_text())["group_size"] == 32
     assert main(["generate", str(out), "--prompt", "To be", "--max-new-tokens", "8",
                  "--seed", "0"]) == 0
     assert capsys.readouterr().out.startswith("To be")
@@ -185,7 +185,8 @@ def smollm2_baseline(tmp_path_factory, shakespeare):
     """SmolLM2-135M-Instruct's directory, the tokens of 20k characters of Shakespeare, and
     its perplexity on them."""
     directory = import_gguf(smollm2_gguf(), tmp_path_factory.mktemp("smollm2"))
-    model, tokenizer = load_model(directory)
+    opened = open_model(directory)
+    model, tokenizer = opened.model, opened.tokenizer
     ids = tokenizer.encode(shakespeare[:20_000])
     return directory, ids, perplexity(model, ids)[0]
 
@@ -195,7 +196,7 @@ def smollm2_baseline(tmp_path_factory, shakespeare):
                          ids=["int8", "int4-g32"])
 def test_smollm2_perplexity_stays_within_budget(smollm2_baseline, spec, budget):
     directory, ids, baseline = smollm2_baseline
-    model = quantize(load_model(directory)[0], spec)
+    model = quantize(open_model(directory).model, spec)
     # 512-token windows take the dequantized-weight path; dequantizing once up front gives
     # the same numbers without redoing it for every window (minutes on 2 cores).
     ppl = perplexity(dequantized(model), ids)[0]

@@ -30,14 +30,15 @@ def test_padding_a_source_changes_nothing(variant):
     model = tiny(**VARIANTS[variant])
     source = torch.randint(1, 97, (1, 9))
     target = torch.randint(1, 97, (1, 6))
-    alone = model(source, torch.ones_like(source, dtype=torch.bool), target)
+    alone = model(target, source=source)
     padded = torch.cat([source, torch.zeros(1, 5, dtype=torch.long)], dim=1)
     mask = torch.arange(14)[None] < 9
-    torch.testing.assert_close(model(padded, mask, target), alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(target, source=padded, source_mask=mask), alone, atol=1e-5,
+                               rtol=1e-5)
     # In a batch beside a longer source, too.
     other = torch.randint(1, 97, (1, 14))
-    both = model(torch.cat([padded, other]), torch.cat([mask, torch.ones(1, 14, dtype=torch.bool)]),
-                 torch.cat([target, target]))
+    both = model(torch.cat([target, target]), source=torch.cat([padded, other]),
+                 source_mask=torch.cat([mask, torch.ones(1, 14, dtype=torch.bool)]))
     torch.testing.assert_close(both[:1], alone, atol=1e-5, rtol=1e-5)
 
 
@@ -45,11 +46,10 @@ def test_padding_a_source_changes_nothing(variant):
 def test_the_decoder_is_causal(variant):
     model = tiny(**VARIANTS[variant])
     source = torch.randint(1, 97, (2, 7))
-    mask = torch.ones_like(source, dtype=torch.bool)
     target = torch.randint(1, 97, (2, 8))
     changed = target.clone()
     changed[:, 5] = (changed[:, 5] + 1) % 97
-    a, b = model(source, mask, target), model(source, mask, changed)
+    a, b = model(target, source=source), model(changed, source=source)
     torch.testing.assert_close(a[:, :5], b[:, :5])
     assert (a[:, 5:] - b[:, 5:]).abs().max() > 1e-4
 
@@ -61,11 +61,18 @@ def test_cached_decoding_equals_the_full_pass(variant):
     source = torch.randint(1, 97, (2, 10))
     mask = torch.tensor([[True] * 10, [True] * 6 + [False] * 4])
     target = torch.randint(1, 97, (2, 9))
-    full = model(source, mask, target)
+    full = model(target, source=source, source_mask=mask)
     memory = model.memory(model.encode(source, mask))
-    cache = model.new_cache(2, 16)
+    cache = model.decoder_cache(2, 16)
     steps = [model.decode(target[:, :3], memory, mask, cache, start=0)]  # a prefix at once
     steps += [model.decode(target[:, t:t + 1], memory, mask, cache, start=t) for t in range(3, 9)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    # The same through the protocol: each row's source encoded into its own cache row.
+    cache = model.new_cache(2, 16)
+    for row, n in enumerate((10, 6)):
+        model.start_sequence(source[row, :n], cache.rows(row, 1))
+    steps = [model(target[:, :3], cache=cache, start=0)]
+    steps += [model(target[:, t:t + 1], cache=cache, start=t) for t in range(3, 9)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -102,8 +109,7 @@ def test_beam_search_with_one_beam_is_greedy_and_batching_changes_nothing():
 def log_prob(model, source, target, bos, eos, ended=True):
     """Log-probability of BOS target (EOS, if it ended) given the source, teacher-forced."""
     framed = torch.tensor([[bos, *target, *([eos] if ended else [])]])
-    logits = model(torch.tensor([source]), torch.ones(1, len(source), dtype=torch.bool),
-                   framed[:, :-1])
+    logits = model(framed[:, :-1], source=torch.tensor([source]))
     return logits.log_softmax(-1)[0].gather(-1, framed[0, 1:, None]).sum().item()
 
 
@@ -194,7 +200,7 @@ def test_a_seq2seq_run_resumes_exactly(tmp_path):
 @pytest.mark.slow
 def test_a_tiny_model_learns_to_reverse_digit_strings(tmp_path):
     from lmforge.infer.seq2seq import translate
-    from lmforge.modeldir import load_model
+    from lmforge.open import open_model
     from lmforge.train.config import load_recipe
     from lmforge.train.trainer import Trainer
 
@@ -206,7 +212,8 @@ def test_a_tiny_model_learns_to_reverse_digit_strings(tmp_path):
     result = Trainer(cfg).fit()
     assert result.wall_seconds < 60
     assert result.final_metrics["val_bleu"] == pytest.approx(100.0)
-    model, tokenizer = load_model(tmp_path / "run")
+    opened = open_model(tmp_path / "run")
+    model, tokenizer = opened.model, opened.tokenizer
     sources = [line.split("\t")[0] for line in data.read_text().splitlines()[:50]]
     wanted = [" ".join(reversed(s.split())) for s in sources]
     assert translate(model, tokenizer, sources) == wanted

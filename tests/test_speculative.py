@@ -229,10 +229,12 @@ CORRECTION_REQUEST = (
 def test_smollm2_speculative_greedy_matches_plain_greedy(tmp_path_factory):
     from lmforge.chat import chat_prompt_ids
     from lmforge.interop.gguf import import_gguf
-    from lmforge.modeldir import load_model, stop_token_ids
+    from lmforge.modeldir import stop_token_ids
+    from lmforge.open import open_model
 
     directory = import_gguf(smollm2_gguf(), tmp_path_factory.mktemp("smollm2"))
-    model, tokenizer = load_model(directory)
+    opened = open_model(directory)
+    model, tokenizer = opened.model, opened.tokenizer
     stop = stop_token_ids(directory, tokenizer)
     prompt = chat_prompt_ids(tokenizer, [{"role": "user", "content": CORRECTION_REQUEST}])
     stats = SpeculativeStats()

@@ -12,8 +12,9 @@ import torch
 from lmforge.config import ModelConfig
 from lmforge.data.loader import TokenShards, train_batch
 from lmforge.errors import CheckpointMismatch, ConfigError
-from lmforge.modeldir import checkpoint_dirs, load_model, load_weights
+from lmforge.modeldir import checkpoint_dirs, load_weights
 from lmforge.models.decoder import Decoder
+from lmforge.open import open_model
 from lmforge.train.config import load_recipe
 from lmforge.train.trainer import Trainer
 
@@ -68,7 +69,8 @@ def test_run_writes_checkpoint_metrics_and_plot(char_corpus, tmp_path):
             if "val_loss" in r]
     assert [r["step"] for r in vals] == [0, 5, 10]
     assert result.final_val_loss == vals[-1]["val_loss"] and result.final_val_bpb > 0
-    model, tokenizer = load_model(run)  # a run directory loads its latest checkpoint
+    opened = open_model(run)  # a run directory opens its latest checkpoint
+    model, tokenizer = opened.model, opened.tokenizer
     assert tokenizer.vocab_size == model.cfg.vocab_size
 
 
@@ -114,7 +116,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(char_corpus, tmp_path):
 
     with pytest.raises(TrainingDiverged, match="step_0000003"):
         trainer.fit()
-    model, _ = load_model(tmp_path / "run")
+    model = open_model(tmp_path / "run").model
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

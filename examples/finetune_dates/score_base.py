@@ -22,7 +22,8 @@ from lmforge.chat import chat_prompt_ids, render_chat
 from lmforge.infer.engine import Engine, Request
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.interop.hub import resolve_model
-from lmforge.modeldir import load_model, stop_token_ids
+from lmforge.modeldir import stop_token_ids
+from lmforge.open import open_model
 from lmforge.tokenizer import Tokenizer
 
 # An ISO date is 10 characters, 5-7 tokens; a little slack shows what else the model says.
@@ -53,7 +54,8 @@ def chat_length(tok: Tokenizer, prompt: str, answer: str) -> int:
 def answer_all(model_spec: str, prompts: list[str], batch: int) -> tuple[list[str], Tokenizer]:
     """Greedy replies to each prompt as a single user turn, in order."""
     directory = resolve_model(model_spec)
-    model, tok = load_model(directory)
+    opened = open_model(directory)
+    model, tok = opened.model, opened.tokenizer
     stop = stop_token_ids(directory, tok)
     greedy = SamplingConfig(temperature=0)
     requests = [Request(chat_prompt_ids(tok, [{"role": "user", "content": p}]), MAX_NEW_TOKENS,

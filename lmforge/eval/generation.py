@@ -58,10 +58,13 @@ def generate_texts(model: Decoder, tokenizer: Tokenizer, prompts: Sequence[list[
                                  sampling, seed, stop=tuple(stop), stop_ids=tuple(stop_ids)))
            for p in prompts]
     bar = tqdm(total=len(ids), desc="generating", unit="prompt", disable=not progress)
+    texts: dict[int, str] = {}
     while engine.has_work():
-        bar.update(sum(event.finish_reason is not None for event in engine.step()))
+        done = {e.request_id: e.completion.text for e in engine.step() if e.completion}
+        texts.update(done)
+        bar.update(len(done))
     bar.close()
-    return [engine.finished.pop(i).text for i in ids]
+    return [texts[i] for i in ids]
 
 
 def compile_regex(pattern: str) -> re.Pattern:

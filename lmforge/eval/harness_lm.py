@@ -21,6 +21,7 @@ from lmforge.errors import ConfigError, LmforgeError
 from lmforge.eval.generation import generate_texts
 from lmforge.eval.loglik import ScoringError, encode_text, prefix_token, score_continuations
 from lmforge.infer.sampling import SamplingConfig
+from lmforge.open import open_model
 
 
 class HarnessMissing(LmforgeError, ImportError):
@@ -38,10 +39,6 @@ try:
     )
 except ImportError as err:
     raise HarnessMissing("lm-evaluation-harness is not installed: pip install lm-eval") from err
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-
 
 @register_model("lmforge")
 class LmforgeLM(TemplateLM):
@@ -179,20 +176,13 @@ class LmforgeLM(TemplateLM):
 
 
 def _load(spec: str, adapter: str | None, device: str | None, dtype: str | None):
-    """Model, tokenizer and stop tokens, read the way the lmforge commands read them."""
-    from lmforge.interop.hub import resolve_model
-    from lmforge.modeldir import load_model, stop_token_ids
-
+    """Model, tokenizer and stop tokens, opened the way the lmforge commands open them."""
     # The harness asks for cuda:0 unless told otherwise; without a GPU that means the CPU,
     # as for its own hf model type.
-    if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = dtype or ("bf16" if str(device).startswith("cuda") else "fp32")
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype={dtype} is not one of {', '.join(DTYPES)}")
-    directory = resolve_model(spec)
-    model, tokenizer = load_model(directory, device, DTYPES[dtype], adapter=adapter)
-    return model, tokenizer, stop_token_ids(directory, tokenizer)
+    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+        device = "cpu"
+    opened = open_model(spec, device, dtype, adapter)
+    return opened.model, opened.tokenizer, opened.stop_ids
 
 
 def _batch_size(value: int | str | None) -> int:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from lmforge.config import PERPLEXITY_WINDOW
 from lmforge.eval.loglik import ScoringError, encode_text, prefix_token
 from lmforge.eval.results import EvalResult
 from lmforge.models.decoder import Decoder
@@ -94,9 +95,10 @@ def evaluate_perplexity(model: Decoder, tokenizer: Tokenizer, text: str,
                         window: int | None = None, stride: int | None = None,
                         batch_size: int = 8, progress: bool = False) -> EvalResult:
     """Perplexity, bits per byte and mean NLL per token of `text`, every token scored once;
-    window defaults to the model's context length, stride to window - 1."""
+    window defaults to the model's context length (at most PERPLEXITY_WINDOW tokens, which
+    bounds the memory of a window's logits), stride to window - 1."""
     context = model.cfg.context_length
-    window = window or context
+    window = window or min(context, PERPLEXITY_WINDOW)
     if not 2 <= window <= context:
         raise ScoringError(f"the window must be between 2 tokens and the model's context "
                            f"({context}), got {window}")

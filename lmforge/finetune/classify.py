@@ -23,21 +23,27 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmforge.errors import CheckpointMismatch, ConfigError
-from lmforge.finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lmforge.finetune.task import FinetuneTask, pad_rows, read_jsonl, split_examples
+from lmforge.modeldir import (
+    ADAPTER_WEIGHTS,
+    CLASSIFIER_CONFIG,
+    CLASSIFIER_WEIGHTS,
+    DirectoryHook,
+    is_adapter_dir,
+    register_hook,
+)
 from lmforge.models.decoder import Decoder
+from lmforge.open import open_model
 from lmforge.tokenizer import Tokenizer
-
-CLASSIFIER_CONFIG = "classifier.json"
-CLASSIFIER_WEIGHTS = "classifier.safetensors"
+from lmforge.train.task import register_task
 
 
 class Classifier(nn.Module):
-    def __init__(self, decoder: Decoder, n_labels: int) -> None:
+    def __init__(self, decoder: Decoder, labels: list[str]) -> None:
         super().__init__()
-        self.decoder = decoder
+        self.decoder, self.labels = decoder, list(labels)
         ref = decoder.embed.weight
-        self.score = nn.Linear(decoder.cfg.d_model, n_labels, bias=False, device=ref.device,
+        self.score = nn.Linear(decoder.cfg.d_model, len(labels), bias=False, device=ref.device,
                                dtype=ref.dtype)
         nn.init.normal_(self.score.weight, 0.0, decoder.cfg.init_std)
 
@@ -137,7 +143,7 @@ class ClassifyTask(FinetuneTask):
         return encode(train), encode(val), {"labels": len(self.labels)}
 
     def wrap(self, decoder: Decoder) -> nn.Module:
-        return Classifier(decoder, len(self.labels))
+        return Classifier(decoder, self.labels)
 
     def collate(self, rows):
         lengths = torch.tensor([len(ids) for ids, _ in rows])
@@ -198,30 +204,37 @@ def read_head(directory: str | Path) -> tuple[list[str], torch.Tensor]:
         raise FileNotFoundError(f"{directory} is not a classifier (no {CLASSIFIER_CONFIG}): "
                                 "train one with `lmforge finetune MODEL --task classify`")
     labels = json.loads(config.read_text())["labels"]
-    if (directory / ADAPTER_CONFIG).is_file():
+    if is_adapter_dir(directory):
         weight = load_file(str(directory / ADAPTER_WEIGHTS))["base_model.model.score.weight"]
     else:
         weight = load_file(str(directory / CLASSIFIER_WEIGHTS))["score.weight"]
     return labels, weight
 
 
-def load_classifier(path: str | Path, device: str | torch.device = "cpu"
-                    ) -> tuple[Classifier, Tokenizer, list[str]]:
-    """A trained classifier (eval mode), its tokenizer and labels, from a model, adapter or
-    run directory."""
-    from lmforge.modeldir import load_model, resolve_model_dir
-
-    directory = resolve_model_dir(path)
+def attach_head(decoder: nn.Module, directory: Path) -> Classifier:
+    """The decoder of a classifier directory with its trained head on it."""
     labels, weight = read_head(directory)
-    decoder, tokenizer = load_model(directory, device)
-    model = Classifier(decoder, len(labels))
+    model = Classifier(decoder, labels)
     model.score.weight.data.copy_(weight)
-    return model.eval(), tokenizer, labels
+    return model
+
+
+register_hook(DirectoryHook(CLASSIFIER_CONFIG, after_weights=attach_head))
+register_task("classify", ClassifyTask)
+
+
+def load_classifier(spec: str | Path, device: str | torch.device | None = None
+                    ) -> tuple[Classifier, Tokenizer]:
+    """A trained classifier (eval mode) and its tokenizer, from any way of naming one."""
+    opened = open_model(spec, device, dtype=torch.float32)
+    if not isinstance(opened.model, Classifier):
+        raise ConfigError(f"{spec} is not a classifier (no {CLASSIFIER_CONFIG}): train one with "
+                          "`lmforge finetune MODEL --task classify`")
+    return opened.model, opened.tokenizer
 
 
 @torch.no_grad()
-def predict(model: Classifier, tokenizer: Tokenizer, labels: list[str], texts: list[str]
-            ) -> list[dict[str, float]]:
+def predict(model: Classifier, tokenizer: Tokenizer, texts: list[str]) -> list[dict[str, float]]:
     """Label probabilities for each text, most likely first."""
     context = model.decoder.cfg.context_length
     rows = [encode_text(tokenizer, t, context) for t in texts]
@@ -229,4 +242,4 @@ def predict(model: Classifier, tokenizer: Tokenizer, labels: list[str], texts: l
     lengths = torch.tensor([len(r) for r in rows], device=device)
     x = pad_rows(rows, tokenizer.pad_id or 0).to(device)
     probs = model(x, lengths).float().softmax(-1)
-    return [dict(sorted(zip(labels, p.tolist()), key=lambda kv: -kv[1])) for p in probs]
+    return [dict(sorted(zip(model.labels, p.tolist()), key=lambda kv: -kv[1])) for p in probs]

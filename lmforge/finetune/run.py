@@ -13,9 +13,19 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import ConfigError
-from lmforge.finetune.classify import CLASSIFIER_CONFIG, CLASSIFIER_WEIGHTS, read_head
-from lmforge.finetune.lora import is_adapter_dir, merge_lora
-from lmforge.modeldir import adapter_base, load_model, resolve_model_dir, save_model
+from lmforge.finetune.classify import read_head
+from lmforge.lora import load_adapter, merge_lora
+from lmforge.modeldir import (
+    CLASSIFIER_CONFIG,
+    CLASSIFIER_WEIGHTS,
+    GENERATION_CONFIG,
+    is_adapter_dir,
+    read_model,
+    read_tokenizer,
+    resolve_model_dir,
+    save_model,
+)
+from lmforge.open import adapter_base, resolve_model
 from lmforge.train.config import TrainConfig, load_recipe
 
 # Pretraining's defaults suit a model learning from scratch; these suit one adapting.
@@ -43,8 +53,6 @@ def finetune_recipe(model: str, data: str, recipe: str | Path | None = None,
 def merge(adapter: str | Path, out: str | Path, base: str | Path | None = None) -> Path:
     """Fold a LoRA adapter (an adapter or run directory) into its base model and write a
     plain model directory: no adapter needed at inference, and it quantizes and exports."""
-    from lmforge.interop.hub import resolve_model
-
     adapter_dir = resolve_model_dir(adapter)
     if not is_adapter_dir(adapter_dir):
         raise ConfigError(f"{adapter} holds no LoRA adapter (adapter_config.json); it is already "
@@ -53,10 +61,10 @@ def merge(adapter: str | Path, out: str | Path, base: str | Path | None = None) 
     out = Path(out)
     if out.resolve() in (adapter_dir.resolve(), base_dir.resolve()):
         raise ConfigError(f"merge would overwrite its input {out}; pass another --out")
-    model, tokenizer = load_model(base_dir, adapter=adapter_dir)
-    merge_lora(model)
-    save_model(out, model, tokenizer)
-    generation = adapter_dir / "generation_config.json"
+    model = read_model(base_dir)
+    load_adapter(model, adapter_dir)
+    save_model(out, merge_lora(model), read_tokenizer(adapter_dir) or read_tokenizer(base_dir))
+    generation = adapter_dir / GENERATION_CONFIG
     if generation.is_file():
         shutil.copyfile(generation, out / generation.name)
     if (adapter_dir / CLASSIFIER_CONFIG).is_file():

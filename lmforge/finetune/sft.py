@@ -22,10 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.chat import TemplateError, render_chat
+from lmforge.chat import TemplateError, chat_prompt_ids, render_chat
 from lmforge.errors import ConfigError
 from lmforge.finetune.task import FinetuneTask, pad_rows, read_jsonl, split_examples
+from lmforge.infer.engine import Request, stream_one
+from lmforge.infer.sampling import SamplingConfig
+from lmforge.modeldir import stop_token_ids
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.task import register_task
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100  # cross_entropy's ignore_index: targets that are not scored
@@ -190,11 +194,6 @@ class ChatTask(FinetuneTask):
 
     def sample(self, model: nn.Module) -> str | None:
         """The model's answer to the first validation conversation's last question."""
-        from lmforge.chat import chat_prompt_ids
-        from lmforge.infer.engine import Request, stream_one
-        from lmforge.infer.sampling import SamplingConfig
-        from lmforge.modeldir import stop_token_ids
-
         if self.sample_messages is None:
             return None
         messages = self.sample_messages
@@ -205,3 +204,6 @@ class ChatTask(FinetuneTask):
         answer = "".join(e.text for e in stream_one(model, self.tokenizer, request))
         question = messages[last - 1]['content'] if last else ''
         return f"{question}\n>>> {answer}"
+
+
+register_task("sft", ChatTask)

@@ -20,17 +20,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmforge.config import ModelConfig, load_config
 from lmforge.data.loader import in_order
 from lmforge.errors import CheckpointMismatch, ConfigError
-from lmforge.finetune.lora import apply_lora, load_adapter, read_adapter_config, save_adapter
-from lmforge.modeldir import WEIGHTS, load_model, load_weights, save_model
-from lmforge.tokenizer import Tokenizer
+from lmforge.lora import LoraConfig, apply_lora, load_adapter, read_adapter_config, save_adapter
+from lmforge.modeldir import GENERATION_CONFIG, WEIGHTS, is_adapter_dir, load_weights, save_model
+from lmforge.models.decoder import Decoder
+from lmforge.open import OpenedModel, open_model, resolve_model
 from lmforge.train import distributed as distr
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import Dist
-
-GENERATION_CONFIG = "generation_config.json"
 
 
 @lru_cache(maxsize=4)
@@ -72,31 +70,17 @@ class FinetuneTask:
     task_type = "CAUSAL_LM"  # PEFT's name for what the adapter is for
 
     def __init__(self, cfg: TrainConfig, dist: Dist) -> None:
-        from lmforge.interop.hub import resolve_model
-
         if not cfg.init_from:
             raise ConfigError("fine-tuning needs a base model: `lmforge finetune MODEL ...` "
                               "(or init_from=MODEL in a recipe)")
         if not cfg.data:
             raise ConfigError("no training data: pass --data FILE (or data=FILE)")
-        self.cfg, self.dist, self.lora = cfg, dist, cfg.lora()
-        # Rank 0 pulls or converts the base model once; the others then find it cached.
-        base = resolve_model(cfg.init_from) if dist.is_main else None
-        distr.barrier(dist)
-        self.base_dir = base or resolve_model(cfg.init_from)
-        if (self.base_dir / "adapter_config.json").is_file():
-            raise ConfigError(f"{cfg.init_from} is a LoRA adapter: fold it into its base first "
-                              "(`lmforge merge`) and fine-tune the merged model")
-        base_cfg = load_config(self.base_dir)
-        if not isinstance(base_cfg, ModelConfig):
-            raise ConfigError(f"{cfg.init_from} is an encoder-decoder (seq2seq) model; finetune "
-                              "takes decoder-only models (seq2seq ones train with `lmforge "
-                              "train task=seq2seq`)")
-        self.base_cfg = base_cfg
-        tokenizer_file = self.base_dir / "tokenizer.json"
-        if not tokenizer_file.is_file():
-            raise FileNotFoundError(f"{cfg.init_from} has no tokenizer.json to encode the data with")
-        self.tokenizer = Tokenizer.load(tokenizer_file)
+        self.cfg, self.dist = cfg, dist
+        self.lora = LoraConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+                               cfg.lora_targets) if cfg.lora_rank > 0 else None
+        base = open_base(cfg.init_from, dist)
+        self.base, self.base_dir, self.tokenizer = base.model, base.directory, base.tokenizer
+        self.base_cfg = self.base.cfg
         self.context = min(cfg.context_length or self.base_cfg.context_length,
                            self.base_cfg.context_length)
         self.pad_id = next((i for i in (self.tokenizer.pad_id, self.tokenizer.eos_id)
@@ -126,7 +110,7 @@ class FinetuneTask:
     # The Task protocol ---------------------------------------------------------------------
 
     def build_model(self, device: torch.device) -> nn.Module:
-        decoder, _ = load_model(self.base_dir, device)
+        decoder = self.base.to(device).train()
         if self.lora is not None:
             apply_lora(decoder, self.lora)
         return self.wrap(decoder).to(device)
@@ -191,6 +175,24 @@ class FinetuneTask:
 
     def _notes_text(self) -> str:
         return "".join(f"; {k}: {v}" for k, v in self.notes.items())
+
+
+def open_base(spec: str, dist: Dist) -> OpenedModel:
+    """The decoder-only model a fine-tuning run starts from, in float32 on the CPU (the
+    Trainer moves it). Rank 0 pulls or converts it once; the others then find it cached."""
+    directory = resolve_model(spec) if dist.is_main else None
+    distr.barrier(dist)
+    if is_adapter_dir(directory or resolve_model(spec)):
+        raise ConfigError(f"{spec} is a LoRA adapter: fold it into its base first "
+                          "(`lmforge merge`) and fine-tune the merged model")
+    base = open_model(spec, "cpu", torch.float32)
+    if not isinstance(base.model, Decoder):
+        kind = type(base.model).__name__
+        raise ConfigError(f"{spec} is a {kind} model; finetune takes a decoder-only language "
+                          "model (encoder-decoders train with `lmforge train task=seq2seq`)")
+    if base.tokenizer is None:
+        raise FileNotFoundError(f"{spec} has no tokenizer.json to encode the data with")
+    return base
 
 
 def split_examples(examples: list, val_fraction: float, seed: int) -> tuple[list, list]:

@@ -10,6 +10,12 @@ Each step returns `Event`s: the new token, the text it completes (never half a U
 character, never the start of a stop string that may still match), its log-probability and
 top alternatives when asked, and why the sequence finished. `stream` and `generate` wrap
 the engine for one prompt; `generate`, `chat`, `serve` and evaluation all decode here.
+
+The engine runs any `LanguageModel` (every model family). A family whose sequences start
+differently, such as an encoder-decoder whose prompt is a source to encode rather than tokens
+to continue, subclasses `Engine` and overrides its public hooks only: `check` (what a request
+must be), `room` (how many tokens a prompt leaves to generate) and `prefill` (run a new
+sequence into its cache slot). Decode steps are the same for every family.
 """
 
 from __future__ import annotations
@@ -21,10 +27,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from lmforge.config import MAX_NEW_TOKENS
 from lmforge.errors import LmforgeError
 from lmforge.infer.sampling import SamplingConfig, apply_penalties, sample
 from lmforge.layers import KVCache
-from lmforge.models.decoder import Decoder
+from lmforge.models import LanguageModel
 from lmforge.tokenizer import Tokenizer
 
 
@@ -35,7 +42,7 @@ class PromptTooLong(LmforgeError, ValueError):
 @dataclass
 class Request:
     prompt: list[int]
-    max_new_tokens: int = 256
+    max_new_tokens: int = MAX_NEW_TOKENS
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     seed: int | None = None  # the same seed gives the same tokens
     stop: tuple[str, ...] = ()  # stop strings: the text ends just before the first match
@@ -132,7 +139,13 @@ class _Sequence:
         if request.sampling.penalised:
             self.counts = torch.zeros(vocab_size, device=device)
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            self.seen[torch.tensor(request.prompt, device=device)] = True
+
+    def start(self, tokens: list[int]) -> None:
+        """Continue from `tokens` (what the prefill left in the cache, the last one not yet):
+        the repetition penalty counts them as seen."""
+        self.tokens = list(tokens)
+        if self.seen is not None:
+            self.seen[torch.tensor(tokens, device=self.seen.device)] = True
 
     @property
     def position(self) -> int:
@@ -218,22 +231,43 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[To
     return [TokenLogprob(t, c, a) for t, c, a in zip(tokens, chosen, alternatives)]
 
 
+@dataclass
+class Prefilled:
+    """What `Engine.prefill` leaves: the tokens a new sequence continues from (the last one
+    not yet in the cache) and logits (T, vocab) of its prefilled positions, the last row
+    predicting the first new token (only that row unless the prompt is being scored)."""
+
+    tokens: list[int]
+    logits: torch.Tensor
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load, for a server's health and metrics."""
+
+    waiting: int  # requests queued for a slot
+    active: int  # sequences decoding
+    slots: int  # sequences that can decode at once
+    max_len: int  # positions per sequence: prompt + generated
+    kv_cache_bytes: int
+
+
 class Engine:
     """Decodes many requests together; see the module docstring.
 
     max_batch: sequences decoding at once (cache slots). max_len: positions per slot
-    (prompt + generated), the model's context length by default; memory is
-    2 x layers x max_batch x kv_heads x max_len x head_dim values.
+    (prompt + generated), the model's context length by default; the cache holds
+    2 x layers x max_batch x kv_heads x max_len x head_dim values (`cache_bytes`).
     compile: run decode steps through `torch.compile` with static shapes (every slot, the
     whole cache, masked): slow to start (a minute or two on a small CPU), then faster,
     because a step no longer pays Python's cost for each of its hundreds of small ops.
     """
 
-    def __init__(self, model: Decoder, tokenizer: Tokenizer | None = None, max_batch: int = 8,
-                 max_len: int | None = None, compile: bool = False) -> None:
+    def __init__(self, model: LanguageModel, tokenizer: Tokenizer | None = None,
+                 max_batch: int = 8, max_len: int | None = None, compile: bool = False) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.device = model.embed.weight.device
+        self.device = next(model.parameters()).device
         self.max_len = min(max_len or model.cfg.context_length, model.cfg.context_length)
         self.cache = model.new_cache(max_batch, self.max_len)
         self.slots: list[_Sequence | None] = [None] * max_batch
@@ -241,37 +275,47 @@ class Engine:
         self._ids = itertools.count()
         self._logprobs: dict[int, list[TokenLogprob]] = {}
         self._prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}
-        self.finished: dict[int, Completion] = {}
         self._rows: dict[tuple[int, int], KVCache] = {}
         self._step_model = _compiled(model) if compile else None
         self.cache.static = compile
 
-    # ----------------------------------------------------------------- requests
-    def submit(self, request: Request) -> int:
-        """Queue a request; returns its id. Refuses what can never run, right away."""
+    # ----------------------------------------------- hooks a model family may override
+    def check(self, request: Request) -> Request:
+        """The request as this engine runs it, or an error for one that can never run."""
         if not request.prompt:
             raise ValueError("the prompt is empty: give at least one token (e.g. a BOS token)")
         if request.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {request.max_new_tokens}")
         if request.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer to read the text")
-        room = self.room(request.prompt)
-        if room < 1 and not request.truncate:
+        if self.room(request.prompt) >= 1:
+            return request
+        if not request.truncate:
             raise PromptTooLong(
                 f"the prompt has {len(request.prompt)} tokens; at most {self.max_len - 1} fit "
                 f"(context {self.max_len}) with room for one new token: shorten it, or ask "
                 "for truncation to keep its end")
-        if room < 1:
-            request = replace(request, prompt=request.prompt[-(self.max_len - 1):])
+        return replace(request, prompt=request.prompt[-(self.max_len - 1):])
+
+    def room(self, prompt: list[int]) -> int:
+        """Most tokens a sequence with this prompt can generate."""
+        return self.max_len - len(prompt)
+
+    def prefill(self, prompt: list[int], cache: KVCache, scoring: bool) -> Prefilled:
+        """Run a new sequence's prompt into `cache` (its slot's one row); `scoring` asks for
+        the logits of every prompt position (for the prompt's log-probabilities)."""
+        ids = torch.tensor([prompt], device=self.device)
+        return Prefilled(prompt, self.model(ids, cache=cache, start=0, last_only=not scoring)[0])
+
+    # ----------------------------------------------------------------- requests
+    def submit(self, request: Request) -> int:
+        """Queue a request; returns its id. Refuses what can never run, right away."""
+        request = self.check(request)
         seq = _Sequence(next(self._ids), request, self.tokenizer, self.model.cfg.vocab_size,
                         self.device)
         seq.limit = min(request.max_new_tokens, self.room(request.prompt))
         self.waiting.append(seq)
         return seq.id
-
-    def room(self, prompt: list[int]) -> int:
-        """Most tokens a sequence with this prompt can generate."""
-        return self.max_len - len(prompt)
 
     def cancel(self, request_id: int) -> None:
         """Forget a request (a client went away): its slot is free for the next step."""
@@ -289,6 +333,10 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.waiting) or self.active > 0
 
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.waiting), self.active, len(self.slots), self.max_len,
+                           self.cache.nbytes)
+
     # --------------------------------------------------------------- decoding
     @torch.inference_mode()
     def step(self) -> list[Event]:
@@ -302,25 +350,18 @@ class Engine:
     def _admit(self, seq: _Sequence) -> Event:
         seq.slot = self.slots.index(None)
         self.slots[seq.slot] = seq
-        logits = self._prefill(seq)
-        if seq.request.logprobs is not None:
+        request = seq.request
+        done = self.prefill(request.prompt, self._cache_rows(seq.slot, 1),
+                            request.prompt_logprobs)
+        seq.start(done.tokens)
+        if request.prompt_logprobs:
+            self._prompt_logprobs[seq.id] = [None] + token_logprobs(
+                done.logits[:-1], request.prompt[1:], request.logprobs or 0)
+        if request.logprobs is not None:
             self._logprobs[seq.id] = []
         if seq.limit == 0:
             return self._record(seq, seq.finish(None, None, "length"))
-        return self._emit(seq, logits)
-
-    def _prefill(self, seq: _Sequence) -> torch.Tensor:
-        """Run a newly admitted sequence's prompt into its cache slot; the logits (vocab,)
-        of its first new token."""
-        prompt = torch.tensor([seq.request.prompt], device=self.device)
-        scoring = seq.request.prompt_logprobs
-        logits = self.model(prompt, cache=self._cache_rows(seq.slot, 1), start=0,
-                            last_only=not scoring)[0]
-        if scoring:
-            top = seq.request.logprobs or 0
-            self._prompt_logprobs[seq.id] = [None] + token_logprobs(
-                logits[:-1], seq.request.prompt[1:], top)
-        return logits[-1]
+        return self._emit(seq, done.logits[-1])
 
     def _decode_active(self) -> list[Event]:
         active = [s for s in self.slots if s is not None]
@@ -334,23 +375,13 @@ class Engine:
         starts = torch.zeros(rows, dtype=torch.long)
         for s in active:
             tokens[s.slot, 0], starts[s.slot] = s.tokens[-1], s.position
-        logits = self._forward(tokens.to(self.device), starts.to(self.device), active)
-        return [self._emit(s, logits[s.slot, -1]) for s in active]
-
-    def _forward(self, tokens: torch.Tensor, starts: torch.Tensor, active: list[_Sequence]
-                 ) -> torch.Tensor:
-        """Logits of one decode step for the first len(tokens) slots."""
+        tokens, starts = tokens.to(self.device), starts.to(self.device)
         if self._step_model is not None:
-            return self._step_model(tokens, cache=self.cache, start=starts)
-        return self.model(tokens, cache=self._cache_rows(0, len(tokens)),
-                          start=self._start(active, starts))
-
-    @staticmethod
-    def _start(active: list[_Sequence], starts: torch.Tensor) -> int | torch.Tensor:
-        """One position for all rows when they share it (always so for a single sequence):
-        the faster path; else each row's own."""
-        positions = {s.position for s in active}
-        return positions.pop() if len(positions) == 1 else starts
+            logits = self._step_model(tokens, cache=self.cache, start=starts)
+        else:
+            logits = self.model(tokens, cache=self._cache_rows(0, rows),
+                                start=_shared_start(active, starts))
+        return [self._emit(s, logits[s.slot, -1]) for s in active]
 
     def _cache_rows(self, first: int, count: int) -> KVCache:
         # Views are cheap but not free; a decode step should not rebuild 2 x layers of them.
@@ -368,7 +399,7 @@ class Engine:
             self._logprobs[seq.id].append(event.logprob)
         if event.finish_reason is not None:
             self.slots[seq.slot] = None
-            event.completion = self.finished[seq.id] = seq.completion(
+            event.completion = seq.completion(
                 event.finish_reason, self._logprobs.pop(seq.id, None),
                 self._prompt_logprobs.pop(seq.id, None))
         return event
@@ -377,9 +408,11 @@ class Engine:
     def run(self, requests: list[Request]) -> list[Completion]:
         """Decode all requests (batched) and return their completions in order."""
         ids = [self.submit(r) for r in requests]
+        done: dict[int, Completion] = {}
         while self.has_work():
-            self.step()
-        return [self.finished.pop(i) for i in ids]
+            done.update((e.request_id, e.completion) for e in self.step()
+                        if e.completion is not None)
+        return [done[i] for i in ids]
 
     def stream(self, request: Request) -> Iterator[Event]:
         """Events of one request as they happen (other queued requests advance too)."""
@@ -395,6 +428,13 @@ class Engine:
             self.cancel(request_id)
 
 
+def _shared_start(active: list[_Sequence], starts: torch.Tensor) -> int | torch.Tensor:
+    """One position for all rows when they share it (always so for a single sequence): the
+    faster path; else each row's own."""
+    positions = {s.position for s in active}
+    return positions.pop() if len(positions) == 1 else starts
+
+
 def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     """The prompt's tokens; an empty prompt starts from BOS (or a newline, for char models)."""
     ids = tokenizer.encode(text) if text else []
@@ -403,14 +443,14 @@ def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     return [tokenizer.bos_id] if tokenizer.bos_id is not None else tokenizer.encode("\n")
 
 
-def _compiled(model: Decoder):
-    if model.embed.weight.device.type == "cuda":
+def _compiled(model: LanguageModel):
+    if next(model.parameters()).device.type == "cuda":
         return torch.compile(model, dynamic=False, mode="reduce-overhead")
     # On a CPU the generated C++ launcher (instead of Python) is most of the gain.
     return torch.compile(model, dynamic=False, options={"cpp_wrapper": True})
 
 
-def stream_one(model: Decoder, tokenizer: Tokenizer | None, request: Request) -> Iterator[Event]:
+def stream_one(model: LanguageModel, tokenizer: Tokenizer | None, request: Request) -> Iterator[Event]:
     """Events of a single request, through an engine with a cache just big enough for it."""
     needed = len(request.prompt) + max(request.max_new_tokens, 1)
     engine = Engine(model, tokenizer, max_batch=1,
@@ -418,7 +458,7 @@ def stream_one(model: Decoder, tokenizer: Tokenizer | None, request: Request) ->
     yield from engine.stream(request)
 
 
-def stream(model: Decoder, prompt: list[int], max_new_tokens: int,
+def stream(model: LanguageModel, prompt: list[int], max_new_tokens: int,
            sampling: SamplingConfig | None = None, seed: int | None = None,
            stop_ids: tuple[int, ...] = (), truncate: bool = False) -> Iterator[int]:
     """Token ids after `prompt`, one at a time; a stop id is yielded, then decoding ends."""
@@ -429,7 +469,7 @@ def stream(model: Decoder, prompt: list[int], max_new_tokens: int,
             yield event.token
 
 
-def generate(model: Decoder, prompt: list[int], max_new_tokens: int,
+def generate(model: LanguageModel, prompt: list[int], max_new_tokens: int,
              sampling: SamplingConfig | None = None, seed: int | None = None,
              stop_ids: tuple[int, ...] = (), truncate: bool = False) -> list[int]:
     return list(stream(model, prompt, max_new_tokens, sampling, seed, stop_ids, truncate))

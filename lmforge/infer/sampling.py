@@ -2,44 +2,15 @@
 
 The order is the usual one: penalties change the model's logits, temperature scales them,
 then top-k, top-p and min-p cut the tail, and a token is drawn from what is left.
+
+The settings are a `SamplingConfig` (in `lmforge.config`, with lmforge's one set of defaults).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass
-class SamplingConfig:
-    temperature: float = 0.8  # 0 = greedy
-    top_k: int | None = 200
-    top_p: float | None = None
-    min_p: float | None = None  # drop tokens below min_p x the top token's probability
-    repetition_penalty: float = 1.0  # > 1 discourages any token already in the sequence
-    presence_penalty: float = 0.0  # subtracted once from each token already generated
-    frequency_penalty: float = 0.0  # subtracted per time a token was generated
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-
-    @property
-    def penalised(self) -> bool:
-        return (self.repetition_penalty != 1 or self.presence_penalty != 0
-                or self.frequency_penalty != 0)
+from lmforge.config import SamplingConfig
 
 
 def apply_penalties(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor,

@@ -16,9 +16,9 @@ from dataclasses import replace
 
 import torch
 
-from lmforge.infer.engine import Engine, PromptTooLong, Request, _Sequence
+from lmforge.infer.engine import Engine, Prefilled, PromptTooLong, Request
 from lmforge.infer.sampling import SamplingConfig, sample
-from lmforge.models.seq2seq import Seq2Seq, pad_sources
+from lmforge.models.seq2seq import Seq2Seq, Seq2SeqCache, pad_sources
 from lmforge.tokenizer import Tokenizer
 
 # How lmforge frames a target: <|im_start|> target <|im_end|> (tokens every lmforge BPE has).
@@ -87,7 +87,7 @@ def generate(model: Seq2Seq, sources: list[list[int]], bos: int, eos: int,
         generator = torch.Generator(model.embed.weight.device).manual_seed(seed)
     steps = _budget(model, max_new_tokens)
     mask, memory = _encode(model, sources, pad)
-    cache = model.new_cache(len(sources), steps + 1)
+    cache = model.decoder_cache(len(sources), steps + 1)
     token = torch.full((len(sources), 1), bos, dtype=torch.long, device=mask.device)
     out = [[] for _ in sources]
     done = torch.zeros(len(sources), dtype=torch.bool, device=mask.device)
@@ -130,7 +130,7 @@ def beam_search(model: Seq2Seq, sources: list[list[int]], bos: int, eos: int, be
     steps = _budget(model, max_new_tokens)
     mask, memory = _encode(model, sources, pad, repeat=K)
     device = mask.device
-    cache = model.new_cache(B * K, steps + 1)
+    cache = model.decoder_cache(B * K, steps + 1)
     # Only the first beam of each source is live at the start (the others are copies).
     scores = torch.full((B, K), float("-inf"), device=device)
     scores[:, 0] = 0.0
@@ -199,65 +199,34 @@ def _source_done(finished: list, live: torch.Tensor, beam: int, length: int,
 class Seq2SeqEngine(Engine):
     """The inference engine for an encoder-decoder model: a request's prompt is the source.
 
-    Admitting a request encodes its source and keeps its cross-attention keys and values in
-    the request's slot (padded to max_length, masked); every step then runs the decoder one
-    position for all active slots, each reading its own source.
+    Prefilling a request encodes its source into its slot of the cache (a `Seq2SeqCache`
+    keeps each row's cross-attention memory) and feeds BOS; decode steps are the engine's own,
+    each row reading its own source. The target ends at EOS.
     """
 
     def __init__(self, model: Seq2Seq, tokenizer: Tokenizer, max_batch: int = 8,
                  max_len: int | None = None) -> None:
         super().__init__(model, tokenizer, max_batch, max_len)
         self.bos, self.eos, _ = framing(tokenizer)
-        cfg, ref = model.cfg, model.embed.weight
-        shape = (max_batch, cfg.n_head, cfg.max_length, cfg.d_model // cfg.n_head)
-        self.memory = [(ref.new_zeros(shape), ref.new_zeros(shape)) for _ in model.decoder]
-        self.source_mask = torch.zeros(max_batch, cfg.max_length, dtype=torch.bool,
-                                       device=self.device)
-        self.source_mask[:, 0] = True  # a free slot must not attend to nothing (NaN)
 
-    def submit(self, request: Request) -> int:
+    def check(self, request: Request) -> Request:
         if not request.prompt:
             raise ValueError("the source is empty: give some text to translate")
         if request.prompt_logprobs:
             raise ValueError("an encoder-decoder model does not score its source: ask for "
                              "logprobs without echo")
-        if len(request.prompt) > self.model.cfg.max_length:
-            request = self._fitted_source(request)
-        return super().submit(replace(request, stop_ids=(*request.stop_ids, self.eos)))
-
-    def _fitted_source(self, request: Request) -> Request:
         limit = self.model.cfg.max_length
-        if not request.truncate:
-            raise PromptTooLong(f"the source has {len(request.prompt)} tokens; the model reads "
-                                f"at most {limit}: shorten or split it")
-        return replace(request, prompt=request.prompt[:limit])
+        if len(request.prompt) > limit:
+            if not request.truncate:
+                raise PromptTooLong(f"the source has {len(request.prompt)} tokens; the model "
+                                    f"reads at most {limit}: shorten or split it")
+            request = replace(request, prompt=request.prompt[:limit])
+        return super().check(replace(request, stop_ids=(*request.stop_ids, self.eos)))
 
     def room(self, prompt: list[int]) -> int:
         return self.max_len - 1  # the target starts afresh after BOS, whatever the source
 
-    def _prefill(self, seq: _Sequence) -> torch.Tensor:
-        """Encode the source into the slot's cross-attention memory; the logits after BOS."""
-        seq.tokens = [self.bos]  # the target so far: its last token is the next input
-        if seq.seen is not None:  # penalties look at the target only, not the source
-            seq.seen.zero_()
-        source = torch.tensor([seq.request.prompt], device=self.device)
-        n, row = source.shape[1], seq.slot
-        self.source_mask[row] = False
-        self.source_mask[row, :n] = True
-        encoded = self.model.encode(source, self.source_mask[row:row + 1, :n])
-        for (k, v), (slot_k, slot_v) in zip(self.model.memory(encoded), self.memory):
-            slot_k[row, :, :n], slot_v[row, :, :n] = k[0], v[0]
-        tokens = torch.tensor([[self.bos]], device=self.device)
-        return self._decode(tokens, 0, row, row + 1, n)[0, -1]
-
-    def _forward(self, tokens: torch.Tensor, starts: torch.Tensor, active: list[_Sequence]
-                 ) -> torch.Tensor:
-        width = max(len(s.request.prompt) for s in active)
-        return self._decode(tokens, self._start(active, starts), 0, len(tokens), width)
-
-    def _decode(self, tokens: torch.Tensor, start: int | torch.Tensor, first: int, end: int,
-                width: int) -> torch.Tensor:
-        """Decoder logits for slots first..end, reading the first `width` source positions."""
-        memory = [(k[first:end, :, :width], v[first:end, :, :width]) for k, v in self.memory]
-        return self.model.decode(tokens, memory, self.source_mask[first:end, :width],
-                                 self._cache_rows(first, end - first), start)
+    def prefill(self, prompt: list[int], cache: Seq2SeqCache, scoring: bool) -> Prefilled:
+        self.model.start_sequence(torch.tensor(prompt, device=self.device), cache)
+        bos = torch.tensor([[self.bos]], device=self.device)
+        return Prefilled([self.bos], self.model(bos, cache=cache, start=0)[0])

@@ -30,12 +30,17 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
 from lmforge.config import ModelConfig
 from lmforge.errors import GGUFFileError, UnsupportedModel
-from lmforge.modeldir import load_model, save_model
+from lmforge.modeldir import (
+    GENERATION_CONFIG,
+    read_model,
+    read_tokenizer,
+    resolve_model_dir,
+    save_model,
+)
 from lmforge.models.decoder import Decoder
 from lmforge.quant import require_float
 from lmforge.tokenizer import SpecialTokens, Tokenizer
 
-GENERATION_CONFIG_FILE = "generation_config.json"
 ARCHITECTURE = "llama"
 _MAGIC = b"GGUF"
 
@@ -98,7 +103,7 @@ def import_gguf(path: str | Path, out_dir: str | Path) -> Path:
         state = {**state, "lm_head.weight": state["embed.weight"]}
     model.load_state_dict(state)
     out_dir = save_model(out_dir, model, tokenizer)
-    (out_dir / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
+    (out_dir / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
     return out_dir
 
 
@@ -370,7 +375,8 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, dtype: str = "f32")
     template; ``dtype`` is "f32", "f16" or "q8_0" for the 2-D weights (norms stay F32)."""
     if dtype not in _EXPORT_TYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {', '.join(_EXPORT_TYPES)}")
-    model, tokenizer = load_model(model_dir)
+    model_dir = resolve_model_dir(model_dir)
+    model, tokenizer = read_model(model_dir), read_tokenizer(model_dir)
     require_float(model, str(model_dir), "a GGUF export")
     _check_llama_shaped(model.cfg, model_dir)
     if tokenizer is None:

@@ -10,7 +10,7 @@ Only architectures that are exactly our decoder are accepted: a config option we
 implement (rope scaling, a sliding window shorter than the context, another activation...) is
 refused with the option named, because a model that loads but computes something else is worse
 than no model. Weights are converted to float32 on import (our models train and serialise in
-fp32; cast at load time with `load_model(..., dtype=)`), and exported as float32.
+fp32; cast at load time with `open_model(..., dtype=)`), and exported as float32.
 """
 
 from __future__ import annotations
@@ -28,13 +28,20 @@ from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import CheckpointMismatch, ConfigError, UnsupportedModel
-from lmforge.modeldir import WEIGHTS, load_model, load_state, resolve_model_dir, save_model
+from lmforge.modeldir import (
+    GENERATION_CONFIG,
+    WEIGHTS,
+    load_state,
+    read_model,
+    read_tokenizer,
+    resolve_model_dir,
+    save_model,
+)
 from lmforge.models.decoder import Decoder
 from lmforge.quant import require_float
 from lmforge.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, SpecialTokens, Tokenizer
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-GENERATION_CONFIG = "generation_config.json"
 # transformers >= 4.43 saves the chat template in its own file rather than tokenizer_config.json.
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
@@ -496,7 +503,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
     if out.resolve() == src.resolve():
         raise ConfigError(f"export_hf would overwrite the lmforge model in {src}; pass another "
                           "output directory")
-    model, tokenizer = load_model(src)
+    model, tokenizer = read_model(src), read_tokenizer(src)
     require_float(model, str(src), "a Hugging Face export")
     if tokenizer is None:
         raise FileNotFoundError(f"{src} has no {TOKENIZER_FILE}, which a Hugging Face directory "

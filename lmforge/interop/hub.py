@@ -25,7 +25,7 @@ from pathlib import Path
 
 from lmforge.errors import LmforgeError
 from lmforge.interop.hf import is_hf_dir
-from lmforge.modeldir import resolve_model_dir
+from lmforge.modeldir import SOURCE, resolve_model_dir
 from lmforge.paths import cache_dir
 
 
@@ -51,8 +51,6 @@ REGISTRY = {
         license="Apache-2.0",
     ),
 }
-
-SOURCE_FILE = "source.json"
 
 
 def models_dir() -> Path:
@@ -82,7 +80,7 @@ def resolve_model(spec: str | Path, progress: bool = True) -> Path:
     name = str(spec)
     if name.startswith("hf:") or name in REGISTRY:
         target = models_dir() / _safe_name(name)
-        return target if (target / SOURCE_FILE).is_file() else pull(name, progress)
+        return target if (target / SOURCE).is_file() else pull(name, progress)
     raise FileNotFoundError(unknown_name_message(name))
 
 
@@ -119,7 +117,7 @@ def list_models() -> list[dict]:
     """What the models directory holds: name, size on disk, source."""
     rows = []
     for directory in sorted(models_dir().iterdir()):
-        source = directory / SOURCE_FILE
+        source = directory / SOURCE
         if not source.is_file():
             continue
         size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
@@ -174,13 +172,14 @@ def _converted(path: Path, kind: str, progress: bool) -> Path:
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
     name = f"imported-{path.stem}-{key[:12]}"
     target = models_dir() / name
-    if (target / SOURCE_FILE).is_file():
+    if (target / SOURCE).is_file():
         return target
     return _install(name, lambda out: _import(kind, path, out), {"source": str(path.resolve())},
                     progress)
 
 
 def _import(kind: str, source: Path, out: Path) -> None:
+    # Imported here: the GGUF reader is only needed on a model's first use, not on every start.
     if kind == "gguf":
         from lmforge.interop.gguf import import_gguf
 
@@ -199,7 +198,7 @@ def _install(name: str, convert, source: dict, progress: bool) -> Path:
     started = time.perf_counter()
     try:
         convert(staging)
-        (staging / SOURCE_FILE).write_text(json.dumps(
+        (staging / SOURCE).write_text(json.dumps(
             {"name": name, **source, "converted": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)

@@ -1,0 +1,55 @@
+"""Model families and what every family offers the rest of lmforge.
+
+A family is a config dataclass and an `nn.Module` built from it: `Decoder` (GPT-2 and Llama
+shapes, `decoder.py`) and `Seq2Seq` (the encoder-decoder Transformer, `seq2seq.py`). Both
+implement `LanguageModel`, the protocol the inference engine, the model directory and
+`lmforge info` are written against.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from lmforge.config import FlopsReport, ModelConfig, Seq2SeqConfig
+from lmforge.layers import KVCache
+from lmforge.models.decoder import Decoder
+from lmforge.models.seq2seq import Seq2Seq
+
+
+@runtime_checkable
+class LanguageModel(Protocol):
+    """What a model family provides: the engine decodes any of them through these alone.
+
+    cfg: its config dataclass, with at least `context_length` (the longest sequence the
+    cache holds), `vocab_size` and `tie_embeddings`.
+    new_cache(batch, length): an empty cache for `batch` sequences of up to `length` positions
+    (`length` defaults to the context). A family keeps in it whatever its decoding reads (a
+    seq2seq model also keeps each row's encoded source).
+    forward(tokens, cache, start, last_only): logits (B, T, vocab) of tokens (B, T) at
+    positions start.. (an int, or a (B,) tensor of each row's own), reading and writing
+    earlier positions in `cache`; with last_only, only the last position's.
+    flops(): parameter counts and training FLOPs per token.
+    """
+
+    cfg: ModelConfig | Seq2SeqConfig
+
+    def new_cache(self, batch: int, length: int | None = None) -> KVCache: ...
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
+                start: int | torch.Tensor = 0, last_only: bool = False) -> torch.Tensor: ...
+
+    def flops(self) -> FlopsReport: ...
+
+    def tie_weights(self) -> None: ...
+
+    def reset_buffers(self) -> None: ...
+
+
+def build_model(cfg: ModelConfig | Seq2SeqConfig) -> LanguageModel:
+    """A freshly initialised model of the family `cfg` belongs to."""
+    return Seq2Seq(cfg) if isinstance(cfg, Seq2SeqConfig) else Decoder(cfg)
+
+
+__all__ = ["Decoder", "LanguageModel", "Seq2Seq", "build_model"]

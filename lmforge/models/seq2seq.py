@@ -12,6 +12,10 @@ sequence-to-sequence tasks, built from the same layers as the decoder-only model
   without a long warmup.
 - One embedding for source, target and output projection when `tie_embeddings` (a joint
   vocabulary, as the paper shares for English-German).
+- For decoding, a `Seq2SeqCache` holds each row's cross-attention memory beside its
+  self-attention keys and values: `start_sequence` encodes a source into a row, and then
+  `forward(tokens, cache, start)` decodes as a decoder-only model does, so the inference
+  engine runs both families through one step.
 
 The model returns logits; losses (label smoothing included) belong to the training task.
 """
@@ -47,6 +51,60 @@ def pad_sources(sources: list[list[int]], pad: int, device: torch.device | str =
         ids[i, :len(s)] = torch.tensor(s)
     mask = torch.arange(width)[None] < torch.tensor([len(s) for s in sources])[:, None]
     return ids.to(device), mask.to(device)
+
+
+class Seq2SeqCache(KVCache):
+    """A decoder KV cache whose rows also hold their encoded source: every decoder layer's
+    cross-attention keys and values (padded to max_length) and the source's length."""
+
+    def __init__(self, cfg: Seq2SeqConfig, batch: int, length: int, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        head_dim = cfg.d_model // cfg.n_head
+        super().__init__(cfg.n_decoder_layer, batch, cfg.n_head, length, head_dim, dtype, device)
+        shape = (cfg.n_decoder_layer, batch, cfg.n_head, cfg.max_length, head_dim)
+        self.memory_k = torch.zeros(shape, dtype=dtype, device=device)
+        self.memory_v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = [1] * batch  # a row never attends to nothing (that would be NaN)
+
+    def rows(self, first: int, count: int = 1) -> Seq2SeqCache:
+        view = super().rows(first, count)
+        view.memory_k = self.memory_k[:, first:first + count]
+        view.memory_v = self.memory_v[:, first:first + count]
+        view.lengths = _RowLengths(self.lengths, first, count)
+        return view
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + self.memory_k.nbytes + self.memory_v.nbytes
+
+    def sources(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Each layer's memory and the source mask (B, S), S the longest source in the rows."""
+        width = max(self.lengths)
+        memory = list(zip(self.memory_k[:, :, :, :width].unbind(0),
+                          self.memory_v[:, :, :, :width].unbind(0)))
+        lengths = torch.tensor(list(self.lengths), device=self.memory_k.device)
+        mask = torch.arange(width, device=lengths.device)[None] < lengths[:, None]
+        return memory, mask
+
+
+class _RowLengths:
+    """A window onto a cache's list of source lengths, so a view of some rows writes the
+    lengths its parent reads."""
+
+    def __init__(self, lengths: list[int] | _RowLengths, first: int, count: int) -> None:
+        self.lengths, self.first, self.count = lengths, first, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> int:
+        return self.lengths[self.first + i]
+
+    def __setitem__(self, i: int, value: int) -> None:
+        self.lengths[self.first + i] = value
+
+    def __iter__(self):
+        return (self[i] for i in range(self.count))
 
 
 class _Residual(nn.Module):
@@ -182,15 +240,48 @@ class Seq2Seq(nn.Module):
             x = block(x, rotary, pos, mask, layer_cache, memory[i], key_mask)
         return self.lm_head(self.decoder_norm(x))
 
-    def forward(self, source: torch.Tensor, source_mask: torch.Tensor,
-                target: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits (B, T, vocab) of target inputs given the source."""
-        return self.decode(target, self.memory(self.encode(source, source_mask)), source_mask)
+    def forward(self, target: torch.Tensor, cache: Seq2SeqCache | None = None,
+                start: int | torch.Tensor = 0, last_only: bool = False,
+                source: torch.Tensor | None = None,
+                source_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) of target ids (B, T): teacher-forced given `source` ids (B, S)
+        and `source_mask` (training), or decoding with a `cache` whose rows hold their encoded
+        sources (see `start_sequence`). last_only: the last position's logits only."""
+        if source is not None:
+            if source_mask is None:
+                source_mask = torch.ones_like(source, dtype=torch.bool)
+            memory = self.memory(self.encode(source, source_mask))
+        elif isinstance(cache, Seq2SeqCache):
+            memory, source_mask = cache.sources()
+        else:
+            raise ValueError("a seq2seq model decodes either a given source or a Seq2SeqCache "
+                             "whose rows hold their sources (see start_sequence)")
+        logits = self.decode(target, memory, source_mask, cache, start)
+        return logits[:, -1:] if last_only else logits
 
-    def new_cache(self, batch: int, length: int | None = None) -> KVCache:
+    def new_cache(self, batch: int, length: int | None = None) -> Seq2SeqCache:
+        ref = self.embed.weight
+        return Seq2SeqCache(self.cfg, batch, length or self.cfg.max_length, ref.dtype, ref.device)
+
+    def decoder_cache(self, batch: int, length: int) -> KVCache:
+        """A cache of the decoder's self-attention only, for `decode` with memory passed in
+        (batched generation and beam search, which encode all their sources at once)."""
         cfg, ref = self.cfg, self.embed.weight
-        return KVCache(cfg.n_decoder_layer, batch, cfg.n_head, length or cfg.max_length,
-                       cfg.d_model // cfg.n_head, ref.dtype, ref.device)
+        return KVCache(cfg.n_decoder_layer, batch, cfg.n_head, length, cfg.d_model // cfg.n_head,
+                       ref.dtype, ref.device)
+
+    def start_sequence(self, source: torch.Tensor, cache: Seq2SeqCache) -> None:
+        """Encode source ids (S,) into the one row of `cache` (a `rows(i, 1)` view): its
+        memory and length, for decoding to read."""
+        if len(source) > self.cfg.max_length:
+            raise ValueError(f"a source of {len(source)} tokens is past the model's max_length "
+                             f"{self.cfg.max_length}")
+        mask = torch.ones(1, len(source), dtype=torch.bool, device=source.device)
+        encoded = self.encode(source[None], mask)
+        for i, (k, v) in enumerate(self.memory(encoded)):
+            cache.memory_k[i, 0, :, :len(source)] = k[0]
+            cache.memory_v[i, 0, :, :len(source)] = v[0]
+        cache.lengths[0] = len(source)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -34,8 +34,7 @@ from lmforge.infer.engine import Completion, Engine, Event, PromptTooLong, Token
 from lmforge.infer.engine import Request as EngineRequest
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.infer.seq2seq import Seq2SeqEngine
-from lmforge.models.decoder import Decoder
-from lmforge.models.seq2seq import Seq2Seq
+from lmforge.models import LanguageModel, Seq2Seq
 from lmforge.serve.scheduler import QueueFull, Scheduler, Ticket
 from lmforge.serve.schemas import ChatRequest, CompletionRequest, SamplingFields
 from lmforge.tokenizer import Tokenizer
@@ -93,8 +92,9 @@ class Metrics:
         r, stats = self.registry, scheduler.stats
         for name, doc, read in (
             ("lmforge_queue_length", "Requests waiting for a slot",
-             lambda: len(scheduler.engine.waiting)),
-            ("lmforge_active_sequences", "Sequences decoding", lambda: scheduler.engine.active),
+             lambda: scheduler.engine.stats().waiting),
+            ("lmforge_active_sequences", "Sequences decoding",
+             lambda: scheduler.engine.stats().active),
             ("lmforge_batch_size", "Sequences in the last decode step",
              lambda: stats.batch_sizes[-1] if stats.batch_sizes else 0),
             ("lmforge_prompt_tokens_total", "Prompt tokens processed", lambda: stats.prompt_tokens),
@@ -107,7 +107,7 @@ class Metrics:
             Gauge(name, doc, registry=r).set_function(read)
 
 
-def create_app(model: Decoder | Seq2Seq, tokenizer: Tokenizer, stop_ids: tuple[int, ...],
+def create_app(model: LanguageModel, tokenizer: Tokenizer, stop_ids: tuple[int, ...],
                cfg: ServeConfig) -> FastAPI:
     max_len = cfg.max_len or min(model.cfg.context_length, DEFAULT_MAX_LEN)
     if isinstance(model, Seq2Seq):
@@ -160,10 +160,10 @@ def create_app(model: Decoder | Seq2Seq, tokenizer: Tokenizer, stop_ids: tuple[i
 
     @app.get("/health")
     async def health():
-        cache = engine.cache
-        return {"status": "ok", "model": cfg.model_name, "active": engine.active,
-                "slots": cache.batch, "max_len": engine.max_len,
-                "kv_cache_mb": round((cache.k.nbytes + cache.v.nbytes) / 1e6, 1)}
+        stats = engine.stats()
+        return {"status": "ok", "model": cfg.model_name, "active": stats.active,
+                "waiting": stats.waiting, "slots": stats.slots, "max_len": stats.max_len,
+                "kv_cache_mb": round(stats.kv_cache_bytes / 1e6, 1)}
 
     @app.get("/metrics")
     async def prometheus():
@@ -174,7 +174,7 @@ def create_app(model: Decoder | Seq2Seq, tokenizer: Tokenizer, stop_ids: tuple[i
     async def models():
         return {"object": "list", "data": [
             {"id": cfg.model_name, "object": "model", "created": api.created,
-             "owned_by": "lmforge", "max_model_len": engine.max_len}]}
+             "owned_by": "lmforge", "max_model_len": engine.stats().max_len}]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):

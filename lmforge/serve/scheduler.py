@@ -117,9 +117,10 @@ class Scheduler:
                 self.engine.cancel(payload)
                 continue
             loop, events, done = reply
-            if len(self.engine.waiting) >= self.max_queue:
+            waiting = self.engine.stats().waiting
+            if waiting >= self.max_queue:
                 self.stats.rejected += 1
-                error = QueueFull(f"{len(self.engine.waiting)} requests are already waiting")
+                error = QueueFull(f"{waiting} requests are already waiting")
                 loop.call_soon_threadsafe(_settle, done, None, error)
                 continue
             try:
@@ -138,10 +139,6 @@ class Scheduler:
         stats.generated_tokens += sum(e.token is not None for e in events)
         stats.batch_sizes.append(len(events))
         del stats.batch_sizes[:-1000]
-        for event in events:
-            if event.finish_reason is not None:
-                # Its completion travels with the last event; the engine need not keep it.
-                self.engine.finished.pop(event.request_id, None)
 
     def _deliver(self, event: Event) -> None:
         listener = self._listeners.get(event.request_id)

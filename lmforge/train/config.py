@@ -8,25 +8,21 @@ on the command line use the same names: `lr=3e-4`, `model.n_layer=6`, `model=gpt
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lmforge.config import ModelConfig, closest_hint, from_dict, resolve_model_config
+from lmforge.config import (
+    ModelConfig,
+    closest_hint,
+    from_dict,
+    resolve_model_config,
+    resolve_seq2seq_config,
+)
 from lmforge.errors import ConfigError
 from lmforge.train.schedule import SCHEDULES
-
-# task name -> "module:class" of its Task; imported only when used, so the training loop
-# does not depend on the fine-tuning code it can run.
-TASKS = {
-    "lm": "lmforge.train.lm:LanguageModelingTask",
-    "sft": "lmforge.finetune.sft:ChatTask",
-    "classify": "lmforge.finetune.classify:ClassifyTask",
-    "seq2seq": "lmforge.train.seq2seq:Seq2SeqTask",
-}
 
 
 @dataclass
@@ -39,8 +35,9 @@ class TrainConfig:
     model: Any = "shakespeare-char"  # preset name or mapping of ModelConfig fields
     seed: int = 1337
 
-    # What is learned: lm (next-token prediction on a corpus), sft (chat fine-tuning on
-    # conversations), classify (a classification head on the decoder).
+    # What is learned: lm (next-token prediction on a corpus), seq2seq (an encoder-decoder
+    # on pairs), sft (chat fine-tuning on conversations), classify (a classification head on
+    # the decoder); see lmforge.train.task.register_task.
     task: str = "lm"
     init_from: str = ""  # start from this model (any model name or path) instead of `model`
     val_data: str = ""  # fine-tuning: a validation file; else val_fraction of `data`
@@ -53,7 +50,7 @@ class TrainConfig:
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank, the base model frozen
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
-    lora_targets: str = "all-linear"  # comma-separated layer names, e.g. q_proj,v_proj
+    lora_targets: str | list[str] = "all-linear"  # comma-separated layer names, e.g. q_proj,v_proj
     grad_checkpointing: bool = False  # recompute activations in backward: less memory
     source_field: str = "source"  # seq2seq JSONL: the field holding the source text
     target_field: str = "target"
@@ -98,14 +95,6 @@ class TrainConfig:
     compile: bool = False
     progress: bool = True
 
-    def lora(self):
-        """The LoRA settings, or None for full training."""
-        if self.lora_rank <= 0:
-            return None
-        from lmforge.finetune.lora import LoraConfig
-
-        return LoraConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
-
     def seq2seq_model(self) -> Any:
         """The model section for a seq2seq run: pretraining's default means the seq2seq one."""
         return "transformer-small" if self.model == "shakespeare-char" else self.model
@@ -122,15 +111,6 @@ def _parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"override {item!r} is not key=value (for example lr=3e-4)")
     key, raw = item.split("=", 1)
     return key.strip(), yaml.safe_load(raw) if raw else ""
-
-
-# YAML 1.1 reads 3e-4 (no dot) as a string, and that is how people write learning rates.
-_SCIENTIFIC = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
-
-
-def _numbers(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: float(v) if isinstance(v, str) and _SCIENTIFIC.fullmatch(v) else v
-            for k, v in values.items()}
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -160,20 +140,15 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (),
         if not isinstance(from_file, dict):
             raise ConfigError(f"{path} must be a mapping of keys to values")
         values.update(from_file)
-    values = _numbers(apply_overrides(values, list(overrides)))
+    values = apply_overrides(values, list(overrides))
     where = str(path) if path else "overrides"
     cfg = from_dict(TrainConfig, values, where=where)
-    if cfg.task not in TASKS:
-        raise ConfigError(f"unknown task {cfg.task!r}: {closest_hint(cfg.task, list(TASKS))}"
-                          f"tasks are {', '.join(TASKS)}")
     if cfg.schedule not in SCHEDULES:
         raise ConfigError(f"unknown schedule {cfg.schedule!r}: "
                           f"{closest_hint(cfg.schedule, list(SCHEDULES))}"
                           f"schedules are {', '.join(SCHEDULES)}")
     # Fail now, not an hour into the run, on a bad model key.
     if cfg.task == "seq2seq":
-        from lmforge.config import resolve_seq2seq_config
-
         if cfg.grad_checkpointing or cfg.lora_rank:
             raise ConfigError("grad_checkpointing and LoRA are for decoder-only models; "
                               "a seq2seq run trains without them")

@@ -23,13 +23,16 @@ from lmforge.data.loader import TokenShards
 from lmforge.errors import CheckpointMismatch
 from lmforge.infer.engine import generate, prompt_ids
 from lmforge.infer.sampling import SamplingConfig
-from lmforge.modeldir import WEIGHTS, load_weights, save_model
+from lmforge.modeldir import TOKENIZER, WEIGHTS, load_weights, read_config, save_model
 from lmforge.models.decoder import Decoder
+from lmforge.open import open_model, resolve_model
 from lmforge.paths import cache_dir
+from lmforge.quant import require_float
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import distributed as distr
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import Dist
+from lmforge.train.task import register_task
 
 
 def prepare_data(cfg: TrainConfig) -> Path:
@@ -71,34 +74,37 @@ class LanguageModelingTask:
 
     def __init__(self, cfg: TrainConfig, dist: Dist) -> None:
         self.cfg = cfg
-        # Rank 0 prepares; the others wait and then find it cached.
+        # Rank 0 prepares the corpus and fetches the base model; the others wait and then
+        # find both cached.
         path = prepare_data(cfg) if dist.is_main else None
+        if cfg.init_from and dist.is_main:
+            resolve_model(cfg.init_from)
         distr.barrier(dist)
         self.shards = TokenShards(path or prepare_data(cfg))
-        self.tokenizer = Tokenizer.load(self.shards.dir / "tokenizer.json")
-        self.model_cfg = model_config_for_data(cfg, self.shards.vocab_size)
-        if cfg.init_from:
-            self.model_cfg = self._base_config()
+        self.tokenizer = Tokenizer.load(self.shards.dir / TOKENIZER)
+        self.base = self._open_base() if cfg.init_from else None
+        self.model_cfg = self.base.cfg if self.base else \
+            model_config_for_data(cfg, self.shards.vocab_size)
         self.context = cfg.context_length or self.model_cfg.context_length
 
-    def _base_config(self) -> ModelConfig:
-        from lmforge.interop.hub import resolve_model
-
-        self.base_dir = resolve_model(self.cfg.init_from)
-        base_cfg = ModelConfig.load(self.base_dir / "config.json")
-        base_tok = Tokenizer.load(self.base_dir / "tokenizer.json")
-        if base_tok.fingerprint() != self.tokenizer.fingerprint():
+    def _open_base(self) -> Decoder:
+        """The model to continue pretraining (float32, on the CPU until build_model)."""
+        spec = self.cfg.init_from
+        base = open_model(spec, "cpu", torch.float32)
+        if not isinstance(base.model, Decoder):
+            raise CheckpointMismatch(f"{spec} is a {type(base.model).__name__} model; "
+                                     "pretraining continues decoder-only models")
+        require_float(base.model, spec, "training")
+        if base.tokenizer is None or base.tokenizer.fingerprint() != self.tokenizer.fingerprint():
             raise CheckpointMismatch(
                 f"the corpus {self.shards.dir} was tokenized with another tokenizer than "
-                f"{self.cfg.init_from}'s: prepare it with tokenizer={self.base_dir}/tokenizer.json"
+                f"{spec}'s: prepare it with tokenizer={base.directory}/{TOKENIZER}"
             )
-        return base_cfg
+        return base.model
 
     def build_model(self, device: torch.device) -> nn.Module:
-        model = Decoder(self.model_cfg)
-        if self.cfg.init_from:
-            load_weights(model, self.base_dir / WEIGHTS)
-        return model.to(device)
+        model = self.base if self.base is not None else Decoder(self.model_cfg)
+        return model.to(device).train()
 
     def train_batch(self, step: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         return loader.train_batch(self.shards.split("train"), self.context, self.cfg.batch_size,
@@ -136,14 +142,14 @@ class LanguageModelingTask:
         save_model(directory, model, self.tokenizer)
 
     def load(self, directory: Path, model: nn.Module) -> None:
-        saved = ModelConfig.load(directory / "config.json").to_dict()
+        saved = read_config(directory).to_dict()
         wanted = self.model_cfg.to_dict()
         diff = [f"{k}: checkpoint {saved.get(k)!r}, recipe {wanted[k]!r}"
                 for k in wanted if saved.get(k) != wanted[k]]
         if diff:
             raise CheckpointMismatch(f"{directory} was trained with another model config ("
                                      + "; ".join(diff) + "): resume with the run's own recipe")
-        if Tokenizer.load(directory / "tokenizer.json").fingerprint() != self.tokenizer.fingerprint():
+        if Tokenizer.load(directory / TOKENIZER).fingerprint() != self.tokenizer.fingerprint():
             raise CheckpointMismatch(
                 f"{directory} was trained with a different tokenizer than the data in "
                 f"{self.shards.dir}: resume on the corpus the run was started with"
@@ -152,3 +158,6 @@ class LanguageModelingTask:
 
     def describe(self) -> dict[str, Any]:
         return {"train_tokens": len(self.shards.split("train"))}
+
+
+register_task("lm", LanguageModelingTask)

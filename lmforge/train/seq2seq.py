@@ -23,11 +23,12 @@ from lmforge.data.loader import in_order
 from lmforge.data.parallel import read_pairs, split_pairs
 from lmforge.errors import CheckpointMismatch
 from lmforge.infer.seq2seq import framing, translate
-from lmforge.modeldir import WEIGHTS, load_weights, save_model
+from lmforge.modeldir import WEIGHTS, load_weights, read_config, save_model
 from lmforge.models.seq2seq import Seq2Seq, pad_sources
 from lmforge.tokenizer import Tokenizer, train_bpe
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import Dist
+from lmforge.train.task import register_task
 
 IGNORE = -100
 # Pairs sorted by length within pools of this many batches: similar lengths, still shuffled.
@@ -106,7 +107,7 @@ class Seq2SeqTask:
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         source, mask, target_in, target_out = batch
-        logits = model(source, mask, target_in)
+        logits = model(target_in, source=source, source_mask=mask)
         # Smoothing shapes training only: validation loss stays the plain negative log-likelihood.
         smoothing = self.cfg.label_smoothing if model.training else 0.0
         return F.cross_entropy(logits.flatten(0, 1).float(), target_out.flatten(),
@@ -138,9 +139,7 @@ class Seq2SeqTask:
         save_model(directory, model, self.tokenizer)
 
     def load(self, directory: Path, model: nn.Module) -> None:
-        from lmforge.config import load_config
-
-        saved = load_config(directory)
+        saved = read_config(directory)
         if not isinstance(saved, Seq2SeqConfig) or saved != self.model_cfg:
             raise CheckpointMismatch(f"{directory} holds another model than this recipe's: "
                                      "resume with the run's own recipe")
@@ -149,3 +148,6 @@ class Seq2SeqTask:
     def describe(self) -> dict[str, Any]:
         return {"train_pairs": len(self.train_pairs), "val_pairs": len(self.val_pairs),
                 "test_pairs": len(self.test_pairs), "skipped_lines": len(self.skipped)}
+
+
+register_task("seq2seq", Seq2SeqTask)

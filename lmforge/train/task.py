@@ -1,13 +1,14 @@
 """What a training task is: how batches are made, how their loss is computed, what the model
 is and how it is saved. The one `Trainer` loop runs any of them.
 
-Tasks: `lm` (next-token prediction on token shards, `lmforge.train.lm`), `sft` (chat
-fine-tuning, `lmforge.finetune.sft`), `classify` (`lmforge.finetune.classify`).
+Tasks register themselves by name with `register_task`: `lm` (next-token prediction on
+token shards, `lmforge.train.lm`) and `seq2seq` (`lmforge.train.seq2seq`) here; fine-tuning
+tasks from the packages above (`sft`, `classify` in `lmforge.finetune`), so the loop never
+imports the code it runs.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -15,8 +16,10 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from lmforge.config import closest_hint
+from lmforge.errors import ConfigError
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.config import TASKS, TrainConfig
+from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import Dist
 
 Batch = tuple[torch.Tensor, ...]
@@ -61,6 +64,20 @@ class Task(Protocol):
         """A few facts for the log (examples, skipped...)."""
 
 
+TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(name: str, task: type[Task]) -> None:
+    """Make `task=name` in a recipe train `task`, built as task(cfg, dist)."""
+    TASKS[name] = task
+
+
+def task_class(name: str) -> type[Task]:
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}: {closest_hint(name, list(TASKS))}"
+                          f"tasks are {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
 def load_task(cfg: TrainConfig, dist: Dist) -> Task:
-    module, _, name = TASKS[cfg.task].partition(":")
-    return getattr(importlib.import_module(module), name)(cfg, dist)
+    return task_class(cfg.task)(cfg, dist)

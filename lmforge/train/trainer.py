@@ -29,10 +29,12 @@ from lmforge.modeldir import checkpoint_dirs
 from lmforge.train import distributed as distr
 from lmforge.train.checkpoint import load_checkpoint, save_checkpoint
 from lmforge.train.config import TrainConfig
+from lmforge.train.lm import LanguageModelingTask  # noqa: F401  (registers task=lm)
 from lmforge.train.optim import build_optimizer
 from lmforge.train.plot import plot_run
 from lmforge.train.schedule import lr_at
-from lmforge.train.task import load_task
+from lmforge.train.seq2seq import Seq2SeqTask  # noqa: F401  (registers task=seq2seq)
+from lmforge.train.task import load_task, task_class
 
 # Dense bf16 peak FLOP/s per GPU, for MFU: the accelerators people are likely to have.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12,
@@ -90,6 +92,7 @@ def resolve_device(name: str) -> torch.device:
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
         self.cfg = cfg
+        task_class(cfg.task)  # an unknown task fails before any work
         self.device = resolve_device(cfg.device)
         self.dist = distr.init_distributed(self.device.type)
         if self.device.type == "cuda" and self.dist.world > 1:

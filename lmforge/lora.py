@@ -26,9 +26,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmforge.errors import CheckpointMismatch, ConfigError
+from lmforge.interop.hf import hf_module_names
+from lmforge.modeldir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from lmforge.quant import QuantLinear
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Every linear layer of a decoder block; "all-linear" (PEFT's name) means these.
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _PEFT_PREFIX = "base_model.model."
@@ -94,8 +95,6 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
     """Freeze `model` and put adapters on the linear layers named in cfg.targets (by their
     last name part, e.g. q_proj). Returns the adapted layers' names."""
-    from lmforge.quant import QuantLinear
-
     for p in model.parameters():
         p.requires_grad_(False)
     chosen = [(name, m) for name, m in model.named_modules()
@@ -138,8 +137,6 @@ def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def _peft_names(model: nn.Module):
     """Our module name -> the name PEFT keys its adapter by (Hugging Face's for the Llama
     family, ours otherwise)."""
-    from lmforge.interop.hf import hf_module_names
-
     return hf_module_names(model.cfg) or (lambda name: name)
 
 
@@ -173,10 +170,6 @@ def save_adapter(directory: str | Path, model: nn.Module, cfg: LoraConfig, base:
     }
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return directory
-
-
-def is_adapter_dir(path: str | Path) -> bool:
-    return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
 def read_adapter_config(directory: str | Path) -> tuple[LoraConfig, dict]:
