@@ -681,8 +681,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=COUNT, default=None, help="score only the first N examples")
     p.add_argument("--window", type=_number(int, 2, what=">= 2"), default=None,
                    help="perplexity: tokens per forward pass (default: the model's context, at "
-                   f"most {PERPLEXITY_WINDOW}); memory grows with batch x window x vocabulary, e.g. "
-                   "SmolLM2-135M (49k tokens) at 1024 x 8: ~2 GB")
+                   f"most {PERPLEXITY_WINDOW}); a window's logits take window x vocabulary floats, "
+                   "e.g. 200 MB for SmolLM2-135M at 1024, and windows are batched up to 512 MB")
     p.add_argument("--stride", type=COUNT, default=None, help="perplexity: tokens between "
                    "window starts (default: window - 1; less gives each token more context)")
     p.add_argument("--max-chars", type=COUNT, default=None,
@@ -692,7 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--answer-field", default="answer", help="JSONL field with the answer")
     p.add_argument("--prompt-field", default="prompt", help="generation: JSONL field")
     p.add_argument("--delimiter", default=" ", help="multiple-choice: text between context and "
-                   "choice (lm-eval's target_delimiter; \\n for a newline)")
+                   "choice (lm-eval's target_delimiter; \\n for a newline; default: a space)")
     p.add_argument("--chat", action="store_true",
                    help="generation and harness: prompts go through the chat template")
     p.add_argument("--max-new-tokens", type=COUNT, default=64, help="generation")

@@ -19,13 +19,12 @@ from lmforge.eval import perplexity
 from lmforge.infer.engine import generate
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.interop.gguf import (
-    GENERATION_CONFIG_FILE,
     GGUFFileError,
     export_gguf,
     import_gguf,
     read_gguf,
 )
-from lmforge.modeldir import save_model
+from lmforge.modeldir import GENERATION_CONFIG, save_model
 from lmforge.models.decoder import Decoder
 from lmforge.open import open_model
 from lmforge.tokenizer import SpecialTokens, Tokenizer, train_bpe
@@ -115,7 +114,7 @@ def test_f32_round_trip_is_exact(tmp_path, tiny_tokenizer, tie):
     again = open_model(imported).model
     ids = sample_ids(tiny_tokenizer)
     assert (logits_of(again, ids) - logits_of(model, ids)).abs().max().item() <= 1e-6
-    saved = json.loads((imported / GENERATION_CONFIG_FILE).read_text())
+    saved = json.loads((imported / GENERATION_CONFIG).read_text())
     assert saved == generation
 
 
@@ -308,7 +307,7 @@ def test_smollm2_config_and_tokens_match_transformers(our_smollm2, hf_smollm2):
     assert model.cfg.tie_embeddings and model.cfg.rope_base == 100000.0
     assert tokenizer.eos_id == 2 and not tokenizer.special.add_bos_token
     assert tokenizer.chat_template == hf_tokenizer.chat_template
-    assert json.loads((directory / GENERATION_CONFIG_FILE).read_text())["eos_token_id"] == 2
+    assert json.loads((directory / GENERATION_CONFIG).read_text())["eos_token_id"] == 2
     for text in TEXTS:
         assert tokenizer.encode(text) == hf_tokenizer(text, add_special_tokens=False)["input_ids"]
 

@@ -91,12 +91,16 @@ def perplexity(logits_fn: Callable[[torch.Tensor], torch.Tensor], ids: list[int]
     return math.exp(nll / count), count
 
 
+LOGITS_BYTES = 512 * 2**20
+
+
 def evaluate_perplexity(model: Decoder, tokenizer: Tokenizer, text: str,
                         window: int | None = None, stride: int | None = None,
                         batch_size: int = 8, progress: bool = False) -> EvalResult:
     """Perplexity, bits per byte and mean NLL per token of `text`, every token scored once;
     window defaults to the model's context length (at most PERPLEXITY_WINDOW tokens, which
-    bounds the memory of a window's logits), stride to window - 1."""
+    bounds the memory of a window's logits), stride to window - 1; up to `batch_size` windows
+    go through the model at once, fewer when their logits would pass LOGITS_BYTES."""
     context = model.cfg.context_length
     window = window or min(context, PERPLEXITY_WINDOW)
     if not 2 <= window <= context:
@@ -113,7 +117,10 @@ def evaluate_perplexity(model: Decoder, tokenizer: Tokenizer, text: str,
         ids = [prefix, *ids]
     else:
         scored_bytes -= len(tokenizer.decode(ids[:1]).encode("utf-8"))
-    nll, count = token_nll(model, ids, window, stride, batch_size, progress)
+    # A batch's logits are rows x window x vocabulary floats: cap the rows so they stay within
+    # LOGITS_BYTES whatever the vocabulary (SmolLM2's 49k tokens: 200 MB a 1024-token row).
+    rows = max(1, min(batch_size, LOGITS_BYTES // (4 * window * model.cfg.vocab_size)))
+    nll, count = token_nll(model, ids, window, stride, rows, progress)
     return EvalResult(
         task="perplexity",
         metrics={"perplexity": math.exp(nll / count),
