@@ -31,10 +31,25 @@ def cmd_train(args: argparse.Namespace) -> None:
     recipe, overrides = args.recipe, list(args.overrides)
     if recipe and "=" in recipe:  # no recipe file, only overrides
         recipe, overrides = None, [recipe, *overrides]
-    result = _train(load_recipe(recipe, overrides), resume=args.resume)
+    cfg = load_recipe(recipe, overrides)
+    result = _train(cfg, resume=args.resume)
     if result.final_metrics:
         print(", ".join(f"{k} {v:.4f}" for k, v in result.final_metrics.items()))
     print(f"checkpoint: {result.checkpoint}")
+    print(f"next: {_next_command(cfg.task, result.run_dir)}")
+
+
+# The command that puts what a run made to use, by task.
+_NEXT_COMMANDS = {
+    "lm": "lmforge generate {run} --max-new-tokens 200",
+    "sft": "lmforge chat {run}",
+    "classify": "lmforge predict {run}",
+    "seq2seq": "lmforge translate {run} --text 'a sentence to translate'",
+}
+
+
+def _next_command(task: str, run_dir) -> str:
+    return _NEXT_COMMANDS[task].format(run=run_dir)
 
 
 def _train(cfg, resume: bool):
@@ -64,7 +79,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         print(shown)
     print(f"checkpoint: {result.checkpoint}")
     kind = "adapter" if cfg.lora_rank else "model"
-    print(f"next: lmforge {'predict' if cfg.task == 'classify' else 'chat'} {result.run_dir}"
+    print(f"next: {_next_command(cfg.task, result.run_dir)}"
           + (f"   (or fold the {kind} in: lmforge merge {result.run_dir} --out DIR)"
              if cfg.lora_rank else ""))
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import ConfigError
+from lmforge.files import read_json_object
 
 
 @dataclass
@@ -40,10 +41,13 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.d_mlp is None:
             self.d_mlp = 4 * self.d_model
+        _check_positive(self, ("n_layer", "n_head", "n_kv_head", "d_model", "d_mlp", "vocab_size",
+                               "context_length"))
         _check_choice("positions", self.positions, ("learned", "rope"))
         _check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
         _check_choice("mlp", self.mlp, ("gelu", "swiglu", "relu2", "relu"))
@@ -73,7 +77,7 @@ class ModelConfig:
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no model config at {path}: expected a config.json")
-        return from_dict(cls, json.loads(path.read_text()), where=str(path))
+        return from_dict(cls, read_json_object(path), where=str(path))
 
 
 def load_config(path: str | Path) -> ModelConfig | Seq2SeqConfig:
@@ -81,7 +85,7 @@ def load_config(path: str | Path) -> ModelConfig | Seq2SeqConfig:
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
-    values = json.loads(path.read_text()) if path.is_file() else {}
+    values = read_json_object(path) if path.is_file() else {}
     if values.get("family") == "seq2seq":
         values.pop("family")
         return from_dict(Seq2SeqConfig, values, where=str(path))
@@ -91,6 +95,31 @@ def load_config(path: str | Path) -> ModelConfig | Seq2SeqConfig:
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+
+
+# What a field's annotation allows, for the plain types configs are made of.
+_PLAIN_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
+                "None": (type(None),)}
+
+
+def _check_types(config: Any) -> None:
+    """Refuse a value of the wrong type (a hand-edited config.json) before it fails deep
+    inside model construction."""
+    for f in dataclasses.fields(config):
+        value, kinds = getattr(config, f.name), [k.strip() for k in f.type.split("|")]
+        if not all(k in _PLAIN_TYPES for k in kinds):
+            continue
+        allowed = tuple(t for k in kinds for t in _PLAIN_TYPES[k])
+        # JSON's true is a Python int too, but no count of layers.
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise ConfigError(f"{f.name}={value!r} is a {type(value).__name__}; it must be "
+                              f"{' or '.join(kinds)}")
+
+
+def _check_positive(config: Any, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if getattr(config, key) < 1:
+            raise ConfigError(f"{key}={getattr(config, key)} must be at least 1")
 
 
 def closest_hint(key: str, valid: list[str]) -> str:
@@ -107,7 +136,10 @@ def from_dict(cls: type, values: dict[str, Any], where: str = "config") -> Any:
                 f"unknown key {key!r} in {where}: {closest_hint(key, valid)}"
                 f"valid keys are: {', '.join(valid)}"
             )
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigError as err:
+        raise ConfigError(f"{err} (in {where})") from None
 
 
 # Named shapes. The quickstart preset is small enough to learn something in minutes on 2 cores.
@@ -182,6 +214,8 @@ class Seq2SeqConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        _check_types(self)
+        _check_positive(self, ("n_encoder_layer", "n_decoder_layer"))
         _check_choice("positions", self.positions, ("sinusoidal", "learned", "rope"))
         self.block_config()  # the shared layers check the rest
 

@@ -14,10 +14,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from lmforge.config import Seq2SeqConfig, load_config
 from lmforge.errors import CheckpointMismatch, ConfigError
+from lmforge.files import load_safetensors, save_safetensors
 from lmforge.finetune.lora import ADAPTER_CONFIG, load_adapter, read_adapter_config
 from lmforge.models.decoder import Decoder
 from lmforge.models.seq2seq import Seq2Seq
@@ -26,6 +26,7 @@ from lmforge.tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
 CHECKPOINTS = "checkpoints"
+CHECKPOINT_DONE = "trainer.json"  # written last: a directory without it is no checkpoint
 
 
 def save_model(directory: str | Path, model: Decoder, tokenizer: Tokenizer | None) -> Path:
@@ -36,7 +37,7 @@ def save_model(directory: str | Path, model: Decoder, tokenizer: Tokenizer | Non
     if model.cfg.tie_embeddings:
         # The output projection is the embedding; storing it twice is what safetensors forbids.
         state.pop("lm_head.weight")
-    save_file(state, directory / WEIGHTS, metadata={"format": "pt"})
+    save_safetensors(state, directory / WEIGHTS, metadata={"format": "pt"})
     spec = quantization_of(model)
     if spec is not None:
         spec.save(directory)
@@ -53,11 +54,13 @@ def directory_bytes(directory: str | Path) -> int:
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary directories are ignored)."""
+    """Complete checkpoints of a run, oldest first (temporary and half-written or
+    half-deleted directories are ignored; see `lmforge.train.checkpoint`)."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.name.startswith("step_") and p.is_dir())
+    return sorted(p for p in root.iterdir()
+                  if p.name.startswith("step_") and (p / CHECKPOINT_DONE).is_file())
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -80,7 +83,7 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 def load_weights(model: Decoder, weights_file: str | Path, assign: bool = False) -> None:
     """Load safetensors weights into `model` (see `load_state`)."""
-    load_state(model, load_file(str(weights_file)), str(weights_file), assign)
+    load_state(model, load_safetensors(weights_file), str(weights_file), assign)
 
 
 def load_state(model: Decoder, state: dict[str, torch.Tensor], where: str,

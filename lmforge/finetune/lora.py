@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmforge.errors import CheckpointMismatch, ConfigError
+from lmforge.files import load_safetensors, save_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -161,8 +161,8 @@ def save_adapter(directory: str | Path, model: nn.Module, cfg: LoraConfig, base:
         tensors[_PEFT_PREFIX + peft_name(layer) + ".lora_" + rest] = value
     for key, value in (extra or {}).items():
         tensors[_PEFT_PREFIX + key] = value
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-              str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                     directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     modules_to_save = sorted({k.rpartition(".")[0] for k in extra}) if extra else None
     config = {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base,
@@ -208,7 +208,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, torch.Ten
     peft_name = _peft_names(model)
     ours = {_PEFT_PREFIX + prefix: name for name in lora_layers(model)
             for prefix in (name, peft_name(name))}
-    state = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
+    state = load_safetensors(Path(directory) / ADAPTER_WEIGHTS)
     adapters, extra = {}, {}
     for key, value in state.items():
         layer, sep, rest = key.partition(".lora_")
