@@ -295,7 +295,7 @@ def test_a_full_disk_while_checkpointing_is_one_clear_error(word_corpus, tmp_pat
     assert [p.name for p in checkpoint_dirs(run)] == ["step_0000002", "step_0000004"]
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o027])
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask 022", "umask 027"])
 def test_weights_get_the_permissions_of_the_other_files(tmp_path, umask):
     model = Decoder(ModelConfig(n_layer=1, n_head=2, d_model=16, vocab_size=8, context_length=8))
     previous = os.umask(umask)
@@ -330,16 +330,20 @@ def damage(directory: Path, how: str) -> None:
         (directory / "config.json").write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("how, message", [
-    ("truncated weights", r"model.safetensors is not a readable safetensors file"),
-    ("cut-short tokenizer", r"tokenizer.json is not a valid tokenizer.json"),
-    ("config not JSON", r"config.json is not valid JSON \(.* at line 1, column 15\)"),
-    ("config not an object", r"config.json holds a JSON list"),
-    ("zero heads", r"n_head=0 must be at least 1 \(in .*config.json\)"),
-    ("layers as text", r"n_layer='two' is a str; it must be int"),
-])
-def test_a_damaged_model_file_is_named_in_one_line(tmp_path, capsys, how, message):
+# How a model file gets damaged, and what the one-line error says.
+DAMAGE_MESSAGES = {
+    "truncated weights": r"model.safetensors is not a readable safetensors file",
+    "cut-short tokenizer": r"tokenizer.json is not a valid tokenizer.json",
+    "config not JSON": r"config.json is not valid JSON \(.* at line 1, column 15\)",
+    "config not an object": r"config.json holds a JSON list",
+    "zero heads": r"n_head=0 must be at least 1 \(in .*config.json\)",
+    "layers as text": r"n_layer='two' is a str; it must be int",
+}
+
+
+@pytest.mark.parametrize("how", list(DAMAGE_MESSAGES))
+def test_a_damaged_model_file_is_named_in_one_line(tmp_path, capsys, how):
     directory = tiny_model_dir(tmp_path / "model")
     damage(directory, how)
-    assert re.search(message, one_line_error(capsys, "generate", str(directory),
-                                             "--max-new-tokens", "1"))
+    assert re.search(DAMAGE_MESSAGES[how], one_line_error(capsys, "generate", str(directory),
+                                                          "--max-new-tokens", "1"))

@@ -21,7 +21,8 @@ Everything streams: documents are read in pieces (large text files in blocks cut
 where cutting cannot change the ids), encoded in batches by tokenizers' thread pool on a
 background thread while the next batch is read, and appended to the ``.bin`` files. Results go to
 a temporary folder first, and ``meta.json`` lands last, so an interrupted run never leaves a
-folder that looks prepared; a re-run with the same inputs and settings returns immediately.
+folder that looks prepared; the next run into the same folder removes a killed run's temporary
+folder. A re-run with the same inputs and settings returns immediately.
 """
 
 from __future__ import annotations
