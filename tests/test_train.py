@@ -347,3 +347,21 @@ def test_a_damaged_model_file_is_named_in_one_line(tmp_path, capsys, how):
     damage(directory, how)
     assert re.search(DAMAGE_MESSAGES[how], one_line_error(capsys, "generate", str(directory),
                                                           "--max-new-tokens", "1"))
+
+
+def test_too_little_text_to_train_on_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "short.txt").write_text("a short text, far too short.\n")
+    message = one_line_error(capsys, "train", f"data={tmp_path / 'short.txt'}", "tokenizer=char",
+                             f"out_dir={tmp_path / 'run'}", "progress=false")
+    assert "too few for windows of 64 + 1: use a shorter context_length or more text" in message
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bad.yaml"], r"bad.yaml is not valid YAML \(.* at line 2, column 10\)"),
+    (["lr=[1"], r"override 'lr=\[1' is not valid YAML"),
+], ids=["recipe", "override"])
+def test_a_recipe_that_is_not_yaml_is_a_one_line_error(tmp_path, capsys, monkeypatch, args,
+                                                       message):
+    (tmp_path / "bad.yaml").write_text("lr: [1, 2\nmax_steps: 3\n")
+    monkeypatch.chdir(tmp_path)
+    assert re.search(message, one_line_error(capsys, "train", *args))
