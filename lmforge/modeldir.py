@@ -10,14 +10,13 @@ directory, a run directory (whose latest checkpoint is used) or a LoRA adapter d
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import torch
 
 from lmforge.config import Seq2SeqConfig, load_config
 from lmforge.errors import CheckpointMismatch, ConfigError
-from lmforge.files import load_safetensors, save_safetensors
+from lmforge.files import load_safetensors, read_json_object, save_safetensors
 from lmforge.finetune.lora import ADAPTER_CONFIG, load_adapter, read_adapter_config
 from lmforge.models.decoder import Decoder
 from lmforge.models.seq2seq import Seq2Seq
@@ -140,7 +139,7 @@ def stop_token_ids(directory: str | Path, tokenizer: Tokenizer | None) -> tuple[
         ids.update(i for i in (tokenizer.eos_id, tokenizer.token_id("<|im_end|>")) if i is not None)
     config = resolve_model_dir(directory) / "generation_config.json"
     if config.is_file():
-        eos = json.loads(config.read_text()).get("eos_token_id")
+        eos = read_json_object(config).get("eos_token_id")
         ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
     return tuple(sorted(ids))
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import CheckpointMismatch, ConfigError
-from lmforge.files import load_safetensors, save_safetensors
+from lmforge.files import load_safetensors, read_json_object, save_safetensors
 from lmforge.finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lmforge.finetune.task import FinetuneTask, pad_rows, read_jsonl, split_examples
 from lmforge.models.decoder import Decoder
@@ -197,7 +197,7 @@ def read_head(directory: str | Path) -> tuple[list[str], torch.Tensor]:
     if not config.is_file():
         raise FileNotFoundError(f"{directory} is not a classifier (no {CLASSIFIER_CONFIG}): "
                                 "train one with `lmforge finetune MODEL --task classify`")
-    labels = json.loads(config.read_text())["labels"]
+    labels = read_json_object(config)["labels"]
     if (directory / ADAPTER_CONFIG).is_file():
         weight = load_safetensors(directory / ADAPTER_WEIGHTS)["base_model.model.score.weight"]
     else:

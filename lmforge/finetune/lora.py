@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import CheckpointMismatch, ConfigError
-from lmforge.files import load_safetensors, save_safetensors
+from lmforge.files import load_safetensors, read_json_object, save_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -183,7 +183,7 @@ def read_adapter_config(directory: str | Path) -> tuple[LoraConfig, dict]:
     path = Path(directory) / ADAPTER_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not an adapter directory (no {ADAPTER_CONFIG})")
-    raw = json.loads(path.read_text())
+    raw = read_json_object(path)
     if raw.get("peft_type", "LORA") != "LORA":
         raise CheckpointMismatch(f"{path} is a {raw['peft_type']} adapter; lmforge loads LoRA")
     if raw.get("use_dora") or raw.get("use_rslora") or raw.get("rank_pattern") or raw.get("alpha_pattern"):

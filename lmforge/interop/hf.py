@@ -27,7 +27,7 @@ from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import CheckpointMismatch, ConfigError, UnsupportedModel
-from lmforge.files import load_safetensors, save_safetensors
+from lmforge.files import load_safetensors, read_json_object, save_safetensors
 from lmforge.modeldir import WEIGHTS, load_model, load_state, resolve_model_dir, save_model
 from lmforge.models.decoder import Decoder
 from lmforge.quant import require_float
@@ -286,7 +286,7 @@ def _read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
     if (src / WEIGHTS).is_file():
         return load_safetensors(src / WEIGHTS)
     if (src / SAFETENSORS_INDEX).is_file():
-        weight_map = json.loads((src / SAFETENSORS_INDEX).read_text())["weight_map"]
+        weight_map = read_json_object(src / SAFETENSORS_INDEX)["weight_map"]
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (src / s).is_file()]
         if missing:
@@ -387,7 +387,7 @@ def _llama_state(model: Decoder) -> dict[str, torch.Tensor]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _special_tokens(src: Path, backend_spec: dict[str, Any]) -> SpecialTokens:
@@ -443,7 +443,7 @@ def import_hf(src_dir: str | Path, out_dir: str | Path) -> Path:
     if out.resolve() == src.resolve():
         raise ConfigError(f"import_hf would overwrite {src} with its own conversion; pass "
                           "another output directory")
-    hf = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    hf = read_json_object(src / "config.json")
     cfg = config_from_hf(hf)
     tokenizer = _read_tokenizer(src)
     hf_state = _read_hf_weights(src)
