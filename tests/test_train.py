@@ -85,6 +85,10 @@ def test_bad_config_key_suggests_the_closest(tmp_path):
         load_recipe(None, ["lrr=0.1"])
     with pytest.raises(ConfigError, match="did you mean 'n_head'"):
         load_recipe(None, ["model.n_heads=2"])
+    # YAML reads 1e-6 as text; the model's float fields take it as the number it is.
+    assert load_recipe(None, ["model.norm_eps=1e-6"]).model_config().norm_eps == 1e-6
+    with pytest.raises(ConfigError, match="n_layer='two' is a str; it must be int"):
+        load_recipe(None, ["model.n_layer=two"]).model_config()
     bad = tmp_path / "bad.yaml"
     bad.write_text("max_step: 10\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml.*did you mean 'max_steps'"):

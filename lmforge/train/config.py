@@ -139,7 +139,8 @@ _SCIENTIFIC = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
 
 def _numbers(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: float(v) if isinstance(v, str) and _SCIENTIFIC.fullmatch(v) else v
+    return {k: _numbers(v) if isinstance(v, dict)
+            else float(v) if isinstance(v, str) and _SCIENTIFIC.fullmatch(v) else v
             for k, v in values.items()}
 
 
