@@ -299,6 +299,16 @@ def test_a_full_disk_while_checkpointing_is_one_clear_error(word_corpus, tmp_pat
     assert [p.name for p in checkpoint_dirs(run)] == ["step_0000002", "step_0000004"]
 
 
+def test_a_damaged_optimizer_state_is_named(word_corpus, tmp_path):
+    run = tmp_path / "run"
+    Trainer(recipe(word_corpus, run, max_steps=4, halt_at=2)).fit()
+    state = run / "checkpoints" / "step_0000002" / "optimizer.pt"
+    state.write_bytes(state.read_bytes()[:500])
+    with pytest.raises(CorruptFile, match=r"step_0000002/optimizer.pt is damaged .*move its "
+                                          r"checkpoint directory away"):
+        Trainer(recipe(word_corpus, run, max_steps=4), resume=True)
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask 022", "umask 027"])
 def test_weights_get_the_permissions_of_the_other_files(tmp_path, umask):
     model = Decoder(ModelConfig(n_layer=1, n_head=2, d_model=16, vocab_size=8, context_length=8))

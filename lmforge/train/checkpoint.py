@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 
+from lmforge.errors import CorruptFile
 from lmforge.files import disk_full_reported, read_json_object
 from lmforge.modeldir import CHECKPOINT_DONE, CHECKPOINTS, checkpoint_dirs
 
@@ -86,8 +88,8 @@ def load_checkpoint(directory: str | Path, read_model: Callable[[Path], None],
     directory = Path(directory)
     read_model(directory)
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
-        set_rng_state(torch.load(directory / "rng.pt", weights_only=True))
+        optimizer.load_state_dict(_load_torch(directory / "optimizer.pt"))
+        set_rng_state(_load_torch(directory / "rng.pt"))
     return read_json_object(directory / CHECKPOINT_DONE)
 
 
@@ -108,6 +110,14 @@ def _save_torch(obj: Any, path: Path) -> None:
     # Through a Python file: given a path, torch reports a full disk only as "unexpected pos".
     with open(path, "wb") as f:
         torch.save(obj, f)
+
+
+def _load_torch(path: Path) -> Any:
+    try:
+        return torch.load(path, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise CorruptFile(f"{path} is damaged ({err}); move its checkpoint directory away to "
+                          "resume from the one before, or start the run over") from err
 
 
 def _write_last(path: Path, text: str) -> None:
