@@ -244,6 +244,7 @@ def _check_config(cfg: PrepareConfig) -> None:
 
 
 def _check_readable(path: Path) -> None:
+    """Name an input this user may not read now, before minutes of hashing and tokenizing."""
     try:
         with open(path, "rb"):
             pass
