@@ -45,10 +45,20 @@ def cmd_train(args: argparse.Namespace) -> None:
     if result.final_metrics:
         print(", ".join(f"{k} {v:.4f}" for k, v in result.final_metrics.items()))
     print(f"checkpoint: {result.checkpoint}")
-    if cfg.task == "seq2seq":
-        print(f"next: lmforge translate {result.run_dir} --text 'A sentence to translate.'")
-    else:
-        print(f"next: lmforge generate {result.run_dir} --prompt '...'")
+    print(f"next: {_next_command(cfg.task, result.run_dir)}")
+
+
+# The command that puts what a run made to use, by task.
+_NEXT_COMMANDS = {
+    "lm": "lmforge generate {run} --max-new-tokens 200",
+    "sft": "lmforge chat {run}",
+    "classify": "lmforge predict {run}",
+    "seq2seq": "lmforge translate {run} --text 'a sentence to translate'",
+}
+
+
+def _next_command(task: str, run_dir) -> str:
+    return _NEXT_COMMANDS[task].format(run=run_dir)
 
 
 def _train(cfg, resume: bool):
@@ -78,7 +88,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         print(shown)
     print(f"checkpoint: {result.checkpoint}")
     kind = "adapter" if cfg.lora_rank else "model"
-    print(f"next: lmforge {'predict' if cfg.task == 'classify' else 'chat'} {result.run_dir}"
+    print(f"next: {_next_command(cfg.task, result.run_dir)}"
           + (f"   (or fold the {kind} in: lmforge merge {result.run_dir} --out DIR)"
              if cfg.lora_rank else ""))
 
@@ -733,12 +743,16 @@ def main(argv: list[str] | None = None) -> int:
     if misspelt:
         sys.stderr.write(misspelt)
         return 2
-    args, extra = parser.parse_known_args(argv)
-    # key=value overrides may come after options too (argparse only takes them before).
-    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-        args.overrides = [*args.overrides, *extra]
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:  # argparse exits on --help and on a bad argument: here that is a return code
+        args, extra = parser.parse_known_args(argv)
+        # key=value overrides may come after options too (argparse only takes them before).
+        if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-")
+                                                        for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as stopped:
+        return stopped.code
     try:
         args.func(args)
     except (LmforgeError, FileNotFoundError, FileExistsError) as err:

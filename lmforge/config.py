@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import ConfigError
+from lmforge.files import read_json_object
 
 
 @dataclass
@@ -41,10 +42,13 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.d_mlp is None:
             self.d_mlp = 4 * self.d_model
+        _check_positive(self, ("n_layer", "n_head", "n_kv_head", "d_model", "d_mlp", "vocab_size",
+                               "context_length"))
         _check_choice("positions", self.positions, ("learned", "rope"))
         _check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
         _check_choice("mlp", self.mlp, ("gelu", "swiglu", "relu2", "relu"))
@@ -74,7 +78,7 @@ class ModelConfig:
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no model config at {path}: expected a config.json")
-        return from_dict(cls, json.loads(path.read_text()), where=str(path))
+        return from_dict(cls, read_json_object(path), where=str(path))
 
 
 def load_config(path: str | Path) -> ModelConfig | Seq2SeqConfig:
@@ -82,7 +86,7 @@ def load_config(path: str | Path) -> ModelConfig | Seq2SeqConfig:
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
-    values = json.loads(path.read_text()) if path.is_file() else {}
+    values = read_json_object(path) if path.is_file() else {}
     if values.get("family") == "seq2seq":
         values.pop("family")
         return from_dict(Seq2SeqConfig, values, where=str(path))
@@ -94,6 +98,38 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
 
 
+# What a field's annotation allows, for the plain types configs are made of, and how a
+# message names it.
+_PLAIN_TYPES = {"int": ((int,), "a whole number"), "float": ((int, float), "a number"),
+                "str": ((str,), "text"), "bool": ((bool,), "true or false"),
+                "None": ((type(None),), "null")}
+
+
+def _kinds(field: dataclasses.Field) -> list[str]:
+    return [k.strip() for k in str(field.type).split("|")]
+
+
+def check_types(config: Any) -> None:
+    """Refuse a value of the wrong type (a hand-edited config.json, a recipe's typo) before
+    it fails deep inside model construction or hours into training. Fields of other types
+    (lists, mappings) are left to their users."""
+    for f in dataclasses.fields(config):
+        value, kinds = getattr(config, f.name), _kinds(f)
+        if not all(k in _PLAIN_TYPES for k in kinds):
+            continue
+        allowed = tuple(t for k in kinds for t in _PLAIN_TYPES[k][0])
+        # JSON's true is a Python int too, but no count of layers.
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            wanted = " or ".join(_PLAIN_TYPES[k][1] for k in kinds)
+            raise ConfigError(f"{f.name}={value!r} must be {wanted}")
+
+
+def _check_positive(config: Any, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if getattr(config, key) < 1:
+            raise ConfigError(f"{key}={getattr(config, key)} must be at least 1")
+
+
 def closest_hint(key: str, valid: list[str]) -> str:
     match = difflib.get_close_matches(key, valid, n=1)
     return f"did you mean {match[0]!r}? " if match else ""
@@ -103,43 +139,23 @@ def from_dict(cls: type, values: dict[str, Any], where: str = "config") -> Any:
     """Build dataclass `cls` from `values`, failing on unknown keys (with the closest match)
     and on values of the wrong type."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    checked = {}
-    for key, value in values.items():
+    for key in values:
         if key not in fields:
             hint = closest_hint(key, list(fields))
             raise ConfigError(f"unknown key {key!r} in {where}: " + (
                 hint.rstrip() if hint else f"valid keys are: {', '.join(fields)}"))
-        expected = _TYPES.get(str(fields[key].type))
-        if expected is not None and float in expected[1] and isinstance(value, str) \
-                and _SCIENTIFIC.fullmatch(value):
-            value = float(value)
-        if expected is not None and not _is_a(value, expected):
-            raise ConfigError(f"{key}={value!r} in {where}: expected {expected[0]}")
-        checked[key] = value
-    return cls(**checked)
+    # YAML 1.1 reads 3e-4 (no dot) as a string, and that is how people write learning rates.
+    values = {k: float(v) if isinstance(v, str) and _SCIENTIFIC.fullmatch(v)
+              and "float" in _kinds(fields[k]) else v for k, v in values.items()}
+    try:
+        config = cls(**values)
+        check_types(config)
+    except ConfigError as err:
+        raise ConfigError(f"{err} (in {where})") from None
+    return config
 
 
-# YAML 1.1 reads 3e-4 (no dot) as a string, and that is how people write learning rates.
 _SCIENTIFIC = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
-
-
-# Field annotations (strings, under `from __future__ import annotations`) whose values are
-# checked: a name for messages and the Python types that are accepted.
-_TYPES: dict[str, tuple[str, tuple[type, ...]]] = {
-    "int": ("a whole number", (int,)),
-    "float": ("a number", (int, float)),
-    "bool": ("true or false", (bool,)),
-    "str": ("a string", (str,)),
-    "int | None": ("a whole number or null", (int, type(None))),
-    "float | None": ("a number or null", (int, float, type(None))),
-}
-
-
-def _is_a(value: Any, expected: tuple[str, tuple[type, ...]]) -> bool:
-    # bool is an int to Python, never to a person writing a recipe.
-    if isinstance(value, bool) and bool not in expected[1]:
-        return False
-    return isinstance(value, expected[1])
 
 
 # Named shapes. The quickstart preset is small enough to learn something in minutes on 2 cores.
@@ -214,6 +230,8 @@ class Seq2SeqConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        check_types(self)
+        _check_positive(self, ("n_encoder_layer", "n_decoder_layer"))
         _check_choice("positions", self.positions, ("sinusoidal", "learned", "rope"))
         self.block_config()  # the shared layers check the rest
 

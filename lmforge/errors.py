@@ -26,3 +26,15 @@ class UnsupportedModel(LmforgeError, ValueError):
 
 class GGUFFileError(LmforgeError, ValueError):
     """A file that is not a complete, readable GGUF file."""
+
+
+class DataError(LmforgeError, ValueError):
+    """Input data (a corpus, a dataset file) that cannot be used as it is."""
+
+
+class CorruptFile(LmforgeError, ValueError):
+    """A file that is damaged or not in the format its name promises."""
+
+
+class DiskFull(LmforgeError, OSError):
+    """The disk filled up while lmforge was writing."""

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmforge.errors import CheckpointMismatch, ConfigError
+from lmforge.files import load_safetensors, read_json_object, save_safetensors
 from lmforge.interop.hf import hf_module_names
 from lmforge.modeldir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lmforge.quant import QuantLinear
@@ -158,8 +158,8 @@ def save_adapter(directory: str | Path, model: nn.Module, cfg: LoraConfig, base:
         tensors[_PEFT_PREFIX + peft_name(layer) + ".lora_" + rest] = value
     for key, value in (extra or {}).items():
         tensors[_PEFT_PREFIX + key] = value
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-              str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                     directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     modules_to_save = sorted({k.rpartition(".")[0] for k in extra}) if extra else None
     config = {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base,
@@ -176,7 +176,7 @@ def read_adapter_config(directory: str | Path) -> tuple[LoraConfig, dict]:
     path = Path(directory) / ADAPTER_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not an adapter directory (no {ADAPTER_CONFIG})")
-    raw = json.loads(path.read_text())
+    raw = read_json_object(path)
     if raw.get("peft_type", "LORA") != "LORA":
         raise CheckpointMismatch(f"{path} is a {raw['peft_type']} adapter; lmforge loads LoRA")
     if raw.get("use_dora") or raw.get("use_rslora") or raw.get("rank_pattern") or raw.get("alpha_pattern"):
@@ -201,7 +201,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, torch.Ten
     peft_name = _peft_names(model)
     ours = {_PEFT_PREFIX + prefix: name for name in lora_layers(model)
             for prefix in (name, peft_name(name))}
-    state = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
+    state = load_safetensors(Path(directory) / ADAPTER_WEIGHTS)
     adapters, extra = {}, {}
     for key, value in state.items():
         layer, sep, rest = key.partition(".lora_")

@@ -14,17 +14,16 @@ model by any name (registry names, GGUF files, adapters) is `lmforge.open.open_m
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmforge.config import ModelConfig, Seq2SeqConfig, load_config
 from lmforge.errors import CheckpointMismatch, ConfigError
+from lmforge.files import load_safetensors, read_json_object, save_safetensors
 from lmforge.models import LanguageModel, build_model
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -39,6 +38,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SOURCE = "source.json"  # where a pulled or converted model came from
 CHECKPOINTS = "checkpoints"  # in a run directory: checkpoints/step_NNNNNNN/
+CHECKPOINT_DONE = "trainer.json"  # written last: a directory without it is no checkpoint
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def save_model(directory: str | Path, model: LanguageModel, tokenizer: Tokenizer
     if model.cfg.tie_embeddings:
         # The output projection is the embedding; storing it twice is what safetensors forbids.
         state.pop("lm_head.weight")
-    save_file(state, directory / WEIGHTS, metadata={"format": "pt"})
+    save_safetensors(state, directory / WEIGHTS, metadata={"format": "pt"})
     for hook in _HOOKS.values():
         if hook.on_save is not None:
             hook.on_save(model, directory)
@@ -94,11 +94,13 @@ def directory_bytes(directory: str | Path) -> int:
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary directories are ignored)."""
+    """Complete checkpoints of a run, oldest first (temporary and half-written or
+    half-deleted directories are ignored; see `lmforge.train.checkpoint`)."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.name.startswith("step_") and p.is_dir())
+    return sorted(p for p in root.iterdir()
+                  if p.name.startswith("step_") and (p / CHECKPOINT_DONE).is_file())
 
 
 def is_model_dir(path: str | Path) -> bool:
@@ -141,12 +143,12 @@ def read_tokenizer(directory: str | Path) -> Tokenizer | None:
 
 def read_generation_config(directory: str | Path) -> dict:
     path = Path(directory) / GENERATION_CONFIG
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json_object(path) if path.is_file() else {}
 
 
 def load_weights(model: LanguageModel, weights_file: str | Path, assign: bool = False) -> None:
     """Load safetensors weights into `model` (see `load_state`)."""
-    load_state(model, load_file(str(weights_file)), str(weights_file), assign)
+    load_state(model, load_safetensors(weights_file), str(weights_file), assign)
 
 
 def load_state(model: LanguageModel, state: dict[str, torch.Tensor], where: str,

@@ -30,6 +30,7 @@ from torch import nn
 
 from lmforge.config import from_dict
 from lmforge.errors import LmforgeError, UnsupportedModel
+from lmforge.files import read_json_object
 from lmforge.modeldir import (
     GENERATION_CONFIG,
     QUANTIZATION,
@@ -109,7 +110,7 @@ class QuantSpec:
         path = Path(directory) / QUANTIZATION
         if not path.is_file():
             return None
-        return from_dict(cls, json.loads(path.read_text()), where=str(path))
+        return from_dict(cls, read_json_object(path), where=str(path))
 
 
 # ------------------------------------------------------------------- plain layouts

@@ -23,6 +23,9 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from lmforge.errors import ConfigError, CorruptFile, DataError
+from lmforge.files import read_json_object
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
 EOS_TOKEN = SPECIAL_TOKENS[0]
 PAD_TOKEN = SPECIAL_TOKENS[1]
@@ -138,7 +141,7 @@ def _check_alphabet(text: str, alphabet: frozenset[str]) -> None:
     unknown = set(text) - alphabet
     if unknown:
         char = min(unknown)
-        raise ValueError(
+        raise DataError(
             f"character {char!r} (U+{ord(char):04X}) is not in the char tokenizer's "
             f"vocabulary ({len(unknown)} unknown characters in total); build it with "
             "train_char(..., byte_fallback=True) so any text can be encoded, or train it "
@@ -296,10 +299,10 @@ class Tokenizer:
         try:
             backend = tokenizers.Tokenizer.from_file(str(file))
         except Exception as err:  # tokenizers raises a bare Exception for malformed files
-            raise ValueError(f"{file} is not a valid tokenizer.json: {err}") from err
+            raise CorruptFile(f"{file} is not a valid tokenizer.json ({err}): it is damaged or "
+                              "was cut short; save or download it again") from err
         config = file.parent / TOKENIZER_CONFIG_FILE
-        special = (SpecialTokens.from_json(json.loads(config.read_text(encoding="utf-8")))
-                   if config.is_file() else None)
+        special = SpecialTokens.from_json(read_json_object(config)) if config.is_file() else None
         return cls(backend, special)
 
     def __repr__(self) -> str:
@@ -314,7 +317,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
     """
     minimum = len(SPECIAL_TOKENS) + _N_BYTES
     if vocab_size < minimum:
-        raise ValueError(
+        raise ConfigError(
             f"vocab_size={vocab_size} is too small for byte-level BPE: it needs at least "
             f"{minimum} ({len(SPECIAL_TOKENS)} special tokens + {_N_BYTES} bytes)"
         )
@@ -342,7 +345,7 @@ def train_char(text: str, byte_fallback: bool = True) -> Tokenizer:
     """
     chars = sorted(set(text))
     if not chars:
-        raise ValueError("cannot build a char tokenizer from empty text: pass the corpus text")
+        raise DataError("cannot build a char tokenizer from empty text: pass the corpus text")
     vocab = {c: i for i, c in enumerate(chars)}
     if byte_fallback:
         for b in range(_N_BYTES):

@@ -37,9 +37,7 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 @pytest.mark.parametrize("argv", BAD_VALUES, ids=lambda argv: " ".join(argv[2:]))
 def test_a_bad_value_is_a_one_line_error_before_any_work(argv, capsys):
-    with pytest.raises(SystemExit) as stopped:
-        main(argv)
-    assert stopped.value.code == 2
+    assert main(argv) == 2
     out, err = capsys.readouterr()
     assert out == ""  # no prompt echoed, nothing loaded
     assert err.count("\n") == 1, err
@@ -63,7 +61,7 @@ def test_a_misspelt_key_names_the_close_match_without_listing_every_key(capsys):
 
 def test_a_value_of_the_wrong_type_is_refused_at_once(capsys):
     assert main(["train", "max_steps=many"]) == 2
-    assert "max_steps='many' in overrides: expected a whole number" in capsys.readouterr().err
+    assert "max_steps='many' must be a whole number (in overrides)" in capsys.readouterr().err
 
 
 def test_quickstart_checks_its_overrides_before_fetching_the_corpus(tmp_path, monkeypatch,

@@ -28,6 +28,7 @@ def test_model_and_run_directories_resolve_to_themselves(models, tmp_path):
     assert hub.resolve_model(model_dir) == model_dir
     run_ckpt = save_model(tmp_path / "run" / "checkpoints" / "step_0000005",
                           Decoder(ModelConfig(n_layer=1, d_model=16)), None)
+    (run_ckpt / "trainer.json").write_text("{}")  # what makes a checkpoint complete
     assert hub.resolve_model(tmp_path / "run") == run_ckpt
 
 

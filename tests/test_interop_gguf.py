@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import struct
 import time
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from lmforge.models.decoder import Decoder
 from lmforge.open import open_model
 from lmforge.tokenizer import SpecialTokens, Tokenizer, train_bpe
 
+from .cli_errors import one_line_error
 from .smollm2 import smollm2_gguf
 
 CHAT_TEMPLATE = (
@@ -262,6 +265,96 @@ def test_export_refuses_models_llama_cannot_describe(tmp_path, tiny_tokenizer):
     assert not list(tmp_path.glob("gpt.gguf*"))
     with pytest.raises(ValueError, match="dtype='q4_0'"):
         export_gguf(source, tmp_path / "gpt.gguf", dtype="q4_0")
+
+
+# --------------------------------------------------------------------------- hostile files
+
+U8, STRING, ARRAY = 0, 8, 9
+
+
+def header(*pairs: bytes, n_tensors: int = 0, n_kv: int | None = None, tail: bytes = b"") -> bytes:
+    """A GGUF v3 header written by hand: packed key/value `pairs`, then `tail`."""
+    n_kv = len(pairs) if n_kv is None else n_kv
+    return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + b"".join(pairs) + tail
+
+
+def pair(key: str, kind: int, value: bytes) -> bytes:
+    return struct.pack("<Q", len(key)) + key.encode() + struct.pack("<I", kind) + value
+
+
+HOSTILE_HEADERS = {
+    "2^40 bytes": (header(pair("general.x", ARRAY, struct.pack("<IQ", U8, 1 << 40))),
+                   r"an array of 1,099,511,627,776 items"),
+    "2^40 strings": (header(pair("general.x", ARRAY, struct.pack("<IQ", STRING, 1 << 40))),
+                     r"an array of 1,099,511,627,776 items"),
+    "a 2^62-byte string": (header(pair("general.x", STRING, struct.pack("<Q", 1 << 62))),
+                           r"a string in metadata 'general.x'"),
+    "a 2^62-byte key": (header(struct.pack("<Q", 1 << 62) + bytes(64)), r"a metadata key of"),
+    "arrays nested 100,000 deep": (
+        header(pair("general.x", ARRAY, struct.pack("<IQ", ARRAY, 1) * 100_000)),
+        r"nests arrays more than 4 deep"),
+    "2^60 keys": (header(n_kv=1 << 60), r"1,152,921,504,606,846,976 metadata keys"),
+    "2^60 tensors": (header(n_tensors=1 << 60), r"1,152,921,504,606,846,976 tensors"),
+    "a 2^31-dimension tensor": (header(n_tensors=1, tail=struct.pack("<Q", 1) + b"x"
+                                       + struct.pack("<I", 1 << 31) + bytes(64)),
+                                r"tensor 'x' has 2,147,483,648 dimensions"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_HEADERS))
+def test_a_hostile_header_is_refused_before_anything_is_sized_from_it(tmp_path, case):
+    data, message = HOSTILE_HEADERS[case]
+    path = tmp_path / "hostile.gguf"
+    path.write_bytes(data)
+    start = time.perf_counter()
+    with pytest.raises(GGUFFileError, match=rf"hostile.gguf is damaged.*{message}"):
+        read_gguf(path)
+    assert time.perf_counter() - start < 2
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory, tiny_tokenizer) -> Path:
+    root = tmp_path_factory.mktemp("tiny-gguf")
+    return export_gguf(tiny_model_dir(root / "model", tiny_tokenizer), root / "tiny.gguf")
+
+
+def with_metadata(source: Path, path: Path, **values: int) -> Path:
+    """A copy of `source` with some llama.* numbers overwritten in place."""
+    shutil.copyfile(source, path)
+    reader = gguf.GGUFReader(path, "r+")
+    for key, value in values.items():
+        field = reader.fields[f"llama.{key}"]
+        field.parts[field.data[0]][0] = value
+    reader.data.flush()
+    return path
+
+
+@pytest.mark.parametrize("values, error, message", [
+    ({"block_count": 2**31 - 1}, UnsupportedModel,
+     r"block_count is 2,147,483,647, and it holds tensors of 2 blocks"),
+    ({"context_length": 2**31 - 1}, UnsupportedModel,
+     r"context_length=2,147,483,647; lmforge reads models of up to 1,048,576 positions"),
+    ({"attention.head_count": 0}, GGUFFileError,
+     r"llama.attention.head_count is 0, where a positive whole number belongs"),
+    ({"attention.head_count": 3}, GGUFFileError,
+     r"embedding_length 64 is not a multiple of head_count 3"),
+    ({"feed_forward_length": 0}, GGUFFileError, r"llama.feed_forward_length is 0"),
+], ids=["block_count 2^31-1", "context_length 2^31-1", "head_count 0", "head_count 3",
+        "feed_forward_length 0"])
+def test_hyperparameters_are_checked_before_anything_is_built(tmp_path, tiny_gguf, values,
+                                                              error, message):
+    path = with_metadata(tiny_gguf, tmp_path / "hostile.gguf", **values)
+    start = time.perf_counter()
+    with pytest.raises(error, match=rf"hostile.gguf .*{message}"):
+        import_gguf(path, tmp_path / "imported")
+    assert time.perf_counter() - start < 10
+    assert not (tmp_path / "imported").exists()
+
+
+def test_a_hostile_file_is_a_one_line_cli_error(tmp_path, capsys):
+    path = tmp_path / "hostile.gguf"
+    path.write_bytes(HOSTILE_HEADERS["2^40 strings"][0])
+    assert "is damaged or truncated" in one_line_error(capsys, "info", str(path))
 
 
 # --------------------------------------------------------------------------- SmolLM2 parity

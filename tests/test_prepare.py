@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +23,7 @@ from lmforge.data.prepare import (
 )
 from lmforge.tokenizer import Tokenizer, train_bpe
 
+from .cli_errors import one_line_error
 from .conftest import SHAKESPEARE
 
 DOCS = [
@@ -304,3 +309,77 @@ def test_output_folder_gets_normal_permissions(tmp_path: Path, bpe_file: Path) -
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+# What goes wrong in a prepare run, the files that make it go wrong, the arguments (relative to
+# those files) and what the one-line error says.
+PREPARE_ERRORS = {
+    "not UTF-8": ({"a.txt": b"caf\xe9\n"}, ["a.txt"], r"a.txt is not UTF-8 text"),
+    "bad JSON line": ({"a.jsonl": b'{"text": "ok"}\n{"text": \n'}, ["a.jsonl"],
+                      r"a.jsonl:2: not a JSON line"),
+    "damaged parquet": ({"a.parquet": b"PAR1 not really"}, ["a.parquet"],
+                        r"a.parquet is not a readable parquet file"),
+    "empty corpus": ({"a.txt": b""}, ["a.txt"], r"the corpus is empty"),
+    "damaged tokenizer": ({"a.txt": b"text\n", "tok.json": b'{"model": '},
+                          ["a.txt", "--tokenizer", "tok.json"],
+                          r"tok.json is not a valid tokenizer.json"),
+    "vocab too small": ({"a.txt": b"text\n"}, ["a.txt", "--vocab-size", "10"],
+                        r"vocab_size=10 is too small"),
+    "bad val fraction": ({"a.txt": b"text\n"}, ["a.txt", "--val-fraction", "1.5"],
+                         r"--val-fraction: must be in \[0, 1\), got 1.5"),
+    "out is a file": ({"a.txt": b"text\n", "out": b""}, ["a.txt"], r"out_dir out is a file"),
+}
+
+
+@pytest.mark.parametrize("case", list(PREPARE_ERRORS))
+def test_prepare_errors_are_one_line_messages(tmp_path: Path, capsys, monkeypatch, case) -> None:
+    files, args, message = PREPARE_ERRORS[case]
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    monkeypatch.chdir(tmp_path)
+    assert re.search(message, one_line_error(capsys, "prepare", *args, "--out", "out"))
+
+
+def test_an_unreadable_input_is_named(tmp_path: Path, capsys, monkeypatch) -> None:
+    (tmp_path / "secret.txt").write_text("text\n")
+    real_open = open
+
+    def no_permission(path, *args, **kwargs):  # as for a file this user may not read (root
+        if str(path).endswith("secret.txt"):  # reads every file, so chmod cannot show it)
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "open", no_permission, raising=False)
+    message = one_line_error(capsys, "prepare", str(tmp_path / "secret.txt"), "--out",
+                             str(tmp_path / "out"))
+    assert f"cannot read input {tmp_path / 'secret.txt'}: Permission denied" in message
+
+
+def test_a_full_disk_is_one_clear_error_and_leaves_no_partial_folder(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "a.txt").write_text(DOCS[0] * 20, encoding="utf-8")
+
+    def full_disk(self, piece, ids) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(prepare_module._SplitWriter, "write", full_disk)
+    message = one_line_error(capsys, "prepare", str(tmp_path / "a.txt"), "--out",
+                             str(tmp_path / "out"), "--tokenizer", "char")
+    assert (f"no space left on device while writing prepared data for out in {tmp_path}: "
+            "free some space") in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_folders_left_by_killed_runs_are_removed(tmp_path: Path, bpe_file: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    for pid in (dead.pid, os.getpid()):  # a killed run's folder, and a running one's
+        stage = tmp_path / f".out.partial-{pid}-0123abcd"
+        stage.mkdir()
+        (stage / "train.bin").write_bytes(bytes(1000))
+    (tmp_path / "a.txt").write_text(DOCS[0] * 20, encoding="utf-8")
+    prepare(config([tmp_path / "a.txt"], tmp_path / "out", tokenizer=str(bpe_file)),
+            progress=False)
+    assert [p.name for p in tmp_path.glob(".out.partial-*")] == [
+        f".out.partial-{os.getpid()}-0123abcd"]

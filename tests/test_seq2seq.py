@@ -197,6 +197,24 @@ def test_a_seq2seq_run_resumes_exactly(tmp_path):
     assert straight == resumed  # bitwise, dropout included
 
 
+def test_step_0_reports_the_loss_only_and_train_says_what_to_run_next(tmp_path, capsys):
+    import json
+
+    from lmforge.cli import main
+
+    data = digit_pairs(tmp_path / "reverse.tsv", 200, 1)
+    run = tmp_path / "run"
+    assert main(["train", "task=seq2seq", f"data={data}", "model=transformer-tiny",
+                 "model.max_length=32", "vocab_size=300", "max_steps=2", f"out_dir={run}",
+                 "batch_size=8", "eval_interval=2", "eval_batches=1", "progress=false",
+                 "sample_tokens=0"]) == 0
+    assert f"next: lmforge translate {run} --text '" in capsys.readouterr().out
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: set(r) for r in evals if "val_loss" in r}
+    # An untrained model's BLEU is ~0 and takes minutes to decode: step 0 has the loss alone.
+    assert evals == {0: {"step", "val_loss", "time"}, 2: {"step", "val_loss", "val_bleu", "time"}}
+
+
 @pytest.mark.slow
 def test_a_tiny_model_learns_to_reverse_digit_strings(tmp_path):
     from lmforge.infer.seq2seq import translate

@@ -2,6 +2,10 @@
 
 import json
 import os
+import random
+import re
+import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -11,12 +15,16 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.data.loader import TokenShards, train_batch
-from lmforge.errors import CheckpointMismatch, ConfigError
-from lmforge.modeldir import checkpoint_dirs, load_weights
+from lmforge.errors import CheckpointMismatch, ConfigError, CorruptFile, DiskFull
+from lmforge.modeldir import checkpoint_dirs, load_weights, save_model
 from lmforge.models.decoder import Decoder
 from lmforge.open import open_model
+from lmforge.tokenizer import train_char
 from lmforge.train.config import load_recipe
+from lmforge.train.plot import read_metrics
 from lmforge.train.trainer import Trainer
+
+from .cli_errors import one_line_error
 
 TINY_MODEL = {"preset": "shakespeare-char", "n_layer": 2, "d_model": 64, "context_length": 32}
 
@@ -79,6 +87,10 @@ def test_bad_config_key_suggests_the_closest(tmp_path):
         load_recipe(None, ["lrr=0.1"])
     with pytest.raises(ConfigError, match="did you mean 'n_head'"):
         load_recipe(None, ["model.n_heads=2"])
+    # YAML reads 1e-6 as text; the model's float fields take it as the number it is.
+    assert load_recipe(None, ["model.norm_eps=1e-6"]).model_config().norm_eps == 1e-6
+    with pytest.raises(ConfigError, match="n_layer='two' must be a whole number"):
+        load_recipe(None, ["model.n_layer=two"]).model_config()
     bad = tmp_path / "bad.yaml"
     bad.write_text("max_step: 10\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml.*did you mean 'max_steps'"):
@@ -196,3 +208,177 @@ def test_schedules_warm_up_then_follow_their_shape():
     assert lr_at(10**6, kind="inverse-sqrt", **args) == 0.1  # floored at min_lr
     with pytest.raises(ConfigError, match="did you mean 'inverse-sqrt'"):
         load_recipe(None, ["schedule=inverse_sqrt"])
+
+
+# --------------------------------------------------------------------------- crash safety
+
+
+@pytest.fixture(scope="module")
+def word_corpus(tmp_path_factory) -> Path:
+    """20k characters of seeded words, prepared with the char tokenizer."""
+    from lmforge.data.prepare import PrepareConfig, prepare
+
+    rng = random.Random(0)
+    words = ["the", "king", "queen", "speaks", "hear", "me", "and", "of", "to", "night", "\n"]
+    root = tmp_path_factory.mktemp("word-corpus")
+    (root / "words.txt").write_text(" ".join(rng.choice(words) for _ in range(4000)))
+    return prepare(PrepareConfig(inputs=[str(root / "words.txt")], out_dir=str(root / "prepared"),
+                                 tokenizer="char"), progress=False)
+
+
+@pytest.mark.parametrize("kill", ["deleting the old copy in place", "the old copy set aside"])
+def test_a_kill_while_replacing_a_checkpoint_loses_nothing(word_corpus, tmp_path, kill):
+    """A resumed run saving step 2 again is killed after writing its complete new copy."""
+    run = tmp_path / "run"
+    Trainer(recipe(word_corpus, run, max_steps=4, halt_at=2, keep_checkpoints=1)).fit()
+    root = run / "checkpoints"
+    step = root / "step_0000002"
+    shutil.copytree(step, root / ".tmp-step_0000002")
+    if kill == "deleting the old copy in place":
+        (step / "tokenizer.json").unlink()
+        (step / "model.safetensors").unlink()
+    else:
+        step.rename(root / ".trash-step_0000002")
+    trainer = Trainer(recipe(word_corpus, run, max_steps=4, keep_checkpoints=1), resume=True)
+    assert trainer.step == 2
+    trainer.fit()
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000004"]
+
+
+def test_a_kill_while_pruning_leaves_nothing_that_looks_like_a_checkpoint(word_corpus, tmp_path):
+    run = tmp_path / "run"
+    Trainer(recipe(word_corpus, run, max_steps=4, halt_at=3, checkpoint_interval=1,
+                   keep_checkpoints=3)).fit()
+    root = run / "checkpoints"
+    # Step 1 half-deleted in place (trainer.json among the first files gone), step 2 half
+    # deleted after being set aside.
+    (root / "step_0000001" / "trainer.json").unlink()
+    (root / "step_0000001" / "model.safetensors").unlink()
+    (root / "step_0000002").rename(root / ".trash-step_0000002")
+    (root / ".trash-step_0000002" / "optimizer.pt").unlink()
+    assert [p.name for p in checkpoint_dirs(run)] == ["step_0000003"]
+    Trainer(recipe(word_corpus, run, max_steps=4, keep_checkpoints=3), resume=True).fit()
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000003", "step_0000004"]
+
+
+def test_a_torn_last_metrics_line_is_left_out(word_corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    Trainer(recipe(word_corpus, run, max_steps=4, halt_at=2)).fit()
+    metrics = run / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 3, "train_lo')  # killed while writing step 3's record
+    capsys.readouterr()
+    Trainer(recipe(word_corpus, run, max_steps=4), resume=True).fit()
+    assert "metrics.jsonl:3 is an unfinished record" in capsys.readouterr().err
+    assert sorted(train_losses(run)) == [1, 2, 3, 4]
+    # Damage before the last line is not a kill's doing: it is named, not skipped.
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], lines[1][:9], *lines[2:]]) + "\n")
+    with pytest.raises(CorruptFile, match=r"metrics.jsonl:2 is not a JSON record"):
+        read_metrics(run)
+
+
+def test_a_full_disk_while_checkpointing_is_one_clear_error(word_corpus, tmp_path,
+                                                          monkeypatch):
+    from safetensors import SafetensorError
+
+    import lmforge.files
+
+    run = tmp_path / "run"
+    Trainer(recipe(word_corpus, run, max_steps=4, halt_at=2)).fit()
+
+    def full_disk(*args, **kwargs):  # what safetensors raises when the disk fills up
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
+
+    monkeypatch.setattr(lmforge.files, "save_file", full_disk)
+    where = re.escape(str(run / "checkpoints"))
+    with pytest.raises(DiskFull, match=rf"no space left on device while writing checkpoint "
+                                       rf"step 4 in {where}: free some space.*--resume"):
+        Trainer(recipe(word_corpus, run, max_steps=4), resume=True).fit()
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_0000002"]
+    monkeypatch.undo()  # space freed: the run goes on from its last checkpoint
+    Trainer(recipe(word_corpus, run, max_steps=4), resume=True).fit()
+    assert [p.name for p in checkpoint_dirs(run)] == ["step_0000002", "step_0000004"]
+
+
+def test_a_damaged_optimizer_state_is_named(word_corpus, tmp_path):
+    run = tmp_path / "run"
+    Trainer(recipe(word_corpus, run, max_steps=4, halt_at=2)).fit()
+    state = run / "checkpoints" / "step_0000002" / "optimizer.pt"
+    state.write_bytes(state.read_bytes()[:500])
+    with pytest.raises(CorruptFile, match=r"step_0000002/optimizer.pt is damaged .*move its "
+                                          r"checkpoint directory away"):
+        Trainer(recipe(word_corpus, run, max_steps=4), resume=True)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask 022", "umask 027"])
+def test_weights_get_the_permissions_of_the_other_files(tmp_path, umask):
+    model = Decoder(ModelConfig(n_layer=1, n_head=2, d_model=16, vocab_size=8, context_length=8))
+    previous = os.umask(umask)
+    try:
+        directory = save_model(tmp_path / "model", model, None)
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in directory.iterdir()}
+    assert modes == {"config.json": 0o666 & ~umask, "model.safetensors": 0o666 & ~umask}
+
+
+def tiny_model_dir(directory: Path) -> Path:
+    tokenizer = train_char("hello world\n")
+    model = Decoder(ModelConfig(n_layer=1, n_head=2, d_model=16,
+                                vocab_size=tokenizer.vocab_size, context_length=16))
+    return save_model(directory, model, tokenizer)
+
+
+def damage(directory: Path, how: str) -> None:
+    if how == "truncated weights":
+        weights = directory / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif how == "cut-short tokenizer":
+        (directory / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+    elif how == "config not JSON":
+        (directory / "config.json").write_text('{"n_layer": 1,')
+    elif how == "config not an object":
+        (directory / "config.json").write_text("[1, 2]")
+    else:
+        config = json.loads((directory / "config.json").read_text())
+        config.update({"zero heads": {"n_head": 0}, "layers as text": {"n_layer": "two"}}[how])
+        (directory / "config.json").write_text(json.dumps(config))
+
+
+# How a model file gets damaged, and what the one-line error says.
+DAMAGE_MESSAGES = {
+    "truncated weights": r"model.safetensors is not a readable safetensors file",
+    "cut-short tokenizer": r"tokenizer.json is not a valid tokenizer.json",
+    "config not JSON": r"config.json is not valid JSON \(.* at line 1, column 15\)",
+    "config not an object": r"config.json holds a JSON list",
+    "zero heads": r"n_head=0 must be at least 1 \(in .*config.json\)",
+    "layers as text": r"n_layer='two' must be a whole number",
+}
+
+
+@pytest.mark.parametrize("how", list(DAMAGE_MESSAGES))
+def test_a_damaged_model_file_is_named_in_one_line(tmp_path, capsys, how):
+    directory = tiny_model_dir(tmp_path / "model")
+    damage(directory, how)
+    assert re.search(DAMAGE_MESSAGES[how], one_line_error(capsys, "generate", str(directory),
+                                                          "--max-new-tokens", "1"))
+
+
+def test_too_little_text_to_train_on_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "short.txt").write_text("a short text, far too short.\n")
+    message = one_line_error(capsys, "train", f"data={tmp_path / 'short.txt'}", "tokenizer=char",
+                             f"out_dir={tmp_path / 'run'}", "progress=false")
+    assert "too few for windows of 64 + 1: use a shorter context_length or more text" in message
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bad.yaml"], r"bad.yaml is not valid YAML \(.* at line 2, column 10\)"),
+    (["lr=[1"], r"override 'lr=\[1' is not valid YAML"),
+], ids=["recipe", "override"])
+def test_a_recipe_that_is_not_yaml_is_a_one_line_error(tmp_path, capsys, monkeypatch, args,
+                                                       message):
+    (tmp_path / "bad.yaml").write_text("lr: [1, 2\nmax_steps: 3\n")
+    monkeypatch.chdir(tmp_path)
+    assert re.search(message, one_line_error(capsys, "train", *args))

@@ -9,12 +9,14 @@ read the same global batch as 1 process x 2 accumulation steps.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from lmforge.errors import DataError
+from lmforge.files import read_json_object
 
 # Validation batches draw from their own stream, apart from every training step's.
 _EVAL_STEP = 2**32
@@ -31,7 +33,7 @@ class TokenShards:
                 f"{self.dir} is not a prepared corpus (no meta.json): run `lmforge prepare` on "
                 "your text first, or point `data` at a text file, folder, JSONL or parquet"
             )
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = read_json_object(meta_path)
         self._tokens: dict[str, np.memmap] = {}
 
     def split(self, name: str) -> np.ndarray:
@@ -65,7 +67,7 @@ def window_batch(tokens: np.ndarray, starts: np.ndarray, length: int
 def random_starts(n_tokens: int, length: int, batch: int, seed: int, step: int, slot: int
                   ) -> np.ndarray:
     if n_tokens <= length + 1:
-        raise ValueError(
+        raise DataError(
             f"the split has {n_tokens} tokens, too few for windows of {length} + 1: "
             "use a shorter context_length or more text"
         )

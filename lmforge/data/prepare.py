@@ -21,7 +21,8 @@ Everything streams: documents are read in pieces (large text files in blocks cut
 where cutting cannot change the ids), encoded in batches by tokenizers' thread pool on a
 background thread while the next batch is read, and appended to the ``.bin`` files. Results go to
 a temporary folder first, and ``meta.json`` lands last, so an interrupted run never leaves a
-folder that looks prepared; a re-run with the same inputs and settings returns immediately.
+folder that looks prepared; the next run into the same folder removes a killed run's temporary
+folder. A re-run with the same inputs and settings returns immediately.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from typing import BinaryIO
 import numpy as np
 from tqdm import tqdm
 
+from lmforge.errors import ConfigError, DataError
+from lmforge.files import disk_full_reported, read_json_object
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer, last_word_end, train_bpe, train_char
 
 FORMAT_VERSION = 1
@@ -130,7 +133,8 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
     _check_config(cfg)
     out = Path(cfg.out_dir).expanduser()
     if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"out_dir {out} is a file; choose a folder for the prepared data")
+        raise ConfigError(f"out_dir {out} is a file; choose a folder for the prepared data")
+    _remove_dead_stages(out)
     sources = find_sources(cfg.inputs)
     given = None if cfg.tokenizer in TRAINED_TOKENIZERS else _load_given_tokenizer(cfg.tokenizer)
     settings = _settings(cfg, given)
@@ -138,7 +142,12 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
     if _already_prepared(out, digest):
         print(f"already prepared: {out}")
         return out
-    with _tokenizer_threads(cfg.workers), _staging_dir(out) as stage:
+    advice = "free some space, or choose an out_dir (--out) on another disk, then run it again"
+    with (
+        _tokenizer_threads(cfg.workers),
+        _staging_dir(out) as stage,
+        disk_full_reported(out.parent, f"prepared data for {out.name}", advice),
+    ):
         _prepare_into(stage, cfg, sources, given, settings, digest, progress)
         _publish(stage, out)
     return out
@@ -152,9 +161,9 @@ def load_meta(out_dir: str | Path) -> dict:
             f"{path} not found: {out_dir} is not prepared data; run prepare() "
             "(lmforge prepare) on your corpus first"
         )
-    meta = json.loads(path.read_text(encoding="utf-8"))
+    meta = read_json_object(path)
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(
+        raise DataError(
             f"{path} has format_version {meta['format_version']}, newer than this lmforge "
             f"understands ({FORMAT_VERSION}); upgrade lmforge or prepare the data again"
         )
@@ -169,7 +178,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def find_sources(inputs: Sequence[str | Path]) -> list[Source]:
     """Expand files and folders into the input files, in order (folders sorted by path)."""
     if not inputs:
-        raise ValueError("no inputs given: pass text, JSONL or parquet files, or folders of them")
+        raise ConfigError("no inputs given: pass text, JSONL or parquet files, or folders of them")
     sources: list[Source] = []
     for item in inputs:
         path = Path(item).expanduser()
@@ -180,10 +189,12 @@ def find_sources(inputs: Sequence[str | Path]) -> list[Source]:
         else:
             raise FileNotFoundError(f"input {str(item)!r} does not exist (expected a file or folder)")
     if not sources:
-        raise ValueError(
+        raise DataError(
             f"no documents found in {[str(i) for i in inputs]}: folders are searched for "
             f"{', '.join(_FOLDER_SUFFIXES)} files"
         )
+    for source in sources:
+        _check_readable(source.path)
     return sources
 
 
@@ -205,9 +216,7 @@ def count_documents(source: Source) -> int:
     if source.kind == "text":
         return 1
     if source.kind == "parquet":
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(source.path).metadata.num_rows
+        return _parquet_file(source.path).metadata.num_rows
     with open(source.path, "rb") as f:
         return sum(1 for line in f if line.strip())
 
@@ -229,9 +238,19 @@ def validation_documents(n_docs: int, val_fraction: float, seed: int) -> Iterato
 
 def _check_config(cfg: PrepareConfig) -> None:
     if not 0 <= cfg.val_fraction < 1:
-        raise ValueError(f"val_fraction={cfg.val_fraction} must be in [0, 1), e.g. 0.1")
+        raise ConfigError(f"val_fraction={cfg.val_fraction} must be in [0, 1), e.g. 0.1")
     if cfg.workers < 0:
-        raise ValueError(f"workers={cfg.workers} must be >= 0 (0 = all cores)")
+        raise ConfigError(f"workers={cfg.workers} must be >= 0 (0 = all cores)")
+
+
+def _check_readable(path: Path) -> None:
+    """Name an input this user may not read now, before minutes of hashing and tokenizing."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        raise DataError(f"cannot read input {path}: {err.strerror}; check its permissions, or "
+                        "leave it out") from err
 
 
 def _load_given_tokenizer(spec: str) -> Tokenizer:
@@ -284,7 +303,7 @@ def _prepare_into(
     dtype = token_dtype(tok.vocab_size)
     splits = _write_splits(stage, items(), tok, dtype, _bar("tokenizing", total, progress))
     if splits["train"]["bytes"] == 0:
-        raise ValueError(_no_text_message(cfg, splits["val"]["bytes"]))
+        raise DataError(_no_text_message(cfg, splits["val"]["bytes"]))
     meta = {
         "format_version": FORMAT_VERSION,
         "dtype": dtype.name,
@@ -309,7 +328,7 @@ def _split_plan(
     tokenizer is trained on one pass, the ids come from another)."""
     n_docs = sum(count_documents(s) for s in sources)
     if n_docs == 0:
-        raise ValueError(f"no documents found in {cfg.inputs}: the JSONL/parquet files are empty")
+        raise DataError(f"no documents found in {cfg.inputs}: the JSONL/parquet files are empty")
     if n_docs == 1:
         n_chars = sum(len(p.text) for p in _read_all(sources, cfg.text_field))
         cut = int(n_chars * (1 - cfg.val_fraction))
@@ -372,7 +391,7 @@ def _train_tokenizer(
         for text in texts(None):
             alphabet.update(text)
     if not alphabet:
-        raise ValueError(_no_text_message(cfg, 0))
+        raise DataError(_no_text_message(cfg, 0))
     return train_char("".join(sorted(alphabet)), byte_fallback=cfg.byte_fallback)
 
 
@@ -402,7 +421,7 @@ def _read_text(path: Path) -> Iterator[_Piece]:
                 else:
                     carry = text
         except UnicodeDecodeError as err:
-            raise ValueError(
+            raise DataError(
                 f"{path} is not UTF-8 text ({err.reason}); convert it first, e.g. "
                 f"`iconv -f latin1 -t utf-8 {path.name}`"
             ) from err
@@ -418,11 +437,11 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[_Piece]:
             try:
                 record = json.loads(line)
             except ValueError as err:
-                raise ValueError(f"{where}: not a JSON line ({err}); fix or remove it") from err
+                raise DataError(f"{where}: not a JSON line ({err}); fix or remove it") from err
             if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
             if text_field not in record:
-                raise ValueError(
+                raise DataError(
                     f"{where}: no {text_field!r} field; available fields: "
                     f"{', '.join(map(repr, record)) or 'none'}. Set text_field=... "
                     "(--text-field) to the field that holds the text"
@@ -431,12 +450,10 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[_Piece]:
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[_Piece]:
-    import pyarrow.parquet as pq  # only needed for parquet input
-
-    parquet = pq.ParquetFile(path)
+    parquet = _parquet_file(path)
     columns = parquet.schema_arrow.names
     if text_field not in columns:
-        raise ValueError(
+        raise DataError(
             f"{path}: no {text_field!r} column; available columns: "
             f"{', '.join(map(repr, columns))}. Set text_field=... (--text-field) to the column "
             "that holds the text"
@@ -450,9 +467,20 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[_Piece]:
             row += 1
 
 
+def _parquet_file(path: Path):
+    import pyarrow as pa  # only needed for parquet input
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except pa.ArrowException as err:
+        raise DataError(f"{path} is not a readable parquet file ({err}); export it again, or "
+                        "pass text or JSONL instead") from err
+
+
 def _as_text(value: object, where: str, text_field: str) -> str:
     if not isinstance(value, str):
-        raise ValueError(
+        raise DataError(
             f"{where}: {text_field!r} is {type(value).__name__}, expected a string; set "
             "text_field=... to a text field or drop such records"
         )
@@ -562,12 +590,36 @@ def _staging_dir(out: Path) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     # Not tempfile.mkdtemp: its 0700 mode would stick to `out` after the rename; mkdir honours
     # the umask like any other folder.
-    stage = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    stage = out.parent / f"{_stage_prefix(out)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
     try:
         yield stage
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _stage_prefix(out: Path) -> str:
+    return f".{out.name}.partial-"
+
+
+def _remove_dead_stages(out: Path) -> None:
+    """Remove the staging folders of runs into ``out`` that were killed (their process is
+    gone), which nothing else would ever clean up."""
+    for stage in out.parent.glob(f"{_stage_prefix(out)}*"):
+        pid = stage.name.removeprefix(_stage_prefix(out)).split("-")[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            print(f"removing {stage}, left by an interrupted run")
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, and belongs to someone else
+    return True
 
 
 def _publish(stage: Path, out: Path) -> None:

@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmforge.errors import CheckpointMismatch, ConfigError
+from lmforge.files import load_safetensors, read_json_object, save_safetensors
 from lmforge.finetune.task import FinetuneTask, pad_rows, read_jsonl, split_examples
 from lmforge.modeldir import (
     ADAPTER_WEIGHTS,
@@ -164,7 +164,7 @@ class ClassifyTask(FinetuneTask):
         return int(batch[1].sum())
 
     @torch.no_grad()
-    def val_metrics(self, model: nn.Module, val_loss: float) -> dict[str, float]:
+    def val_metrics(self, model: nn.Module, val_loss: float, step: int) -> dict[str, float]:
         device = next(model.parameters()).device
         predicted, actual = [], []
         for batch in self.eval_batches(0, 0, 1):
@@ -181,8 +181,8 @@ class ClassifyTask(FinetuneTask):
         (directory / CLASSIFIER_CONFIG).write_text(json.dumps(
             {"labels": self.labels, "pooling": "last"}, indent=2) + "\n")
         if self.lora is None:
-            save_file({"score.weight": model.score.weight.detach().contiguous().cpu()},
-                      str(directory / CLASSIFIER_WEIGHTS))
+            save_safetensors({"score.weight": model.score.weight.detach().contiguous().cpu()},
+                             directory / CLASSIFIER_WEIGHTS)
 
     def load_head(self, directory: Path, model: nn.Module,
                   adapter_extra: dict[str, torch.Tensor] | None) -> None:
@@ -203,11 +203,11 @@ def read_head(directory: str | Path) -> tuple[list[str], torch.Tensor]:
     if not config.is_file():
         raise FileNotFoundError(f"{directory} is not a classifier (no {CLASSIFIER_CONFIG}): "
                                 "train one with `lmforge finetune MODEL --task classify`")
-    labels = json.loads(config.read_text())["labels"]
+    labels = read_json_object(config)["labels"]
     if is_adapter_dir(directory):
-        weight = load_file(str(directory / ADAPTER_WEIGHTS))["base_model.model.score.weight"]
+        weight = load_safetensors(directory / ADAPTER_WEIGHTS)["base_model.model.score.weight"]
     else:
-        weight = load_file(str(directory / CLASSIFIER_WEIGHTS))["score.weight"]
+        weight = load_safetensors(directory / CLASSIFIER_WEIGHTS)["score.weight"]
     return labels, weight
 
 

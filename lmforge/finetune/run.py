@@ -68,9 +68,9 @@ def merge(adapter: str | Path, out: str | Path, base: str | Path | None = None) 
     if generation.is_file():
         shutil.copyfile(generation, out / generation.name)
     if (adapter_dir / CLASSIFIER_CONFIG).is_file():
-        from safetensors.torch import save_file
+        from lmforge.files import save_safetensors
 
         _, weight = read_head(adapter_dir)
         shutil.copyfile(adapter_dir / CLASSIFIER_CONFIG, out / CLASSIFIER_CONFIG)
-        save_file({"score.weight": weight.contiguous()}, str(out / CLASSIFIER_WEIGHTS))
+        save_safetensors({"score.weight": weight.contiguous()}, out / CLASSIFIER_WEIGHTS)
     return out

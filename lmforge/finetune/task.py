@@ -125,7 +125,7 @@ class FinetuneTask:
         for rows in in_order(self.val_examples, self.cfg.batch_size, n_batches, rank, world):
             yield self.collate(rows)
 
-    def val_metrics(self, model: nn.Module, val_loss: float) -> dict[str, float]:
+    def val_metrics(self, model: nn.Module, val_loss: float, step: int) -> dict[str, float]:
         return {}
 
     def sample(self, model: nn.Module) -> str | None:

@@ -17,7 +17,10 @@ Two things differ between the layouts beyond names:
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ import gguf
 import numpy as np
 import tokenizers
 import torch
+from gguf.gguf_reader import READER_SUPPORTED_VERSIONS
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
 from lmforge.config import ModelConfig
@@ -75,6 +79,21 @@ _EXPORT_TYPES = {
 _DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
 _PRE_TOKENIZER_NAMES = ("gpt2", *_DIGITS_THEN_GPT2)
 
+# The longest context a GGUF may declare: rotary tables are sized by it (2^20 positions of a
+# 128-wide head are 1 GB), and it is far above what llama-shaped models are trained for.
+MAX_CONTEXT = 1 << 20
+# Arrays of arrays: llama.cpp reads none; a few levels leave room without letting a file
+# nest deep enough to exhaust the stack.
+_MAX_ARRAY_NESTING = 4
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_SCALAR_BYTES = {kind: np.dtype(t).itemsize
+                 for kind, t in gguf.GGUFReader.gguf_scalar_to_np.items()}
+# The fewest bytes a value of these kinds takes: a string's length, an array's type and count.
+_MIN_VALUE_BYTES = {**_SCALAR_BYTES, gguf.GGUFValueType.STRING: 8,
+                    gguf.GGUFValueType.ARRAY: 4 + 8}
+_MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, the smallest value
+_MIN_TENSOR_BYTES = 8 + 4 + 4 + 8  # name length, dimension count, type, data offset
+
 
 # --------------------------------------------------------------------------- reading
 
@@ -118,10 +137,99 @@ def _open_reader(path: Path) -> gguf.GGUFReader:
             f"{_MAGIC!r}. Pass a .gguf file (llama.cpp's convert_hf_to_gguf.py makes one from a "
             "Hugging Face checkpoint)"
         )
+    _check_header(path)
     try:
         return gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, OSError) as err:
         raise _unreadable(path, err) from err
+
+
+def _check_header(path: Path) -> None:
+    """Walk the header, refusing any count or length the rest of the file cannot hold.
+
+    GGUFReader trusts them: it loops once per declared item even past the end of the file
+    and recurses into nested arrays, so a 133-byte file declaring a 2^40-item array would
+    run until memory ran out.
+    """
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        header = _Header(data, path)
+        version = header.read("I")
+        if version & 0xFFFF == 0:  # written on a machine of the other byte order
+            header.order = ">"
+            version = struct.unpack(">I", struct.pack("<I", version))[0]
+        if version not in READER_SUPPORTED_VERSIONS:
+            raise GGUFFileError(
+                f"{path} is GGUF version {version}; the installed gguf package reads versions "
+                f"{', '.join(map(str, READER_SUPPORTED_VERSIONS))} (pip install -U gguf)"
+            )
+        n_tensors, n_kv = header.read("Q"), header.read("Q")
+        header.need(n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_BYTES,
+                    f"{n_kv:,} metadata keys and {n_tensors:,} tensors")
+        for _ in range(n_kv):
+            key = header.text("a metadata key")
+            header.value(header.read("I"), f"metadata {key!r}")
+        for _ in range(n_tensors):
+            name = header.text("a tensor name")
+            n_dims = header.read("I")
+            if n_dims > _MAX_DIMS:
+                raise GGUFFileError(f"{path} is damaged: tensor {name!r} has {n_dims:,} "
+                                    f"dimensions; GGUF tensors have at most {_MAX_DIMS}")
+            header.skip(n_dims, 8, f"the shape of tensor {name!r}")
+            header.skip(1, 4 + 8, f"tensor {name!r}")  # its type and data offset
+
+
+class _Header:
+    """A read position in a GGUF header that never moves past the end of the file."""
+
+    def __init__(self, data: mmap.mmap, path: Path) -> None:
+        self.data, self.path, self.pos, self.order = data, path, len(_MAGIC), "<"
+
+    def need(self, n_bytes: int, what: str) -> None:
+        left = len(self.data) - self.pos
+        if n_bytes > left:
+            raise GGUFFileError(
+                f"{self.path} is damaged or truncated: at byte {self.pos:,} it declares {what}, "
+                f"at least {n_bytes:,} bytes, and the file has {left:,} left; download or "
+                "export it again"
+            )
+
+    def read(self, fmt: str) -> int:
+        size = struct.calcsize(fmt)
+        self.need(size, "a number")
+        self.pos += size
+        return struct.unpack_from(self.order + fmt, self.data, self.pos - size)[0]
+
+    def skip(self, count: int, item_bytes: int, what: str) -> None:
+        self.need(count * item_bytes, what)
+        self.pos += count * item_bytes
+
+    def text(self, what: str) -> str:
+        size = self.read("Q")
+        self.need(size, f"{what} of {size:,} bytes")
+        self.pos += size
+        return bytes(self.data[self.pos - size:self.pos]).decode("utf-8", errors="replace")
+
+    def value(self, kind: int, what: str, depth: int = 0) -> None:
+        if kind in _SCALAR_BYTES:
+            self.skip(1, _SCALAR_BYTES[kind], what)
+        elif kind == gguf.GGUFValueType.STRING:
+            self.skip(self.read("Q"), 1, f"a string in {what}")
+        elif kind == gguf.GGUFValueType.ARRAY:
+            item_kind, count = self.read("I"), self.read("Q")
+            if item_kind == gguf.GGUFValueType.ARRAY and depth >= _MAX_ARRAY_NESTING:
+                raise GGUFFileError(f"{self.path} is damaged: {what} nests arrays more than "
+                                    f"{_MAX_ARRAY_NESTING} deep")
+            if item_kind not in _MIN_VALUE_BYTES:
+                raise GGUFFileError(f"{self.path} is damaged: {what} holds values of unknown "
+                                    f"type {item_kind}")
+            self.need(count * _MIN_VALUE_BYTES[item_kind], f"{what}, an array of {count:,} items")
+            if item_kind in _SCALAR_BYTES:
+                self.pos += count * _SCALAR_BYTES[item_kind]
+            else:
+                for _ in range(count):
+                    self.value(item_kind, what, depth + 1)
+        else:
+            raise GGUFFileError(f"{self.path} is damaged: {what} has unknown type {kind}")
 
 
 def _unreadable(path: Path, err: Exception) -> GGUFFileError:
@@ -152,8 +260,32 @@ def _config_from_metadata(meta: dict[str, Any], tensors: dict, path: Path) -> Mo
             )
         return value
 
-    d_model, n_head = get("embedding_length"), get("attention.head_count")
+    def positive(key: str, default: Any = None, kind: type = int) -> Any:
+        # Every size below shapes an allocation or a division: refuse nonsense before either.
+        value = get(key, default)
+        numeric = (int,) if kind is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, numeric) or not 0 < value < math.inf:
+            raise GGUFFileError(f"{path} is damaged: {arch}.{key} is {value!r}, where a positive "
+                                f"{'whole ' if kind is int else ''}number belongs")
+        return value
+
+    d_model, n_head = positive("embedding_length"), positive("attention.head_count")
+    n_kv_head = positive("attention.head_count_kv", n_head)
+    if d_model % n_head or n_head % n_kv_head:
+        raise GGUFFileError(
+            f"{path} is damaged: embedding_length {d_model} is not a multiple of head_count "
+            f"{n_head}, or head_count is not a multiple of head_count_kv {n_kv_head}"
+        )
     head_dim = d_model // n_head
+    if head_dim % 2:
+        raise UnsupportedModel(f"{path} has heads of odd width {head_dim}, which rotary "
+                               "positions cannot rotate in pairs")
+    context_length = positive("context_length")
+    if context_length > MAX_CONTEXT:
+        raise UnsupportedModel(
+            f"{path} declares context_length={context_length:,}; lmforge reads models of up to "
+            f"{MAX_CONTEXT:,} positions (its rotary tables are sized by the context)"
+        )
     if get("expert_count", 0):
         raise UnsupportedModel(f"{path} is a mixture-of-experts model, which lmforge lacks")
     if get("rope.dimension_count", head_dim) != head_dim:
@@ -170,17 +302,17 @@ def _config_from_metadata(meta: dict[str, Any], tensors: dict, path: Path) -> Mo
     if not tokens:
         raise UnsupportedModel(f"{path} has no tokenizer.ggml.tokens: the vocabulary is unknown")
     return ModelConfig(
-        n_layer=get("block_count"),
+        n_layer=positive("block_count"),
         n_head=n_head,
-        n_kv_head=get("attention.head_count_kv", n_head),
+        n_kv_head=n_kv_head,
         d_model=d_model,
-        d_mlp=get("feed_forward_length"),
+        d_mlp=positive("feed_forward_length"),
         vocab_size=len(tokens),
-        context_length=get("context_length"),
+        context_length=context_length,
         positions="rope",
-        rope_base=_float32_value(get("rope.freq_base", 10000.0)),
+        rope_base=_float32_value(positive("rope.freq_base", 10000.0, float)),
         norm="rmsnorm",
-        norm_eps=_float32_value(get("attention.layer_norm_rms_epsilon")),
+        norm_eps=_float32_value(positive("attention.layer_norm_rms_epsilon", kind=float)),
         mlp="swiglu",
         tie_embeddings="output.weight" not in tensors,
         bias=False,
@@ -259,6 +391,11 @@ def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _check_shapes(state: dict[str, torch.Tensor], cfg: ModelConfig, path: Path) -> None:
+    # Counted from the tensors first: the expected shapes are listed per declared block.
+    blocks = sorted({int(k.split(".")[1]) for k in state if k.startswith("blocks.")})
+    if len(blocks) != cfg.n_layer or blocks != list(range(len(blocks))):
+        raise UnsupportedModel(f"{path} does not match its own metadata: block_count is "
+                               f"{cfg.n_layer:,}, and it holds tensors of {len(blocks)} blocks")
     expected = _expected_shapes(cfg)
     problems = [f"missing {_gguf_name(k)}" for k in expected if k not in state]
     problems += [f"unexpected {_gguf_name(k)}" for k in state if k not in expected]

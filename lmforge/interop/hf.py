@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import CheckpointMismatch, ConfigError, UnsupportedModel
+from lmforge.files import load_safetensors, read_json_object, save_safetensors
 from lmforge.modeldir import (
     GENERATION_CONFIG,
     WEIGHTS,
@@ -291,9 +291,9 @@ def _rename(name: str, table: tuple[tuple[str, str], ...], reverse: bool = False
 def _read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
     """All tensors of a HF directory, from model.safetensors or the shards of its index."""
     if (src / WEIGHTS).is_file():
-        return load_file(str(src / WEIGHTS))
+        return load_safetensors(src / WEIGHTS)
     if (src / SAFETENSORS_INDEX).is_file():
-        weight_map = json.loads((src / SAFETENSORS_INDEX).read_text())["weight_map"]
+        weight_map = read_json_object(src / SAFETENSORS_INDEX)["weight_map"]
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (src / s).is_file()]
         if missing:
@@ -301,7 +301,7 @@ def _read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
                                     f"{src}: {', '.join(missing)}; download them too")
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
-            state.update(load_file(str(src / shard)))
+            state.update(load_safetensors(src / shard))
         return state
     pickles = sorted(p.name for p in src.glob("pytorch_model*.bin"))
     if pickles:
@@ -394,7 +394,7 @@ def _llama_state(model: Decoder) -> dict[str, torch.Tensor]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _special_tokens(src: Path, backend_spec: dict[str, Any]) -> SpecialTokens:
@@ -450,7 +450,7 @@ def import_hf(src_dir: str | Path, out_dir: str | Path) -> Path:
     if out.resolve() == src.resolve():
         raise ConfigError(f"import_hf would overwrite {src} with its own conversion; pass "
                           "another output directory")
-    hf = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    hf = read_json_object(src / "config.json")
     cfg = config_from_hf(hf)
     tokenizer = _read_tokenizer(src)
     hf_state = _read_hf_weights(src)
@@ -515,8 +515,8 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     hf = _hf_config(model.cfg, family, tokenizer)
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / WEIGHTS),
-              metadata={"format": "pt"})
+    save_safetensors({k: v.contiguous() for k, v in state.items()}, out / WEIGHTS,
+                     metadata={"format": "pt"})
     tokenizer.save(out)
     (out / TOKENIZER_CONFIG_FILE).write_text(
         json.dumps(_hf_tokenizer_config(tokenizer, model.cfg), indent=2, ensure_ascii=False) + "\n"

@@ -2,16 +2,24 @@
 
 A checkpoint is `run/checkpoints/step_NNNNNNN/` holding what the task writes of the model
 (a model directory: config.json, model.safetensors, tokenizer.json; or a LoRA adapter
-directory), `optimizer.pt` (tensors only, loaded
-with weights_only=True), `rng.pt` and `trainer.json`. It is written into a temporary
-directory and renamed into place, so a crash or Ctrl-C mid-write leaves the previous
-checkpoint as the latest complete one.
+directory), `optimizer.pt` (tensors only, loaded with weights_only=True), `rng.pt` and
+`trainer.json`.
+
+Every change survives a kill at any point:
+- a checkpoint is written into `.tmp-step_NNNNNNN/`, with `trainer.json` landing last once the
+  rest is on disk, and renamed into place: a directory without `trainer.json` is not a
+  checkpoint;
+- a directory is deleted (pruned, or replaced by a new save of the same step) by first renaming
+  it to `.trash-...` and then removing it, so no half-deleted `step_` directory is ever seen;
+- `recover_checkpoints`, run before a run starts, finishes what a killed save left: a complete
+  `.tmp-step_N` is the newest copy of step N and takes its place; other leftovers are removed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -19,32 +27,58 @@ from typing import Any
 
 import torch
 
-from lmforge.modeldir import CHECKPOINTS, checkpoint_dirs
+from lmforge.errors import CorruptFile
+from lmforge.files import disk_full_reported, read_json_object
+from lmforge.modeldir import CHECKPOINT_DONE, CHECKPOINTS, checkpoint_dirs
+
+TMP, TRASH = ".tmp-", ".trash-"
 
 
 def save_checkpoint(run_dir: str | Path, step: int, write_model: Callable[[Path], None],
                     optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any],
                     keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically; write_model(directory) writes the model's files."""
+    """Write checkpoint `step` atomically (see the module docstring), keeping the newest
+    `keep` (0 = all); write_model(directory) writes the model's files."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
-    for stale in root.glob(".tmp-*"):  # left by a run that died mid-write
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = root / f".tmp-step_{step:07d}"
+    tmp = root / f"{TMP}{final.name}"
+    _remove(tmp)
     tmp.mkdir()
-    write_model(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
+    advice = ("free some space (or set keep_checkpoints lower), then continue the run with "
+              "--resume; the last complete checkpoint is untouched")
+    try:
+        with disk_full_reported(root, f"checkpoint step {step}", advice):
+            write_model(tmp)
+            _save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+            _save_torch(rng_state(), tmp / "rng.pt")
+            _fsync_dir(tmp)
+            _write_last(tmp / CHECKPOINT_DONE, json.dumps({**trainer_state, "step": step},
+                                                          indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _move_into_place(tmp, final)
     for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
+
+
+def recover_checkpoints(run_dir: str | Path) -> None:
+    """Finish what a run killed while saving left in its checkpoints folder: a complete
+    `.tmp-step_N` replaces `step_N` (missing, half-deleted or the older copy of that step);
+    incomplete temporary, trash and `step_` directories are removed."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return
+    for tmp in sorted(root.glob(f"{TMP}step_*")):
+        if (tmp / CHECKPOINT_DONE).is_file():
+            _move_into_place(tmp, root / tmp.name.removeprefix(TMP))
+    for leftover in root.iterdir():
+        complete = (leftover / CHECKPOINT_DONE).is_file()
+        if leftover.name.startswith((TMP, TRASH)) or (leftover.name.startswith("step_")
+                                                       and not complete):
+            _remove(leftover)
 
 
 def load_checkpoint(directory: str | Path, read_model: Callable[[Path], None],
@@ -54,9 +88,9 @@ def load_checkpoint(directory: str | Path, read_model: Callable[[Path], None],
     directory = Path(directory)
     read_model(directory)
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
-        set_rng_state(torch.load(directory / "rng.pt", weights_only=True))
-    return json.loads((directory / "trainer.json").read_text())
+        optimizer.load_state_dict(_load_torch(directory / "optimizer.pt"))
+        set_rng_state(_load_torch(directory / "rng.pt"))
+    return read_json_object(directory / CHECKPOINT_DONE)
 
 
 def rng_state() -> dict[str, Any]:
@@ -72,12 +106,66 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _save_torch(obj: Any, path: Path) -> None:
+    # Through a Python file: given a path, torch reports a full disk only as "unexpected pos".
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def _load_torch(path: Path) -> Any:
+    try:
+        return torch.load(path, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise CorruptFile(f"{path} is damaged ({err}); move its checkpoint directory away to "
+                          "resume from the one before, or start the run over") from err
+
+
+def _write_last(path: Path, text: str) -> None:
+    """Write the file that marks a checkpoint complete: whole or not at all, then flushed."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    _fsync(partial)
+    os.replace(partial, path)
+    _fsync(path.parent)
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename a complete checkpoint to its name, setting an existing one aside first."""
+    trash = _set_aside(final)
+    os.replace(tmp, final)
+    _fsync(final.parent)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    """Delete a directory so that no kill leaves it half-deleted under its own name."""
+    trash = _set_aside(path)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _set_aside(path: Path) -> Path | None:
+    """Rename `path` (if it exists) to its `.trash-` name, atomically; return that name."""
+    if not path.exists():
+        return None
+    if path.name.startswith(TRASH):
+        return path
+    trash = path.with_name(TRASH + path.name)
+    shutil.rmtree(trash, ignore_errors=True)  # a leftover of an earlier kill
+    os.replace(path, trash)
+    return trash
+
+
 def _fsync_dir(path: Path) -> None:
-    """Flush a directory's entries so the rename survives a power cut, not just a crash."""
-    for child in path.iterdir() if path.is_dir() else []:
+    """Flush a directory's files and entries so a rename survives a power cut, not just a crash."""
+    for child in path.iterdir():
         if child.is_file():
-            with open(child, "rb") as f:
-                os.fsync(f.fileno())
+            _fsync(child)
+    _fsync(path)
+
+
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

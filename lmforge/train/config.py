@@ -110,7 +110,17 @@ def _parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not key=value (for example lr=3e-4)")
     key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw else ""
+    return key.strip(), _parse_yaml(raw, f"override {item!r}") if raw else ""
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{where} is not valid YAML ({getattr(err, 'problem', None) or err}"
+                          f"{at}); fix it, quoting values that hold YAML's own characters") from err
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -136,7 +146,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (),
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no recipe at {path}: give a YAML file (see configs/)")
-        from_file = yaml.safe_load(path.read_text()) or {}
+        from_file = _parse_yaml(path.read_text(), str(path)) or {}
         if not isinstance(from_file, dict):
             raise ConfigError(f"{path} must be a mapping of keys to values")
         values.update(from_file)

@@ -130,7 +130,7 @@ class LanguageModelingTask:
     def tokens(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
         return batch[0].numel()
 
-    def val_metrics(self, model: nn.Module, val_loss: float) -> dict[str, float]:
+    def val_metrics(self, model: nn.Module, val_loss: float, step: int) -> dict[str, float]:
         return {"val_bpb": val_loss / math.log(2) / self.shards.bytes_per_token("val")}
 
     def sample(self, model: nn.Module) -> str:

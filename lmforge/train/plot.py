@@ -3,14 +3,32 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+
+from lmforge.errors import CorruptFile
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of a run's metrics.jsonl. A last line that is not JSON was torn by a kill
+    mid-write: it is left out, with a warning. A damaged line before it is an error."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}: is it a training run directory?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError as err:
+            if number < len(lines):
+                raise CorruptFile(f"{path}:{number} is not a JSON record ({err}); delete or "
+                                  "repair that line") from err
+            print(f"warning: {path}:{number} is an unfinished record (the run was stopped while "
+                  "writing it); leaving it out", file=sys.stderr)
+    return records
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:

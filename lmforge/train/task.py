@@ -48,8 +48,9 @@ class Task(Protocol):
     def tokens(self, batch: Batch) -> int:
         """Tokens the model reads for this batch, padding excluded (for tokens/s)."""
 
-    def val_metrics(self, model: nn.Module, val_loss: float) -> dict[str, float]:
-        """Validation figures beyond the loss (bits per byte, accuracy...)."""
+    def val_metrics(self, model: nn.Module, val_loss: float, step: int) -> dict[str, float]:
+        """Validation figures beyond the loss (bits per byte, accuracy...) of the model after
+        `step` optimizer steps."""
 
     def sample(self, model: nn.Module) -> str | None:
         """A short text showing what the model does now, or None."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -25,13 +26,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from lmforge.errors import TrainingDiverged
+from lmforge.files import disk_full_reported
 from lmforge.modeldir import checkpoint_dirs
 from lmforge.train import distributed as distr
-from lmforge.train.checkpoint import load_checkpoint, save_checkpoint
+from lmforge.train.checkpoint import load_checkpoint, recover_checkpoints, save_checkpoint
 from lmforge.train.config import TrainConfig
 from lmforge.train.lm import LanguageModelingTask  # noqa: F401  (registers task=lm)
 from lmforge.train.optim import build_optimizer
-from lmforge.train.plot import plot_run
+from lmforge.train.plot import plot_run, read_metrics
 from lmforge.train.schedule import lr_at
 from lmforge.train.seq2seq import Seq2SeqTask  # noqa: F401  (registers task=seq2seq)
 from lmforge.train.task import load_task, task_class
@@ -109,6 +111,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg, self.device.type)
         self.step, self.elapsed_before, self.tokens_seen = 0, 0.0, 0
         self._t_start = time.perf_counter()
+        if self.dist.is_main:
+            recover_checkpoints(self.run_dir)  # finish what a run killed mid-save left
+        distr.barrier(self.dist)
         if resume:
             self._resume()
         elif checkpoint_dirs(self.run_dir):  # every rank: none may go on alone
@@ -254,7 +259,7 @@ class Trainer:
         if total[1] == 0:
             return {}
         val_loss = float(total[0] / total[1])
-        return {"val_loss": val_loss, **self.task.val_metrics(self.model, val_loss)}
+        return {"val_loss": val_loss, **self.task.val_metrics(self.model, val_loss, self.step)}
 
     def _evaluate(self, bar, t_start: float) -> dict[str, float]:
         metrics = self.evaluate()
@@ -302,19 +307,22 @@ class Trainer:
         return round(self.elapsed_before + time.perf_counter() - t_start, 3)
 
     def _log(self, record: dict[str, Any]) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
+        advice = "free some space, then continue the run with --resume"
+        with (disk_full_reported(self.run_dir, "metrics.jsonl", advice),
+              open(self.run_dir / "metrics.jsonl", "a") as f):
             f.write(json.dumps(record) + "\n")
 
     def _trim_metrics(self) -> None:
-        """Drop records past the step we resume from: they will be written again."""
+        """Drop records past the step we resume from (they will be written again) and a line
+        torn by a kill."""
         path = self.run_dir / "metrics.jsonl"
         if not path.is_file():
             return
-        keep = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= self.step]
-        if self.step == 0:
-            keep = []
-        path.write_text("".join(line + "\n" for line in keep))
+        keep = [r for r in read_metrics(self.run_dir) if r["step"] <= self.step] if self.step else []
+        # Rewritten beside and renamed: a kill now must not cost the run its history.
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        os.replace(partial, path)
 
     def _peak_flops(self) -> float | None:
         if self.device.type != "cuda":
