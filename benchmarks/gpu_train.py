@@ -1,7 +1,7 @@
 """GPT-2 (124M) training throughput and MFU on one NVIDIA GPU: bf16 autocast + torch.compile.
 
     python benchmarks/gpu_train.py                 # 60 steps of batch 16 x 1024 random tokens
-    python benchmarks/gpu_train.py --data ../shared/data/tinyshakespeare.txt --steps 100
+    python benchmarks/gpu_train.py --data data/tinyshakespeare.txt --steps 100
 
 Runs the real trainer (lmforge.train.Trainer) on the `gpt2` preset and prints tokens/s and
 model FLOPs utilisation (6N + attention FLOPs per token against the GPU's dense bf16 peak).

@@ -24,8 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+from corpora import tiny_shakespeare
+
 REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 DEFAULT_CACHE = Path("~/.cache/lmforge/bench").expanduser()
 FILE_MB = 16  # size of each generated file
 SLICE_CHARS = 64 * 1024
@@ -39,7 +40,7 @@ def main() -> None:
     if args.run_prepare:
         run_prepare(args.run_prepare, progress=not args.quiet)
         return
-    source = Path(args.data)
+    source = Path(args.data) if args.data else tiny_shakespeare()
     if not source.is_file():
         sys.exit(f"{source} not found: pass --data PATH to tinyshakespeare.txt")
     cache = Path(args.cache_dir).expanduser()
@@ -62,7 +63,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=512, help="corpus size (default 512)")
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="corpus + output cache")
-    parser.add_argument("--data", default=str(SHAKESPEARE), help="tinyshakespeare.txt")
+    parser.add_argument("--data", help="tinyshakespeare.txt (default: data/, see corpora.py)")
     parser.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size")
     parser.add_argument("--workers", type=int, default=0, help="PrepareConfig.workers")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

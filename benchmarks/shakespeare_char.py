@@ -10,9 +10,10 @@ Tiny Shakespeare for training, last 10% for validation, 65 characters. The fast 
 configs/shakespeare-char-fast.yaml. Both are reported on nanoGPT's yardstick (20 random
 validation batches) where they evaluate that way, and on the whole validation split.
 
-The peer: nanoGPT's figures measured on this kind of machine (../shared/design/BASELINES.md).
+The peer: nanoGPT's figures measured on this kind of machine (the README's Benchmarks section
+gives the command).
 Machines differ run to run, so the script also times Hugging Face's GPT2LMHeadModel on
-the same loop in the same process (a live peer; BASELINES measured it at 0.78x nanoGPT's
+the same loop in the same process (a live peer, measured beside nanoGPT at 0.78x its
 speed) and prints every ratio against both.
 """
 
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from corpora import tiny_shakespeare
 
 from lmforge.data.loader import TokenShards, train_batch
 from lmforge.data.prepare import PrepareConfig, prepare
@@ -32,9 +34,8 @@ from lmforge.train.config import load_recipe
 from lmforge.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
-# nanoGPT on this kind of machine (BASELINES.md): whole command, 2000 iterations.
+# nanoGPT on this kind of machine: whole command, 2000 iterations.
 NANOGPT = {"wall_s": 189.5, "ms_per_iter": 84.4, "val_loss": 1.886}
 HF_SPEED_VS_NANOGPT = 0.78
 
@@ -43,9 +44,7 @@ RECIPES = {"nanogpt": ROOT / "configs" / "shakespeare-char.yaml",
 
 
 def prepared_corpus() -> Path:
-    if not DATA.is_file():
-        raise SystemExit(f"{DATA} is missing: this benchmark reads ../shared/data")
-    return prepare(PrepareConfig(inputs=[str(DATA)], out_dir=str(cache_dir() / "bench" /
+    return prepare(PrepareConfig(inputs=[str(tiny_shakespeare())], out_dir=str(cache_dir() / "bench" /
                                  "shakespeare-char"), tokenizer="char", byte_fallback=False,
                                  val_fraction=0.1), progress=False)
 
@@ -109,7 +108,7 @@ def main() -> None:
     print("| run | seed | wall s | ms/iter | tokens/s | val loss (20 batches) | val loss (whole split) "
           "| wall vs nanoGPT |")
     print("|---|---|---|---|---|---|---|---|")
-    print(f"| nanoGPT (BASELINES.md) | 1337 | {NANOGPT['wall_s']:.1f} | {NANOGPT['ms_per_iter']:.1f} "
+    print(f"| nanoGPT (measured, same machine kind) | 1337 | {NANOGPT['wall_s']:.1f} | {NANOGPT['ms_per_iter']:.1f} "
           f"| {12 * 64 / NANOGPT['ms_per_iter'] * 1000:,.0f} | {NANOGPT['val_loss']:.3f} | - | 1.00x |")
     for r in rows:
         print(f"| lmforge {r['recipe']} | {r['seed']} | {r['wall_s']:.1f} | {r['ms_per_iter']:.1f} | "
@@ -118,7 +117,7 @@ def main() -> None:
     if hf_ms is not None:
         nanogpt_est = hf_ms * HF_SPEED_VS_NANOGPT
         print(f"\nlive peer: transformers GPT2LMHeadModel, same shape and loop: {hf_ms:.1f} ms/iter "
-              f"(so nanoGPT ~{nanogpt_est:.1f} ms/iter on this machine now, from BASELINES' 0.78x)")
+              f"(so nanoGPT ~{nanogpt_est:.1f} ms/iter on this machine now, from the measured 0.78x)")
         for r in rows:
             print(f"  lmforge {r['recipe']} seed {r['seed']}: {r['ms_per_iter'] / hf_ms:.2f}x HF's "
                   f"ms/iter")

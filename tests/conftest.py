@@ -1,29 +1,28 @@
-"""Shared fixtures: real text from ../shared/data, prepared once per test session."""
+"""Shared fixtures: real text kept in tests/data (its README says where each file comes from),
+prepared once per test session."""
 
 from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
+DATA = Path(__file__).resolve().parent / "data"
+SHAKESPEARE = DATA / "tinyshakespeare-head.txt"
+TATOEBA = DATA / "tatoeba-eng-fra-sample.tsv"
 
 
 @pytest.fixture(scope="session")
 def shakespeare() -> str:
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"{SHAKESPEARE} is missing (the repo expects ../shared/data beside it)")
+    """The first 7,552 lines of Tiny Shakespeare: 199,994 characters, 62 distinct."""
     return SHAKESPEARE.read_text()
 
 
 @pytest.fixture(scope="session")
-def char_corpus(tmp_path_factory, shakespeare) -> Path:
-    """The first 200k characters of Tiny Shakespeare, prepared with the char tokenizer."""
+def char_corpus(tmp_path_factory) -> Path:
+    """The Tiny Shakespeare slice, prepared with the char tokenizer."""
     from lmforge.data.prepare import PrepareConfig, prepare
 
     root = tmp_path_factory.mktemp("char-corpus")
-    text_file = root / "shakespeare-200k.txt"
-    text_file.write_text(shakespeare[:200_000])
-    return prepare(PrepareConfig(inputs=[str(text_file)], out_dir=str(root / "prepared"),
+    return prepare(PrepareConfig(inputs=[str(SHAKESPEARE)], out_dir=str(root / "prepared"),
                                  tokenizer="char"), progress=False)
 
 

@@ -49,7 +49,7 @@ metric_list:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, shakespeare):
-    tokenizer = train_bpe([shakespeare[:200_000]], vocab_size=600)
+    tokenizer = train_bpe([shakespeare], vocab_size=600)
     torch.manual_seed(0)
     model = Decoder(ModelConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=48,
                                 vocab_size=tokenizer.vocab_size, context_length=128,

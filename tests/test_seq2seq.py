@@ -8,6 +8,8 @@ from lmforge.config import SEQ2SEQ_PRESETS, Seq2SeqConfig
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.models.seq2seq import Seq2Seq
 
+from .conftest import TATOEBA
+
 VARIANTS = {
     "post-norm, sinusoidal": dict(norm_first=False),
     "pre-norm, learned": dict(norm_first=True, positions="learned"),
@@ -264,13 +266,12 @@ def test_bad_parallel_lines_are_named_and_skipped_on_request(tmp_path):
 
 
 def test_pairs_of_one_source_stay_in_one_split():
-    import random
+    from lmforge.data.parallel import read_pairs, split_pairs
 
-    from lmforge.data.parallel import split_pairs
-
-    rng = random.Random(0)
-    # 300 source sentences with 1 to 4 translations each, as in Tatoeba.
-    pairs = [(f"source {i}", f"target {i}.{j}") for i in range(300) for j in range(rng.randint(1, 4))]
+    # Real Tatoeba: 260 English sentences with 1 to 11 French translations each (the third
+    # column, the attribution, is not part of a pair).
+    pairs, _ = read_pairs(TATOEBA)
+    assert len(pairs) == 480 and pairs[:2] == [("Go.", "Va !"), ("Go.", "Marche.")]
     train, val, test = split_pairs(pairs, 0.05, 0.05, seed=3)
     n = round(len(pairs) * 0.05)
     assert (len(val), len(test), len(train)) == (n, n, len(pairs) - 2 * n)

@@ -40,8 +40,8 @@ TRICKY = [
 
 @pytest.fixture(scope="module")
 def bpe(shakespeare: str) -> Tokenizer:
-    # A small slice keeps training well under a second while still learning real merges.
-    return train_bpe([shakespeare[:200_000]], vocab_size=1024)
+    # 200k characters keep training well under a second while still learning real merges.
+    return train_bpe([shakespeare], vocab_size=1024)
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +81,14 @@ def test_bpe_rejects_too_small_vocab() -> None:
 def test_char_matches_nanogpt_vocabulary(shakespeare: str) -> None:
     chars = sorted(set(shakespeare))
     tok = train_char(shakespeare, byte_fallback=False)
-    assert len(chars) == 65
-    assert tok.vocab_size == 65
+    assert len(chars) == 62  # 65 in the whole file: '$', '3' and 'X' come after this slice
+    assert tok.vocab_size == 62
     assert tok.eos_id is None and tok.bos_id is None and tok.pad_id is None
     # nanoGPT's shakespeare_char: stoi = {ch: i for i, ch in enumerate(chars)}
     sample = shakespeare[:5000]
     assert tok.encode(sample) == [chars.index(c) for c in sample]
     with_fallback = train_char(shakespeare)
-    assert with_fallback.vocab_size == 65 + 256
+    assert with_fallback.vocab_size == 62 + 256
     assert with_fallback.encode(sample) == tok.encode(sample)
 
 
@@ -105,14 +105,17 @@ def test_char_rejects_empty_text() -> None:
         train_char("")
 
 
-def test_encoding_whole_shakespeare_is_fast_and_exact(
+def test_encoding_200k_characters_is_fast_and_exact(
     shakespeare: str, bpe: Tokenizer, char: Tokenizer
 ) -> None:
+    # The bar this test held on the whole 1.1 MB of Tiny Shakespeare (2 s), scaled to the slice:
+    # at least 0.55 MB/s. BPE encodes about 2.7 MB/s on 2 cores, char 9 MB/s.
+    limit = len(shakespeare) / 550_000
     for tok in (bpe, char):
         start = time.perf_counter()
         ids = tok.encode(shakespeare)
         elapsed = time.perf_counter() - start
-        assert elapsed < 2.0, f"encoding 1.1 MB took {elapsed:.2f}s"
+        assert elapsed < limit, f"encoding {len(shakespeare):,} characters took {elapsed:.2f}s"
         # Internal cutting into pieces must give the ids of encoding the text in one go.
         assert ids == tok.backend.encode(shakespeare, add_special_tokens=False).ids
         assert tok.decode(ids) == shakespeare

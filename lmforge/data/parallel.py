@@ -23,7 +23,8 @@ def read_pairs(path: str | Path, source_field: str = "source", target_field: str
         raise ConfigError(f"bad_lines={bad_lines!r} is not one of fail, skip")
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise FileNotFoundError(f"data file not found: {path}; set data=PATH (each recipe in "
+                                "configs/ says at its top where to get its data)")
     pairs, skipped = [], []
     jsonl = path.suffix.lower() in (".jsonl", ".json")
     with open(path, encoding="utf-8") as f:

@@ -46,7 +46,8 @@ def prepare_data(cfg: TrainConfig) -> Path:
     if (path / "meta.json").is_file():
         return path
     if not path.exists():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise FileNotFoundError(f"data file not found: {path}; set data=PATH (each recipe in "
+                                "configs/ says at its top where to get its data)")
     key = json.dumps([str(path.resolve()), cfg.tokenizer, cfg.vocab_size])
     out = cache_dir() / "prepared" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     return prepare(PrepareConfig(inputs=[str(path)], out_dir=str(out), tokenizer=cfg.tokenizer,
