@@ -215,6 +215,12 @@ class Seq2SeqEngine(Engine):
                                        device=self.device)
         self.source_mask[:, 0] = True  # a free slot must not attend to nothing (NaN)
 
+    def memory_bytes(self, slots: int) -> int:
+        """The decoder's KV cache and every slot's cross-attention keys and values."""
+        cfg, ref = self.model.cfg, self.model.embed.weight
+        memory = 2 * len(self.model.decoder) * cfg.max_length * cfg.d_model * ref.element_size()
+        return super().memory_bytes(slots) + memory * slots
+
     def submit(self, request: Request) -> int:
         if not request.prompt:
             raise ValueError("the source is empty: give some text to translate")
