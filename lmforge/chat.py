@@ -4,19 +4,27 @@ Templates are rendered the way transformers renders them (a sandboxed Jinja envi
 trim_blocks, lstrip_blocks and loop controls; `raise_exception`, `strftime_now` and a
 non-ASCII-escaping `tojson`), so the same messages give the same prompt string. Models
 without a template of their own (the ones lmforge trains) use ChatML, below.
+
+A template is code that comes with a model, so rendering has limits a server can live with:
+time, the text it writes, how far `range` counts, and the size of what `*` and `**` make.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
+from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
+
 from lmforge.config import MAX_NEW_TOKENS
+from lmforge.errors import LmforgeError
 from lmforge.infer.engine import Request, stream_one
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.models.decoder import Decoder
@@ -31,38 +39,124 @@ CHATML_TEMPLATE = (
 )
 
 
-class TemplateError(ValueError):
-    """The chat template refused the conversation (e.g. roles out of order)."""
+# What one rendering may take. Real templates use a fraction: a conversation is at most a
+# request body (1 MB by default), and a prompt far past any context is of no use.
+RENDER_SECONDS = 2.0
+RENDER_CHARS = 16 << 20
+RENDER_RANGE = 1_000_000  # all range() calls together
+_MAX_POWER_BITS = 1 << 16
+
+
+class TemplateError(LmforgeError, ValueError):
+    """The chat template refused the conversation (e.g. roles out of order), or went past
+    a rendering limit."""
+
+
+class _Budget:
+    """What is left to one rendering."""
+
+    def __init__(self) -> None:
+        self.deadline = time.monotonic() + RENDER_SECONDS
+        self.range = RENDER_RANGE
+
+    def check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise TemplateError(f"the chat template ran for more than {RENDER_SECONDS:g} s")
+
+    def count(self, steps: int) -> None:
+        self.range -= steps
+        if self.range < 0:
+            raise TemplateError(f"the chat template counts more than {RENDER_RANGE} steps "
+                                "with range()")
+        self.check_time()
+
+
+_budget: ContextVar[_Budget] = ContextVar("render_budget")
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox transformers renders in, with the limits of `_Budget`: lookups and calls
+    check the time (a loop that does anything does them), `*` and `**` refuse to build huge
+    values before building them."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator: str, left, right):
+        _budget.get().check_time()
+        ints = isinstance(left, int) and isinstance(right, int)
+        if operator == "**" and ints and right * abs(left).bit_length() > _MAX_POWER_BITS:
+            raise TemplateError(f"the chat template computes {left} ** {right}, a number "
+                                f"over {_MAX_POWER_BITS} bits")
+        if operator == "*" and not ints:
+            sized, times = (left, right) if isinstance(right, int) else (right, left)
+            if hasattr(sized, "__len__") and isinstance(times, int) \
+                    and len(sized) * times > RENDER_CHARS:
+                raise TemplateError(f"the chat template makes a value of {len(sized) * times} "
+                                    f"items with `*`, over the limit of {RENDER_CHARS}")
+        return super().call_binop(context, operator, left, right)
+
+    def getitem(self, obj, argument):
+        _budget.get().check_time()
+        return super().getitem(obj, argument)
+
+    def getattr(self, obj, attribute: str):
+        _budget.get().check_time()
+        return super().getattr(obj, attribute)
+
+    def call(self, context, obj, /, *args, **kwargs):
+        _budget.get().check_time()
+        return super().call(context, obj, *args, **kwargs)
+
+
+def _counted_range(*args: int) -> range:
+    steps = safe_range(*args)  # also refuses any one range over jinja's own limit
+    _budget.get().count(len(steps))
+    return steps
 
 
 @lru_cache(maxsize=8)
 def _compile(template: str):
     from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str):
-        raise TemplateError(message)
+        raise TemplateError(f"the chat template refused the messages: {message}")
 
     def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
                           separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[loopcontrols])
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["range"] = _counted_range
     return env.from_string(template)
 
 
 def render_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True
                 ) -> str:
-    """The prompt text for `messages` ([{"role", "content"}, ...]) in the model's format."""
+    """The prompt text for `messages` ([{"role", "content"}, ...]) in the model's format.
+    Raises TemplateError when the template refuses them or goes past a limit (see above)."""
     special = tokenizer.special
-    return _compile(special.chat_template or CHATML_TEMPLATE).render(
-        messages=messages, add_generation_prompt=add_generation_prompt,
-        bos_token=special.bos_token or "", eos_token=special.eos_token or "",
-    )
+    budget = _budget.set(_Budget())
+    try:
+        pieces = _compile(special.chat_template or CHATML_TEMPLATE).generate(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=special.bos_token or "", eos_token=special.eos_token or "",
+        )
+        return "".join(_capped(pieces))
+    finally:
+        _budget.reset(budget)
+
+
+def _capped(pieces: Iterator[str]) -> Iterator[str]:
+    written = 0
+    for piece in pieces:
+        written += len(piece)
+        if written > RENDER_CHARS:
+            raise TemplateError(f"the chat template wrote more than {RENDER_CHARS} characters")
+        _budget.get().check_time()
+        yield piece
 
 
 def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:

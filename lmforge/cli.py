@@ -243,9 +243,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     cfg = ServeConfig(name, args.api_key, args.max_batch, args.max_queue, args.max_len,
                       timeout=args.timeout, cors_origins=args.cors_origin, compile=args.compile)
     app = create_app(opened.model, opened.tokenizer, opened.stop_ids, cfg)
+    stats = app.state.engine.stats()
+    print(f"KV cache: {stats.slots} sequences x {stats.max_len} positions, "
+          f"{stats.kv_cache_bytes / 1e9:.2f} GB", file=sys.stderr)
     print(f"serving {name} on http://{args.host}:{args.port} (chat page at /, API at /v1)",
           file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # Requests still running after SIGTERM get a few seconds, then are cut off.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=3)
 
 
 def _served_name(spec: str) -> str:
@@ -639,7 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=AMOUNT, default=64,
                    help="waiting requests before new ones get 429")
     p.add_argument("--max-len", type=_number(int, 2, what=">= 2"), default=None,
-                   help="positions per sequence (default: the model's context)")
+                   help="positions per sequence, prompt and answer (default: the model's "
+                        "context); the KV cache holds max-batch x max-len from the start")
     p.add_argument("--timeout", type=POSITIVE, default=600.0, help="seconds per request")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser pages from ORIGIN to call the API (repeatable)")

@@ -308,6 +308,11 @@ MAX_NEW_TOKENS = 256
 PERPLEXITY_WINDOW = 1024
 
 
+# Temperatures below this decode greedily: sampling there is greedy in all but exact ties, and
+# dividing logits by a number that rounds to 0 in float32 would give inf and NaN.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass
 class SamplingConfig:
     """How a token is drawn from the logits (see `lmforge.infer.sampling`).
@@ -340,6 +345,10 @@ class SamplingConfig:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalised(self) -> bool:

@@ -78,6 +78,20 @@ _ENCODE_GROUP_CHARS = 1 << 20
 _N_BYTES = 256
 
 
+def _byte_of_char() -> dict[str, int]:
+    """GPT-2's byte-level alphabet read backwards: the printable character that stands for
+    each byte in a byte-level vocabulary (printable bytes are themselves, the others are
+    shifted past 255 in order) -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(_N_BYTES) if b not in printable]
+    return {**{chr(b): b for b in printable},
+            **{chr(_N_BYTES + i): b for i, b in enumerate(shifted)}}
+
+
+_BYTE_OF_CHAR = _byte_of_char()
+
+
 def _not_space(char: str) -> bool:
     return not char.isspace()
 
@@ -185,6 +199,9 @@ class Tokenizer:
         no_space_in_added = all(
             not any(c.isspace() for c in t["content"]) for t in spec.get("added_tokens", [])
         )
+        # How a token's raw bytes are spelled in the vocabulary (see `token_bytes`).
+        self._byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel"
+        self._added = {t["id"] for t in spec.get("added_tokens", [])}
         # Only pipelines whose pre-tokenization we know respect `last_word_end` are cut into
         # pieces; any other loaded tokenizer encodes each text whole.
         self._piece_chars = (
@@ -261,6 +278,22 @@ class Tokenizer:
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
         return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for, also when they are only part of a character
+        (which ``decode`` shows as U+FFFD): the bytes of a text's tokens, joined, are the
+        text's UTF-8. Byte-level vocabularies spell bytes as GPT-2's printable characters,
+        byte fallback as ``<0xNN>``; any other token's bytes are its decoded text's."""
+        piece = self._tok.id_to_token(token)
+        if piece is None:
+            return b""
+        if token in self._added:
+            return piece.encode()
+        if self._byte_level:
+            return bytes(_BYTE_OF_CHAR[char] for char in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return self.decode([token]).encode()
 
     def save(self, directory_or_file: str | Path) -> Path:
         """Write ``tokenizer.json`` (into the directory, unless given a ``.json`` file path)

@@ -2,11 +2,20 @@
 
 import io
 import json
+import time
 
 import pytest
 import torch
 
-from lmforge.chat import CHATML_TEMPLATE, ChatSession, render_chat, run_terminal_chat
+from lmforge.chat import (
+    CHATML_TEMPLATE,
+    RENDER_CHARS,
+    RENDER_SECONDS,
+    ChatSession,
+    TemplateError,
+    render_chat,
+    run_terminal_chat,
+)
 from lmforge.config import ModelConfig
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.models.decoder import Decoder
@@ -95,3 +104,39 @@ def test_a_long_conversation_leaves_out_its_oldest_turns(tokenizer):
     assert len(prompt) <= 96 - 8
     assert "system\nBe brief." in text and "part 0" not in text and "part 7" in text
     assert text.split("<|im_end|>\n")[1].startswith("<|im_start|>user")  # whole exchanges
+
+
+def with_template(template: str) -> Tokenizer:
+    bpe = train_bpe(["Hello there, how are you? I am well, and you?\n"] * 20, vocab_size=300)
+    return Tokenizer(bpe.backend, SpecialTokens(chat_template=template))
+
+
+NESTED_RANGES = ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+                 "{% endfor %}")
+
+
+@pytest.mark.parametrize("template, says", [
+    (NESTED_RANGES, "steps with range()"),
+    ("{{ 'x' * 10**9 }}", "makes a value of 1000000000 items"),
+    ("{{ 10 ** (10 ** 10) }}", "a number over"),
+    ("{% for i in range(20) %}{{ messages[0]['content'] * 100 }}{% endfor %}",
+     f"wrote more than {RENDER_CHARS} characters"),
+    ("{% for a in messages %}{% for b in messages %}{% for c in messages %}"
+     "{% if a['role'] == c['role'] %}{% endif %}{% endfor %}{% endfor %}{% endfor %}",
+     f"ran for more than {RENDER_SECONDS:g} s"),
+])
+def test_rendering_stops_at_its_limits(template, says):
+    """A template comes with the model: one that loops or grows without end is refused
+    within the time limit, before it fills the memory."""
+    messages = [{"role": "user", "content": "hello there " * 1000}] * 300
+    started = time.monotonic()
+    with pytest.raises(TemplateError, match=says):
+        render_chat(with_template(template), messages)
+    assert time.monotonic() - started < RENDER_SECONDS + 1
+
+
+def test_templates_use_range_as_usual():
+    template = ("{% for i in range(messages|length - 1, -1, -1) %}{{ messages[i]['content'] }}"
+                "{% endfor %}{{ range(3)|list }}{{ 2 ** 10 }}{{ '-' * 3 }}")
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    assert render_chat(with_template(template), messages) == "ba[0, 1, 2]1024---"

@@ -3,8 +3,15 @@
 import pytest
 import torch
 
-from lmforge.infer.engine import Detokenizer, Engine, PromptTooLong, Request, generate
-from lmforge.infer.sampling import SamplingConfig, apply_penalties, filtered_logits
+from lmforge.infer.engine import (
+    CacheTooLarge,
+    Detokenizer,
+    Engine,
+    PromptTooLong,
+    Request,
+    generate,
+)
+from lmforge.infer.sampling import SamplingConfig, apply_penalties, filtered_logits, sample
 from lmforge.models.decoder import Decoder
 from lmforge.tokenizer import Tokenizer
 
@@ -19,6 +26,12 @@ def tokenizer(bpe_tokenizer) -> Tokenizer:
 @pytest.fixture(scope="module")
 def model(tokenizer, tiny_llama) -> Decoder:
     return tiny_llama(tokenizer.vocab_size, context_length=64)
+
+
+@pytest.fixture(scope="module")
+def id_model(tiny_llama) -> Decoder:
+    """A model over 300 token ids, for tests that need no text."""
+    return tiny_llama(300, context_length=64)
 
 
 def prompts(tokenizer) -> list[list[int]]:
@@ -169,3 +182,75 @@ def test_a_compiled_engine_decodes_the_same_tokens(model, tokenizer):
     eager = Engine(model, tokenizer, max_batch=2, max_len=40).run(requests)
     compiled = Engine(model, tokenizer, max_batch=2, max_len=40, compile=True).run(requests)
     assert [c.tokens for c in compiled] == [c.tokens for c in eager]
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=1e-300), dict(temperature=1.0, top_p=1e-300),
+                                      dict(temperature=1e-300, top_p=1e-300)])
+def test_vanishing_temperature_or_top_p_picks_the_best_token(settings):
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.9], [30.0, -30.0, 29.0, 0.0]])
+    assert sample(logits, SamplingConfig(top_k=None, **settings)).tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("penalty", [1e-300, 1e300])
+def test_extreme_repetition_penalties_keep_the_logits_finite(penalty):
+    logits = torch.tensor([2.0, -1.0, 0.0, 0.5])
+    seen = torch.tensor([True, True, True, False])
+    cfg = SamplingConfig(temperature=1.0, repetition_penalty=penalty)
+    penalised = apply_penalties(logits, cfg, seen, torch.zeros(4))
+    assert torch.isfinite(penalised).all()
+    sample(penalised.view(1, -1), cfg, torch.Generator().manual_seed(0))  # a distribution
+    best = penalised.argmax().item()
+    assert best == (0 if penalty < 1 else 3)  # the seen 2.0 grows, or shrinks below 0.5
+
+
+def test_generating_at_a_vanishing_temperature_is_greedy(id_model):
+    """`lmforge generate --temperature 1e-300` decodes through here."""
+    prompt = [5, 9, 12]
+    tiny = generate(id_model, prompt, 8, SamplingConfig(temperature=1e-300), seed=0)
+    assert tiny == generate(id_model, prompt, 8, GREEDY)
+
+
+def test_scoring_a_one_token_prompt(id_model):
+    """What lm-eval asks for a one-token context: nothing to score before it."""
+    done = Engine(id_model).run([Request([5], 1, GREEDY, logprobs=2, prompt_logprobs=True),
+                              Request([5], 0, GREEDY, logprobs=0, prompt_logprobs=True)])
+    assert [c.prompt_logprobs for c in done] == [[None], [None]]
+    assert len(done[0].tokens) == 1 and len(done[0].logprobs[0].top) == 2
+
+
+def test_token_ids_outside_the_model_s_vocabulary_are_refused(id_model):
+    engine = Engine(id_model)
+    vocab = id_model.cfg.vocab_size
+    for bad in (vocab, -1):
+        with pytest.raises(ValueError, match=f"token id {bad}, outside the model's vocabulary"):
+            engine.submit(Request([5, bad], 3, GREEDY))
+    assert not engine.has_work()
+
+
+def test_any_integer_is_a_seed(id_model):
+    sampling = SamplingConfig(temperature=1.0, top_k=None)
+    runs = Engine(id_model, max_batch=3).run(
+        [Request([5, 9], 6, sampling, seed=seed) for seed in (7, 2**64 + 7, -(2**70))])
+    assert runs[0].tokens == runs[1].tokens  # seeds are taken modulo 2**64
+    assert len(runs[2].tokens) == 6
+
+
+def test_a_kv_cache_that_cannot_fit_is_refused_before_it_is_allocated(id_model):
+    with pytest.raises(CacheTooLarge, match=r"needs .* GB .*--max-batch N --max-len N"):
+        Engine(id_model, max_batch=1 << 40)
+    engine = Engine(id_model, max_batch=3, max_len=20)
+    assert engine.cache_bytes(3) == engine.cache.nbytes == engine.stats().kv_cache_bytes
+
+
+def test_a_seq2seq_cache_counts_each_slot_s_source_memory():
+    from lmforge.config import Seq2SeqConfig
+    from lmforge.infer.seq2seq import Seq2SeqEngine
+    from lmforge.models.seq2seq import Seq2Seq
+    from lmforge.tokenizer import train_bpe
+
+    tokenizer = train_bpe(["a small text to frame targets with"], vocab_size=300)
+    model = Seq2Seq(Seq2SeqConfig(n_encoder_layer=1, n_decoder_layer=2, n_head=2, d_model=16,
+                                  d_mlp=32, vocab_size=tokenizer.vocab_size, max_length=24))
+    engine = Seq2SeqEngine(model, tokenizer, max_batch=3, max_len=10)
+    memory = 2 * 2 * 3 * 24 * 16 * 4  # k and v, 2 layers, 3 slots, 24 source positions, fp32
+    assert engine.cache_bytes(3) == engine.cache.nbytes == 2 * 2 * 3 * 10 * 16 * 4 + memory

@@ -1,7 +1,11 @@
 """The HTTP server, driven by the official `openai` client against a real localhost server."""
 
 import json
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -17,7 +21,7 @@ from lmforge.infer.engine import Engine, Request
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.models.decoder import Decoder
 from lmforge.serve.app import ServeConfig, create_app
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer import SPECIAL_TOKENS, SpecialTokens, Tokenizer, train_bpe
 
 NAME = "tiny-shakespeare"
 GREEDY = SamplingConfig(temperature=0)
@@ -41,10 +45,15 @@ def free_port() -> int:
 
 @contextmanager
 def running(model, tokenizer, **options):
-    cfg = ServeConfig(NAME, **options)
+    with serving(create_app(model, tokenizer, (), ServeConfig(NAME, **options))) as url:
+        yield url
+
+
+@contextmanager
+def serving(app):
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(model, tokenizer, (), cfg),
-                                           host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -272,3 +281,315 @@ def test_a_seq2seq_model_answers_completions_and_chat(tokenizer):
             client.completions.create(model=NAME, prompt=[[5] * 30], max_tokens=4)
         with pytest.raises(openai.BadRequestError, match="does not score its source"):
             client.completions.create(model=NAME, prompt="x", echo=True, logprobs=1)
+
+
+# ---------------------------------------------------------------- one request cannot break it
+# Text to train a tokenizer on here, so these tests need no data files.
+TEXT = """\
+The river town wakes before the sun. Bakers light their ovens, boatmen check their ropes,
+and the first carts roll over the stone bridge towards the market square. By seven the
+stalls are open: apples and pears, cheese wrapped in cloth, bread still warm, fish on ice.
+Children run between the tables; their parents argue about prices and the weather.
+"Rain by noon," says the old ferryman, as he has said every morning for forty years.
+He is right about half the time, which he counts as a good record.
+In the afternoon the square empties. Shopkeepers sweep, count their coins, and talk
+about the day. Some go down to the water to watch the boats come in; others climb the hill
+to the chapel, where the bell rings at six. The light turns gold, then grey, then blue.
+At night the taverns fill. Songs start slowly and grow loud; a fiddle joins, then a drum.
+Travellers ask for rooms and stories, and the town has plenty of both: the flood of the
+great winter, the mayor who fell into the river, the wolf that walked across the ice.
+Nobody agrees on the details, and nobody minds. The stories change a little every year.
+When the last candle goes out, the river keeps talking to itself under the bridge,
+and the town sleeps until the bakers wake again.
+"""
+
+
+@pytest.fixture(scope="module")
+def own_tokenizer() -> Tokenizer:
+    return train_bpe([TEXT] * 4, vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def small_model(own_tokenizer, tiny_llama) -> Decoder:
+    return tiny_llama(own_tokenizer.vocab_size, context_length=64)
+
+
+@pytest.fixture(scope="module")
+def slow_model(own_tokenizer) -> Decoder:
+    """Slow enough that a 4000-token answer takes seconds."""
+    torch.manual_seed(0)
+    model = Decoder(ModelConfig(n_layer=4, n_head=4, n_kv_head=2, d_model=128,
+                                vocab_size=own_tokenizer.vocab_size, context_length=4096,
+                                positions="rope", norm="rmsnorm", mlp="swiglu")).eval()
+    with torch.no_grad():  # logits of 0 never win: no answer ends early at a special token
+        model.lm_head.weight[:len(SPECIAL_TOKENS)] = 0
+    return model
+
+
+@pytest.fixture(scope="module")
+def sturdy(small_model, own_tokenizer):
+    with running(small_model, own_tokenizer, max_batch=2, timeout=5) as url:
+        yield url
+
+
+def still_serving(url: str) -> None:
+    """The next request is answered, and /health says all is well."""
+    reply = httpx.post(url + "/v1/completions", timeout=10,
+                       json={"prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0})
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
+    health = httpx.get(url + "/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def complete(url: str, **body) -> httpx.Response:
+    return httpx.post(url + "/v1/completions", json={"prompt": [5, 6, 7], **body}, timeout=10)
+
+
+@pytest.mark.parametrize("extreme", [{"temperature": 1e-300}, {"top_p": 1e-300},
+                                     {"temperature": 1e-300, "top_p": 1e-300}])
+def test_vanishing_temperature_or_top_p_answers_greedily(sturdy, extreme):
+    greedy = complete(sturdy, max_tokens=6, temperature=0).json()["choices"][0]["text"]
+    reply = complete(sturdy, max_tokens=6, **extreme)
+    assert reply.status_code == 200 and reply.json()["choices"][0]["text"] == greedy
+    still_serving(sturdy)
+
+
+@pytest.mark.parametrize("body", [
+    {"max_tokens": 6, "repetition_penalty": 1e-300},
+    {"max_tokens": 6, "repetition_penalty": 1e300},
+    {"prompt": [5], "echo": True, "logprobs": 0, "max_tokens": 1},  # lm-eval's shape
+    {"prompt": [5], "echo": True, "logprobs": 2, "max_tokens": 0},
+])
+def test_values_at_the_edges_of_the_schema_are_answered(sturdy, body):
+    reply = complete(sturdy, **body)
+    assert reply.status_code == 200, reply.text
+    still_serving(sturdy)
+
+
+def test_a_token_id_past_the_model_s_vocabulary_is_a_400(own_tokenizer, tiny_llama):
+    """The tokenizer may know more ids than the model has embeddings for."""
+    model = tiny_llama(own_tokenizer.vocab_size - 8, context_length=64)
+    with running(model, own_tokenizer, timeout=5) as url:
+        reply = complete(url, prompt=[5, own_tokenizer.vocab_size - 3])
+        assert reply.status_code == 400
+        assert "outside the model's vocabulary" in reply.json()["error"]["message"]
+        still_serving(url)
+
+
+def test_a_failing_engine_step_fails_only_its_own_requests(own_tokenizer, tiny_llama):
+    """A model that gives NaN logits: sampling from them raises in the engine thread."""
+    model = tiny_llama(own_tokenizer.vocab_size, context_length=64)
+    with torch.no_grad():
+        model.final_norm.weight.fill_(float("nan"))
+    with running(model, own_tokenizer, timeout=5) as url:
+        failed = complete(url, max_tokens=3, temperature=1.0)
+        assert failed.status_code == 500
+        assert failed.json()["error"]["type"] == "server_error"
+        assert "probability tensor" in failed.json()["error"]["message"]
+        with httpx.stream("POST", url + "/v1/completions", timeout=10, json={
+                "prompt": [5], "max_tokens": 3, "temperature": 1.0, "stream": True}) as stream:
+            lines = [line for line in stream.iter_lines() if line]
+        assert json.loads(lines[0].removeprefix("data: "))["error"]["code"] == "engine_failed"
+        assert lines[-1] == "data: [DONE]"
+        still_serving(url)  # greedy decoding of NaN logits does not raise
+        assert "lmforge_failed_requests_total 2.0" in httpx.get(url + "/metrics").text
+
+
+def test_a_stopped_engine_is_reported_at_once(small_model, own_tokenizer):
+    app = create_app(small_model, own_tokenizer, (), ServeConfig(NAME, timeout=60))
+    with serving(app) as url:
+        app.state.scheduler.stop()
+        health = httpx.get(url + "/health")
+        assert health.status_code == 503 and "engine thread" in health.json()["reason"]
+        started = time.monotonic()
+        reply = complete(url, max_tokens=2)
+        assert reply.status_code == 503 and time.monotonic() - started < 5
+
+
+def test_sigterm_stops_the_server_in_the_middle_of_a_request(own_tokenizer, slow_model,
+                                                             tmp_path):
+    from lmforge.modeldir import save_model
+
+    save_model(tmp_path / "model", slow_model, own_tokenizer)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve",
+                               str(tmp_path / "model"), "--port", str(port), "--max-batch", "1",
+                               "--log-level", "warning"], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: server.poll() is None and _up(url), timeout=120)
+        for _ in range(6):  # a minute of work: one decoding, five waiting
+            threading.Thread(target=lambda: httpx.post(url + "/v1/completions", timeout=120,
+                             json={"prompt": [5], "max_tokens": 4000, "temperature": 0}),
+                             daemon=True).start()
+        wait_for(lambda: "lmforge_queue_length 5.0" in httpx.get(url + "/metrics").text)
+        server.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        server.wait(timeout=20)
+        assert time.monotonic() - started < 10
+    finally:
+        server.kill()
+    assert "KV cache: 1 sequences x 4096 positions" in server.stderr.read()
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_a_non_streaming_client_that_leaves_frees_its_slot(slow_model, own_tokenizer):
+    with running(slow_model, own_tokenizer, max_batch=2) as url:
+        for _ in range(2):
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url + "/v1/completions", timeout=1, json={
+                    "prompt": [5], "max_tokens": 4000, "temperature": 0})
+        # Both answers had seconds to go: their slots are free as soon as their clients left.
+        wait_for(lambda: httpx.get(url + "/health").json()["active"] == 0, timeout=3)
+
+
+def test_metrics_label_requests_by_route_not_by_path(small_model, own_tokenizer):
+    with running(small_model, own_tokenizer, api_key="k3y") as url:
+        for i in range(20):
+            assert httpx.get(f"{url}/v1/probe-{i}").status_code == 401
+            assert httpx.get(f"{url}/probe-{i}").status_code == 404
+        httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k3y"})
+        httpx.get(url + "/health")
+        series = [line for line in httpx.get(url + "/metrics").text.splitlines()
+                  if line.startswith("lmforge_requests_total{")]
+    routes = {re.search(r'route="([^"]*)"', line)[1] for line in series}
+    assert routes == {"unmatched", "/v1/models", "/health"}
+
+
+def test_cors_preflight_needs_no_key_and_a_401_carries_cors_headers(small_model,
+                                                                    own_tokenizer):
+    page = "http://page.example"
+    with running(small_model, own_tokenizer, api_key="k3y", cors_origins=[page]) as url:
+        preflight = httpx.options(url + "/v1/chat/completions", headers={
+            "Origin": page, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == page
+        refused = httpx.post(url + "/v1/completions", json={"prompt": "x"},
+                             headers={"Origin": page})
+        assert refused.status_code == 401
+        assert refused.headers["access-control-allow-origin"] == page
+
+
+def test_the_api_key_is_only_taken_as_a_bearer_token(small_model, own_tokenizer):
+    with running(small_model, own_tokenizer, api_key="k3y") as url:
+        for header in ("k3y", "Basic k3y", "Bearer wrong", "Bearerk3y"):
+            reply = httpx.get(url + "/v1/models", headers={"Authorization": header})
+            assert reply.status_code == 401, header
+        for header in ("Bearer k3y", "bearer k3y"):
+            assert httpx.get(url + "/v1/models", headers={"Authorization": header}).is_success
+
+
+@pytest.mark.parametrize("route, body, param, says", [
+    ("chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": 123}]}]}, "messages.0.content",
+     "content part 0 has type text but its text is 123"),
+    ("completions", {"prompt": "a\ud800b"}, "prompt", "lone surrogate"),
+    ("completions", {"prompt": ["ok", "a\ud800b"]}, "prompt", "prompt 1 has a lone surrogate"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "a\ud800b"}]},
+     "messages.0.content", "lone surrogate ('\\ud800' at character 1)"),
+])
+def test_malformed_texts_are_400s_that_name_the_field(sturdy, route, body, param, says):
+    reply = httpx.post(f"{sturdy}/v1/{route}", content=json.dumps(body),
+                       headers={"content-type": "application/json"})
+    assert reply.status_code == 400
+    assert reply.json()["error"]["param"] == param and says in reply.json()["error"]["message"]
+
+
+def test_max_completion_tokens_zero_means_zero(sturdy):
+    reply = httpx.post(sturdy + "/v1/chat/completions", timeout=10, json={
+        "messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 0,
+        "max_tokens": 5})
+    assert reply.json()["usage"]["completion_tokens"] == 0
+    assert reply.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_slow_chat_template_neither_stalls_the_server_nor_runs_on(small_model,
+                                                                    own_tokenizer):
+    slow = Tokenizer(own_tokenizer.backend, SpecialTokens(chat_template=(
+        "{% for a in messages %}{% for b in messages %}{% for c in messages %}"
+        "{% if a['role'] == c['role'] %}{% endif %}{% endfor %}{% endfor %}{% endfor %}")))
+    with running(small_model, slow) as url:
+        answer = {}
+        chat = threading.Thread(target=lambda: answer.update(reply=httpx.post(
+            url + "/v1/chat/completions", timeout=30,
+            json={"messages": [{"role": "user", "content": "hi"}] * 300})))
+        chat.start()
+        time.sleep(0.5)  # rendering by now
+        started = time.monotonic()
+        assert httpx.get(url + "/health", timeout=5).status_code == 200
+        assert time.monotonic() - started < 1
+        chat.join(timeout=30)
+    assert answer["reply"].status_code == 400
+    assert "the chat template ran for more than" in answer["reply"].json()["error"]["message"]
+
+
+def test_long_prompts_tokenize_without_stalling_the_server(sturdy):
+    prompt = (TEXT * 600)[:900_000]
+    threads = [threading.Thread(target=complete, args=(sturdy,), kwargs={"prompt": prompt})
+               for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    slowest = 0.0
+    while any(thread.is_alive() for thread in threads):
+        started = time.monotonic()
+        httpx.get(sturdy + "/health", timeout=30)
+        slowest = max(slowest, time.monotonic() - started)
+    assert slowest < 1, slowest
+
+
+def test_the_advertised_context_is_the_one_served(own_tokenizer, tiny_llama):
+    model = tiny_llama(own_tokenizer.vocab_size, context_length=8192)
+    with running(model, own_tokenizer) as url:
+        limit = httpx.get(url + "/v1/models").json()["data"][0]["max_model_len"]
+        assert limit == httpx.get(url + "/health").json()["max_len"] == 8192
+        assert complete(url, prompt=[5] * (limit - 1), max_tokens=1).status_code == 200
+        refused = complete(url, prompt=[5] * limit, max_tokens=1)
+        assert refused.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_chat_logprob_bytes_are_the_token_s_own_bytes(sturdy, own_tokenizer):
+    reply = httpx.post(sturdy + "/v1/chat/completions", timeout=10, json={
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "temperature": 0,
+        "logprobs": True, "top_logprobs": 20}).json()
+    entries = [e for position in reply["choices"][0]["logprobs"]["content"]
+               for e in [position, *position["top_logprobs"]]]
+    vocabulary = {own_tokenizer.token_bytes(t) for t in range(own_tokenizer.vocab_size)}
+    assert all(bytes(e["bytes"]) in vocabulary for e in entries)
+    partial = [e for e in entries if e["token"].startswith("bytes:")]
+    assert partial  # pieces of characters, each with its byte: 0x80 and up, alone
+    assert all(len(e["bytes"]) == 1 and e["bytes"][0] >= 0x80 for e in partial)
+
+
+def test_completion_top_logprobs_have_as_many_texts_as_asked(sturdy):
+    reply = complete(sturdy, max_tokens=8, temperature=0, logprobs=20, echo=True).json()
+    logprobs = reply["choices"][0]["logprobs"]
+    assert [len(top) for top in logprobs["top_logprobs"][1:]] == [20] * 10
+    # The greedy token is the likeliest text at each position (how lm-eval checks greed).
+    for token, top in zip(logprobs["tokens"][3:], logprobs["top_logprobs"][3:]):
+        assert max(top, key=top.get) == token
+
+
+def test_seeds_of_any_size_are_taken(sturdy):
+    small = complete(sturdy, max_tokens=6, temperature=1.0, seed=7).json()
+    big = complete(sturdy, max_tokens=6, temperature=1.0, seed=2**64 + 7, n=2).json()
+    assert big["choices"][0]["text"] == small["choices"][0]["text"]
+
+
+def test_left_out_sampling_settings_are_lmforge_s_defaults(client, model, tokenizer):
+    """A request without temperature or top_p samples as `lmforge generate` does by default
+    (SamplingConfig()), not with OpenAI's temperature 1."""
+    reply = client.completions.create(model=NAME, prompt="KING:", max_tokens=24, seed=11)
+    done = Engine(model, tokenizer).run([Request(tokenizer.encode("KING:"), 24, SamplingConfig(),
+                                                 seed=11)])
+    assert reply.choices[0].text == done[0].text
+    hotter = Engine(model, tokenizer).run([Request(tokenizer.encode("KING:"), 24,
+                                                   SamplingConfig(temperature=1.0, top_p=None),
+                                                   seed=11)])
+    assert hotter[0].text != done[0].text  # the check can tell the two apart

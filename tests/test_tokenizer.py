@@ -209,3 +209,17 @@ def test_special_tokens_and_chat_template_are_saved_beside_the_tokenizer(
 
     hf = PreTrainedTokenizerFast.from_pretrained(tmp_path)
     assert hf.eos_token_id == 3 and hf.chat_template == template
+
+
+@pytest.mark.parametrize("tokenizer", [
+    train_bpe(["plain ASCII text, twice: plain ASCII text"] * 4, vocab_size=300),
+    train_char("plain ASCII text"),
+], ids=["byte-level BPE", "char with byte fallback"])
+def test_token_bytes_join_into_the_text_s_utf8(tokenizer: Tokenizer) -> None:
+    """Pieces of a character decode to U+FFFD one by one, yet keep their own bytes."""
+    text = "naïve 😀 日本語 — plain text<|im_end|>"
+    ids = tokenizer.encode(text)
+    pieces = [tokenizer.token_bytes(i) for i in ids]
+    assert b"".join(pieces) == text.encode()
+    assert any(tokenizer.decode([i]) == "\ufffd" for i in ids)  # there were such pieces
+    assert tokenizer.token_bytes(tokenizer.vocab_size + 5) == b""

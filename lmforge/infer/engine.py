@@ -39,6 +39,10 @@ class PromptTooLong(LmforgeError, ValueError):
     """A prompt does not fit in the context (or the engine's cache) with room to generate."""
 
 
+class CacheTooLarge(LmforgeError, MemoryError):
+    """The KV cache asked for would not fit in the memory free on the model's device."""
+
+
 @dataclass
 class Request:
     prompt: list[int]
@@ -129,7 +133,8 @@ class _Sequence:
         self.limit = 0  # most tokens it may generate, set on admission
         self.generator = torch.Generator(device=device)
         if request.seed is not None:
-            self.generator.manual_seed(request.seed)
+            # Any integer is a seed: torch takes 64 bits, clients may send more.
+            self.generator.manual_seed(request.seed % 2**64)
         else:
             self.generator.seed()
         self.detok = Detokenizer(tokenizer) if tokenizer is not None else None
@@ -222,9 +227,10 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[To
     """Log-probabilities of `tokens` under logits (N, vocab), one row each, with the `top`
     alternatives of each row."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logp[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+    # long even when there are no tokens (a one-token prompt has none to score)
+    chosen = logp[torch.arange(len(tokens)), torch.tensor(tokens, dtype=torch.long)].tolist()
     if top:
-        values, ids = logp.topk(top, dim=-1)
+        values, ids = logp.topk(min(top, logp.shape[-1]), dim=-1)
         alternatives = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
     else:
         alternatives = [[] for _ in tokens]
@@ -269,7 +275,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.max_len = min(max_len or model.cfg.context_length, model.cfg.context_length)
-        self.cache = model.new_cache(max_batch, self.max_len)
+        self.cache = self._new_cache(max_batch)
         self.slots: list[_Sequence | None] = [None] * max_batch
         self.waiting: deque[_Sequence] = deque()
         self._ids = itertools.count()
@@ -288,6 +294,11 @@ class Engine:
             raise ValueError(f"max_new_tokens must be >= 0, got {request.max_new_tokens}")
         if request.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer to read the text")
+        vocab = self.model.cfg.vocab_size
+        outside = [t for t in request.prompt if not 0 <= t < vocab]
+        if outside:  # the tokenizer's vocabulary may be larger than the model's
+            raise ValueError(f"the prompt has token id {outside[0]}, outside the model's "
+                             f"vocabulary (0 to {vocab - 1})")
         if self.room(request.prompt) >= 1:
             return request
         if not request.truncate:
@@ -317,6 +328,25 @@ class Engine:
         self.waiting.append(seq)
         return seq.id
 
+    def cache_bytes(self, slots: int) -> int:
+        """Bytes of a cache for `slots` sequences of max_len positions, measured on caches of
+        one and two positions (a family may keep a fixed share per sequence, too)."""
+        one, two = (self.model.new_cache(1, n).nbytes for n in (1, 2))
+        per_position = two - one
+        return slots * (one - per_position + per_position * self.max_len)
+
+    def _new_cache(self, slots: int) -> KVCache:
+        """The cache, refused up front when it would not fit: allocating it would fail late
+        or push the machine into swap."""
+        needed, free = self.cache_bytes(slots), available_memory(self.device)
+        if free is not None and needed > free:
+            raise CacheTooLarge(
+                f"a KV cache for {slots} sequences of {self.max_len} positions needs "
+                f"{needed / 1e9:.2f} GB ({self.cache_bytes(1) / 1e6:.1f} MB per sequence) and "
+                f"{free / 1e9:.2f} GB is free on {self.device}: lower max_batch or max_len "
+                "(`lmforge serve --max-batch N --max-len N`)")
+        return self.model.new_cache(slots, self.max_len)
+
     def cancel(self, request_id: int) -> None:
         """Forget a request (a client went away): its slot is free for the next step."""
         self.waiting = deque(s for s in self.waiting if s.id != request_id)
@@ -329,6 +359,10 @@ class Engine:
     @property
     def active(self) -> int:
         return sum(s is not None for s in self.slots)
+
+    def active_requests(self) -> list[int]:
+        """Ids of the requests in a slot (decoding, or being admitted)."""
+        return [s.id for s in self.slots if s is not None]
 
     def has_work(self) -> bool:
         return bool(self.waiting) or self.active > 0
@@ -441,6 +475,31 @@ def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     if ids:
         return ids
     return [tokenizer.bos_id] if tokenizer.bos_id is not None else tokenizer.encode("\n")
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that new tensors on `device` can take, or None where that is unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        import psutil
+    except ImportError:
+        return _meminfo_available()
+    return psutil.virtual_memory().available
+
+
+def _meminfo_available() -> int | None:
+    """Linux's estimate of the memory new allocations can take without swapping."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kB
+    except OSError:
+        pass
+    return None
 
 
 def _compiled(model: LanguageModel):

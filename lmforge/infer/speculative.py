@@ -151,7 +151,7 @@ def _verify(logits: torch.Tensor, draft: list[int], cfg: SamplingConfig,
             generator: torch.Generator | None) -> list[int]:
     """The draft's accepted prefix and one token from the model: at the first rejection, or
     after the whole draft. logits (len(draft) + 1, vocab): row i predicts draft[i]."""
-    if cfg.temperature == 0:
+    if cfg.greedy:
         best = sample(logits, cfg).tolist()
         n = 0
         while n < len(draft) and draft[n] == best[n]:

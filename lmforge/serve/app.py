@@ -6,6 +6,12 @@ Routes: `GET /` (the chat page), `GET /health`, `GET /metrics` (Prometheus text)
 own thread (see `scheduler.py`), so concurrent requests batch together. Errors use the
 OpenAI shape `{"error": {"message", "type", "param", "code"}}`.
 
+No single request can take the server down: chat templates render and long prompts tokenize
+on worker threads with limits, an engine failure fails only the requests it was running (a
+500, or an error event in a stream), every wait ends by the request's `timeout`, a client
+that leaves frees its slot (streaming or not), and `/health` answers 503 once the engine
+thread has stopped.
+
 An encoder-decoder (seq2seq) model is served the same way: a completion's prompt is the
 source text, and a chat request's last user message is (so the chat page translates).
 """
@@ -13,6 +19,7 @@ source text, and a chat request's last user message is (so the chat page transla
 from __future__ import annotations
 
 import asyncio
+import codecs
 import hmac
 import json
 import time
@@ -28,18 +35,25 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute, Match
+from starlette.types import Receive
 
-from lmforge.chat import chat_prompt_ids
+from lmforge.chat import TemplateError, chat_prompt_ids
 from lmforge.infer.engine import Completion, Engine, Event, PromptTooLong, TokenLogprob
 from lmforge.infer.engine import Request as EngineRequest
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.infer.seq2seq import Seq2SeqEngine
 from lmforge.models import LanguageModel, Seq2Seq
-from lmforge.serve.scheduler import QueueFull, Scheduler, Ticket
-from lmforge.serve.schemas import ChatRequest, CompletionRequest, SamplingFields
+from lmforge.serve.scheduler import (
+    EngineFailed,
+    EngineStopped,
+    QueueFull,
+    Scheduler,
+    Ticket,
+    within,
+)
+from lmforge.serve.schemas import SAMPLING, ChatRequest, CompletionRequest, SamplingFields
 from lmforge.tokenizer import Tokenizer
-
-DEFAULT_MAX_LEN = 4096
 
 
 @dataclass
@@ -48,8 +62,8 @@ class ServeConfig:
     api_key: str | None = None
     max_batch: int = 8
     max_queue: int = 64
-    # Positions per sequence: the model's context, at most DEFAULT_MAX_LEN unless set, as the
-    # KV cache is allocated up front for every slot.
+    # Positions per sequence, the model's context unless set: the KV cache holds max_batch x
+    # max_len positions from the start, and the engine refuses one that would not fit.
     max_len: int | None = None
     max_body_bytes: int = 1 << 20
     timeout: float = 600.0  # seconds a request may take, queueing included
@@ -102,6 +116,8 @@ class Metrics:
              lambda: stats.generated_tokens),
             ("lmforge_rejected_requests_total", "Requests refused with a full queue",
              lambda: stats.rejected),
+            ("lmforge_failed_requests_total", "Requests dropped by a failed engine step",
+             lambda: stats.failed),
             ("lmforge_engine_steps_total", "Engine steps", lambda: stats.steps),
         ):
             Gauge(name, doc, registry=r).set_function(read)
@@ -109,14 +125,13 @@ class Metrics:
 
 def create_app(model: LanguageModel, tokenizer: Tokenizer, stop_ids: tuple[int, ...],
                cfg: ServeConfig) -> FastAPI:
-    max_len = cfg.max_len or min(model.cfg.context_length, DEFAULT_MAX_LEN)
     if isinstance(model, Seq2Seq):
         if cfg.compile:
             raise ValueError("--compile is for decoder-only models; serve this seq2seq model "
                              "without it")
-        engine = Seq2SeqEngine(model, tokenizer, cfg.max_batch, max_len)
+        engine = Seq2SeqEngine(model, tokenizer, cfg.max_batch, cfg.max_len)
     else:
-        engine = Engine(model, tokenizer, cfg.max_batch, max_len, compile=cfg.compile)
+        engine = Engine(model, tokenizer, cfg.max_batch, cfg.max_len, compile=cfg.compile)
     scheduler = Scheduler(engine, cfg.max_queue)
     metrics = Metrics()
     metrics.engine_gauges(scheduler)
@@ -129,10 +144,14 @@ def create_app(model: LanguageModel, tokenizer: Tokenizer, stop_ids: tuple[int, 
         scheduler.stop()
 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine, app.state.scheduler = engine, scheduler
+    app.add_middleware(_Gate, api_key=cfg.api_key, limit=cfg.max_body_bytes, metrics=metrics,
+                       routes=app.router.routes)
     if cfg.cors_origins:
+        # Added last, so it runs first: a browser's preflight carries no API key, and the
+        # page must be allowed to read a 401 too.
         app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins,
                            allow_methods=["GET", "POST"], allow_headers=["*"])
-    app.add_middleware(_Gate, api_key=cfg.api_key, limit=cfg.max_body_bytes, metrics=metrics)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError):
@@ -142,7 +161,8 @@ def create_app(model: LanguageModel, tokenizer: Tokenizer, stop_ids: tuple[int, 
     async def invalid(_: Request, err: RequestValidationError):
         first = err.errors()[0]
         where = [str(p) for p in first.get("loc", ()) if p != "body"]
-        message = f"{'.'.join(where) or 'body'}: {first.get('msg', 'invalid')}"
+        reason = first.get("msg", "invalid").removeprefix("Value error, ")
+        message = f"{'.'.join(where) or 'body'}: {reason}"
         return ApiError(400, message, param=".".join(where) or None).response()
 
     @app.exception_handler(HTTPException)
@@ -161,9 +181,13 @@ def create_app(model: LanguageModel, tokenizer: Tokenizer, stop_ids: tuple[int, 
     @app.get("/health")
     async def health():
         stats = engine.stats()
-        return {"status": "ok", "model": cfg.model_name, "active": stats.active,
-                "waiting": stats.waiting, "slots": stats.slots, "max_len": stats.max_len,
-                "kv_cache_mb": round(stats.kv_cache_bytes / 1e6, 1)}
+        state = {"status": "ok", "model": cfg.model_name, "active": stats.active,
+                 "waiting": stats.waiting, "slots": stats.slots, "max_len": stats.max_len,
+                 "kv_cache_mb": round(stats.kv_cache_bytes / 1e6, 1)}
+        if not scheduler.alive:
+            return JSONResponse({**state, "status": "unavailable", "reason": "the engine "
+                                 "thread has stopped: restart the server"}, status_code=503)
+        return state
 
     @app.get("/metrics")
     async def prometheus():
@@ -177,12 +201,12 @@ def create_app(model: LanguageModel, tokenizer: Tokenizer, stop_ids: tuple[int, 
              "owned_by": "lmforge", "max_model_len": engine.stats().max_len}]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        return await api.completions(body)
+    async def completions(body: CompletionRequest, request: Request):
+        return await api.completions(body, request.receive)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest):
-        return await api.chat(body)
+    async def chat_completions(body: ChatRequest, request: Request):
+        return await api.chat(body, request.receive)
 
     return app
 
@@ -197,11 +221,14 @@ class _Api:
         self.created = int(time.time())
 
     # -------------------------------------------------------------- completions
-    async def completions(self, body: CompletionRequest):
+    async def completions(self, body: CompletionRequest, receive: Receive):
+        deadline = time.monotonic() + self.cfg.timeout
         self._check_model(body.model)
-        prompts = self._prompts(body.prompt)
+        prompts = await self._off_loop(deadline, self._prompts, body.prompt)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
-        requests = [self._request(p, body, max_tokens, body.logprobs, body.echo)
+        # Twice the alternatives asked for: tokens that share a text count once (`_top_dict`).
+        alternatives = None if body.logprobs is None else 2 * body.logprobs
+        requests = [self._request(p, body, max_tokens, alternatives, body.echo)
                     for p in prompts for _ in range(body.n)]
         reply_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": reply_id, "object": "text_completion", "created": created,
@@ -209,7 +236,7 @@ class _Api:
         if body.stream:
             tally = {"completion_tokens": 0}
             # Submitted before the response starts, so a full queue is still a 429.
-            tickets = await self._submit_all(requests)
+            tickets = await self._submit_all(requests, deadline)
 
             async def chunks() -> AsyncIterator[dict]:
                 for index, request in enumerate(requests if body.echo else []):
@@ -220,7 +247,7 @@ class _Api:
                         "index": index, "text": event.text, "finish_reason":
                         event.finish_reason, "logprobs": self._stream_logprobs(event, body)}]}
             return self._sse(chunks(), head, body, requests, tally)
-        done = await self._all(requests)
+        done = await self._all(requests, deadline, receive)
         choices = [{"index": i, "text": (self._echo_text(r) if body.echo else "") + c.text,
                     "finish_reason": c.finish_reason,
                     "logprobs": self._completion_logprobs(c, body) if body.logprobs is not None
@@ -228,6 +255,7 @@ class _Api:
         return {**head, "choices": choices, "usage": _usage(done)}
 
     def _prompts(self, prompt) -> list[list[int]]:
+        """Token ids of each prompt (the engine checks them against the model's vocabulary)."""
         if isinstance(prompt, str):
             prompt = [prompt]
         elif prompt and isinstance(prompt[0], int):
@@ -237,9 +265,6 @@ class _Api:
             ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
             if not ids:
                 raise ApiError(400, "the prompt is empty", param="prompt")
-            if max(ids) >= self.tokenizer.vocab_size or min(ids) < 0:
-                raise ApiError(400, "the prompt has token ids outside the vocabulary",
-                               param="prompt")
             out.append(ids)
         return out
 
@@ -250,35 +275,52 @@ class _Api:
         entries = (c.prompt_logprobs or []) if body.echo else []
         entries = list(entries) + list(c.logprobs or [])
         tokens = (list(c.prompt) if body.echo else []) + list(c.tokens)
-        strings = [self._token_text(t) for t in tokens]
-        offsets, at = [], 0
-        for s in strings:
-            offsets.append(at)
-            at += len(s)
         return {
-            "tokens": strings,
+            "tokens": [self._token_text(t) for t in tokens],
             "token_logprobs": [e.logprob if e else None for e in entries],
-            "top_logprobs": [self._top_dict(e) if e else None for e in entries],
-            "text_offset": offsets,
+            "top_logprobs": [self._top_dict(e, body.logprobs) if e else None for e in entries],
+            "text_offset": self._offsets(tokens),
         }
+
+    def _offsets(self, tokens: list[int]) -> list[int]:
+        """Where each token starts in the text, in characters; a token that begins inside a
+        character starts where that character does."""
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        offsets, at = [], 0
+        for token in tokens:
+            offsets.append(at)
+            at += len(utf8.decode(self.tokenizer.token_bytes(token)))
+        return offsets
 
     def _stream_logprobs(self, event: Event, body: CompletionRequest) -> dict | None:
         if body.logprobs is None or event.logprob is None:
             return None
         lp = event.logprob
         return {"tokens": [self._token_text(lp.token)], "token_logprobs": [lp.logprob],
-                "top_logprobs": [self._top_dict(lp)], "text_offset": [0]}
+                "top_logprobs": [self._top_dict(lp, body.logprobs)], "text_offset": [0]}
 
-    def _top_dict(self, lp: TokenLogprob) -> dict[str, float]:
-        return {self._token_text(t): v for t, v in lp.top}
+    def _top_dict(self, lp: TokenLogprob, k: int) -> dict[str, float]:
+        """The k most likely texts at a position. OpenAI's shape is keyed by text, and two
+        tokens can share one (a character and its byte-fallback token): the likelier one
+        stays and the next alternatives fill up to k (the engine gives 2k, enough when no
+        text has more than two tokens)."""
+        top: dict[str, float] = {}
+        for token, value in lp.top:
+            if len(top) == k:
+                break
+            top.setdefault(self._token_text(token), value)
+        return top
 
     # --------------------------------------------------------------------- chat
-    async def chat(self, body: ChatRequest):
+    async def chat(self, body: ChatRequest, receive: Receive):
+        deadline = time.monotonic() + self.cfg.timeout
         self._check_model(body.model)
         messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
                     for m in body.messages]
-        prompt = self._chat_prompt(messages)
-        max_tokens = body.max_completion_tokens or body.max_tokens
+        prompt = await self._chat_prompt(messages, deadline)
+        max_tokens = body.max_completion_tokens
+        if max_tokens is None:
+            max_tokens = body.max_tokens
         if max_tokens is None:
             max_tokens = self.engine.room(prompt)
         top = (body.top_logprobs or 0) if body.logprobs else None
@@ -289,7 +331,7 @@ class _Api:
         if body.stream:
             tally = {"completion_tokens": 0}
             # Submitted before the response starts, so a full queue is still a 429.
-            tickets = await self._submit_all(requests)
+            tickets = await self._submit_all(requests, deadline)
 
             async def chunks() -> AsyncIterator[dict]:
                 for index in range(len(requests)):
@@ -304,30 +346,34 @@ class _Api:
                         yield {**head, "choices": [{"index": index, "delta": delta,
                                "logprobs": logprobs, "finish_reason": event.finish_reason}]}
             return self._sse(chunks(), head, body, requests, tally)
-        done = await self._all(requests)
+        done = await self._all(requests, deadline, receive)
         choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
                     "logprobs": {"content": [self._chat_logprob(lp) for lp in c.logprobs]}
                     if c.logprobs is not None else None, "finish_reason": c.finish_reason}
                    for i, c in enumerate(done)]
         return {**head, "choices": choices, "usage": _usage(done)}
 
-    def _chat_prompt(self, messages: list[dict]) -> list[int]:
+    async def _chat_prompt(self, messages: list[dict], deadline: float) -> list[int]:
         if isinstance(self.engine, Seq2SeqEngine):
             said = [m["content"] for m in messages if m["role"] == "user" and m["content"]]
             if not said:
                 raise ApiError(400, "a seq2seq model takes the last user message as its "
                                "source: send one with text", param="messages")
-            return self.tokenizer.encode(said[-1])
+            return await self._off_loop(deadline, self.tokenizer.encode, said[-1])
         try:
-            return chat_prompt_ids(self.tokenizer, messages)
-        except Exception as err:  # the model's own template refuses the conversation
-            raise ApiError(400, f"the chat template refused the messages: {err}",
-                           param="messages") from err
+            return await self._off_loop(deadline, chat_prompt_ids, self.tokenizer, messages)
+        except TemplateError as err:  # the template refused, or went past a limit
+            raise ApiError(400, str(err), param="messages") from err
+        except ApiError:
+            raise
+        except Exception as err:  # a template that breaks on these messages
+            raise ApiError(400, f"the chat template failed on the messages: "
+                           f"{type(err).__name__}: {err}", param="messages") from err
 
     def _chat_logprob(self, lp: TokenLogprob) -> dict:
         def entry(token: int, value: float) -> dict:
-            text = self._token_text(token)
-            return {"token": text, "logprob": value, "bytes": list(text.encode())}
+            return {"token": self._token_text(token), "logprob": value,
+                    "bytes": list(self.tokenizer.token_bytes(token))}
 
         return {**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
 
@@ -345,13 +391,10 @@ class _Api:
                            f"{self.engine.max_len} (with room for one new token)",
                            param="messages" if isinstance(body, ChatRequest) else "prompt",
                            code="context_length_exceeded")
-        sampling = SamplingConfig(
-            temperature=body.temperature,
-            top_k=body.top_k if body.top_k and body.top_k > 0 else None,
-            top_p=body.top_p if body.top_p < 1 else None, min_p=body.min_p or None,
-            repetition_penalty=body.repetition_penalty,
-            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
-        return EngineRequest(prompt, min(max_tokens, room), sampling, body.seed,
+        given = {k: getattr(body, k) for k in SAMPLING if getattr(body, k) is not None}
+        if given.get("top_k", 1) < 1:  # OpenAI-style servers take -1 (or 0) for "no top-k"
+            given["top_k"] = None
+        return EngineRequest(prompt, min(max_tokens, room), SamplingConfig(**given), body.seed,
                              stop=tuple(body.stop or ()), stop_ids=self.stop_ids, logprobs=logprobs,
                              prompt_logprobs=echo and logprobs is not None)
 
@@ -360,25 +403,38 @@ class _Api:
         return [replace(r, seed=None if r.seed is None else r.seed + i)
                 for i, r in enumerate(requests)]
 
-    async def _submit_all(self, requests: list[EngineRequest]) -> list[Ticket]:
+    async def _off_loop(self, deadline: float, work, *args):
+        """work(*args) on a worker thread, by the deadline: rendering a template or
+        tokenizing a long prompt on the event loop would stall every other request."""
+        try:
+            return await within(asyncio.to_thread(work, *args), deadline,
+                                "preparing the prompt took longer than the server's timeout")
+        except TimeoutError as err:
+            raise _failure(err) from err
+
+    async def _submit_all(self, requests: list[EngineRequest], deadline: float
+                          ) -> list[Ticket]:
         tickets: list[Ticket] = []
         try:
             for request in self._seeded(requests):
-                tickets.append(await self.scheduler.submit(request))
-        except (QueueFull, ValueError) as err:  # the engine refuses bad requests with ValueError
+                tickets.append(await self.scheduler.submit(request, deadline))
+        # The engine refuses bad requests with ValueError.
+        except (QueueFull, ValueError, TimeoutError, EngineFailed) as err:
             for ticket in tickets:
                 self.scheduler.cancel(ticket.id)
             if isinstance(err, QueueFull):
                 raise ApiError(429, f"the server is busy ({err}); retry shortly",
                                type="server_busy", code="queue_full",
                                headers={"Retry-After": "1"}) from err
-            code = "context_length_exceeded" if isinstance(err, PromptTooLong) else None
-            raise ApiError(400, str(err), code=code) from err
+            if isinstance(err, ValueError):
+                code = "context_length_exceeded" if isinstance(err, PromptTooLong) else None
+                raise ApiError(400, str(err), code=code) from err
+            raise _failure(err) from err
         return tickets
 
     async def _collect(self, ticket: Ticket, started: float) -> Completion:
         first = True
-        async for event in self.scheduler.events(ticket, self.cfg.timeout):
+        async for event in self.scheduler.events(ticket):
             if first:
                 self.metrics.first_token.observe(time.perf_counter() - started)
                 first = False
@@ -386,13 +442,29 @@ class _Api:
                 return event.completion
         raise RuntimeError("the engine ended a request without a completion")
 
-    async def _all(self, requests: list[EngineRequest]) -> list[Completion]:
+    async def _gather(self, tickets: list[Ticket], started: float) -> list[Completion]:
+        # A coroutine, run as a task: cancelled, a task ends quietly where a bare gather
+        # future would log its CancelledError as never retrieved.
+        return await asyncio.gather(*(self._collect(t, started) for t in tickets))
+
+    async def _all(self, requests: list[EngineRequest], deadline: float, receive: Receive
+                   ) -> list[Completion]:
+        """The completions of all requests; a client that leaves first cancels them, so
+        their slots do not decode for nobody."""
         started = time.perf_counter()
-        tickets = await self._submit_all(requests)
+        tickets = await self._submit_all(requests, deadline)
+        collected = asyncio.ensure_future(self._gather(tickets, started))
+        left = asyncio.ensure_future(_disconnect(receive))
         try:
-            return await asyncio.gather(*(self._collect(t, started) for t in tickets))
-        except TimeoutError as err:
-            raise ApiError(504, str(err), type="timeout", code="timeout") from err
+            await asyncio.wait({collected, left}, return_when=asyncio.FIRST_COMPLETED)
+            if not collected.done():
+                raise ApiError(499, "the client closed the connection", code="client_closed")
+            return collected.result()
+        except (TimeoutError, EngineFailed) as err:
+            raise _failure(err) from err
+        finally:
+            left.cancel()
+            collected.cancel()  # each request's events() then cancels it in the engine
 
     async def _merged(self, tickets: list[Ticket], tally: dict[str, int]
                       ) -> AsyncIterator[tuple[int, Event]]:
@@ -404,7 +476,7 @@ class _Api:
         async def pump(index: int, ticket: Ticket) -> None:
             try:
                 first = True
-                async for event in self.scheduler.events(ticket, self.cfg.timeout):
+                async for event in self.scheduler.events(ticket):
                     if first:
                         self.metrics.first_token.observe(time.perf_counter() - started)
                         first = False
@@ -435,9 +507,8 @@ class _Api:
             try:
                 async for chunk in chunks:
                     yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-            except TimeoutError as err:
-                error = ApiError(504, str(err), type="timeout", code="timeout")
-                yield f"data: {json.dumps(error.body())}\n\n"
+            except (TimeoutError, EngineFailed) as err:
+                yield f"data: {json.dumps(_failure(err).body())}\n\n"
             if include_usage:
                 prompt = sum(len(r.prompt) for r in requests)
                 generated = tally["completion_tokens"]
@@ -450,7 +521,28 @@ class _Api:
                                  headers={"Cache-Control": "no-cache"})
 
     def _token_text(self, token: int) -> str:
-        return self.tokenizer.decode([token])
+        """A token's text in logprobs. A piece of a character is spelled as its bytes,
+        `bytes:\\xe2\\x80` as OpenAI does, not U+FFFD like every other such piece."""
+        raw = self.tokenizer.token_bytes(token)
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def _failure(err: Exception) -> ApiError:
+    """The API error for a request the server could not finish."""
+    if isinstance(err, TimeoutError):
+        return ApiError(504, str(err), type="timeout", code="timeout")
+    if isinstance(err, EngineStopped):
+        return ApiError(503, str(err), type="server_error", code="engine_stopped")
+    return ApiError(500, str(err), type="server_error", code="engine_failed")
+
+
+async def _disconnect(receive: Receive) -> None:
+    """Returns when the client has gone (its request body was read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _usage(done: list[Completion]) -> dict[str, int]:
@@ -465,14 +557,16 @@ class _Gate:
     disconnects reach the app untouched): the API key on `/v1/` routes, the body size limit
     (413 before anything parses it), and request counts and latencies for `/metrics`."""
 
-    def __init__(self, app, api_key: str | None, limit: int, metrics: Metrics) -> None:
+    def __init__(self, app, api_key: str | None, limit: int, metrics: Metrics,
+                 routes: list[BaseRoute]) -> None:
         self.app, self.api_key, self.limit, self.metrics = app, api_key, limit, metrics
+        self.routes = routes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        route = scope["path"] if scope["path"].startswith("/v1/") else "other"
-        error = self._refusal(scope, route)
+        route = self._route(scope)
+        error = self._refusal(scope)
         body = b""
         if error is None:
             body, error = await self._read_body(receive)
@@ -499,14 +593,24 @@ class _Gate:
             await self.app(scope, replay, observe)
         finally:
             self.metrics.requests.labels(route, str(status.get("code", 500))).inc()
-            if route != "other":
+            if route.startswith("/v1/"):
                 self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
-    def _refusal(self, scope, route: str) -> ApiError | None:
+    def _route(self, scope) -> str:
+        """The route's path template: metric labels must stay few whatever paths clients
+        send, so every unknown path shares one."""
+        for route in self.routes:
+            if route.matches(scope)[0] is not Match.NONE:
+                return route.path
+        return "unmatched"
+
+    def _refusal(self, scope) -> ApiError | None:
         headers = dict(scope.get("headers", []))
-        if route != "other" and self.api_key is not None:
-            given = headers.get(b"authorization", b"").removeprefix(b"Bearer ").strip()
-            if not hmac.compare_digest(given, self.api_key.encode()):
+        if scope["path"].startswith("/v1/") and self.api_key is not None:
+            scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+            # The scheme is case-insensitive (RFC 9110); a bare key is not a bearer token.
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(
+                    given.strip(), self.api_key.encode()):
                 return ApiError(401, "missing or wrong API key: send `Authorization: Bearer "
                                 "KEY`", code="invalid_api_key")
         declared = headers.get(b"content-length")

@@ -5,22 +5,39 @@ Only the engine thread touches the engine: handlers hand it work through a threa
 work the thread calls `Engine.step`, so requests that arrive at different times share decode
 steps (continuous batching); a cancelled request (a client that went away) frees its slot
 before the next step.
+
+One request cannot stop the others: a step that raises fails the requests it was running
+(their handlers get `EngineFailed`) and the thread goes on. Every wait of a handler ends by
+its request's deadline, and a thread that has ended (`alive` is False) is reported at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from lmforge.infer.engine import Engine, Event, Request
+
+log = logging.getLogger("lmforge.serve")
+T = TypeVar("T")
 
 
 class QueueFull(Exception):
     """More requests are waiting than the server accepts; try again later."""
+
+
+class EngineFailed(Exception):
+    """The engine raised while running this request (the request is dropped, others go on)."""
+
+
+class EngineStopped(EngineFailed):
+    """The engine thread is not running, so no request can be served."""
 
 
 @dataclass
@@ -29,6 +46,7 @@ class Stats:
 
     requests: int = 0
     rejected: int = 0
+    failed: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
     steps: int = 0
@@ -37,10 +55,12 @@ class Stats:
 
 @dataclass
 class Ticket:
-    """A submitted request: its id in the engine and the queue its events arrive on."""
+    """A submitted request: its id in the engine, the queue its events arrive on, and the
+    time.monotonic() by which it must be done (None: no limit)."""
 
     id: int
     events: asyncio.Queue
+    deadline: float | None = None
 
 
 class Scheduler:
@@ -60,33 +80,42 @@ class Scheduler:
     def stop(self) -> None:
         self._stop = True
         self._wake.set()
-        self._thread.join(timeout=10)
+        # A daemon thread: a long step need not hold up the process's exit.
+        self._thread.join(timeout=2)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     # ------------------------------------------------------------ handler side
-    async def submit(self, request: Request) -> Ticket:
-        """Queue a request; its events arrive on the ticket's queue. Raises QueueFull, or
-        the engine's own error (e.g. PromptTooLong) for a request that can never run."""
+    async def submit(self, request: Request, deadline: float | None = None) -> Ticket:
+        """Queue a request; its events arrive on the ticket's queue. Raises QueueFull, the
+        engine's own error (e.g. PromptTooLong) for a request that can never run,
+        EngineStopped, or TimeoutError when the engine does not take it by `deadline`."""
+        if not self.alive:
+            raise EngineStopped("the engine thread is not running: restart the server")
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
         events: asyncio.Queue = asyncio.Queue()
         self._inbox.put(("submit", request, (loop, events, done)))
         self._wake.set()
-        return Ticket(await done, events)
+        request_id = await within(done, deadline, "the engine did not take the request "
+                                  "within the server's timeout")
+        return Ticket(request_id, events, deadline)
 
     def cancel(self, request_id: int) -> None:
         self._inbox.put(("cancel", request_id, None))
         self._wake.set()
 
-    async def events(self, ticket: Ticket, timeout: float | None = None) -> AsyncIterator[Event]:
+    async def events(self, ticket: Ticket) -> AsyncIterator[Event]:
         """A request's events until it finishes; leaving early (a disconnect, a timeout)
-        cancels it."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        cancels it. Raises EngineFailed when the engine failed on it."""
         try:
             while True:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError("the request took longer than the server's timeout")
-                event = await asyncio.wait_for(ticket.events.get(), remaining)
+                event = await within(ticket.events.get(), ticket.deadline,
+                                     "the request took longer than the server's timeout")
+                if isinstance(event, Exception):
+                    raise event
                 yield event
                 if event.finish_reason is not None:
                     return
@@ -95,16 +124,56 @@ class Scheduler:
 
     # ------------------------------------------------------------- engine side
     def _run(self) -> None:
-        while not self._stop:
-            self._drain_inbox()
-            if not self.engine.has_work():
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
+        try:
+            while not self._stop:
+                self._drain_inbox()
+                if not self.engine.has_work():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                self._step()
+        finally:
+            self._refuse_all(EngineStopped("the engine thread stopped: restart the server"))
+
+    def _step(self) -> None:
+        running = self._running()
+        try:
             events = self.engine.step()
-            self._count(events)
-            for event in events:
-                self._deliver(event)
+        except Exception as err:
+            # The requests of a failed step may be half-advanced: drop them, keep the rest.
+            log.exception("an engine step failed; dropping its requests")
+            self._fail(running | self._running(), err)
+            return
+        self._count(events)
+        for event in events:
+            self._deliver(event)
+
+    def _running(self) -> set[int]:
+        return set(self.engine.active_requests())
+
+    def _fail(self, request_ids: set[int], err: Exception) -> None:
+        failure = EngineFailed(f"the engine failed on this request: {type(err).__name__}: {err}")
+        for request_id in request_ids:
+            self.engine.cancel(request_id)
+            self.stats.failed += 1
+            listener = self._listeners.pop(request_id, None)
+            if listener is not None:
+                loop, events = listener
+                _post(loop, events.put_nowait, failure)
+
+    def _refuse_all(self, err: EngineStopped) -> None:
+        """Tell every waiting handler at once that nothing more will come."""
+        for loop, events in self._listeners.values():
+            _post(loop, events.put_nowait, err)
+        self._listeners.clear()
+        while True:
+            try:
+                kind, _, reply = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "submit":
+                loop, _, done = reply
+                _post(loop, self._settle, done, None, err)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -121,17 +190,17 @@ class Scheduler:
             if waiting >= self.max_queue:
                 self.stats.rejected += 1
                 error = QueueFull(f"{waiting} requests are already waiting")
-                loop.call_soon_threadsafe(_settle, done, None, error)
+                _post(loop, self._settle, done, None, error)
                 continue
             try:
                 request_id = self.engine.submit(payload)
             except Exception as err:  # refused: the handler turns it into a 400
-                loop.call_soon_threadsafe(_settle, done, None, err)
+                _post(loop, self._settle, done, None, err)
                 continue
             self._listeners[request_id] = (loop, events)
             self.stats.requests += 1
             self.stats.prompt_tokens += len(payload.prompt)
-            loop.call_soon_threadsafe(_settle, done, request_id, None)
+            _post(loop, self._settle, done, request_id, None)
 
     def _count(self, events: list[Event]) -> None:
         stats = self.stats
@@ -147,13 +216,42 @@ class Scheduler:
         loop, events = listener
         if event.finish_reason is not None:
             del self._listeners[event.request_id]
-        loop.call_soon_threadsafe(events.put_nowait, event)
+        _post(loop, events.put_nowait, event)
+
+    def _settle(self, future: asyncio.Future, request_id: int | None,
+                error: BaseException | None) -> None:
+        """Answer a submit (on its event loop); a handler that stopped waiting (its
+        timeout) leaves a request nobody will read, so it is cancelled."""
+        if future.done():
+            if request_id is not None:
+                self.cancel(request_id)
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(request_id)
 
 
-def _settle(future: asyncio.Future, value, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(value)
+def _post(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
+    """Run `callback` on a handler's event loop, from the engine thread; a loop that has
+    closed has nobody left to tell, and must not end the thread."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        pass
+
+
+async def within(awaitable: Awaitable[T], deadline: float | None, late: str) -> T:
+    """The result of `awaitable`, or TimeoutError(late) once time.monotonic() passes
+    `deadline` (None: no limit). Not asyncio.wait_for: before Python 3.12 it can swallow a
+    cancellation that comes just as the result does, and a request would then decode on
+    for a client that has left."""
+    task = asyncio.ensure_future(awaitable)
+    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    finally:
+        task.cancel()  # nothing to cancel when it is done
+    if not done:
+        raise TimeoutError(late)
+    return task.result()

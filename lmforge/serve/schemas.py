@@ -2,6 +2,8 @@
 
 Fields follow the OpenAI API; `top_k`, `min_p` and `repetition_penalty` are common
 extensions. Unknown fields are accepted and ignored, as clients send many (`user`, ...).
+Texts must be valid Unicode: JSON can spell a lone surrogate (`"\\ud800"`), which no
+tokenizer can encode.
 """
 
 from __future__ import annotations
@@ -14,24 +16,39 @@ MAX_N = 8
 MAX_LOGPROBS = 20
 
 
+def _unicode(text: str, what: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{what} has a lone surrogate ({text[err.start]!r} at character "
+                         f"{err.start}), which is not Unicode text: send UTF-8 text") from None
+    return text
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+SAMPLING = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+            "repetition_penalty")
 
 
 class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)  # -1 or absent: no top-k
+    # Sampling settings left out take lmforge's defaults (`SamplingConfig`), as the command
+    # line and the Python API do.
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0: no top-k
     min_p: float | None = Field(None, ge=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     seed: int | None = None
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float = Field(1.0, gt=0)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0)
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -55,6 +72,11 @@ class CompletionRequest(SamplingFields):
     def _not_empty(cls, value):
         if isinstance(value, list) and not value:
             raise ValueError("prompt is an empty list")
+        if isinstance(value, str):
+            return _unicode(value, "the prompt")
+        for i, text in enumerate(value):
+            if isinstance(text, str):
+                _unicode(text, f"prompt {i}")
         return value
 
 
@@ -64,11 +86,24 @@ class Message(BaseModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict] | None = ""
 
+    @field_validator("content")
+    @classmethod
+    def _texts(cls, value: str | list[dict] | None) -> str | list[dict] | None:
+        if isinstance(value, str):
+            return _unicode(value, "the content")
+        for i, part in enumerate(value or []):
+            if part.get("type") != "text":
+                continue
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"content part {i} has type text but its text is "
+                                 f"{part.get('text')!r}: give a string")
+            _unicode(part["text"], f"content part {i}")
+        return value
+
     def text(self) -> str:
         """The message's text; content parts of type text are joined (no images here)."""
         if isinstance(self.content, list):
-            return "".join(part.get("text", "") for part in self.content
-                           if part.get("type") == "text")
+            return "".join(part["text"] for part in self.content if part.get("type") == "text")
         return self.content or ""
 
 
