@@ -230,7 +230,6 @@ def test_a_tiny_model_learns_to_reverse_digit_strings(tmp_path):
                              "batch_size=32", "lr=1e-3", "warmup_steps=50", "eval_interval=0",
                              "val_fraction=0.05", "progress=false", "sample_tokens=0"])
     result = Trainer(cfg).fit()
-    assert result.wall_seconds < 60
     assert result.final_metrics["val_bleu"] == pytest.approx(100.0)
     opened = open_model(tmp_path / "run")
     model, tokenizer = opened.model, opened.tokenizer

@@ -64,13 +64,14 @@ class Seq2SeqCache(KVCache):
         shape = (cfg.n_decoder_layer, batch, cfg.n_head, cfg.max_length, head_dim)
         self.memory_k = torch.zeros(shape, dtype=dtype, device=device)
         self.memory_v = torch.zeros(shape, dtype=dtype, device=device)
-        self.lengths = [1] * batch  # a row never attends to nothing (that would be NaN)
+        # A free row attends to one (zero) position: attending to none would be NaN.
+        self.lengths = torch.ones(batch, dtype=torch.long, device=device)
 
     def rows(self, first: int, count: int = 1) -> Seq2SeqCache:
         view = super().rows(first, count)
         view.memory_k = self.memory_k[:, first:first + count]
         view.memory_v = self.memory_v[:, first:first + count]
-        view.lengths = _RowLengths(self.lengths, first, count)
+        view.lengths = self.lengths[first:first + count]
         return view
 
     @property
@@ -79,32 +80,11 @@ class Seq2SeqCache(KVCache):
 
     def sources(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """Each layer's memory and the source mask (B, S), S the longest source in the rows."""
-        width = max(self.lengths)
+        width = int(self.lengths.max())
         memory = list(zip(self.memory_k[:, :, :, :width].unbind(0),
                           self.memory_v[:, :, :, :width].unbind(0)))
-        lengths = torch.tensor(list(self.lengths), device=self.memory_k.device)
-        mask = torch.arange(width, device=lengths.device)[None] < lengths[:, None]
+        mask = torch.arange(width, device=self.lengths.device)[None] < self.lengths[:, None]
         return memory, mask
-
-
-class _RowLengths:
-    """A window onto a cache's list of source lengths, so a view of some rows writes the
-    lengths its parent reads."""
-
-    def __init__(self, lengths: list[int] | _RowLengths, first: int, count: int) -> None:
-        self.lengths, self.first, self.count = lengths, first, count
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, i: int) -> int:
-        return self.lengths[self.first + i]
-
-    def __setitem__(self, i: int, value: int) -> None:
-        self.lengths[self.first + i] = value
-
-    def __iter__(self):
-        return (self[i] for i in range(self.count))
 
 
 class _Residual(nn.Module):
