@@ -170,7 +170,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def _open(spec: str, args: argparse.Namespace):
     """The model `spec` names (`lmforge.open_model`) on the asked device and dtype, with its
     tokenizer required."""
-    from lmforge.api import open_model
+    from lmforge.open import open_model
 
     opened = open_model(spec, args.device, args.dtype, getattr(args, "adapter", None))
     if opened.tokenizer is None:

@@ -10,13 +10,14 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from lmforge.errors import CorruptFile, DiskFull
+
+if TYPE_CHECKING:
+    import torch
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
@@ -26,6 +27,10 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
     safetensors writes a private temporary file (mode 0600) and renames it into place, so
     without this the weights would be the one file of a model others cannot read.
     """
+    # Imported here, as torch comes with it: configs read JSON through this module too, and
+    # `lmforge --help` should not wait for torch.
+    from safetensors.torch import save_file
+
     save_file(tensors, str(path), metadata=metadata)
     umask = os.umask(0)  # the only way to read it is to set it; put it straight back
     os.umask(umask)
@@ -34,6 +39,8 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
 
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file; a truncated or damaged one is a `CorruptFile`."""
+    from safetensors.torch import load_file
+
     try:
         return load_file(str(path))
     except SafetensorError as err:

@@ -291,7 +291,7 @@ def test_a_full_disk_while_checkpointing_is_one_clear_error(word_corpus, tmp_pat
                                                           monkeypatch):
     from safetensors import SafetensorError
 
-    import lmforge.files
+    import safetensors.torch
 
     run = tmp_path / "run"
     Trainer(recipe(word_corpus, run, max_steps=4, halt_at=2)).fit()
@@ -300,7 +300,7 @@ def test_a_full_disk_while_checkpointing_is_one_clear_error(word_corpus, tmp_pat
         raise SafetensorError("Error while serializing: I/O error: No space left on device "
                               "(os error 28)")
 
-    monkeypatch.setattr(lmforge.files, "save_file", full_disk)
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     where = re.escape(str(run / "checkpoints"))
     with pytest.raises(DiskFull, match=rf"no space left on device while writing checkpoint "
                                        rf"step 4 in {where}: free some space.*--resume"):
