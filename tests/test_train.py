@@ -289,9 +289,8 @@ def test_a_torn_last_metrics_line_is_left_out(word_corpus, tmp_path, capsys):
 
 def test_a_full_disk_while_checkpointing_is_one_clear_error(word_corpus, tmp_path,
                                                           monkeypatch):
-    from safetensors import SafetensorError
-
     import safetensors.torch
+    from safetensors import SafetensorError
 
     run = tmp_path / "run"
     Trainer(recipe(word_corpus, run, max_steps=4, halt_at=2)).fit()
