@@ -34,7 +34,7 @@ class ModelConfig:
     rope_base: float = 10000.0
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
-    mlp: str = "gelu"  # gelu | swiglu | relu2 | relu
+    mlp: str = "gelu"  # gelu (tanh approximation, GPT-2's) | gelu-exact | swiglu | relu2 | relu
     tie_embeddings: bool = True
     qk_norm: bool = False
     bias: bool = False
@@ -51,7 +51,7 @@ class ModelConfig:
                                "context_length"))
         _check_choice("positions", self.positions, ("learned", "rope"))
         _check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
-        _check_choice("mlp", self.mlp, ("gelu", "swiglu", "relu2", "relu"))
+        _check_choice("mlp", self.mlp, MLP_KINDS)
         if self.d_model % self.n_head:
             raise ConfigError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
         if self.n_head % self.n_kv_head:
@@ -91,6 +91,9 @@ def load_config(path: str | Path) -> ModelConfig | Seq2SeqConfig:
         values.pop("family")
         return from_dict(Seq2SeqConfig, values, where=str(path))
     return ModelConfig.load(path)
+
+
+MLP_KINDS = ("gelu", "gelu-exact", "swiglu", "relu2", "relu")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -161,7 +164,8 @@ _SCIENTIFIC = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 # Named shapes. The quickstart preset is small enough to learn something in minutes on 2 cores.
 PRESETS: dict[str, dict[str, Any]] = {
     "shakespeare-char": dict(
-        n_layer=4, n_head=4, d_model=128, context_length=64, vocab_size=65, bias=False
+        n_layer=4, n_head=4, d_model=128, context_length=64, vocab_size=65, bias=False,
+        mlp="gelu-exact",  # nanoGPT's GELU
     ),
     "quickstart": dict(
         n_layer=4, n_head=4, d_model=192, context_length=128, vocab_size=4096,

@@ -223,8 +223,8 @@ class CrossAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Feed-forward block: GELU, ReLU (the original Transformer), ReLU squared, or the gated
-    SwiGLU."""
+    """Feed-forward block: GELU (GPT-2's tanh approximation, or exact), ReLU (the original
+    Transformer), ReLU squared, or the gated SwiGLU."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -241,6 +241,8 @@ class MLP(nn.Module):
             h = F.relu(h).square()
         elif self.kind == "relu":
             h = F.relu(h)
+        elif self.kind == "gelu-exact":
+            h = F.gelu(h)  # nanoGPT's; on a CPU twice as fast as the approximation
         else:
             # The tanh approximation is what GPT-2 was trained with.
             h = F.gelu(h, approximate="tanh")

@@ -39,6 +39,8 @@ HF_MODELS = {
                           bos_token_id=0, eos_token_id=3)),
     "gpt2-untied": ("GPT2", dict(n_layer=2, n_head=4, n_embd=32, n_inner=48, vocab_size=VOCAB,
                                  n_positions=CONTEXT, tie_word_embeddings=False)),
+    "gpt2-exact-gelu": ("GPT2", dict(n_layer=2, n_head=4, n_embd=32, vocab_size=VOCAB,
+                                     n_positions=CONTEXT, activation_function="gelu")),
     "llama-tied": ("Llama", dict(_LLAMA, rope_theta=10000.0, tie_word_embeddings=True)),
     "llama-untied": ("Llama", dict(_LLAMA, rope_theta=100000.0, rms_norm_eps=1e-5,
                                    tie_word_embeddings=False)),
@@ -130,6 +132,7 @@ def test_import_then_export_keeps_transformers_logits(name, tmp_path, tokenizer,
 
 NATIVE = {
     "gpt2-like-without-bias": dict(positions="learned", norm="layernorm", mlp="gelu"),
+    "nanogpt-like-exact-gelu": dict(positions="learned", norm="layernorm", mlp="gelu-exact"),
     "gpt2-like-untied": dict(positions="learned", norm="layernorm", mlp="gelu", bias=True,
                              tie_embeddings=False),
     "llama-gqa-untied": dict(positions="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2,
@@ -233,6 +236,7 @@ def test_options_we_do_not_implement_are_refused(change, named):
 def test_gpt2_with_another_activation_is_refused():
     gpt2 = dict(model_type="gpt2", n_layer=1, n_head=2, n_embd=8, vocab_size=10, n_positions=8)
     assert config_from_hf(gpt2).mlp == "gelu"
+    assert config_from_hf({**gpt2, "activation_function": "gelu"}).mlp == "gelu-exact"
     with pytest.raises(UnsupportedModel, match="activation_function='relu'"):
         config_from_hf({**gpt2, "activation_function": "relu"})
 

@@ -54,8 +54,8 @@ SUPPORTED = {
 }
 # GPT2Model is the headless GPT-2; its tied output projection is the embedding, so it loads too.
 _ARCHITECTURES = {*SUPPORTED.values(), "GPT2Model"}
-# Both names are GELU with the tanh approximation, the only GELU our MLP computes.
-_GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+# Hugging Face's names for the GELUs our MLP computes: the tanh approximation, and exact.
+_GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu-exact"}
 
 # (Hugging Face prefix, lmforge prefix) pairs; {i} stands for a layer index. GPT-2's fused
 # c_attn is handled separately because one HF tensor becomes three of ours.
@@ -88,11 +88,16 @@ _OUR_QKV = re.compile(r"blocks\.(\d+)\.attn\.([qkv])_proj\.(weight|bias)$")
 
 # What each export family needs of a ModelConfig, in the order a person would fix them.
 _EXPORT_NEEDS: dict[str, dict[str, Any]] = {
-    "gpt2": {"positions": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False},
+    "gpt2": {"positions": "learned", "norm": "layernorm", "mlp": ("gelu", "gelu-exact"),
+             "qk_norm": False},
     "llama": {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False},
     "qwen3": {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True,
               "bias": False},
 }
+
+
+def _choices(need: Any) -> tuple:
+    return need if isinstance(need, tuple) else (need,)
 
 
 def is_hf_dir(path: str | Path) -> bool:
@@ -171,7 +176,7 @@ def _gpt2_config(hf: dict[str, Any]) -> ModelConfig:
         positions="learned",
         norm="layernorm",
         norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        mlp="gelu",
+        mlp=_GPT2_ACTIVATIONS[activation],
         tie_embeddings=hf.get("tie_word_embeddings", True),
         bias=True,
         init_std=hf.get("initializer_range", 0.02),
@@ -249,7 +254,8 @@ def _hf_config(cfg: ModelConfig, family: str, tokenizer: Tokenizer) -> dict[str,
             "architectures": [SUPPORTED["gpt2"]], "model_type": "gpt2",
             "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.d_model,
             "n_inner": cfg.d_mlp, "n_positions": cfg.context_length,
-            "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
+            "activation_function": "gelu" if cfg.mlp == "gelu-exact" else "gelu_new",
+            "layer_norm_epsilon": cfg.norm_eps,
             "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
             **common,
         }
@@ -470,8 +476,8 @@ def _export_family(cfg: ModelConfig) -> str:
     """The HF family computing exactly what `cfg` does, or UnsupportedModel saying what differs."""
     reasons = {}
     for family, needs in _EXPORT_NEEDS.items():
-        wrong = [f"{k}={needs[k]!r} (has {getattr(cfg, k)!r})"
-                 for k in needs if getattr(cfg, k) != needs[k]]
+        wrong = [f"{k}={' or '.join(map(repr, _choices(needs[k])))} (has {getattr(cfg, k)!r})"
+                 for k in needs if getattr(cfg, k) not in _choices(needs[k])]
         if family == "gpt2" and cfg.n_kv_head != cfg.n_head:
             wrong.append(f"n_kv_head={cfg.n_head} (has {cfg.n_kv_head}; GPT-2 has no grouped "
                          "key/value heads)")

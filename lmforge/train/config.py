@@ -77,6 +77,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 = off
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
+    muon_ns_steps: int = 5  # Newton-Schulz iterations per Muon update (each is 3 products)
 
     # Evaluation, samples, checkpoints, logs.
     eval_interval: int = 250
