@@ -81,7 +81,7 @@ class ModelConfig:
         return from_dict(cls, read_json_object(path), where=str(path))
 
 
-def load_config(path: str | Path) -> ModelConfig | Seq2SeqConfig:
+def load_config(path: str | Path) -> ModelConfig | Seq2SeqConfig | VLMConfig:
     """The config.json of a model directory, of either family."""
     path = Path(path)
     if path.is_dir():
@@ -90,6 +90,9 @@ def load_config(path: str | Path) -> ModelConfig | Seq2SeqConfig:
     if values.get("family") == "seq2seq":
         values.pop("family")
         return from_dict(Seq2SeqConfig, values, where=str(path))
+    if values.get("family") == "vlm":
+        values.pop("family")
+        return from_dict(VLMConfig, values, where=str(path))
     return ModelConfig.load(path)
 
 
@@ -278,6 +281,132 @@ SEQ2SEQ_PRESETS: dict[str, dict[str, Any]] = {
     "transformer-tiny": dict(n_encoder_layer=2, n_decoder_layer=2, n_head=4, d_model=128,
                              d_mlp=512, norm_first=True, dropout=0.0),
 }
+
+
+@dataclass
+class VisionConfig:
+    """A SigLIP-style vision encoder: square images cut into patches, a patch-embedding
+    convolution, learned positions, pre-norm Transformer blocks that see every patch, a final
+    LayerNorm. The defaults are vlm-small's."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    d_mlp: int | None = None  # default 4 * d_model
+    norm_eps: float = 1e-6
+    image_mean: float = 0.5  # pixels are (x / 255 - mean) / std, the same for each channel
+    image_std: float = 0.5
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        _check_positive(self, ("image_size", "patch_size", "n_layer", "n_head", "d_model"))
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size "
+                              f"{self.patch_size}")
+        self.block_config()
+
+    @property
+    def patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def block_config(self) -> ModelConfig:
+        """The settings the shared layers (attention, MLP, norms) read."""
+        return ModelConfig(n_layer=self.n_layer, n_head=self.n_head, d_model=self.d_model,
+                           d_mlp=self.d_mlp, vocab_size=1, context_length=self.patches,
+                           positions="learned", norm="layernorm", norm_eps=self.norm_eps,
+                           mlp="gelu", bias=True, init_std=self.init_std)
+
+
+@dataclass
+class VLMConfig:
+    """A vision-language model: a vision encoder, a projector that pixel-shuffles its output
+    (space-to-depth by `scale_factor`, r^2 fewer image tokens) and maps it to the decoder's
+    width, and a decoder-only language model. An image is `image_tokens` copies of
+    `image_token_id` in the prompt."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: ModelConfig = field(default_factory=ModelConfig)
+    scale_factor: int = 2
+    projector: str = "linear"  # linear | mlp (linear, GELU, linear)
+    image_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vision, dict):
+            self.vision = from_dict(VisionConfig, self.vision, where="vision")
+        if isinstance(self.text, dict):
+            self.text = from_dict(ModelConfig, self.text, where="text")
+        check_types(self)
+        _check_choice("projector", self.projector, ("linear", "mlp"))
+        side = self.vision.image_size // self.vision.patch_size
+        if self.scale_factor < 1 or side % self.scale_factor:
+            raise ConfigError(f"scale_factor {self.scale_factor} does not divide the "
+                              f"{side} x {side} patches of an image")
+        if not 0 <= self.image_token_id < self.text.vocab_size:
+            raise ConfigError(f"image_token_id {self.image_token_id} is outside the text "
+                              f"vocabulary of {self.text.vocab_size}")
+
+    @property
+    def image_tokens(self) -> int:
+        """Tokens an image takes in the prompt."""
+        return self.vision.patches // self.scale_factor ** 2
+
+    @property
+    def context_length(self) -> int:
+        return self.text.context_length
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text.vocab_size
+
+    @property
+    def tie_embeddings(self) -> bool:
+        return self.text.tie_embeddings
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": "vlm", **dataclasses.asdict(self)}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+VLM_PRESETS: dict[str, dict[str, Any]] = {
+    # For tests: 32 px images, 4 image tokens, a two-layer decoder.
+    "vlm-tiny": dict(vision=dict(image_size=32, patch_size=8, n_layer=2, n_head=2, d_model=32),
+                     text=dict(n_layer=2, n_head=2, d_model=32, context_length=128,
+                               positions="rope", norm="rmsnorm", mlp="swiglu")),
+    # 64 px images, 16 image tokens: a ViT of 0.8 M parameters and a 2 M-parameter decoder.
+    "vlm-small": dict(vision=dict(), text=dict(n_layer=4, n_head=4, d_model=192,
+                                              context_length=256, positions="rope",
+                                              norm="rmsnorm", mlp="swiglu")),
+    # SmolVLM-256M's shape: SigLIP-B/16 at 512 px, r = 4 (64 tokens a tile), SmolLM2-135M.
+    "smolvlm-256m": dict(
+        vision=dict(image_size=512, patch_size=16, n_layer=12, n_head=12, d_model=768,
+                    d_mlp=3072),
+        text=dict(n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_mlp=1536,
+                  vocab_size=49280, context_length=8192, positions="rope",
+                  rope_base=100000.0, norm="rmsnorm", mlp="swiglu", norm_eps=1e-5,
+                  tie_embeddings=False),
+        scale_factor=4),
+}
+
+
+def resolve_vlm_config(spec: dict[str, Any] | str) -> VLMConfig:
+    """A VLM model section of a recipe: a preset name, or a mapping with optional `preset`,
+    whose `vision` and `text` mappings override the preset's fields one by one."""
+    spec = {"preset": spec} if isinstance(spec, str) else dict(spec)
+    name = spec.pop("preset", "vlm-small")
+    if name not in VLM_PRESETS:
+        raise ConfigError(f"unknown vision-language preset {name!r}: "
+                          f"{closest_hint(name, list(VLM_PRESETS))}"
+                          f"presets are: {', '.join(VLM_PRESETS)}")
+    base = VLM_PRESETS[name]
+    values = {**base, **spec}
+    for part in ("vision", "text"):
+        values[part] = {**base.get(part, {}), **spec.get(part, {})}
+    return from_dict(VLMConfig, values, where="model")
 
 
 @dataclass

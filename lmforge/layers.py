@@ -155,10 +155,12 @@ def write_cache(layer: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: to
 
 
 class Attention(nn.Module):
-    """Causal self-attention with grouped key/value heads (MHA, GQA, MQA) through SDPA."""
+    """Self-attention with grouped key/value heads (MHA, GQA, MQA) through SDPA: causal, or
+    over every position (`causal=False`, a vision encoder's patches)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, causal: bool = True) -> None:
         super().__init__()
+        self.causal = causal
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         kv_dim = cfg.n_kv_head * cfg.head_dim
         self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
@@ -185,7 +187,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
-            is_causal=mask is None and T > 1,
+            is_causal=self.causal and mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, H, T, D)

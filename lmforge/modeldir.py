@@ -75,10 +75,11 @@ def save_model(directory: str | Path, model: LanguageModel, tokenizer: Tokenizer
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.cfg.save(directory / CONFIG)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.cfg.tie_embeddings:
-        # The output projection is the embedding; storing it twice is what safetensors forbids.
-        state.pop("lm_head.weight")
+    # A tied weight (the output projection that is the embedding) is stored once: safetensors
+    # forbids two names for one tensor.
+    aliases = tied_aliases(model)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+             if k not in aliases}
     save_safetensors(state, directory / WEIGHTS, metadata={"format": "pt"})
     for hook in _HOOKS.values():
         if hook.on_save is not None:
@@ -86,6 +87,19 @@ def save_model(directory: str | Path, model: LanguageModel, tokenizer: Tokenizer
     if tokenizer is not None:
         tokenizer.save(directory)
     return directory
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """Parameter names that are another, earlier name's very tensor (a tied output
+    projection): alias -> the name it repeats."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
 
 
 def directory_bytes(directory: str | Path) -> int:
@@ -158,9 +172,10 @@ def load_state(model: LanguageModel, state: dict[str, torch.Tensor], where: str,
     assign=True adopts the given tensors instead of copying into the model's own (for a
     model built on the meta device: no second copy of the weights is ever made).
     """
-    if model.cfg.tie_embeddings and "embed.weight" in state:
-        # Tied weights may be stored once (our files) or twice (some converters).
-        state["lm_head.weight"] = state["embed.weight"]
+    # Tied weights may be stored once (our files) or twice (some converters).
+    for alias, name in tied_aliases(model).items():
+        if name in state:
+            state[alias] = state[name]
     expected = model.state_dict()
     problems = [f"missing {k} {tuple(v.shape)}" for k, v in expected.items() if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]

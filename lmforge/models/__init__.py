@@ -1,8 +1,9 @@
 """Model families and what every family offers the rest of lmforge.
 
 A family is a config dataclass and an `nn.Module` built from it: `Decoder` (GPT-2 and Llama
-shapes, `decoder.py`) and `Seq2Seq` (the encoder-decoder Transformer, `seq2seq.py`). Both
-implement `LanguageModel`, the protocol the inference engine, the model directory and
+shapes, `decoder.py`), `Seq2Seq` (the encoder-decoder Transformer, `seq2seq.py`) and `VLM` (a
+vision encoder and projector in front of the decoder, `vlm.py`). All implement
+`LanguageModel`, the protocol the inference engine, the model directory and
 `lmforge info` are written against.
 """
 
@@ -12,10 +13,11 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from lmforge.config import FlopsReport, ModelConfig, Seq2SeqConfig
+from lmforge.config import FlopsReport, ModelConfig, Seq2SeqConfig, VLMConfig
 from lmforge.layers import KVCache
 from lmforge.models.decoder import Decoder
 from lmforge.models.seq2seq import Seq2Seq
+from lmforge.models.vlm import VLM
 
 
 @runtime_checkable
@@ -47,9 +49,12 @@ class LanguageModel(Protocol):
     def reset_buffers(self) -> None: ...
 
 
-def build_model(cfg: ModelConfig | Seq2SeqConfig) -> LanguageModel:
+FAMILIES: dict[type, type] = {ModelConfig: Decoder, Seq2SeqConfig: Seq2Seq, VLMConfig: VLM}
+
+
+def build_model(cfg: ModelConfig | Seq2SeqConfig | VLMConfig) -> LanguageModel:
     """A freshly initialised model of the family `cfg` belongs to."""
-    return Seq2Seq(cfg) if isinstance(cfg, Seq2SeqConfig) else Decoder(cfg)
+    return FAMILIES[type(cfg)](cfg)
 
 
-__all__ = ["Decoder", "LanguageModel", "Seq2Seq", "build_model"]
+__all__ = ["VLM", "Decoder", "LanguageModel", "Seq2Seq", "build_model"]

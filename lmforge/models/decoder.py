@@ -26,10 +26,10 @@ from lmforge.layers import MLP, Attention, KVCache, Positions, make_norm, regist
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, causal: bool = True) -> None:
         super().__init__()
         self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, causal)
         self.mlp_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -82,7 +82,8 @@ class Decoder(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
                 start: int | torch.Tensor = 0, last_only: bool = False,
-                select: torch.Tensor | None = None) -> torch.Tensor:
+                select: torch.Tensor | None = None,
+                embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for tokens idx (B, T).
 
         start: the position of idx's first column, the same for every row (an int), or one
@@ -92,14 +93,17 @@ class Decoder(nn.Module):
         positions need no output projection, which for a large vocabulary is most of the work.
         select: a (B, T) boolean mask; logits (N, vocab) of the N selected positions only
         (training on some targets, such as a chat's answers).
+        embeds: the input vectors (B, T, d_model) instead of idx's embeddings (a
+        vision-language model's, with image features in place of image tokens).
         """
-        x = self.features(idx, cache, start)
+        x = self.features(idx, cache, start, embeds)
         if select is not None:
             return self.lm_head(x[select])
         return self.lm_head(x[:, -1:] if last_only else x)
 
     def features(self, idx: torch.Tensor, cache: KVCache | None = None,
-                 start: int | torch.Tensor = 0) -> torch.Tensor:
+                 start: int | torch.Tensor = 0, embeds: torch.Tensor | None = None
+                 ) -> torch.Tensor:
         """The final normed hidden states (B, T, d_model): what the output projection, or a
         task head such as a classifier, reads."""
         T = idx.shape[1]
@@ -110,7 +114,7 @@ class Decoder(nn.Module):
         if cache is not None and pos.end > cache.length:
             raise ValueError(f"sequence reaches position {pos.end}, past the KV cache's "
                              f"{cache.length} positions")
-        x = self.embed(idx)
+        x = self.embed(idx) if embeds is None else embeds
         rotary = None
         if self.pos_embed is not None:
             index = pos.index if pos.index is not None else torch.arange(

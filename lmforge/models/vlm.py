@@ -1,0 +1,152 @@
+"""A vision-language model: a vision encoder and a projector in front of the decoder.
+
+- Vision encoder (SigLIP-style): a patch-embedding convolution cuts a square image into
+  patches, learned positions are added, pre-norm Transformer blocks attend over every patch
+  (no causal mask, no class token), a final LayerNorm.
+- Projector: pixel shuffle (space to depth: each r x r group of patches becomes one vector
+  r^2 times as wide, so an image takes r^2 fewer tokens), then one linear layer to the
+  decoder's width (or a two-layer MLP), as in Idefics3 / SmolVLM.
+- Language model: the decoder-only `Decoder`. An image is `image_tokens` copies of the image
+  token in the prompt; their embeddings are replaced by the image's projected features, in
+  order, and the rest is the decoder's: the KV cache, decoding, the output head.
+
+The model returns logits; images arrive as pixel tensors (see `lmforge.images`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lmforge.config import FlopsReport, VisionConfig, VLMConfig
+from lmforge.errors import LmforgeError
+from lmforge.layers import KVCache, Positions, make_norm
+from lmforge.models.decoder import Block, Decoder
+
+
+class ImageTokenMismatch(LmforgeError, ValueError):
+    """The prompt's image tokens and the images given do not match."""
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        blocks = cfg.block_config()
+        self.patch_embed = nn.Conv2d(3, cfg.d_model, cfg.patch_size, stride=cfg.patch_size)
+        self.pos_embed = nn.Embedding(cfg.patches, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(blocks, causal=False) for _ in range(cfg.n_layer))
+        self.norm = make_norm("layernorm", cfg.d_model, cfg.norm_eps, bias=True)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Patch features (N, patches, d_model) of images (N, 3, size, size)."""
+        if pixels.shape[-2:] != (self.cfg.image_size, self.cfg.image_size):
+            raise ValueError(f"images of {tuple(pixels.shape[-2:])} pixels; this encoder reads "
+                             f"{self.cfg.image_size} x {self.cfg.image_size}")
+        x = self.patch_embed(pixels).flatten(2).transpose(1, 2)  # (N, patches, d), row-major
+        x = x + self.pos_embed.weight
+        pos = Positions.of(0, x.shape[1])
+        for block in self.blocks:
+            x = block(x, None, pos, None, None)
+        return self.norm(x)
+
+
+def pixel_shuffle(x: torch.Tensor, r: int) -> torch.Tensor:
+    """(N, s*s, d) patch features -> (N, s*s / r^2, d * r^2): each r x r group of patches
+    becomes one vector (Idefics3's order, so its projector weights apply as they are)."""
+    n, seq, d = x.shape
+    side = int(seq ** 0.5)
+    x = x.view(n, side, side // r, d * r)  # r neighbours along a row side by side
+    x = x.permute(0, 2, 1, 3).reshape(n, side // r, side // r, d * r * r)  # and r rows
+    return x.permute(0, 2, 1, 3).reshape(n, seq // (r * r), d * r * r)
+
+
+class Projector(nn.Module):
+    def __init__(self, cfg: VLMConfig) -> None:
+        super().__init__()
+        self.r = cfg.scale_factor
+        width = cfg.vision.d_model * cfg.scale_factor ** 2
+        mlp = cfg.projector == "mlp"
+        self.up = nn.Linear(width, cfg.text.d_model, bias=False) if mlp else None
+        self.proj = nn.Linear(cfg.text.d_model if mlp else width, cfg.text.d_model, bias=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Image features (N, image_tokens, text width) from patch features."""
+        x = pixel_shuffle(features, self.r)
+        if self.up is not None:
+            x = F.gelu(self.up(x), approximate="tanh")
+        return self.proj(x)
+
+
+class VLM(nn.Module):
+    def __init__(self, cfg: VLMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionEncoder(cfg.vision)
+        self.projector = Projector(cfg)
+        self.decoder = Decoder(cfg.text)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.vision.init_std
+        for name, p in [*self.vision.named_parameters(), *self.projector.named_parameters()]:
+            if p.dim() >= 2:
+                nn.init.normal_(p, 0.0, std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def tie_weights(self) -> None:
+        self.decoder.tie_weights()
+
+    def reset_buffers(self) -> None:
+        self.decoder.reset_buffers()
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Features (N * image_tokens, text width) of images (N, 3, size, size), in order."""
+        return self.projector(self.vision(images)).flatten(0, 1)
+
+    def embed(self, tokens: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, T, width) with the image tokens' replaced by the images'
+        features: the first image fills the first image_tokens image tokens, and so on."""
+        slots = tokens == self.cfg.image_token_id
+        wanted = int(slots.sum())
+        given = images.shape[0] * self.cfg.image_tokens
+        if wanted != given:
+            raise ImageTokenMismatch(
+                f"the prompt has {wanted} image tokens and {images.shape[0]} image(s) were given, "
+                f"which take {given} ({self.cfg.image_tokens} each): give one image per "
+                "image placeholder")
+        x = self.decoder.embed(tokens)
+        features = self.image_features(images.to(x.dtype)).to(x.dtype)
+        return x.masked_scatter(slots.unsqueeze(-1), features)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
+                start: int | torch.Tensor = 0, last_only: bool = False,
+                select: torch.Tensor | None = None,
+                images: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for tokens (B, T), with `images` (N, 3, size, size) in place of
+        the image tokens (see `embed`); the decoder's arguments otherwise."""
+        embeds = self.embed(tokens, images) if images is not None else None
+        return self.decoder(tokens, cache, start, last_only, select, embeds)
+
+    def new_cache(self, batch: int, length: int | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        return self.decoder.new_cache(batch, length, dtype)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops(self) -> FlopsReport:
+        """The decoder's FLOPs per text token; parameters and per-image FLOPs of the vision
+        side in `extra` (6 per weight per patch, training)."""
+        text = self.decoder.flops()
+        vision = sum(p.numel() for p in self.vision.parameters())
+        projector = sum(p.numel() for p in self.projector.parameters())
+        extra = {"vision_params": vision, "projector_params": projector,
+                 "text_params": text.params,
+                 "flops_per_image": 6 * (vision * self.cfg.vision.patches
+                                         + projector * self.cfg.image_tokens)}
+        return FlopsReport(text.params + vision + projector,
+                           text.non_embedding_params + vision + projector,
+                           text.flops_per_token, extra)

@@ -1,0 +1,92 @@
+"""The vision-language model: pixel shuffle, image-token splicing, cached decoding with
+images, the model directory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.config import resolve_vlm_config
+from lmforge.modeldir import read_model, save_model
+from lmforge.models import build_model
+from lmforge.models.vlm import VLM, ImageTokenMismatch, pixel_shuffle
+
+IMAGE = 3  # the image token's id in these tests
+
+
+def tiny(**overrides) -> VLM:
+    torch.manual_seed(0)
+    cfg = resolve_vlm_config({"preset": "vlm-tiny", "text": {"vocab_size": 50},
+                              "image_token_id": IMAGE, **overrides})
+    return build_model(cfg).eval()
+
+
+def test_pixel_shuffle_groups_r_by_r_patches_as_idefics3_does():
+    n, side, d, r = 2, 4, 3, 2
+    x = torch.randn(n, side * side, d)
+    grid = x.view(n, side, side, d)
+    expected = torch.empty(n, (side // r) ** 2, d * r * r)
+    for gh in range(side // r):
+        for gw in range(side // r):
+            for dh in range(r):
+                for dw in range(r):
+                    at = (dh * r + dw) * d
+                    expected[:, gh * (side // r) + gw, at:at + d] = grid[:, gh * r + dh,
+                                                                        gw * r + dw]
+    torch.testing.assert_close(pixel_shuffle(x, r), expected, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_images_replace_their_tokens_in_order():
+    model = tiny()
+    tokens = torch.tensor([[5, *[IMAGE] * 4, 6, *[IMAGE] * 4, 7]])
+    images = torch.randn(2, 3, 32, 32)
+    embeds = model.embed(tokens, images)
+    features = model.image_features(images)  # (8, width): first image, then the second
+    assert torch.equal(embeds[0, 1:5], features[:4]) and torch.equal(embeds[0, 6:10], features[4:])
+    text = model.decoder.embed(tokens)
+    for i in (0, 5, 10):
+        assert torch.equal(embeds[0, i], text[0, i])
+    with pytest.raises(ImageTokenMismatch, match="8 image tokens and 1 image"):
+        model.embed(tokens, images[:1])
+
+
+@torch.no_grad()
+def test_cached_decoding_with_an_image_equals_the_full_pass():
+    model = tiny(projector="mlp")
+    tokens = torch.tensor([[5, 6, *[IMAGE] * 4, 7, 8, 9, 10]])
+    image = torch.randn(1, 3, 32, 32)
+    full = model(tokens, images=image)
+    cache = model.new_cache(1, 16)
+    steps = [model(tokens[:, :7], cache=cache, start=0, images=image)]
+    steps += [model(tokens[:, t:t + 1], cache=cache, start=t) for t in range(7, 10)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    # The image matters: another one changes the text that follows it.
+    other = model(tokens, images=torch.randn(1, 3, 32, 32))
+    assert (other[0, 6:] - full[0, 6:]).abs().max() > 1e-4
+
+
+@torch.no_grad()
+def test_a_vlm_model_directory_reads_back_the_same_model(tmp_path):
+    model = tiny()
+    save_model(tmp_path, model, None)
+    again = read_model(tmp_path)
+    assert isinstance(again, VLM) and again.cfg == model.cfg
+    tokens = torch.tensor([[5, *[IMAGE] * 4, 6]])
+    image = torch.randn(1, 3, 32, 32)
+    assert torch.equal(again(tokens, images=image), model(tokens, images=image))
+    # The tied output projection is stored once.
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert "decoder.lm_head.weight" not in f.keys()
+
+
+def test_presets_have_their_image_token_counts():
+    assert resolve_vlm_config("vlm-small").image_tokens == 16
+    smol = resolve_vlm_config("smolvlm-256m")
+    assert smol.image_tokens == 64 and smol.vision.patches == 1024
+    with torch.device("meta"):
+        report = build_model(smol).flops()
+    # SigLIP-B/16 (~86 M) + SmolLM2-135M (~135 M) + the projector: SmolVLM-256M's size.
+    assert 250e6 < report.params < 260e6
