@@ -90,3 +90,40 @@ def test_presets_have_their_image_token_counts():
         report = build_model(smol).flops()
     # SigLIP-B/16 (~86 M) + SmolLM2-135M (~135 M) + the projector: SmolVLM-256M's size.
     assert 250e6 < report.params < 260e6
+
+
+@torch.no_grad()
+def test_the_engine_decodes_image_and_text_requests_together_as_alone():
+    from lmforge.infer.engine import Engine, Request
+    from lmforge.infer.sampling import SamplingConfig
+
+    model = tiny()
+    greedy = SamplingConfig(temperature=0)
+    image = torch.randn(3, 32, 32)
+    with_image = Request([5, 6, *[IMAGE] * 4, 7], 8, greedy, images=(image,))
+    text_only = Request([9, 10, 11], 8, greedy)
+    together = Engine(model, max_batch=2).run([with_image, text_only])
+    alone = [Engine(model, max_batch=1).run([r])[0] for r in (with_image, text_only)]
+    assert [c.tokens for c in together] == [c.tokens for c in alone]
+    # The engine's tokens are the full pass's argmax, step by step (no cache).
+    tokens = list(with_image.prompt)
+    for _ in range(8):
+        logits = model(torch.tensor([tokens]), images=image[None])
+        tokens.append(int(logits[0, -1].argmax()))
+    assert together[0].tokens == tokens[len(with_image.prompt):]
+
+
+def test_the_engine_refuses_images_it_cannot_place():
+    from lmforge.config import ModelConfig
+    from lmforge.infer.engine import Engine, Request
+    from lmforge.models.decoder import Decoder
+
+    engine = Engine(tiny(), max_batch=1)
+    image = torch.randn(3, 32, 32)
+    with pytest.raises(ValueError, match="4 image tokens for 2 image"):
+        engine.submit(Request([5, *[IMAGE] * 4], 3, images=(image, image)))
+    with pytest.raises(ValueError, match=r"shape \(3, 64, 64\); this model reads \(3, 32, 32\)"):
+        engine.submit(Request([5, *[IMAGE] * 4], 3, images=(torch.randn(3, 64, 64),)))
+    text = Engine(Decoder(ModelConfig(n_layer=1, n_head=2, d_model=16, vocab_size=50)))
+    with pytest.raises(ValueError, match="reads text only"):
+        text.submit(Request([5, 6], 3, images=(image,)))

@@ -15,7 +15,9 @@ The engine runs any `LanguageModel` (every model family). A family whose sequenc
 differently, such as an encoder-decoder whose prompt is a source to encode rather than tokens
 to continue, subclasses `Engine` and overrides its public hooks only: `check` (what a request
 must be), `room` (how many tokens a prompt leaves to generate) and `prefill` (run a new
-sequence into its cache slot). Decode steps are the same for every family.
+sequence into its cache slot). Decode steps are the same for every family. A
+vision-language model needs no subclass: a request's images go into its prefill, where they
+replace the prompt's image tokens, and image and text-only requests decode together.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from lmforge.config import MAX_NEW_TOKENS
+from lmforge.config import MAX_NEW_TOKENS, VLMConfig
 from lmforge.errors import LmforgeError
 from lmforge.infer.sampling import SamplingConfig, apply_penalties, sample
 from lmforge.layers import KVCache
@@ -53,6 +55,9 @@ class Request:
     stop_ids: tuple[int, ...] = ()  # stop tokens: kept in the tokens, not in the text
     logprobs: int | None = None  # None: none; k: each token's log-probability + k alternatives
     prompt_logprobs: bool = False  # log-probabilities of the prompt's tokens too (scoring)
+    # Pixel tensors (3, size, size), in the order of the prompt's image placeholders, for a
+    # vision-language model (see lmforge.images).
+    images: tuple[torch.Tensor, ...] = ()
     truncate: bool = False  # keep the tail of a prompt too long for the context, or refuse it
 
 
@@ -299,6 +304,7 @@ class Engine:
         if outside:  # the tokenizer's vocabulary may be larger than the model's
             raise ValueError(f"the prompt has token id {outside[0]}, outside the model's "
                              f"vocabulary (0 to {vocab - 1})")
+        self._check_images(request)
         if self.room(request.prompt) >= 1:
             return request
         if not request.truncate:
@@ -312,11 +318,34 @@ class Engine:
         """Most tokens a sequence with this prompt can generate."""
         return self.max_len - len(prompt)
 
-    def prefill(self, prompt: list[int], cache: KVCache, scoring: bool) -> Prefilled:
-        """Run a new sequence's prompt into `cache` (its slot's one row); `scoring` asks for
-        the logits of every prompt position (for the prompt's log-probabilities)."""
-        ids = torch.tensor([prompt], device=self.device)
-        return Prefilled(prompt, self.model(ids, cache=cache, start=0, last_only=not scoring)[0])
+    def prefill(self, request: Request, cache: KVCache) -> Prefilled:
+        """Run a new sequence's prompt (and images) into `cache`, its slot's one row; a
+        request that scores its prompt gets the logits of every prompt position."""
+        ids = torch.tensor([request.prompt], device=self.device)
+        images = {"images": torch.stack(request.images).to(self.device)} if request.images else {}
+        logits = self.model(ids, cache=cache, start=0, last_only=not request.prompt_logprobs,
+                            **images)
+        return Prefilled(request.prompt, logits[0])
+
+    def _check_images(self, request: Request) -> None:
+        """A request's images against the model and the prompt's image placeholders (a
+        vision-language model's image tokens)."""
+        cfg = self.model.cfg
+        if not isinstance(cfg, VLMConfig):
+            if request.images:
+                raise ValueError("this model reads text only: it takes no images (serve a "
+                                 "vision-language model for that)")
+            return
+        placeholders = sum(t == cfg.image_token_id for t in request.prompt)
+        if placeholders != len(request.images) * cfg.image_tokens:
+            raise ValueError(f"the prompt has {placeholders} image tokens for "
+                             f"{len(request.images)} image(s) of {cfg.image_tokens} tokens each: "
+                             "give one image per image placeholder")
+        size = (3, cfg.vision.image_size, cfg.vision.image_size)
+        for i, image in enumerate(request.images):
+            if tuple(image.shape) != size:
+                raise ValueError(f"image {i} has shape {tuple(image.shape)}; this model reads "
+                                 f"{size} pixel tensors (see lmforge.images)")
 
     # ----------------------------------------------------------------- requests
     def submit(self, request: Request) -> int:
@@ -385,8 +414,7 @@ class Engine:
         seq.slot = self.slots.index(None)
         self.slots[seq.slot] = seq
         request = seq.request
-        done = self.prefill(request.prompt, self._cache_rows(seq.slot, 1),
-                            request.prompt_logprobs)
+        done = self.prefill(request, self._cache_rows(seq.slot, 1))
         seq.start(done.tokens)
         if request.prompt_logprobs:
             self._prompt_logprobs[seq.id] = [None] + token_logprobs(

@@ -226,7 +226,7 @@ class Seq2SeqEngine(Engine):
     def room(self, prompt: list[int]) -> int:
         return self.max_len - 1  # the target starts afresh after BOS, whatever the source
 
-    def prefill(self, prompt: list[int], cache: Seq2SeqCache, scoring: bool) -> Prefilled:
-        self.model.start_sequence(torch.tensor(prompt, device=self.device), cache)
+    def prefill(self, request: Request, cache: Seq2SeqCache) -> Prefilled:
+        self.model.start_sequence(torch.tensor(request.prompt, device=self.device), cache)
         bos = torch.tensor([[self.bos]], device=self.device)
         return Prefilled([self.bos], self.model(bos, cache=cache, start=0)[0])
