@@ -44,7 +44,7 @@ def test_images_replace_their_tokens_in_order():
     embeds = model.embed(tokens, images)
     features = model.image_features(images)  # (8, width): first image, then the second
     assert torch.equal(embeds[0, 1:5], features[:4]) and torch.equal(embeds[0, 6:10], features[4:])
-    text = model.decoder.embed(tokens)
+    text = model.text.embed(tokens)
     for i in (0, 5, 10):
         assert torch.equal(embeds[0, i], text[0, i])
     with pytest.raises(ImageTokenMismatch, match="8 image tokens and 1 image"):
@@ -79,7 +79,7 @@ def test_a_vlm_model_directory_reads_back_the_same_model(tmp_path):
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
-        assert "decoder.lm_head.weight" not in f.keys()
+        assert "text.lm_head.weight" not in f.keys()
 
 
 def test_presets_have_their_image_token_counts():

@@ -85,7 +85,7 @@ class VLM(nn.Module):
         self.cfg = cfg
         self.vision = VisionEncoder(cfg.vision)
         self.projector = Projector(cfg)
-        self.decoder = Decoder(cfg.text)
+        self.text = Decoder(cfg.text)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -97,10 +97,10 @@ class VLM(nn.Module):
                 nn.init.zeros_(p)
 
     def tie_weights(self) -> None:
-        self.decoder.tie_weights()
+        self.text.tie_weights()
 
     def reset_buffers(self) -> None:
-        self.decoder.reset_buffers()
+        self.text.reset_buffers()
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Features (N * image_tokens, text width) of images (N, 3, size, size), in order."""
@@ -117,7 +117,7 @@ class VLM(nn.Module):
                 f"the prompt has {wanted} image tokens and {images.shape[0]} image(s) were given, "
                 f"which take {given} ({self.cfg.image_tokens} each): give one image per "
                 "image placeholder")
-        x = self.decoder.embed(tokens)
+        x = self.text.embed(tokens)
         features = self.image_features(images.to(x.dtype)).to(x.dtype)
         return x.masked_scatter(slots.unsqueeze(-1), features)
 
@@ -128,11 +128,11 @@ class VLM(nn.Module):
         """Logits (B, T, vocab) for tokens (B, T), with `images` (N, 3, size, size) in place of
         the image tokens (see `embed`); the decoder's arguments otherwise."""
         embeds = self.embed(tokens, images) if images is not None else None
-        return self.decoder(tokens, cache, start, last_only, select, embeds)
+        return self.text(tokens, cache, start, last_only, select, embeds)
 
     def new_cache(self, batch: int, length: int | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:
-        return self.decoder.new_cache(batch, length, dtype)
+        return self.text.new_cache(batch, length, dtype)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -140,7 +140,7 @@ class VLM(nn.Module):
     def flops(self) -> FlopsReport:
         """The decoder's FLOPs per text token; parameters and per-image FLOPs of the vision
         side in `extra` (6 per weight per patch, training)."""
-        text = self.decoder.flops()
+        text = self.text.flops()
         vision = sum(p.numel() for p in self.vision.parameters())
         projector = sum(p.numel() for p in self.projector.parameters())
         extra = {"vision_params": vision, "projector_params": projector,

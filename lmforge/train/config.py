@@ -20,6 +20,7 @@ from lmforge.config import (
     from_dict,
     resolve_model_config,
     resolve_seq2seq_config,
+    resolve_vlm_config,
 )
 from lmforge.errors import ConfigError
 from lmforge.train.schedule import SCHEDULES
@@ -57,6 +58,9 @@ class TrainConfig:
     bad_lines: str = "fail"  # seq2seq: a malformed line stops the run (fail) or is skipped
     test_fraction: float = 0.0  # seq2seq: a held-out test share, besides validation
     label_smoothing: float = 0.0  # seq2seq: 0.1 in the original Transformer
+    freeze: list[str] = dataclasses.field(default_factory=list)  # vlm: vision, projector, text
+    lr_scales: dict[str, float] = dataclasses.field(default_factory=dict)  # part -> lr multiplier
+    vision_from: str = ""  # vlm: take the vision encoder of this vision-language model
 
     # Batches: global batch = batch_size * grad_accum * world_size sequences of context_length.
     batch_size: int = 12
@@ -99,6 +103,10 @@ class TrainConfig:
     def seq2seq_model(self) -> Any:
         """The model section for a seq2seq run: pretraining's default means the seq2seq one."""
         return "transformer-small" if self.model == "shakespeare-char" else self.model
+
+    def vlm_model(self) -> Any:
+        """The model section for a vision-language run: pretraining's default means vlm-small."""
+        return "vlm-small" if self.model == "shakespeare-char" else self.model
 
     def model_config(self) -> ModelConfig:
         return resolve_model_config(self.model)
@@ -165,6 +173,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (),
                               "a seq2seq run trains without them")
 
         resolve_seq2seq_config(cfg.seq2seq_model())
+    elif cfg.task == "vlm":
+        resolve_vlm_config(cfg.vlm_model())
     else:
         cfg.model_config()
     return cfg
