@@ -6,7 +6,7 @@
     opened = lmforge.open_model(result.run_dir)
     print(lmforge.generate_text(opened, "ROMEO:", max_new_tokens=50, seed=0))
 
-Importing this module registers every training task (lm, seq2seq, sft, classify) and every
+Importing this module registers every training task (lm, seq2seq, sft, classify, vlm) and every
 model-directory hook (quantized weights, classification heads), so any recipe trains and any
 model directory opens.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 from lmforge.finetune.classify import Classifier, load_classifier, predict
 from lmforge.finetune.run import finetune_recipe, merge
 from lmforge.finetune.sft import ChatTask  # noqa: F401  (registers task=sft)
+from lmforge.finetune.vlm import VisionChatTask  # noqa: F401  (registers task=vlm)
 from lmforge.infer.engine import Engine, Request, prompt_ids, stream_one
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.infer.seq2seq import translate

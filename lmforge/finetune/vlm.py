@@ -1,0 +1,328 @@
+"""Training a vision-language model on conversations about images (`task: vlm`).
+
+Data is JSONL, one conversation a line: `{"images": ["a.png", ...], "messages": [...]}` in
+OpenAI's chat shape, where a user message's content may be a list of `{"type": "text",
+"text": ...}` and `{"type": "image"}` parts (one image part per entry of `images`, in order;
+paths relative to the JSONL file). The loss covers the assistant's turns only, exactly as
+chat SFT does: each image part becomes the model's image placeholder (`image_tokens` image
+tokens) in the rendered conversation, and its pixels replace them inside the model.
+
+The model is one of:
+- a vision-language preset (`model: vlm-small`, or a mapping with `preset`, `vision`,
+  `text`), trained from nothing with a BPE tokenizer trained on the data's text;
+- `init_from` a vision-language model (its weights, tokenizer and settings), to go on;
+- `init_from` a decoder-only language model: its weights, tokenizer and chat template with a
+  fresh projector and a fresh vision encoder, or the encoder of `vision_from` (a
+  vision-language model), so a small pretrained language model learns to see.
+
+`freeze: [vision, text]` keeps parts as they are; `lr_scales: {projector: 10}` gives a part
+its own learning rate (a fresh projector learns faster than the backbones around it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tokenizers import AddedToken
+from torch import nn
+
+from lmforge.chat import chat_prompt_ids
+from lmforge.config import VLMConfig, from_dict, resolve_vlm_config
+from lmforge.data.loader import in_order
+from lmforge.errors import CheckpointMismatch, ConfigError
+from lmforge.finetune.sft import IGNORE, ROLES, encode_conversation, training_row
+from lmforge.finetune.task import example_indices, pad_rows, read_jsonl, split_examples
+from lmforge.images import ImageError, load_image, to_pixels
+from lmforge.infer.engine import Engine, Request
+from lmforge.infer.sampling import SamplingConfig
+from lmforge.modeldir import WEIGHTS, load_weights, read_config, save_model, stop_token_ids
+from lmforge.models.decoder import Decoder
+from lmforge.models.vlm import VLM
+from lmforge.open import OpenedModel, open_model
+from lmforge.tokenizer import Tokenizer, train_bpe
+from lmforge.train.config import TrainConfig
+from lmforge.train.distributed import Dist
+from lmforge.train.task import register_task
+
+IMAGE_TOKEN = "<|image|>"
+PARTS = ("vision", "projector", "text")
+# How many held-out conversations the exact-match figure decodes at each evaluation.
+EXACT_MATCH_EXAMPLES = 200
+
+
+def read_image_conversations(path: str | Path) -> list[dict[str, Any]]:
+    """Every conversation of a JSONL file, checked: {"line", "messages", "images" (absolute
+    paths), "answer" (the last assistant turn)}. A bad line or a missing image names both."""
+    path = Path(path)
+    out = []
+    for number, value in read_jsonl(path):
+        where = f"{path}:{number}"
+        if not isinstance(value, dict) or not isinstance(value.get("messages"), list):
+            raise ConfigError(f"{where}: expected {{\"images\": [...], \"messages\": [...]}}")
+        images = value.get("images", [])
+        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+            raise ConfigError(f"{where}: \"images\" must be a list of file paths")
+        messages = [_message(m, i, where) for i, m in enumerate(value["messages"])]
+        parts = sum(1 for m in messages for p in m["parts"] if p is None)
+        if parts != len(images):
+            raise ConfigError(f"{where}: {parts} image part(s) in the messages for "
+                              f"{len(images)} image(s) in \"images\"")
+        files = [(path.parent / i).resolve() for i in images]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{where}: image {missing[0]} not found")
+        answers = [m for m in messages if m["role"] == "assistant"]
+        if not answers:
+            raise ConfigError(f"{where}: the conversation has no assistant turn to learn from")
+        out.append({"line": number, "messages": messages, "images": files,
+                    "answer": answers[-1]["parts"][0]})
+    return out
+
+
+def _message(m: Any, i: int, where: str) -> dict[str, Any]:
+    """A message as {"role", "parts"}: its texts, with None for each image."""
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+        raise ConfigError(f"{where}: message {i} needs a role ({', '.join(ROLES)}) and content")
+    content = m.get("content")
+    if isinstance(content, str):
+        return {"role": m["role"], "parts": [content]}
+    if not isinstance(content, list) or m["role"] != "user":
+        raise ConfigError(f"{where}: message {i}'s content must be a string (a list of parts "
+                          "only in user messages)")
+    parts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image":
+            parts.append(None)
+        elif kind == "text" and isinstance(part.get("text"), str):
+            parts.append(part["text"])
+        else:
+            raise ConfigError(f"{where}: message {i} has a part that is neither "
+                              "{\"type\": \"text\", \"text\": ...} nor {\"type\": \"image\"}")
+    return {"role": m["role"], "parts": parts}
+
+
+def rendered(messages: list[dict[str, Any]], placeholder: str) -> list[dict[str, str]]:
+    """Messages with string contents, each image part replaced by `placeholder`."""
+    return [{"role": m["role"], "content": "".join(placeholder if p is None else p
+                                                   for p in m["parts"])} for m in messages]
+
+
+def with_image_token(tokenizer: Tokenizer) -> Tokenizer:
+    """The tokenizer, with the image token added (at the end of its vocabulary) if missing."""
+    if tokenizer.token_id(IMAGE_TOKEN) is None:
+        tokenizer.backend.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True)])
+    return tokenizer
+
+
+class VisionChatTask:
+    """Next-token loss on the assistant's answers to conversations about images."""
+
+    def __init__(self, cfg: TrainConfig, dist: Dist) -> None:
+        if not cfg.data:
+            raise ConfigError("no training data: set data=FILE (JSONL of image conversations, "
+                              "see examples/vision/make_data.py)")
+        unknown = [p for p in cfg.freeze if p not in PARTS]
+        if unknown:
+            raise ConfigError(f"freeze names {', '.join(map(repr, unknown))}; the parts are "
+                              f"{', '.join(PARTS)}")
+        self.cfg, self.dist = cfg, dist
+        train = read_image_conversations(cfg.data)
+        if cfg.val_data:
+            val = read_image_conversations(cfg.val_data)
+        else:
+            train, val = split_examples(train, cfg.val_fraction, cfg.seed)
+        opened = open_model(cfg.init_from, "cpu", torch.float32) if cfg.init_from else None
+        self.base = opened.model if opened else None
+        self.tokenizer = self._tokenizer(train, opened)
+        self.stop_ids = stop_token_ids(opened.directory, self.tokenizer) if opened else tuple(
+            i for i in (self.tokenizer.eos_id, self.tokenizer.token_id("<|im_end|>"))
+            if i is not None)
+        self.model_cfg = self._model_config()
+        self.context = min(cfg.context_length or self.model_cfg.context_length,
+                           self.model_cfg.context_length)
+        placeholder = IMAGE_TOKEN * self.model_cfg.image_tokens
+        self.placeholder = placeholder
+        self.pad_id = next((i for i in (self.tokenizer.pad_id, self.tokenizer.eos_id)
+                            if i is not None), 0)
+        self.skipped = 0
+        self.examples = self._rows(train)
+        self.val_examples = self._rows(val)
+        self.val_conversations = val
+        if not self.examples:
+            raise ConfigError(f"{cfg.data} gave no training example that fits the context "
+                              f"of {self.context} tokens")
+        if cfg.epochs > 0:
+            per_step = cfg.batch_size * cfg.grad_accum * dist.world
+            cfg.max_steps = max(1, math.ceil(cfg.epochs * len(self.examples) / per_step))
+
+    # Setting up -------------------------------------------------------------------------
+
+    def _tokenizer(self, train: list[dict[str, Any]], opened: OpenedModel | None) -> Tokenizer:
+        if opened is not None:
+            if opened.tokenizer is None:
+                raise FileNotFoundError(f"{self.cfg.init_from} has no tokenizer.json")
+            return with_image_token(opened.tokenizer)
+        texts = [p for c in train for m in c["messages"] for p in m["parts"] if p is not None]
+        return with_image_token(train_bpe(texts, vocab_size=self.cfg.vocab_size))
+
+    def _model_config(self) -> VLMConfig:
+        image_id = self.tokenizer.token_id(IMAGE_TOKEN)
+        if isinstance(self.base, VLM):
+            if image_id != self.base.cfg.image_token_id:
+                raise CheckpointMismatch(f"{self.cfg.init_from}'s tokenizer has {IMAGE_TOKEN} "
+                                         f"at {image_id}, its config at "
+                                         f"{self.base.cfg.image_token_id}")
+            return self.base.cfg
+        cfg = resolve_vlm_config(self.cfg.vlm_model())
+        text = cfg.text.to_dict() if self.base is None else self.base.cfg.to_dict()
+        values = {**cfg.to_dict(), "text": {**text, "vocab_size": self.tokenizer.vocab_size},
+                  "image_token_id": image_id}
+        values.pop("family")
+        return from_dict(VLMConfig, values, where="model")
+
+    def _rows(self, conversations: list[dict[str, Any]]) -> list[tuple[list[int], list[int],
+                                                                        list[Path]]]:
+        rows = []
+        for c in conversations:
+            ids, scored = encode_conversation(self.tokenizer,
+                                              rendered(c["messages"], self.placeholder))
+            if len(ids) > self.context + 1:
+                self.skipped += 1
+                continue
+            x, y = training_row(ids, scored)
+            rows.append((x, y, c["images"]))
+        return rows
+
+    def build_model(self, device: torch.device) -> nn.Module:
+        model = VLM(self.model_cfg)
+        if isinstance(self.base, VLM):
+            model.load_state_dict(self.base.state_dict())
+        elif isinstance(self.base, Decoder):
+            _copy_decoder(self.base, model.text)
+        if self.cfg.vision_from:
+            source = open_model(self.cfg.vision_from, "cpu", torch.float32).model
+            if not isinstance(source, VLM) or source.cfg.vision != self.model_cfg.vision:
+                raise CheckpointMismatch(f"vision_from={self.cfg.vision_from} is not a "
+                                         "vision-language model with this recipe's vision "
+                                         "settings")
+            model.vision.load_state_dict(source.vision.state_dict())
+        model.tie_weights()
+        for part in self.cfg.freeze:
+            getattr(model, part).requires_grad_(False)
+        return model.to(device)
+
+    # Batches ----------------------------------------------------------------------------
+
+    def pixels(self, path: Path) -> torch.Tensor:
+        vision = self.model_cfg.vision
+        try:
+            image = load_image(path)
+        except ImageError as err:
+            raise ImageError(f"{path}: {err}") from None
+        return to_pixels(image, vision.image_size, (vision.image_mean,) * 3,
+                         (vision.image_std,) * 3)
+
+    def collate(self, rows) -> tuple[torch.Tensor, ...]:
+        lengths = torch.tensor([len(x) for x, _, _ in rows])
+        images = [self.pixels(p) for _, _, paths in rows for p in paths]
+        size = self.model_cfg.vision.image_size
+        pixels = torch.stack(images) if images else torch.zeros(0, 3, size, size)
+        return (pad_rows([x for x, _, _ in rows], self.pad_id),
+                pad_rows([y for _, y, _ in rows], IGNORE), lengths, pixels)
+
+    def train_batch(self, step: int, slot: int) -> tuple[torch.Tensor, ...]:
+        slots = self.cfg.grad_accum * self.dist.world
+        picks = example_indices(len(self.examples), self.cfg.batch_size, self.cfg.seed, step,
+                                slot, slots)
+        return self.collate([self.examples[i] for i in picks])
+
+    def eval_batches(self, n_batches: int, rank: int, world: int) -> Iterator[tuple]:
+        for rows in in_order(self.val_examples, self.cfg.batch_size, n_batches, rank, world):
+            yield self.collate(rows)
+
+    @staticmethod
+    def loss(model: nn.Module, batch) -> torch.Tensor:
+        x, y, _, pixels = batch
+        scored = y != IGNORE
+        logits = model(x, select=scored, images=pixels if len(pixels) else None)
+        return F.cross_entropy(logits.float(), y[scored])
+
+    @staticmethod
+    def count(batch) -> int:
+        return int((batch[1] != IGNORE).sum())
+
+    @staticmethod
+    def tokens(batch) -> int:
+        return int(batch[2].sum())
+
+    # Figures, samples, checkpoints -------------------------------------------------------
+
+    def answers(self, model: nn.Module, conversations: list[dict[str, Any]],
+                max_new_tokens: int = 16) -> list[str]:
+        """The model's greedy answers to each conversation's last question."""
+        requests = []
+        for c in conversations:
+            messages = rendered(c["messages"], self.placeholder)
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            prompt = chat_prompt_ids(self.tokenizer, messages[:last])
+            requests.append(Request(prompt, max_new_tokens, SamplingConfig(temperature=0),
+                                    stop_ids=self.stop_ids,
+                                    images=tuple(self.pixels(p) for p in c["images"])))
+        engine = Engine(model, self.tokenizer, max_batch=16,
+                        max_len=min(self.model_cfg.context_length, self.context + max_new_tokens))
+        return [done.text.strip() for done in engine.run(requests)]
+
+    @torch.no_grad()
+    def val_metrics(self, model: nn.Module, val_loss: float, step: int) -> dict[str, float]:
+        """Exact match of the greedy answers to held-out questions (its first
+        EXACT_MATCH_EXAMPLES conversations); none at step 0, where it is chance."""
+        shown = self.val_conversations[:EXACT_MATCH_EXAMPLES]
+        if step == 0 or not shown:
+            return {}
+        was_training = model.training
+        said = self.answers(model.eval(), shown)
+        model.train(was_training)
+        return {"val_exact": sum(a == c["answer"] for a, c in zip(said, shown)) / len(shown)}
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module) -> str | None:
+        if not self.val_conversations:
+            return None
+        first = self.val_conversations[0]
+        answer = self.answers(model.eval(), [first])[0]
+        question = rendered(first["messages"], "[image]")[-2]["content"]
+        return f"{question}\n>>> {answer}   (expected: {first['answer']})"
+
+    def save(self, directory: Path, model: nn.Module) -> None:
+        save_model(directory, model, self.tokenizer)
+
+    def load(self, directory: Path, model: nn.Module) -> None:
+        if read_config(directory) != self.model_cfg:
+            raise CheckpointMismatch(f"{directory} holds another model than this recipe's: "
+                                     "resume with the run's own recipe")
+        load_weights(model, directory / WEIGHTS)
+
+    def describe(self) -> dict[str, Any]:
+        return {"examples": len(self.examples), "val_examples": len(self.val_examples),
+                "skipped_too_long": self.skipped, "image_tokens": self.model_cfg.image_tokens}
+
+
+def _copy_decoder(source: Decoder, target: Decoder) -> None:
+    """A pretrained decoder's weights into a VLM's, whose vocabulary has the image token
+    added: the new embedding rows (and output rows, when untied) start at the mean row."""
+    state = source.state_dict()
+    for name in ("embed.weight", "lm_head.weight"):
+        if name in state and state[name].shape[0] < target.cfg.vocab_size:
+            old = state[name]
+            grown = old.mean(0, keepdim=True).expand(target.cfg.vocab_size - old.shape[0], -1)
+            state[name] = torch.cat([old, grown])
+    target.load_state_dict(state)
+
+
+register_task("vlm", VisionChatTask)
