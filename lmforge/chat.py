@@ -159,6 +159,36 @@ def _capped(pieces: Iterator[str]) -> Iterator[str]:
         yield piece
 
 
+# lmforge's own vision-language models: `image_tokens` copies of this token stand for an image.
+IMAGE_TOKEN = "<|image|>"
+IMAGE_PARTS = ("image", "image_url")  # OpenAI's image part, and the training data's
+
+
+def text_of_parts(content: str | list[dict], placeholder: str) -> str:
+    """A message's content as text: a string as it is; OpenAI-style parts joined, each image
+    part (`{"type": "image"}` or `{"type": "image_url", ...}`) written as `placeholder`."""
+    if isinstance(content, str):
+        return content
+    return "".join(placeholder if part["type"] in IMAGE_PARTS else part["text"]
+                   for part in content)
+
+
+def image_count(messages: list[dict]) -> int:
+    """How many image parts a conversation has."""
+    return sum(1 for m in messages if isinstance(m["content"], list)
+               for part in m["content"] if part["type"] in IMAGE_PARTS)
+
+
+def vision_chat_prompt_ids(tokenizer: Tokenizer, image_tokens: int, messages: list[dict]
+                           ) -> list[int]:
+    """`chat_prompt_ids` for a vision-language model: each image part becomes its
+    `image_tokens` image tokens in the prompt."""
+    placeholder = IMAGE_TOKEN * image_tokens
+    return chat_prompt_ids(tokenizer, [{"role": m["role"],
+                                        "content": text_of_parts(m["content"], placeholder)}
+                                       for m in messages])
+
+
 def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of the rendered conversation, ready for the assistant's turn."""
     ids = tokenizer.encode(render_chat(tokenizer, messages))

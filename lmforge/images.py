@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from lmforge.config import VisionConfig
 from lmforge.errors import ConfigError, LmforgeError, UnsupportedModel
 
 FORMATS = ("PNG", "JPEG", "WEBP")
@@ -173,6 +174,11 @@ def to_pixels(image: Image.Image, size: int, mean: Sequence[float] = SIGLIP_MEAN
     """(3, size, size) float32: the RGB ``image`` resized to a square (bicubic, aspect ratio
     not kept) and normalised; lmforge's own VLMs see every image this way."""
     return _normalise(image.resize((size, size), Image.Resampling.BICUBIC), mean, std)
+
+
+def model_pixels(image: Image.Image, vision: VisionConfig) -> torch.Tensor:
+    """Pixels (3, size, size) of an image for an lmforge vision encoder of these settings."""
+    return to_pixels(image, vision.image_size, (vision.image_mean,) * 3, (vision.image_std,) * 3)
 
 
 class Tiles(NamedTuple):

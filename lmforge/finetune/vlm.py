@@ -31,13 +31,13 @@ import torch.nn.functional as F
 from tokenizers import AddedToken
 from torch import nn
 
-from lmforge.chat import chat_prompt_ids
+from lmforge.chat import IMAGE_PARTS, IMAGE_TOKEN, chat_prompt_ids, image_count, text_of_parts
 from lmforge.config import VLMConfig, from_dict, resolve_vlm_config
 from lmforge.data.loader import in_order
 from lmforge.errors import CheckpointMismatch, ConfigError
 from lmforge.finetune.sft import IGNORE, ROLES, encode_conversation, training_row
 from lmforge.finetune.task import example_indices, pad_rows, read_jsonl, split_examples
-from lmforge.images import ImageError, load_image, to_pixels
+from lmforge.images import ImageError, load_image, model_pixels
 from lmforge.infer.engine import Engine, Request
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.modeldir import WEIGHTS, load_weights, read_config, save_model, stop_token_ids
@@ -49,15 +49,15 @@ from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import Dist
 from lmforge.train.task import register_task
 
-IMAGE_TOKEN = "<|image|>"
 PARTS = ("vision", "projector", "text")
 # How many held-out conversations the exact-match figure decodes at each evaluation.
 EXACT_MATCH_EXAMPLES = 200
 
 
 def read_image_conversations(path: str | Path) -> list[dict[str, Any]]:
-    """Every conversation of a JSONL file, checked: {"line", "messages", "images" (absolute
-    paths), "answer" (the last assistant turn)}. A bad line or a missing image names both."""
+    """Every conversation of a JSONL file, checked: {"line", "messages" (contents a string
+    or OpenAI-style parts), "images" (absolute paths), "answer" (the last assistant turn)}.
+    A bad line or a missing image names both."""
     path = Path(path)
     out = []
     for number, value in read_jsonl(path):
@@ -68,49 +68,43 @@ def read_image_conversations(path: str | Path) -> list[dict[str, Any]]:
         if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
             raise ConfigError(f"{where}: \"images\" must be a list of file paths")
         messages = [_message(m, i, where) for i, m in enumerate(value["messages"])]
-        parts = sum(1 for m in messages for p in m["parts"] if p is None)
-        if parts != len(images):
-            raise ConfigError(f"{where}: {parts} image part(s) in the messages for "
-                              f"{len(images)} image(s) in \"images\"")
+        if image_count(messages) != len(images):
+            raise ConfigError(f"{where}: {image_count(messages)} image part(s) in the messages "
+                              f"for {len(images)} image(s) in \"images\"")
         files = [(path.parent / i).resolve() for i in images]
         missing = [f for f in files if not f.is_file()]
         if missing:
             raise FileNotFoundError(f"{where}: image {missing[0]} not found")
-        answers = [m for m in messages if m["role"] == "assistant"]
+        answers = [m["content"] for m in messages if m["role"] == "assistant"]
         if not answers:
             raise ConfigError(f"{where}: the conversation has no assistant turn to learn from")
         out.append({"line": number, "messages": messages, "images": files,
-                    "answer": answers[-1]["parts"][0]})
+                    "answer": answers[-1]})
     return out
 
 
 def _message(m: Any, i: int, where: str) -> dict[str, Any]:
-    """A message as {"role", "parts"}: its texts, with None for each image."""
+    """A message, checked: a string content, or (a user's) a list of text and image parts."""
     if not isinstance(m, dict) or m.get("role") not in ROLES:
         raise ConfigError(f"{where}: message {i} needs a role ({', '.join(ROLES)}) and content")
     content = m.get("content")
     if isinstance(content, str):
-        return {"role": m["role"], "parts": [content]}
+        return {"role": m["role"], "content": content}
     if not isinstance(content, list) or m["role"] != "user":
         raise ConfigError(f"{where}: message {i}'s content must be a string (a list of parts "
                           "only in user messages)")
-    parts = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "image":
-            parts.append(None)
-        elif kind == "text" and isinstance(part.get("text"), str):
-            parts.append(part["text"])
-        else:
+        if kind not in IMAGE_PARTS and not (kind == "text" and isinstance(part.get("text"), str)):
             raise ConfigError(f"{where}: message {i} has a part that is neither "
                               "{\"type\": \"text\", \"text\": ...} nor {\"type\": \"image\"}")
-    return {"role": m["role"], "parts": parts}
+    return {"role": m["role"], "content": content}
 
 
 def rendered(messages: list[dict[str, Any]], placeholder: str) -> list[dict[str, str]]:
     """Messages with string contents, each image part replaced by `placeholder`."""
-    return [{"role": m["role"], "content": "".join(placeholder if p is None else p
-                                                   for p in m["parts"])} for m in messages]
+    return [{"role": m["role"], "content": text_of_parts(m["content"], placeholder)}
+            for m in messages]
 
 
 def with_image_token(tokenizer: Tokenizer) -> Tokenizer:
@@ -168,7 +162,7 @@ class VisionChatTask:
             if opened.tokenizer is None:
                 raise FileNotFoundError(f"{self.cfg.init_from} has no tokenizer.json")
             return with_image_token(opened.tokenizer)
-        texts = [p for c in train for m in c["messages"] for p in m["parts"] if p is not None]
+        texts = [text_of_parts(m["content"], "") for c in train for m in c["messages"]]
         return with_image_token(train_bpe(texts, vocab_size=self.cfg.vocab_size))
 
     def _model_config(self) -> VLMConfig:
@@ -220,13 +214,11 @@ class VisionChatTask:
     # Batches ----------------------------------------------------------------------------
 
     def pixels(self, path: Path) -> torch.Tensor:
-        vision = self.model_cfg.vision
         try:
             image = load_image(path)
         except ImageError as err:
             raise ImageError(f"{path}: {err}") from None
-        return to_pixels(image, vision.image_size, (vision.image_mean,) * 3,
-                         (vision.image_std,) * 3)
+        return model_pixels(image, self.model_cfg.vision)
 
     def collate(self, rows) -> tuple[torch.Tensor, ...]:
         lengths = torch.tensor([len(x) for x, _, _ in rows])
