@@ -14,20 +14,22 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
+import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 
-from lmforge.config import MAX_NEW_TOKENS
+from lmforge.config import MAX_NEW_TOKENS, ModelConfig, VLMConfig
 from lmforge.errors import LmforgeError
-from lmforge.infer.engine import Request, stream_one
+from lmforge.images import ImageError, load_image, model_pixels
+from lmforge.infer.engine import Request, prompt_ids, stream_one
 from lmforge.infer.sampling import SamplingConfig
-from lmforge.models.decoder import Decoder
+from lmforge.models import LanguageModel
 from lmforge.tokenizer import Tokenizer
 
 # ChatML, the format our BPE's <|im_start|> / <|im_end|> tokens exist for.
@@ -179,6 +181,12 @@ def image_count(messages: list[dict]) -> int:
                for part in m["content"] if part["type"] in IMAGE_PARTS)
 
 
+def vision_prompt_ids(tokenizer: Tokenizer, image_tokens: int, text: str) -> list[int]:
+    """Token ids of a plain prompt whose IMAGE_TOKEN markers stand for images, each
+    becoming the `image_tokens` image tokens a vision-language model reads an image as."""
+    return tokenizer.encode(text.replace(IMAGE_TOKEN, IMAGE_TOKEN * image_tokens))
+
+
 def vision_chat_prompt_ids(tokenizer: Tokenizer, image_tokens: int, messages: list[dict]
                            ) -> list[int]:
     """`chat_prompt_ids` for a vision-language model: each image part becomes its
@@ -187,6 +195,26 @@ def vision_chat_prompt_ids(tokenizer: Tokenizer, image_tokens: int, messages: li
     return chat_prompt_ids(tokenizer, [{"role": m["role"],
                                         "content": text_of_parts(m["content"], placeholder)}
                                        for m in messages])
+
+
+def prompt_with_images(cfg: ModelConfig | VLMConfig, tokenizer: Tokenizer, text: str,
+                       images: Sequence[str | Path] = (), chat: bool = False
+                       ) -> tuple[list[int], tuple[torch.Tensor, ...]]:
+    """A prompt's token ids and its images' pixels (images before the text): the text as it
+    is, or with `chat` as a user message through the model's chat template."""
+    if images and not isinstance(cfg, VLMConfig):
+        raise ImageError("this model reads text only: images need a vision-language model")
+    pixels = tuple(model_pixels(load_image(path), cfg.vision) for path in images)
+    if chat:
+        content = [*({"type": "image"} for _ in images), {"type": "text", "text": text}]
+        message = [{"role": "user", "content": content if images else text}]
+        if isinstance(cfg, VLMConfig):
+            return vision_chat_prompt_ids(tokenizer, cfg.image_tokens, message), pixels
+        return chat_prompt_ids(tokenizer, message), pixels
+    if images:
+        return vision_prompt_ids(tokenizer, cfg.image_tokens, IMAGE_TOKEN * len(images) + text), \
+            pixels
+    return prompt_ids(tokenizer, text), pixels
 
 
 def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
@@ -199,53 +227,85 @@ def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
 
 @dataclass
 class ChatSession:
-    """A multi-turn conversation with one model; `reply` streams the assistant's answer."""
+    """A multi-turn conversation with one model; `reply` streams the assistant's answer.
 
-    model: Decoder
+    With a vision-language model, `attach` adds an image to the next user message (kept in
+    the history as `{"type": "image", "path": ...}`, read again for each reply)."""
+
+    model: LanguageModel
     tokenizer: Tokenizer
     stop_ids: tuple[int, ...]
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     system: str | None = None
     max_new_tokens: int = MAX_NEW_TOKENS
     messages: list[dict] = field(default_factory=list)
+    attached: list[str] = field(default_factory=list)  # images for the next message
 
     def __post_init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.attached = []
+
+    def attach(self, path: str | Path) -> None:
+        """Put an image on the next message; a model that reads no images, or a file that is
+        no image, is refused now."""
+        if not isinstance(self.model.cfg, VLMConfig):
+            raise ImageError("this model reads text only: it takes no images")
+        load_image(path)
+        self.attached.append(str(path))
 
     def reply(self, user_text: str, seed: int | None = None) -> Iterator[str]:
         """Stream the answer to `user_text` as text pieces; the turn is kept in the history
         even when the caller stops early (the partial answer is what the user saw)."""
-        self.messages.append({"role": "user", "content": user_text})
-        prompt = self._prompt()
+        content: str | list[dict] = user_text
+        if self.attached:
+            content = [*({"type": "image", "path": p} for p in self.attached),
+                       {"type": "text", "text": user_text}]
+            self.attached = []
+        self.messages.append({"role": "user", "content": content})
+        prompt, images = self._prompt()
         answer = {"role": "assistant", "content": ""}
         self.messages.append(answer)
         request = Request(prompt, self.max_new_tokens, self.sampling, seed,
-                          stop_ids=self.stop_ids, truncate=True)
+                          stop_ids=self.stop_ids, truncate=True, images=images)
         for event in stream_one(self.model, self.tokenizer, request):
             answer["content"] += event.text
             if event.text:
                 yield event.text
 
-    def _prompt(self) -> list[int]:
-        """The conversation's prompt, leaving out its oldest turns (never the system prompt
-        or the new message) when it would not fit the context with room for an answer; the
-        saved history keeps everything."""
+    def _prompt(self) -> tuple[list[int], tuple[torch.Tensor, ...]]:
+        """The conversation's prompt and images, leaving out its oldest turns (never the
+        system prompt or the new message) when it would not fit the context with room for an
+        answer; the saved history keeps everything."""
         room = self.model.cfg.context_length - min(self.max_new_tokens,
                                                    self.model.cfg.context_length // 4)
         system = [m for m in self.messages[:1] if m["role"] == "system"]
         turns = self.messages[len(system):]
-        prompt = chat_prompt_ids(self.tokenizer, system + turns)
+        prompt = self._ids(system + turns)
         while len(prompt) > room and len(turns) > 1:
             # Whole exchanges go: what is left still starts with a user message.
             turns = turns[1:]
             while len(turns) > 1 and turns[0]["role"] != "user":
                 turns = turns[1:]
-            prompt = chat_prompt_ids(self.tokenizer, system + turns)
+            prompt = self._ids(system + turns)
         # A single message longer than the context keeps its end (truncate=True below).
-        return prompt
+        return prompt, self._images(system + turns)
+
+    def _images(self, messages: list[dict]) -> tuple[torch.Tensor, ...]:
+        """The pixels of the messages' images, in order."""
+        cfg = self.model.cfg
+        if not isinstance(cfg, VLMConfig):
+            return ()
+        return tuple(model_pixels(load_image(part["path"]), cfg.vision)
+                     for m in messages if isinstance(m["content"], list)
+                     for part in m["content"] if part["type"] == "image")
+
+    def _ids(self, messages: list[dict]) -> list[int]:
+        if isinstance(self.model.cfg, VLMConfig):
+            return vision_chat_prompt_ids(self.tokenizer, self.model.cfg.image_tokens, messages)
+        return chat_prompt_ids(self.tokenizer, messages)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -255,6 +315,7 @@ class ChatSession:
 
 HELP = """commands:
   /reset        start a new conversation (keeps the system prompt)
+  /image FILE   attach an image to your next message (a vision-language model)
   /save FILE    write the conversation as JSON
   /help         this text
   /quit         leave (or Ctrl-D)
@@ -282,6 +343,12 @@ def run_terminal_chat(session: ChatSession, read: Callable[[str], str] = input,
                 print("(conversation cleared)", file=out)
             elif command == "/save" and arg:
                 print(f"(saved to {session.save(arg.strip())})", file=out)
+            elif command == "/image" and arg:
+                try:
+                    session.attach(arg.strip())
+                    print(f"(image {arg.strip()} goes with your next message)", file=out)
+                except (ImageError, FileNotFoundError) as err:
+                    print(f"(no image attached: {err})", file=out)
             else:
                 print(HELP, file=out)
             continue

@@ -179,8 +179,10 @@ def _open(spec: str, args: argparse.Namespace):
 
 
 def _language_model(spec: str, args: argparse.Namespace):
-    """The decoder-only language model `spec` names, for the commands that continue text."""
+    """The language model `spec` names (decoder-only, or vision-language), for the commands
+    that continue text."""
     from lmforge.errors import ConfigError
+    from lmforge.models import VLM
     from lmforge.models.decoder import Decoder
     from lmforge.models.seq2seq import Seq2Seq
 
@@ -188,7 +190,7 @@ def _language_model(spec: str, args: argparse.Namespace):
     if isinstance(opened.model, Seq2Seq):
         raise ConfigError(f"{spec} is an encoder-decoder (seq2seq) model: use `lmforge "
                           "translate` or `lmforge serve` with it")
-    if not isinstance(opened.model, Decoder):
+    if not isinstance(opened.model, Decoder | VLM):
         raise ConfigError(f"{spec} is a {type(opened.model).__name__}, not a language model "
                           "(use `lmforge predict` with a classifier)")
     return opened
@@ -202,13 +204,20 @@ def _sampling(args: argparse.Namespace) -> SamplingConfig:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from lmforge.infer.engine import Request, prompt_ids, stream_one
+    from lmforge.chat import prompt_with_images
+    from lmforge.errors import ConfigError
+    from lmforge.infer.engine import Request, stream_one
 
     opened = _language_model(args.model, args)
     model, tokenizer = opened.model, opened.tokenizer
-    request = Request(prompt_ids(tokenizer, args.prompt), args.max_new_tokens, _sampling(args),
-                      args.seed, stop=tuple(args.stop), stop_ids=opened.stop_ids)
-    sys.stdout.write(args.prompt)
+    if args.speculative and args.image:
+        raise ConfigError("--speculative drafts from the prompt's text: use it without --image")
+    prompt, images = prompt_with_images(model.cfg, tokenizer, args.prompt, args.image,
+                                        args.chat)
+    request = Request(prompt, args.max_new_tokens, _sampling(args), args.seed,
+                      stop=tuple(args.stop), stop_ids=opened.stop_ids, images=images)
+    if not args.chat:
+        sys.stdout.write(args.prompt)
     if args.speculative:
         from lmforge.infer.speculative import speculative_text
 
@@ -622,6 +631,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", action="store_true",
                    help="draft tokens by copying from the prompt and check them in one pass: "
                         "faster when the output repeats the input; greedy output is unchanged")
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="an image before the prompt, for a vision-language model (repeatable)")
+    p.add_argument("--chat", action="store_true",
+                   help="the prompt is a user message, through the model's chat template; "
+                   "prints the answer")
     device_flags(p)
 
     p = command("chat", "talk to a model in the terminal (its chat template)", cmd_chat)

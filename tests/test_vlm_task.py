@@ -58,3 +58,39 @@ def test_a_tiny_vlm_learns_the_colour_of_an_image(tmp_path):
                              "sample_tokens=8", "lr_scales={projector: 3.0}"])
     result = Trainer(cfg).fit()
     assert result.final_metrics["val_exact"] == 1.0
+
+
+@pytest.mark.slow
+def test_generate_and_chat_read_images_with_a_trained_vlm(tmp_path, capsys):
+    """A tiny VLM learns colours; then `lmforge generate --chat --image` and a chat session
+    with /image answer from the image, and a text-only question gets no image."""
+    from lmforge.chat import ChatSession, run_terminal_chat
+    from lmforge.cli import main
+    from lmforge.open import open_model
+
+    data = colour_data(tmp_path, 60)
+    cfg = load_recipe(None, ["task=vlm", f"data={data}", "model=vlm-tiny", "vocab_size=300",
+                             f"out_dir={tmp_path / 'run'}", "max_steps=80", "batch_size=8",
+                             "lr=3e-3", "warmup_steps=10", "eval_interval=0",
+                             "val_fraction=0.2", "progress=false", "sample_tokens=8"])
+    Trainer(cfg).fit()
+    capsys.readouterr()
+    for name in COLOURS:
+        Image.new("RGB", (48, 48), COLOURS[name]).save(tmp_path / f"{name}.png")
+        assert main(["generate", str(tmp_path / "run"), "--chat", "--image",
+                     str(tmp_path / f"{name}.png"), "--prompt", "What colour is it?",
+                     "--temperature", "0", "--max-new-tokens", "4"]) == 0
+        assert capsys.readouterr().out.strip() == name
+    opened = open_model(tmp_path / "run")
+    session = ChatSession(opened.model, opened.tokenizer, opened.stop_ids,
+                          max_new_tokens=4)
+    lines = iter([f"/image {tmp_path / 'blue.png'}", "What colour is it?", "/image nope.png",
+                  "/quit"])
+    out = tmp_path / "chat.txt"
+    with open(out, "w") as f:
+        run_terminal_chat(session, read=lambda _: next(lines), out=f)
+    said = out.read_text()
+    assert "goes with your next message" in said and "\nblue\n" in said
+    assert "no image attached" in said and "nope.png" in said
+    assert main(["generate", str(tmp_path / "run"), "--image", "nope.png"]) == 2
+    assert "nope.png" in capsys.readouterr().err
