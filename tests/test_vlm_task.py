@@ -94,3 +94,10 @@ def test_generate_and_chat_read_images_with_a_trained_vlm(tmp_path, capsys):
     assert "no image attached" in said and "nope.png" in said
     assert main(["generate", str(tmp_path / "run"), "--image", "nope.png"]) == 2
     assert "nope.png" in capsys.readouterr().err
+    # VQA-style evaluation: examples with images, answers by exact match.
+    vqa = tmp_path / "vqa.jsonl"
+    vqa.write_text("".join(json.dumps({"prompt": "What colour is it?", "answer": name,
+                                       "images": [f"{name}.png"]}) + "\n" for name in COLOURS))
+    assert main(["eval", str(tmp_path / "run"), "--task", "generation", "--data", str(vqa),
+                 "--chat", "--max-new-tokens", "4", "--quiet"]) == 0
+    assert "exact_match  1.0000  3 examples" in capsys.readouterr().out

@@ -34,6 +34,7 @@ class GenerationExample:
     prompt: str
     answer: str
     line: int = 0
+    images: tuple[Path, ...] = ()  # for a vision-language model, before the prompt
 
 
 def read_text(path: str | Path, max_chars: int | None = None) -> str:
@@ -106,8 +107,21 @@ def read_generation_examples(path: str | Path, prompt_field: str = "prompt",
         where = f"{path}:{number}"
         prompt = _field(record, prompt_field, str, where, "--prompt-field")
         answer = _field(record, answer_field, (str, int, float), where, "--answer-field")
-        examples.append(GenerationExample(prompt, str(answer), number))
+        images = _images(record, Path(path).parent, where)
+        examples.append(GenerationExample(prompt, str(answer), number, images))
     return examples
+
+
+def _images(record: dict, folder: Path, where: str) -> tuple[Path, ...]:
+    """A record's optional "images": paths relative to its file, which must exist."""
+    paths = record.get("images", [])
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise EvalDataError(f"{where}: 'images' must be a list of image file paths")
+    files = tuple(folder / p for p in paths)
+    for file in files:
+        if not file.is_file():
+            raise EvalDataError(f"{where}: image {file} not found")
+    return files
 
 
 def _field(record: dict, name: str, kind, where: str, flag: str):

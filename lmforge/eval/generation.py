@@ -3,7 +3,8 @@
 Prompts decode together through the inference engine (continuous batching), so a data set
 runs at serving speed. A prompt too long for the context keeps its end, leaving room for
 `max_new_tokens` (lm-evaluation-harness truncates the same way). With `chat` the prompt is
-the user's message, rendered with the model's chat template.
+the user's message, rendered with the model's chat template. An example may carry images
+(paths, for a vision-language model: VQA-style exact match); they come before its prompt.
 
 Scoring: the output, stripped of surrounding whitespace, must equal the answer, also
 stripped (optionally ignoring case). With a regex, the part of the output compared is the
@@ -17,9 +18,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+import torch
 from tqdm.auto import tqdm
 
-from lmforge.chat import chat_prompt_ids
+from lmforge.chat import chat_prompt_ids, prompt_with_images
 from lmforge.errors import ConfigError
 from lmforge.eval.data import EvalDataError, GenerationExample
 from lmforge.eval.loglik import encode_text
@@ -43,9 +45,12 @@ def prompt_tokens(tokenizer: Tokenizer, prompt: str, chat: bool = False) -> list
 def generate_texts(model: Decoder, tokenizer: Tokenizer, prompts: Sequence[list[int]],
                    max_new_tokens: int, stop: Sequence[str] = (), stop_ids: Sequence[int] = (),
                    sampling: SamplingConfig = GREEDY, seed: int = 0, batch_size: int = 8,
-                   progress: bool = False) -> list[str]:
+                   progress: bool = False,
+                   images: Sequence[tuple[torch.Tensor, ...]] | None = None) -> list[str]:
     """The text generated after each prompt, decoded `batch_size` at a time; stop strings
-    end a text (not included), as do stop tokens."""
+    end a text (not included), as do stop tokens. `images`: each prompt's pixels, for a
+    vision-language model."""
+    images = images or [()] * len(prompts)
     context = model.cfg.context_length
     if not 0 < max_new_tokens < context:
         raise ConfigError(f"max_new_tokens must be between 1 and {context - 1} (the model's "
@@ -55,8 +60,9 @@ def generate_texts(model: Decoder, tokenizer: Tokenizer, prompts: Sequence[list[
     longest = max((len(p) for p in prompts), default=0) + max_new_tokens
     engine = Engine(model, tokenizer, max_batch=batch_size, max_len=min(longest, context))
     ids = [engine.submit(Request(list(p[-(context - max_new_tokens):]), max_new_tokens,
-                                 sampling, seed, stop=tuple(stop), stop_ids=tuple(stop_ids)))
-           for p in prompts]
+                                 sampling, seed, stop=tuple(stop), stop_ids=tuple(stop_ids),
+                                 images=pixels))
+           for p, pixels in zip(prompts, images)]
     bar = tqdm(total=len(ids), desc="generating", unit="prompt", disable=not progress)
     texts: dict[int, str] = {}
     while engine.has_work():
@@ -105,9 +111,11 @@ def evaluate_generation(model: Decoder, tokenizer: Tokenizer, examples: list[Gen
     if not examples:
         raise EvalDataError("there are no generation examples to score")
     pattern = compile_regex(regex) if regex is not None else None
-    prompts = [prompt_tokens(tokenizer, ex.prompt, chat) for ex in examples]
+    prompts, images = zip(*(prompt_with_images(model.cfg, tokenizer, ex.prompt, ex.images, chat)
+                            if ex.images else (prompt_tokens(tokenizer, ex.prompt, chat), ())
+                            for ex in examples))
     outputs = generate_texts(model, tokenizer, prompts, max_new_tokens, stop, stop_ids,
-                             batch_size=batch_size, progress=progress)
+                             batch_size=batch_size, progress=progress, images=images)
     samples = []
     for ex, output in zip(examples, outputs):
         prediction = extract_answer(output, pattern)
