@@ -66,6 +66,7 @@ def test_generate_and_chat_read_images_with_a_trained_vlm(tmp_path, capsys):
     with /image answer from the image, and a text-only question gets no image."""
     from lmforge.chat import ChatSession, run_terminal_chat
     from lmforge.cli import main
+    from lmforge.infer.sampling import SamplingConfig
     from lmforge.open import open_model
 
     data = colour_data(tmp_path, 60)
@@ -83,7 +84,7 @@ def test_generate_and_chat_read_images_with_a_trained_vlm(tmp_path, capsys):
         assert capsys.readouterr().out.strip() == name
     opened = open_model(tmp_path / "run")
     session = ChatSession(opened.model, opened.tokenizer, opened.stop_ids,
-                          max_new_tokens=4)
+                          SamplingConfig(temperature=0), max_new_tokens=4)
     lines = iter([f"/image {tmp_path / 'blue.png'}", "What colour is it?", "/image nope.png",
                   "/quit"])
     out = tmp_path / "chat.txt"
