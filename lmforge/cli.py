@@ -345,7 +345,14 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     import torch
 
-    from lmforge.config import PRESETS, SEQ2SEQ_PRESETS, preset, resolve_seq2seq_config
+    from lmforge.config import (
+        PRESETS,
+        SEQ2SEQ_PRESETS,
+        VLM_PRESETS,
+        preset,
+        resolve_seq2seq_config,
+        resolve_vlm_config,
+    )
     from lmforge.modeldir import read_config
     from lmforge.models import build_model
     from lmforge.open import resolve_model
@@ -354,6 +361,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         cfg = preset(args.model)
     elif args.model in SEQ2SEQ_PRESETS:
         cfg = resolve_seq2seq_config(args.model)
+    elif args.model in VLM_PRESETS:
+        cfg = resolve_vlm_config(args.model)
     else:
         cfg = read_config(_weights_dir(resolve_model(args.model)))
     with torch.device("meta"):
@@ -365,6 +374,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"  non-embedding  {report.non_embedding_params:,}")
     print(f"FLOPs per token  {report.flops_per_token:,} (training, forward + backward)")
     print(f"                 {report.flops_per_token // 3:,} (inference, forward)")
+    for key, value in report.extra.items():
+        print(f"  {key.replace('_', ' '):<15} {value:,}")
 
 
 def _weights_dir(directory):
