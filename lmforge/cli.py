@@ -375,7 +375,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"FLOPs per token  {report.flops_per_token:,} (training, forward + backward)")
     print(f"                 {report.flops_per_token // 3:,} (inference, forward)")
     for key, value in report.extra.items():
-        print(f"  {key.replace('_', ' '):<15} {value:,}")
+        print(f"  {key.replace('_', ' '):<17}{value:,}")
 
 
 def _weights_dir(directory):
