@@ -54,6 +54,7 @@ _NEXT_COMMANDS = {
     "sft": "lmforge chat {run}",
     "classify": "lmforge predict {run}",
     "seq2seq": "lmforge translate {run} --text 'a sentence to translate'",
+    "vlm": "lmforge generate {run} --chat --image IMAGE --prompt 'What is in the image?'",
 }
 
 

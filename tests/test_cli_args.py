@@ -122,3 +122,11 @@ def test_perplexity_windows_are_bounded_by_default():
     assert result.details["window"] == PERPLEXITY_WINDOW < model.cfg.context_length
     assert result.n == len(tokenizer.encode(text)) - 1  # still every token but the first
     assert evaluate_perplexity(model, tokenizer, text, window=2048).details["window"] == 2048
+
+
+def test_every_training_task_has_a_next_command():
+    import lmforge.api  # noqa: F401  (registers every task)
+    from lmforge.cli import _NEXT_COMMANDS
+    from lmforge.train.task import TASKS
+
+    assert set(_NEXT_COMMANDS) == set(TASKS)
