@@ -4,7 +4,10 @@ image messages checked against the engine run directly on the same prompt and pi
 import base64
 import http.server
 import io
+import subprocess
+import sys
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -22,7 +25,7 @@ from lmforge.infer.sampling import SamplingConfig
 from lmforge.models.vlm import VLM
 from lmforge.serve.app import ServeConfig, create_app
 from lmforge.tokenizer import Tokenizer, train_bpe
-from tests.test_serve import NAME, TEXT, running, serving
+from tests.test_serve import NAME, TEXT, _up, free_port, running, serving, wait_for
 
 GREEDY = SamplingConfig(temperature=0)
 
@@ -252,3 +255,48 @@ def test_a_server_for_images_takes_bodies_of_megabytes(roomy):
     too_large = httpx.post(roomy[0] + "/v1/chat/completions", timeout=30, json={
         "messages": asking(*[data_url(large)] * 11)})
     assert too_large.status_code == 413
+
+
+def test_images_decode_without_stalling_the_server(roomy):
+    """A 4096 x 4096 image takes a third of a second to decode and scale down on a small CPU:
+    eight of them on the event loop would hold up every other request for seconds."""
+    big = data_url(encoded(Image.new("RGB", (4096, 4096), (200, 30, 60))))
+    answer = {}
+    request = threading.Thread(target=lambda: answer.update(reply=httpx.post(
+        roomy[0] + "/v1/chat/completions", timeout=60,
+        json={"messages": asking(*[big] * 8), "max_tokens": 1})))
+    request.start()
+    slowest = 0.0
+    while request.is_alive():
+        started = time.monotonic()
+        httpx.get(roomy[0] + "/health", timeout=30)
+        slowest = max(slowest, time.monotonic() - started)
+    assert answer["reply"].status_code == 200
+    assert slowest < 1, slowest
+
+
+def test_lmforge_serve_takes_the_image_flags(model, tokenizer, image_site, tmp_path):
+    from lmforge.modeldir import save_model
+
+    save_model(tmp_path / "vlm", model, tokenizer)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lmforge.cli", "serve", str(tmp_path / "vlm"), "--port",
+         str(port), "--max-images", "1", "--max-body-mb", "0.5", "--allow-image-urls",
+         "--log-level", "warning"], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: server.poll() is None and _up(url), timeout=120)
+        assert httpx.get(url + "/v1/models").json()["data"][0]["modalities"] == ["text", "image"]
+        site, files = image_site
+        chat = url + "/v1/chat/completions"
+        assert httpx.post(chat, timeout=30, json={
+            "messages": asking(site + "/small.png"), "max_tokens": 2}).status_code == 200
+        two = httpx.post(chat, timeout=30, json={"messages": asking(*[site + "/small.png"] * 2)})
+        assert "takes at most 1 per request" in two.json()["error"]["message"]
+        large = httpx.post(chat, timeout=30, json={"messages": asking(site + "/large.png")})
+        assert "over the server's limit of 524,288 bytes" in large.json()["error"]["message"]
+        assert httpx.post(chat, json={"messages": asking(data_url(files["/large.png"]))}
+                          ).status_code == 413
+    finally:
+        server.kill()
