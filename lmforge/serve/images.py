@@ -39,9 +39,9 @@ def check_images(parts: list[tuple[str, str]], reads_images: bool, max_images: i
         raise PartError(parts[0][0], "this model reads text only: it takes no images (serve a "
                         "vision-language model for that)")
     if len(parts) > max_images:
-        raise PartError(parts[max_images][0], f"the messages hold {len(parts)} images; this "
-                        f"server takes at most {max_images} per request (lmforge serve "
-                        "--max-images)")
+        many = f"{len(parts)} image" + ("s" if len(parts) > 1 else "")
+        raise PartError(parts[max_images][0], f"the messages hold {many}; this server takes "
+                        f"at most {max_images} per request (lmforge serve --max-images)")
     for where, url in parts:
         if url.startswith(WEB) and not allow_urls:
             raise PartError(where, "this server does not download images: send the image "
