@@ -250,8 +250,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this "
               "machine can use the model", file=sys.stderr)
+    body_bytes = None if args.max_body_mb is None else int(args.max_body_mb * 2**20)
     cfg = ServeConfig(name, args.api_key, args.max_batch, args.max_queue, args.max_len,
-                      timeout=args.timeout, cors_origins=args.cors_origin, compile=args.compile)
+                      max_body_bytes=body_bytes, timeout=args.timeout,
+                      cors_origins=args.cors_origin, compile=args.compile,
+                      max_images=args.max_images, max_image_pixels=args.max_image_pixels,
+                      allow_image_urls=args.allow_image_urls)
     app = create_app(opened.model, opened.tokenizer, opened.stop_ids, cfg)
     stats = app.state.engine.stats()
     print(f"KV cache: {stats.slots} sequences x {stats.max_len} positions, "
@@ -677,6 +681,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow browser pages from ORIGIN to call the API (repeatable)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (slow start, faster decoding)")
+    p.add_argument("--max-body-mb", type=_number(float, 0, 1024, low_open=True,
+                                                 what="in (0, 1024]"), default=None,
+                   help="largest request body in MiB (default: 1, or 20 for a model that reads "
+                        "images); also the largest image downloaded with --allow-image-urls")
+    p.add_argument("--max-images", type=AMOUNT, default=8,
+                   help="images one chat request may hold (a vision-language model)")
+    p.add_argument("--max-image-pixels", type=COUNT, default=4096 * 4096,
+                   help="pixels an image may have, read from its header before it is decoded")
+    p.add_argument("--allow-image-urls", action="store_true",
+                   help="download http(s) image URLs that clients send (the server then "
+                        "fetches any address a client names: for trusted clients only)")
     device_flags(p)
     p.add_argument("--log-level", default="info", help="uvicorn's logging",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])

@@ -1,20 +1,26 @@
 """The chat page of `lmforge serve` in a real browser: Chromium driven by Playwright, against
 a live server with a tiny model (streaming, Stop, history, settings, errors, Markdown, phone
-width). Needs `pip install playwright` and Debian's chromium (`apt-get install chromium`)."""
+width, images for a vision-language model). Needs `pip install playwright` and Debian's
+chromium (`apt-get install chromium`)."""
 
+import base64
+import io
 import json
 import os
 import socket
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, resolve_vlm_config
+from lmforge.finetune.vlm import with_image_token
 from lmforge.models.decoder import Decoder
+from lmforge.models.vlm import VLM
 from lmforge.serve.app import ServeConfig, create_app
 from lmforge.tokenizer import SPECIAL_TOKENS, Tokenizer, train_bpe
 
@@ -35,33 +41,61 @@ pytestmark = [
 
 
 def printable_model(tokenizer: Tokenizer) -> Decoder:
-    """A tiny random model whose greedy answers are printable ASCII and never end early.
-
-    A zero row in the output layer gives its token logit 0, and among ~400 random logits the
-    greedy pick is always above 0; so zeroing the rows of special tokens (the stop token among
-    them) and of bytes that are not printable ASCII keeps them out of greedy answers."""
+    """A tiny random model whose greedy answers are printable ASCII and never end early."""
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=64,
                       vocab_size=tokenizer.vocab_size, context_length=4096, positions="rope",
                       norm="rmsnorm", mlp="swiglu", tie_embeddings=False)
-    model = Decoder(cfg).eval()
+    return keep_printable(Decoder(cfg).eval(), tokenizer)
+
+
+def keep_printable(model, tokenizer: Tokenizer, *unwanted: int):
+    """The model, its greedy answers kept to printable ASCII.
+
+    A zero row in the output layer gives its token logit 0, and among ~400 random logits the
+    greedy pick is always above 0; so zeroing the rows of special tokens (the stop token among
+    them), of `unwanted` ones and of bytes that are not printable ASCII keeps them out of
+    greedy answers."""
+    head = (model.text if isinstance(model, VLM) else model).lm_head
     with torch.no_grad():
         for token in range(tokenizer.vocab_size):
             text = tokenizer.decode([token])
-            if token < len(SPECIAL_TOKENS) or not (
+            if token < len(SPECIAL_TOKENS) or token in unwanted or not (
                     text.isascii() and text.replace("\n", "").isprintable()):
-                model.lm_head.weight[token] = 0
+                head.weight[token] = 0
     return model
+
+
+def vision_model(tokenizer: Tokenizer) -> VLM:
+    torch.manual_seed(0)
+    image_token = tokenizer.token_id("<|image|>")
+    cfg = resolve_vlm_config({"preset": "vlm-tiny", "image_token_id": image_token,
+                              "text": {"vocab_size": tokenizer.vocab_size, "context_length": 512,
+                                       "tie_embeddings": False}})
+    return keep_printable(VLM(cfg).eval(), tokenizer, image_token)
 
 
 @pytest.fixture(scope="module")
 def server(shakespeare):
+    tokenizer = train_bpe([shakespeare[:50_000]], vocab_size=400)
+    with serving(create_app(printable_model(tokenizer), tokenizer, (tokenizer.eos_id,),
+                            ServeConfig(MODEL_NAME))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def vision_server(shakespeare):
+    tokenizer = with_image_token(train_bpe([shakespeare[:50_000]], vocab_size=400))
+    with serving(create_app(vision_model(tokenizer), tokenizer, (tokenizer.eos_id,),
+                            ServeConfig(MODEL_NAME))) as url:
+        yield url
+
+
+@contextmanager
+def serving(app):
     """The app on a free localhost port, served by uvicorn on a background thread."""
     import uvicorn
 
-    tokenizer = train_bpe([shakespeare[:50_000]], vocab_size=400)
-    app = create_app(printable_model(tokenizer), tokenizer, (tokenizer.eos_id,),
-                     ServeConfig(MODEL_NAME))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -72,10 +106,12 @@ def server(shakespeare):
     while not uv.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.05)
-    yield url
-    uv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    try:
+        yield url
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -288,3 +324,70 @@ def test_phone_width_never_scrolls_sideways(browser, server):
             assert box["x"] >= 0 and box["x"] + box["width"] <= inner, control
     finally:
         page.context.close()
+
+
+def png(color: tuple[int, int, int]) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (48, 32), color).save(out, "PNG")
+    return out.getvalue()
+
+
+def hand_over(page, how: str, name: str, data: bytes) -> None:
+    """Paste an image into the message box, or drop it on the page, as a browser would."""
+    page.evaluate("""([how, name, b64]) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const files = new DataTransfer();
+        files.items.add(new File([bytes], name, { type: "image/png" }));
+        const event = how === "paste"
+            ? new ClipboardEvent("paste", { clipboardData: files, bubbles: true })
+            : new DragEvent("drop", { dataTransfer: files, bubbles: true, cancelable: true });
+        (how === "paste" ? document.getElementById("prompt") : document.body)
+            .dispatchEvent(event);
+    }""", [how, name, base64.b64encode(data).decode()])
+
+
+def test_images_attached_pasted_and_dropped_go_with_the_message(browser, vision_server):
+    page = open_page(browser, vision_server)
+    try:
+        sent = record_chat_requests(page)
+        settings(page, temperature="0", max_tokens="24")
+        red, green, blue = png((220, 20, 20)), png((20, 200, 20)), png((20, 20, 220))
+        page.set_input_files("#image-file", files=[
+            {"name": "red.png", "mimeType": "image/png", "buffer": red}])
+        hand_over(page, "paste", "green.png", green)
+        hand_over(page, "drop", "blue.png", blue)
+        thumbnails = page.locator("#attachments img")
+        expect(thumbnails).to_have_count(3)
+        page.click("[aria-label='Remove green.png']")
+        expect(thumbnails).to_have_count(2)
+
+        answer = ask(page, "What colours are these?")
+        expect(answer).to_have_attribute("data-state", "done")
+        assert answer.locator(".body").inner_text().strip()
+        expect(page.locator("#attachments")).to_be_hidden()
+        shown = page.locator(".message.user img")
+        expect(shown).to_have_count(2)
+        assert [shown.nth(i).get_attribute("alt") for i in range(2)] == ["red.png", "blue.png"]
+        assert page.evaluate("[...document.querySelectorAll('.message.user img')]"
+                             ".every((img) => img.complete && img.naturalWidth === 48)")
+
+        urls = [f"data:image/png;base64,{base64.b64encode(b).decode()}" for b in (red, blue)]
+        assert sent[0].post_data_json["messages"] == [{"role": "user", "content": [
+            *({"type": "image_url", "image_url": {"url": url}} for url in urls),
+            {"type": "text", "text": "What colours are these?"}]}]
+        # The next turn sends the images again: the server keeps no conversation.
+        expect(ask(page, "And now?")).to_have_attribute("data-state", "done")
+        assert sent[1].post_data_json["messages"][0] == sent[0].post_data_json["messages"][0]
+    finally:
+        page.context.close()
+
+
+def test_a_text_only_model_offers_no_images(page):
+    expect(page.locator("#model-name")).to_have_text(MODEL_NAME)
+    expect(page.locator("#attach")).to_be_hidden()
+    hand_over(page, "drop", "red.png", png((220, 20, 20)))
+    expect(page.locator(".message.error")).to_have_text(
+        "Error: this model reads text only; it takes no images.")
+    expect(page.locator("#attachments")).to_be_hidden()

@@ -14,6 +14,10 @@ thread has stopped.
 
 An encoder-decoder (seq2seq) model is served the same way: a completion's prompt is the
 source text, and a chat request's last user message is (so the chat page translates).
+
+A vision-language model also reads the image parts of chat messages (`image_url` with a data
+URL, or an http(s) URL when allowed; see `images.py`); `/v1/models` and `/health` list the
+model's `modalities`, ["text", "image"] for one, ["text"] otherwise.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from importlib.resources import files
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -38,12 +43,14 @@ from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import Receive
 
-from lmforge.chat import TemplateError, chat_prompt_ids
+from lmforge.chat import TemplateError, chat_prompt_ids, vision_chat_prompt_ids
+from lmforge.config import VLMConfig
 from lmforge.infer.engine import Completion, Engine, Event, PromptTooLong, TokenLogprob
 from lmforge.infer.engine import Request as EngineRequest
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.infer.seq2seq import Seq2SeqEngine
 from lmforge.models import LanguageModel, Seq2Seq
+from lmforge.serve.images import PartError, check_images, request_pixels
 from lmforge.serve.scheduler import (
     EngineFailed,
     EngineStopped,
@@ -65,10 +72,17 @@ class ServeConfig:
     # Positions per sequence, the model's context unless set: the KV cache holds max_batch x
     # max_len positions from the start, and the engine refuses one that would not fit.
     max_len: int | None = None
-    max_body_bytes: int = 1 << 20
+    # None: 1 MB, or 20 MB for a model that reads images (base64 images are large); it also
+    # bounds an image downloaded with allow_image_urls.
+    max_body_bytes: int | None = None
     timeout: float = 600.0  # seconds a request may take, queueing included
     cors_origins: list[str] = field(default_factory=list)
     compile: bool = False
+    max_images: int = 8  # per request
+    # Per image, checked from its header before it is decoded: 4096 x 4096 passes, and its
+    # decoded RGB takes 50 MB while it is scaled down to what the model reads.
+    max_image_pixels: int = 4096 * 4096
+    allow_image_urls: bool = False  # download http(s) image URLs that clients send
 
 
 class ApiError(Exception):
@@ -136,6 +150,7 @@ def create_app(model: LanguageModel, tokenizer: Tokenizer, stop_ids: tuple[int, 
     metrics = Metrics()
     metrics.engine_gauges(scheduler)
     api = _Api(engine, scheduler, tokenizer, stop_ids, cfg, metrics)
+    modalities = ["text", "image"] if api.vlm is not None else ["text"]
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -145,7 +160,7 @@ def create_app(model: LanguageModel, tokenizer: Tokenizer, stop_ids: tuple[int, 
 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine, app.state.scheduler = engine, scheduler
-    app.add_middleware(_Gate, api_key=cfg.api_key, limit=cfg.max_body_bytes, metrics=metrics,
+    app.add_middleware(_Gate, api_key=cfg.api_key, limit=api.body_limit, metrics=metrics,
                        routes=app.router.routes)
     if cfg.cors_origins:
         # Added last, so it runs first: a browser's preflight carries no API key, and the
@@ -181,9 +196,9 @@ def create_app(model: LanguageModel, tokenizer: Tokenizer, stop_ids: tuple[int, 
     @app.get("/health")
     async def health():
         stats = engine.stats()
-        state = {"status": "ok", "model": cfg.model_name, "active": stats.active,
-                 "waiting": stats.waiting, "slots": stats.slots, "max_len": stats.max_len,
-                 "kv_cache_mb": round(stats.kv_cache_bytes / 1e6, 1)}
+        state = {"status": "ok", "model": cfg.model_name, "modalities": modalities,
+                 "active": stats.active, "waiting": stats.waiting, "slots": stats.slots,
+                 "max_len": stats.max_len, "kv_cache_mb": round(stats.kv_cache_bytes / 1e6, 1)}
         if not scheduler.alive:
             return JSONResponse({**state, "status": "unavailable", "reason": "the engine "
                                  "thread has stopped: restart the server"}, status_code=503)
@@ -198,7 +213,8 @@ def create_app(model: LanguageModel, tokenizer: Tokenizer, stop_ids: tuple[int, 
     async def models():
         return {"object": "list", "data": [
             {"id": cfg.model_name, "object": "model", "created": api.created,
-             "owned_by": "lmforge", "max_model_len": engine.stats().max_len}]}
+             "owned_by": "lmforge", "max_model_len": engine.stats().max_len,
+             "modalities": modalities}]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -219,6 +235,11 @@ class _Api:
         self.engine, self.scheduler, self.tokenizer = engine, scheduler, tokenizer
         self.stop_ids, self.cfg, self.metrics = stop_ids, cfg, metrics
         self.created = int(time.time())
+        model_cfg = engine.model.cfg
+        self.vlm = model_cfg if isinstance(model_cfg, VLMConfig) else None
+        self.body_limit = cfg.max_body_bytes
+        if self.body_limit is None:
+            self.body_limit = (20 if self.vlm is not None else 1) << 20
 
     # -------------------------------------------------------------- completions
     async def completions(self, body: CompletionRequest, receive: Receive):
@@ -315,16 +336,27 @@ class _Api:
     async def chat(self, body: ChatRequest, receive: Receive):
         deadline = time.monotonic() + self.cfg.timeout
         self._check_model(body.model)
-        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
+        images = body.image_urls()
+        try:
+            check_images(images, self.vlm is not None, self.cfg.max_images,
+                         self.cfg.allow_image_urls)
+        except PartError as err:
+            raise ApiError(400, str(err), param=err.where) from err
+        # A vision-language model's messages keep their image parts (its prompt has image
+        # tokens in their places); a text model's have no images, so their text is all.
+        messages = [{"role": m.role if m.role != "developer" else "system",
+                     "content": m.text() if self.vlm is None else m.content or ""}
                     for m in body.messages]
         prompt = await self._chat_prompt(messages, deadline)
+        pixels = await self._pixels(images, deadline)
         max_tokens = body.max_completion_tokens
         if max_tokens is None:
             max_tokens = body.max_tokens
         if max_tokens is None:
             max_tokens = self.engine.room(prompt)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        requests = [self._request(prompt, body, max_tokens, top, False) for _ in range(body.n)]
+        requests = [self._request(prompt, body, max_tokens, top, False, pixels)
+                    for _ in range(body.n)]
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": reply_id, "object": "chat.completion.chunk" if body.stream
                 else "chat.completion", "created": created, "model": self.cfg.model_name}
@@ -361,6 +393,9 @@ class _Api:
                                "source: send one with text", param="messages")
             return await self._off_loop(deadline, self.tokenizer.encode, said[-1])
         try:
+            if self.vlm is not None:
+                return await self._off_loop(deadline, vision_chat_prompt_ids, self.tokenizer,
+                                            self.vlm.image_tokens, messages)
             return await self._off_loop(deadline, chat_prompt_ids, self.tokenizer, messages)
         except TemplateError as err:  # the template refused, or went past a limit
             raise ApiError(400, str(err), param="messages") from err
@@ -369,6 +404,17 @@ class _Api:
         except Exception as err:  # a template that breaks on these messages
             raise ApiError(400, f"the chat template failed on the messages: "
                            f"{type(err).__name__}: {err}", param="messages") from err
+
+    async def _pixels(self, images: list[tuple[str, str]], deadline: float
+                      ) -> tuple[torch.Tensor, ...]:
+        """The images' pixels for the model; decoding (and downloading) runs off the loop."""
+        if not images:
+            return ()
+        try:
+            return await self._off_loop(deadline, request_pixels, images, self.vlm.vision,
+                                        self.cfg.max_image_pixels, self.body_limit)
+        except PartError as err:
+            raise ApiError(400, str(err), param=err.where) from err
 
     def _chat_logprob(self, lp: TokenLogprob) -> dict:
         def entry(token: int, value: float) -> dict:
@@ -384,7 +430,8 @@ class _Api:
                            f"{self.cfg.model_name!r}", param="model", code="model_not_found")
 
     def _request(self, prompt: list[int], body: SamplingFields, max_tokens: int,
-                 logprobs: int | None, echo: bool) -> EngineRequest:
+                 logprobs: int | None, echo: bool, images: tuple[torch.Tensor, ...] = ()
+                 ) -> EngineRequest:
         room = self.engine.room(prompt)
         if room < 1:
             raise ApiError(400, f"the prompt has {len(prompt)} tokens, the context holds "
@@ -396,7 +443,7 @@ class _Api:
             given["top_k"] = None
         return EngineRequest(prompt, min(max_tokens, room), SamplingConfig(**given), body.seed,
                              stop=tuple(body.stop or ()), stop_ids=self.stop_ids, logprobs=logprobs,
-                             prompt_logprobs=echo and logprobs is not None)
+                             prompt_logprobs=echo and logprobs is not None, images=images)
 
     def _seeded(self, requests: list[EngineRequest]) -> list[EngineRequest]:
         # n choices from one seed must differ from each other yet repeat as a whole.

@@ -3,7 +3,8 @@
 Fields follow the OpenAI API; `top_k`, `min_p` and `repetition_penalty` are common
 extensions. Unknown fields are accepted and ignored, as clients send many (`user`, ...).
 Texts must be valid Unicode: JSON can spell a lone surrogate (`"\\ud800"`), which no
-tokenizer can encode.
+tokenizer can encode. A message's content parts are text or OpenAI's image_url (a vision-
+language model's images); any other part is refused rather than silently left out.
 """
 
 from __future__ import annotations
@@ -88,16 +89,21 @@ class Message(BaseModel):
 
     @field_validator("content")
     @classmethod
-    def _texts(cls, value: str | list[dict] | None) -> str | list[dict] | None:
+    def _parts(cls, value: str | list[dict] | None) -> str | list[dict] | None:
         if isinstance(value, str):
             return _unicode(value, "the content")
         for i, part in enumerate(value or []):
-            if part.get("type") != "text":
-                continue
-            if not isinstance(part.get("text"), str):
+            kind = part.get("type")
+            if kind == "image_url":
+                _image_url(part, i)
+            elif kind != "text":
+                raise ValueError(f"content part {i} has type {kind!r}; the parts read here are "
+                                 "text and image_url")
+            elif not isinstance(part.get("text"), str):
                 raise ValueError(f"content part {i} has type text but its text is "
                                  f"{part.get('text')!r}: give a string")
-            _unicode(part["text"], f"content part {i}")
+            else:
+                _unicode(part["text"], f"content part {i}")
         return value
 
     def text(self) -> str:
@@ -107,9 +113,26 @@ class Message(BaseModel):
         return self.content or ""
 
 
+def _image_url(part: dict, index: int) -> str:
+    """The URL of an image part, `{"type": "image_url", "image_url": {"url": ...}}`."""
+    url = part.get("image_url")
+    url = url.get("url") if isinstance(url, dict) else None
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"content part {index} has type image_url but no image_url.url: give "
+                         '{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}')
+    return url
+
+
 class ChatRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=0)
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def image_urls(self) -> list[tuple[str, str]]:
+        """(where, url) of each image part, in the order the prompt holds them; `where` names
+        the part for errors, as `messages[0].content[1]`."""
+        return [(f"messages[{m}].content[{p}]", _image_url(part, p))
+                for m, message in enumerate(self.messages) if isinstance(message.content, list)
+                for p, part in enumerate(message.content) if part.get("type") == "image_url"]
