@@ -99,8 +99,9 @@ def test_a_long_conversation_leaves_out_its_oldest_turns(tokenizer):
     for i in range(8):
         "".join(session.reply(f"Tell me about the king, part {i}."))
     assert len(session.messages) == 17  # the history keeps every turn
-    prompt = session._prompt()
+    prompt, images = session._prompt()
     text = tokenizer.decode(prompt)
+    assert images == ()
     assert len(prompt) <= 96 - 8
     assert "system\nBe brief." in text and "part 0" not in text and "part 7" in text
     assert text.split("<|im_end|>\n")[1].startswith("<|im_start|>user")  # whole exchanges
