@@ -23,7 +23,7 @@ import torch
 
 from lmforge.chat import vision_chat_prompt_ids
 from lmforge.eval.generation import generate_texts
-from lmforge.images import load_image, model_pixels
+from lmforge.images import load_image, tiles_of
 from lmforge.models import VLM
 from lmforge.open import open_model
 from lmforge.train.plot import read_metrics
@@ -40,14 +40,13 @@ def read_records(path: Path) -> list[dict]:
 
 def answers(opened, records: list[dict], folder: Path, blank: bool = False) -> list[str]:
     """Greedy answers to each record's question (its messages before the last answer)."""
-    model, tokenizer = opened.model, opened.tokenizer
+    model, tokenizer, processor = opened.model, opened.tokenizer, opened.processor
     prompts, images = [], []
     for record in records:
-        prompts.append(vision_chat_prompt_ids(tokenizer, model.cfg.image_tokens,
-                                              record["messages"][:-1]))
-        pixels = [model_pixels(load_image(folder / p), model.cfg.vision)
-                  for p in record["images"]]
-        images.append(tuple(torch.zeros_like(p) if blank else p for p in pixels))
+        prepared = [processor.prepare(load_image(folder / p)) for p in record["images"]]
+        prompts.append(vision_chat_prompt_ids(tokenizer, processor, record["messages"][:-1],
+                                              prepared))
+        images.append(tuple(torch.zeros_like(t) if blank else t for t in tiles_of(prepared)))
     return [a.strip() for a in generate_texts(model, tokenizer, prompts, 16, stop_ids=opened.stop_ids,
                                               batch_size=32, images=images)]
 

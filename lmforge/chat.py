@@ -24,9 +24,17 @@ from pathlib import Path
 import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 
-from lmforge.config import MAX_NEW_TOKENS, ModelConfig, VLMConfig
+from lmforge.config import MAX_NEW_TOKENS
 from lmforge.errors import LmforgeError
-from lmforge.images import ImageError, load_image, model_pixels
+from lmforge.images import (
+    ImageError,
+    ImageProcessor,
+    Prepared,
+    expand_images,
+    image_processor,
+    load_image,
+    tiles_of,
+)
 from lmforge.infer.engine import Request, prompt_ids, stream_one
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.models import LanguageModel
@@ -161,7 +169,8 @@ def _capped(pieces: Iterator[str]) -> Iterator[str]:
         yield piece
 
 
-# lmforge's own vision-language models: `image_tokens` copies of this token stand for an image.
+# The image token of lmforge's own vision-language models, added to the tokenizer when one is
+# trained (`image_tokens` copies of it stand for an image; see lmforge.images.SquareView).
 IMAGE_TOKEN = "<|image|>"
 IMAGE_PARTS = ("image", "image_url")  # OpenAI's image part, and the training data's
 
@@ -181,47 +190,70 @@ def image_count(messages: list[dict]) -> int:
                for part in m["content"] if part["type"] in IMAGE_PARTS)
 
 
-def vision_prompt_ids(tokenizer: Tokenizer, image_tokens: int, text: str) -> list[int]:
-    """Token ids of a plain prompt whose IMAGE_TOKEN markers stand for images, each
-    becoming the `image_tokens` image tokens a vision-language model reads an image as."""
-    return tokenizer.encode(text.replace(IMAGE_TOKEN, IMAGE_TOKEN * image_tokens))
+def template_messages(messages: list[dict], processor: ImageProcessor) -> list[dict]:
+    """Messages as the chat template of `processor`'s model reads them: contents as lists of
+    parts (a string becomes one text part, each image part `{"type": "image"}`) for a template
+    that writes the image token itself, else strings with the image token in each image's
+    place."""
+    if processor.template_parts:
+        return [{"role": m["role"], "content": _parts(m["content"])} for m in messages]
+    return [{"role": m["role"], "content": text_of_parts(m["content"], processor.image_token)}
+            for m in messages]
 
 
-def vision_chat_prompt_ids(tokenizer: Tokenizer, image_tokens: int, messages: list[dict]
-                           ) -> list[int]:
-    """`chat_prompt_ids` for a vision-language model: each image part becomes its
-    `image_tokens` image tokens in the prompt."""
-    placeholder = IMAGE_TOKEN * image_tokens
-    return chat_prompt_ids(tokenizer, [{"role": m["role"],
-                                        "content": text_of_parts(m["content"], placeholder)}
-                                       for m in messages])
+def _parts(content: str | list[dict]) -> list[dict]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    return [{"type": "image"} if part["type"] in IMAGE_PARTS
+            else {"type": "text", "text": part["text"]} for part in content]
 
 
-def prompt_with_images(cfg: ModelConfig | VLMConfig, tokenizer: Tokenizer, text: str,
+def vision_prompt_ids(tokenizer: Tokenizer, processor: ImageProcessor, text: str,
+                      images: Sequence[Prepared]) -> list[int]:
+    """Token ids of a plain prompt whose image tokens (`processor.image_token`) stand for
+    `images`, each replaced by its prepared text."""
+    return tokenizer.encode(expand_images(text, processor.image_token, [i.text for i in images]))
+
+
+def vision_chat_prompt_ids(tokenizer: Tokenizer, processor: ImageProcessor,
+                           messages: list[dict], images: Sequence[Prepared]) -> list[int]:
+    """`chat_prompt_ids` for a vision-language model: the i-th image part becomes the
+    prepared text of `images[i]`."""
+    text = render_chat(tokenizer, template_messages(messages, processor))
+    return _with_bos(tokenizer, tokenizer.encode(
+        expand_images(text, processor.image_token, [i.text for i in images])))
+
+
+def prompt_with_images(processor: ImageProcessor | None, tokenizer: Tokenizer, text: str,
                        images: Sequence[str | Path] = (), chat: bool = False
                        ) -> tuple[list[int], tuple[torch.Tensor, ...]]:
-    """A prompt's token ids and its images' pixels (images before the text): the text as it
-    is, or with `chat` as a user message through the model's chat template."""
-    if images and not isinstance(cfg, VLMConfig):
-        raise ImageError("this model reads text only: images need a vision-language model")
-    pixels = tuple(model_pixels(load_image(path), cfg.vision) for path in images)
+    """A prompt's token ids and its images' pixel tiles (images before the text): the text as
+    it is, or with `chat` as a user message through the model's chat template. `processor`:
+    how the model sees images (None: a model that reads text only)."""
+    if processor is None:
+        if images:
+            raise ImageError("this model reads text only: images need a vision-language model")
+        message = [{"role": "user", "content": text}]
+        return (chat_prompt_ids(tokenizer, message) if chat else prompt_ids(tokenizer, text)), ()
+    prepared = [processor.prepare(load_image(path)) for path in images]
     if chat:
         content = [*({"type": "image"} for _ in images), {"type": "text", "text": text}]
-        message = [{"role": "user", "content": content if images else text}]
-        if isinstance(cfg, VLMConfig):
-            return vision_chat_prompt_ids(tokenizer, cfg.image_tokens, message), pixels
-        return chat_prompt_ids(tokenizer, message), pixels
+        message = [{"role": "user", "content": content}]
+        return vision_chat_prompt_ids(tokenizer, processor, message, prepared), tiles_of(prepared)
     if images:
-        return vision_prompt_ids(tokenizer, cfg.image_tokens, IMAGE_TOKEN * len(images) + text), \
-            pixels
-    return prompt_ids(tokenizer, text), pixels
+        text = processor.image_token * len(images) + text
+        return vision_prompt_ids(tokenizer, processor, text, prepared), tiles_of(prepared)
+    return prompt_ids(tokenizer, text), ()
 
 
 def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of the rendered conversation, ready for the assistant's turn."""
-    ids = tokenizer.encode(render_chat(tokenizer, messages))
+    return _with_bos(tokenizer, tokenizer.encode(render_chat(tokenizer, messages)))
+
+
+def _with_bos(tokenizer: Tokenizer, ids: list[int]) -> list[int]:
     if tokenizer.special.add_bos_token and tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
-        ids = [tokenizer.bos_id, *ids]
+        return [tokenizer.bos_id, *ids]
     return ids
 
 
@@ -230,7 +262,9 @@ class ChatSession:
     """A multi-turn conversation with one model; `reply` streams the assistant's answer.
 
     With a vision-language model, `attach` adds an image to the next user message (kept in
-    the history as `{"type": "image", "path": ...}`, read again for each reply)."""
+    the history as `{"type": "image", "path": ...}`, read again for each reply) and
+    `processor` says how the model sees it (`OpenedModel.processor`; None: lmforge's own
+    square view for one of lmforge's vision-language models)."""
 
     model: LanguageModel
     tokenizer: Tokenizer
@@ -238,10 +272,12 @@ class ChatSession:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     system: str | None = None
     max_new_tokens: int = MAX_NEW_TOKENS
+    processor: ImageProcessor | None = None
     messages: list[dict] = field(default_factory=list)
     attached: list[str] = field(default_factory=list)  # images for the next message
 
     def __post_init__(self) -> None:
+        self.processor = self.processor or image_processor(self.model.cfg, self.tokenizer)
         self.reset()
 
     def reset(self) -> None:
@@ -251,7 +287,7 @@ class ChatSession:
     def attach(self, path: str | Path) -> None:
         """Put an image on the next message; a model that reads no images, or a file that is
         no image, is refused now."""
-        if not isinstance(self.model.cfg, VLMConfig):
+        if self.processor is None:
             raise ImageError("this model reads text only: it takes no images")
         load_image(path)
         self.attached.append(str(path))
@@ -276,35 +312,36 @@ class ChatSession:
                 yield event.text
 
     def _prompt(self) -> tuple[list[int], tuple[torch.Tensor, ...]]:
-        """The conversation's prompt and images, leaving out its oldest turns (never the
+        """The conversation's prompt and image tiles, leaving out its oldest turns (never the
         system prompt or the new message) when it would not fit the context with room for an
         answer; the saved history keeps everything."""
         room = self.model.cfg.context_length - min(self.max_new_tokens,
                                                    self.model.cfg.context_length // 4)
         system = [m for m in self.messages[:1] if m["role"] == "system"]
         turns = self.messages[len(system):]
-        prompt = self._ids(system + turns)
+        images = self._prepared(turns)  # once: a dropped turn's images are the first ones
+        prompt = self._ids(system + turns, images)
         while len(prompt) > room and len(turns) > 1:
             # Whole exchanges go: what is left still starts with a user message.
             turns = turns[1:]
             while len(turns) > 1 and turns[0]["role"] != "user":
                 turns = turns[1:]
-            prompt = self._ids(system + turns)
+            images = images[len(images) - image_count(turns):]
+            prompt = self._ids(system + turns, images)
         # A single message longer than the context keeps its end (truncate=True below).
-        return prompt, self._images(system + turns)
+        return prompt, tiles_of(images)
 
-    def _images(self, messages: list[dict]) -> tuple[torch.Tensor, ...]:
-        """The pixels of the messages' images, in order."""
-        cfg = self.model.cfg
-        if not isinstance(cfg, VLMConfig):
-            return ()
-        return tuple(model_pixels(load_image(part["path"]), cfg.vision)
-                     for m in messages if isinstance(m["content"], list)
-                     for part in m["content"] if part["type"] == "image")
+    def _prepared(self, messages: list[dict]) -> list[Prepared]:
+        """The messages' images, in order, as the model sees them."""
+        if self.processor is None:
+            return []
+        return [self.processor.prepare(load_image(part["path"]))
+                for m in messages if isinstance(m["content"], list)
+                for part in m["content"] if part["type"] == "image"]
 
-    def _ids(self, messages: list[dict]) -> list[int]:
-        if isinstance(self.model.cfg, VLMConfig):
-            return vision_chat_prompt_ids(self.tokenizer, self.model.cfg.image_tokens, messages)
+    def _ids(self, messages: list[dict], images: list[Prepared]) -> list[int]:
+        if self.processor is not None:
+            return vision_chat_prompt_ids(self.tokenizer, self.processor, messages, images)
         return chat_prompt_ids(self.tokenizer, messages)
 
     def save(self, path: str | Path) -> Path:

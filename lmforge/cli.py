@@ -213,7 +213,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     model, tokenizer = opened.model, opened.tokenizer
     if args.speculative and args.image:
         raise ConfigError("--speculative drafts from the prompt's text: use it without --image")
-    prompt, images = prompt_with_images(model.cfg, tokenizer, args.prompt, args.image,
+    prompt, images = prompt_with_images(opened.processor, tokenizer, args.prompt, args.image,
                                         args.chat)
     request = Request(prompt, args.max_new_tokens, _sampling(args), args.seed,
                       stop=tuple(args.stop), stop_ids=opened.stop_ids, images=images)
@@ -236,7 +236,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     opened = _language_model(args.model, args)
     session = ChatSession(opened.model, opened.tokenizer, opened.stop_ids, _sampling(args),
-                          system=args.system, max_new_tokens=args.max_new_tokens)
+                          system=args.system, max_new_tokens=args.max_new_tokens,
+                          processor=opened.processor)
     run_terminal_chat(session)
 
 
@@ -256,7 +257,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                       cors_origins=args.cors_origin, compile=args.compile,
                       max_images=args.max_images, max_image_pixels=args.max_image_pixels,
                       allow_image_urls=args.allow_image_urls)
-    app = create_app(opened.model, opened.tokenizer, opened.stop_ids, cfg)
+    app = create_app(opened.model, opened.tokenizer, opened.stop_ids, cfg, opened.processor)
     stats = app.state.engine.stats()
     print(f"KV cache: {stats.slots} sequences x {stats.max_len} positions, "
           f"{stats.kv_cache_bytes / 1e9:.2f} GB", file=sys.stderr)
@@ -433,7 +434,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     else:
         result = evaluate_generation(
             model, tokenizer, data, args.max_new_tokens, [_unescape(s) for s in args.stop],
-            opened.stop_ids, args.chat, args.regex, args.ignore_case, args.batch_size, progress)
+            opened.stop_ids, args.chat, args.regex, args.ignore_case, args.batch_size, progress,
+            opened.processor)
     print(format_table([result]))
     if args.out:
         config = {k: v for k, v in vars(args).items() if k not in ("func", "command")}

@@ -11,6 +11,9 @@ stands for each image in a prompt.
   transformers' ``Idefics3ImageProcessor`` (its Pillow backend) and ``Idefics3Processor``: the
   longest edge resized to ``longest_edge``, the image cut into ``tile_size`` tiles plus a global
   view, and ``<image>`` in the prompt replaced by one run of ``image_seq_len`` tokens per tile.
+- `ImageProcessor`: what every caller goes through, chosen per model by `image_processor`:
+  ``prepare(image)`` gives the text that stands for the image in a prompt and its pixel tiles
+  (``SquareView`` for lmforge's own models, ``Idefics3Preprocess`` for imported ones).
 
 Every step that changes pixels calls the same Pillow resize on 8-bit images that transformers
 calls, and the arithmetic after it is done in transformers' order and precision, so the tensors
@@ -25,16 +28,17 @@ import io
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from lmforge.config import VisionConfig
+from lmforge.config import VisionConfig, VLMConfig
 from lmforge.errors import ConfigError, LmforgeError, UnsupportedModel
+from lmforge.tokenizer import Tokenizer
 
 FORMATS = ("PNG", "JPEG", "WEBP")
 # More than any phone or camera photo needs (a 108 MP sensor saves 12 MP by default), while
@@ -181,6 +185,61 @@ def model_pixels(image: Image.Image, vision: VisionConfig) -> torch.Tensor:
     return to_pixels(image, vision.image_size, (vision.image_mean,) * 3, (vision.image_std,) * 3)
 
 
+class Prepared(NamedTuple):
+    """An image ready for a model: the ``text`` that stands for it in the prompt, and the
+    ``pixels`` (k, 3, size, size) that the text's image tokens read, tile by tile in order."""
+
+    text: str
+    pixels: torch.Tensor
+
+
+class ImageProcessor(Protocol):
+    """How one model sees images. A rendered prompt holds one ``image_token`` per image, which
+    `expand_images` replaces by that image's prepared text."""
+
+    image_token: str
+    # True: the chat template reads message contents as lists of parts and writes the image
+    # token itself for an image part (Hugging Face's multimodal templates); False: it reads
+    # strings, with the image token already written where each image goes.
+    template_parts: ClassVar[bool]
+
+    def prepare(self, image: Image.Image) -> Prepared: ...
+
+
+@dataclass(frozen=True)
+class SquareView:
+    """lmforge's own vision-language models: the image as one square (`model_pixels`), read
+    by ``image_tokens`` copies of the image token."""
+
+    vision: VisionConfig
+    image_token: str
+    image_tokens: int
+    template_parts: ClassVar[bool] = False
+
+    def prepare(self, image: Image.Image) -> Prepared:
+        return Prepared(self.image_token * self.image_tokens, model_pixels(image, self.vision)[None])
+
+
+def tiles_of(images: Sequence[Prepared]) -> tuple[torch.Tensor, ...]:
+    """Every tile (3, size, size) of the prepared images, in prompt order: what a model (and
+    an inference request) takes, one tile per run of image tokens."""
+    return tuple(tile for image in images for tile in image.pixels)
+
+
+def expand_images(text: str, image_token: str, replacements: Sequence[str]) -> str:
+    """``text`` with its i-th ``image_token`` replaced by ``replacements[i]``; an ImageError
+    when the counts differ (a prompt must hold one image token per image)."""
+    pieces = text.split(image_token)
+    if len(pieces) - 1 != len(replacements):
+        raise ImageError(f"the prompt has {len(pieces) - 1} {image_token} placeholders for "
+                         f"{len(replacements)} images: put one {image_token} where each image "
+                         "goes")
+    expanded = [pieces[0]]
+    for replacement, piece in zip(replacements, pieces[1:]):
+        expanded += [replacement, piece]
+    return "".join(expanded)
+
+
 class Tiles(NamedTuple):
     """An image as Idefics3 sees it: ``pixels`` (n, 3, tile, tile), the rows x cols tiles in
     reading order then the global view; rows = cols = 0 when it is one tile only."""
@@ -202,6 +261,8 @@ class Idefics3Preprocess:
     std: tuple[float, float, float] = SIGLIP_STD
     do_image_splitting: bool = True  # False: the global view alone
     resample: Image.Resampling = Image.Resampling.LANCZOS
+    image_token: str = IMAGE_TOKEN  # the model's: its tokenizer's token at image_token_id
+    template_parts: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.longest_edge <= _MAX_LONGEST_EDGE:
@@ -233,6 +294,22 @@ class Idefics3Preprocess:
                    do_image_splitting=bool(merged.get("do_image_splitting", True)),
                    resample=Image.Resampling(merged.get("resample", Image.Resampling.LANCZOS)))
 
+    def to_hf(self) -> dict[str, Any]:
+        """These settings as transformers writes an Idefics3 ``preprocessor_config.json``
+        (``image_seq_len`` belongs to the processor, the image token to the tokenizer)."""
+        return {"image_processor_type": "Idefics3ImageProcessor",
+                "processor_class": "Idefics3Processor",
+                **{key: True for key in _ALWAYS_ON}, "do_pad": True,
+                "do_image_splitting": self.do_image_splitting,
+                "size": {"longest_edge": self.longest_edge},
+                "max_image_size": {"longest_edge": self.tile_size},
+                "image_mean": list(self.mean), "image_std": list(self.std),
+                "resample": int(self.resample), "rescale_factor": 1 / 255}
+
+    def prepare(self, image: Image.Image) -> Prepared:
+        tiles = self.pixels(image)
+        return Prepared(self.prompt_for(tiles.rows, tiles.cols), tiles.pixels)
+
     def pixels(self, image: Image.Image) -> Tiles:
         """The tiles of the RGB ``image``, and how many rows and columns of them there are."""
         views, rows, cols = self._views(image)
@@ -254,7 +331,7 @@ class Idefics3Preprocess:
 
     def prompt_for(self, rows: int, cols: int) -> str:
         """The text that stands for an image of rows x cols tiles (0 x 0: one tile)."""
-        tokens = IMAGE_TOKEN * self.image_seq_len
+        tokens = self.image_token * self.image_seq_len
         global_view = f"{FAKE_IMAGE_TOKEN}{GLOBAL_IMAGE_TOKEN}{tokens}{FAKE_IMAGE_TOKEN}"
         if rows == cols == 0:
             return global_view
@@ -263,16 +340,34 @@ class Idefics3Preprocess:
         return "".join(lines) + "\n" + global_view
 
     def expand(self, text: str, grids: Sequence[tuple[int, int]]) -> str:
-        """``text`` with its i-th ``<image>`` replaced by the text of an image of ``grids[i]``
-        = (rows, cols) tiles."""
-        pieces = text.split(IMAGE_TOKEN)
-        if len(pieces) - 1 != len(grids):
-            raise ImageError(f"the prompt has {len(pieces) - 1} {IMAGE_TOKEN} placeholders for "
-                             f"{len(grids)} images: put one {IMAGE_TOKEN} where each image goes")
-        expanded = [pieces[0]]
-        for (rows, cols), piece in zip(grids, pieces[1:]):
-            expanded += [self.prompt_for(rows, cols), piece]
-        return "".join(expanded)
+        """``text`` with its i-th image token replaced by the text of an image of
+        ``grids[i]`` = (rows, cols) tiles."""
+        return expand_images(text, self.image_token,
+                             [self.prompt_for(rows, cols) for rows, cols in grids])
+
+
+def image_processor(cfg: Any, tokenizer: Tokenizer,
+                    hf_settings: Mapping[str, Any] | None = None) -> ImageProcessor | None:
+    """How the model of ``cfg`` sees images: Idefics3's tiles, with the Hugging Face processor
+    settings its model directory keeps (``hf_settings``: preprocessor_config.json), or else
+    lmforge's one square view; None for a model that reads no images. The image token is the
+    tokenizer's token at image_token_id."""
+    if not isinstance(cfg, VLMConfig):
+        return None
+    token = tokenizer.backend.id_to_token(cfg.image_token_id)
+    if token is None:
+        raise ConfigError(f"the model's image_token_id {cfg.image_token_id} is not in its "
+                          f"tokenizer's vocabulary of {tokenizer.vocab_size}: the model "
+                          "directory's config.json and tokenizer.json do not belong together")
+    if hf_settings is None:
+        return SquareView(cfg.vision, token, cfg.image_tokens)
+    tiles = Idefics3Preprocess.from_hf(hf_settings)
+    if tiles.tile_size != cfg.vision.image_size:
+        raise UnsupportedModel(f"the processor config cuts images into tiles of "
+                               f"max_image_size={tiles.tile_size} px, and the vision encoder "
+                               f"reads {cfg.vision.image_size} px (image_size): they must agree")
+    # The count comes from the model, so a processor setting cannot contradict it.
+    return replace(tiles, image_seq_len=cfg.image_tokens, image_token=token)
 
 
 # What transformers' Idefics3 image processor can be told to skip; lmforge always does all.

@@ -2,7 +2,9 @@
 
 A model directory holds `config.json` + `model.safetensors` + `tokenizer.json`, and may declare
 more beside them: `generation_config.json` (stop tokens), `quantization.json` (quantized
-weights, see `lmforge.quant`), `classifier.json` (a classification head). A LoRA adapter
+weights, see `lmforge.quant`), `classifier.json` (a classification head),
+`preprocessor_config.json` (a vision-language model that sees images as Idefics3 does: its
+Hugging Face image processor settings, see `lmforge.images.image_processor`). A LoRA adapter
 directory (`adapter_config.json` + `adapter_model.safetensors`) names the base model it goes
 on. Every file name is spelt here, once.
 
@@ -14,6 +16,7 @@ model by any name (registry names, GGUF files, adapters) is `lmforge.open.open_m
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +27,7 @@ from torch import nn
 from lmforge.config import ModelConfig, Seq2SeqConfig, load_config
 from lmforge.errors import CheckpointMismatch, ConfigError
 from lmforge.files import load_safetensors, read_json_object, save_safetensors
+from lmforge.images import Idefics3Preprocess, ImageProcessor
 from lmforge.models import LanguageModel, build_model
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -34,6 +38,7 @@ GENERATION_CONFIG = "generation_config.json"
 QUANTIZATION = "quantization.json"
 CLASSIFIER_CONFIG = "classifier.json"
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SOURCE = "source.json"  # where a pulled or converted model came from
@@ -158,6 +163,23 @@ def read_tokenizer(directory: str | Path) -> Tokenizer | None:
 def read_generation_config(directory: str | Path) -> dict:
     path = Path(directory) / GENERATION_CONFIG
     return read_json_object(path) if path.is_file() else {}
+
+
+def read_image_settings(directory: str | Path) -> dict | None:
+    """The Hugging Face image processor settings a model directory keeps, if any."""
+    path = Path(directory) / PREPROCESSOR_CONFIG
+    return read_json_object(path) if path.is_file() else None
+
+
+def save_image_settings(directory: str | Path, processor: ImageProcessor | None) -> None:
+    """Keep how a model sees images beside it: an Idefics3 processor's settings, written as
+    transformers writes them; for any other (lmforge's square view needs none) a stale file
+    of an earlier model in `directory` goes."""
+    path = Path(directory) / PREPROCESSOR_CONFIG
+    if isinstance(processor, Idefics3Preprocess):
+        path.write_text(json.dumps(processor.to_hf(), indent=2) + "\n")
+    else:
+        path.unlink(missing_ok=True)
 
 
 def load_weights(model: LanguageModel, weights_file: str | Path, assign: bool = False) -> None:

@@ -19,6 +19,7 @@ from torch import nn
 # Registers the hook that reads quantized weights (see lmforge.modeldir.DirectoryHook).
 import lmforge.quant  # noqa: E402, F401, I001
 from lmforge.errors import CheckpointMismatch, ConfigError
+from lmforge.images import ImageProcessor, image_processor
 from lmforge.interop.hub import resolve_model
 from lmforge.lora import load_adapter, read_adapter_config
 from lmforge.modeldir import (
@@ -26,6 +27,7 @@ from lmforge.modeldir import (
     GENERATION_CONFIG,
     declared_hooks,
     is_adapter_dir,
+    read_image_settings,
     read_model,
     read_tokenizer,
     resolve_model_dir,
@@ -45,6 +47,8 @@ class OpenedModel:
     tokenizer: Tokenizer | None
     stop_ids: tuple[int, ...]  # tokens that end generation
     directory: Path  # the model or adapter directory it was read from
+    # How the model sees images (prompt text and pixel tiles); None for a text model.
+    processor: ImageProcessor | None = None
 
 
 def default_device() -> torch.device:
@@ -92,6 +96,7 @@ def open_model(spec: str | Path, device: str | torch.device | None = None,
         adapter_dir = resolve_model_dir(adapter) if adapter is not None else None
         weights_dir = directory
     model = read_model(weights_dir, device, dtype)
+    cfg = model.cfg
     if adapter_dir is not None:
         load_adapter(model, adapter_dir)
     top = adapter_dir or weights_dir
@@ -100,4 +105,7 @@ def open_model(spec: str | Path, device: str | torch.device | None = None,
             model = hook.after_weights(model, top)
     tokenizer = read_tokenizer(top) or read_tokenizer(weights_dir)
     stops_from = top if (top / GENERATION_CONFIG).is_file() else weights_dir
-    return OpenedModel(model.eval(), tokenizer, stop_token_ids(stops_from, tokenizer), top)
+    processor = image_processor(cfg, tokenizer, read_image_settings(weights_dir)) \
+        if tokenizer is not None else None
+    return OpenedModel(model.eval(), tokenizer, stop_token_ids(stops_from, tokenizer), top,
+                       processor)

@@ -19,7 +19,7 @@ from PIL import Image
 from lmforge.chat import vision_chat_prompt_ids
 from lmforge.config import resolve_vlm_config
 from lmforge.finetune.vlm import with_image_token
-from lmforge.images import load_image, model_pixels
+from lmforge.images import image_processor, load_image, tiles_of
 from lmforge.infer.engine import Engine, Request
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.models.vlm import VLM
@@ -94,12 +94,13 @@ def asking(*urls: str, text: str = "What is in the picture?") -> list[dict]:
 
 def direct(model, tokenizer, messages: list[dict], max_tokens: int):
     """The engine's greedy completion (with logprobs) for these messages, no server between."""
-    prompt = vision_chat_prompt_ids(tokenizer, model.cfg.image_tokens, messages)
-    pixels = tuple(model_pixels(load_image(part["image_url"]["url"]), model.cfg.vision)
-                   for m in messages if isinstance(m["content"], list)
-                   for part in m["content"] if part["type"] == "image_url")
+    processor = image_processor(model.cfg, tokenizer)
+    images = [processor.prepare(load_image(part["image_url"]["url"]))
+              for m in messages if isinstance(m["content"], list)
+              for part in m["content"] if part["type"] == "image_url"]
+    prompt = vision_chat_prompt_ids(tokenizer, processor, messages, images)
     return Engine(model, tokenizer, max_batch=1).run(
-        [Request(prompt, max_tokens, GREEDY, logprobs=0, images=pixels)])[0]
+        [Request(prompt, max_tokens, GREEDY, logprobs=0, images=tiles_of(images))])[0]
 
 
 def chat(client: openai.OpenAI, messages: list[dict], max_tokens: int = 12, **options):

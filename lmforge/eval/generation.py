@@ -26,6 +26,7 @@ from lmforge.errors import ConfigError
 from lmforge.eval.data import EvalDataError, GenerationExample
 from lmforge.eval.loglik import encode_text
 from lmforge.eval.results import EvalResult
+from lmforge.images import ImageProcessor, image_processor
 from lmforge.infer.engine import Engine, Request, prompt_ids
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.models.decoder import Decoder
@@ -106,12 +107,16 @@ def evaluate_generation(model: Decoder, tokenizer: Tokenizer, examples: list[Gen
                         max_new_tokens: int = 64, stop: Sequence[str] = (),
                         stop_ids: Sequence[int] = (), chat: bool = False,
                         regex: str | None = None, ignore_case: bool = False,
-                        batch_size: int = 8, progress: bool = False) -> EvalResult:
-    """exact_match of greedy outputs (see the module docstring)."""
+                        batch_size: int = 8, progress: bool = False,
+                        processor: ImageProcessor | None = None) -> EvalResult:
+    """exact_match of greedy outputs (see the module docstring). `processor`: how a
+    vision-language model sees the examples' images (`OpenedModel.processor`; None: lmforge's
+    own square view for one of lmforge's models)."""
     if not examples:
         raise EvalDataError("there are no generation examples to score")
     pattern = compile_regex(regex) if regex is not None else None
-    prompts, images = zip(*(prompt_with_images(model.cfg, tokenizer, ex.prompt, ex.images, chat)
+    processor = processor or image_processor(model.cfg, tokenizer)
+    prompts, images = zip(*(prompt_with_images(processor, tokenizer, ex.prompt, ex.images, chat)
                             if ex.images else (prompt_tokens(tokenizer, ex.prompt, chat), ())
                             for ex in examples))
     outputs = generate_texts(model, tokenizer, prompts, max_new_tokens, stop, stop_ids,

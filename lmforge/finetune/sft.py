@@ -99,11 +99,17 @@ def template_pieces(tokenizer: Tokenizer, messages: list[dict[str, str]]
 def encode_conversation(tokenizer: Tokenizer, messages: list[dict[str, str]]
                         ) -> tuple[list[int], list[bool]]:
     """Token ids of the rendered conversation and, for each, whether the loss scores it."""
+    return encode_pieces(tokenizer, template_pieces(tokenizer, messages))
+
+
+def encode_pieces(tokenizer: Tokenizer, pieces: list[tuple[str, bool]]
+                  ) -> tuple[list[int], list[bool]]:
+    """Token ids of (text, is_assistant) pieces and, for each, whether the loss scores it."""
     ids: list[int] = []
     scored: list[bool] = []
     if tokenizer.special.add_bos_token and tokenizer.bos_id is not None:
         ids, scored = [tokenizer.bos_id], [False]
-    for text, is_assistant in template_pieces(tokenizer, messages):
+    for text, is_assistant in pieces:
         piece = tokenizer.encode(text)
         ids += piece
         scored += [is_assistant] * len(piece)

@@ -4,8 +4,9 @@ Data is JSONL, one conversation a line: `{"images": ["a.png", ...], "messages": 
 OpenAI's chat shape, where a user message's content may be a list of `{"type": "text",
 "text": ...}` and `{"type": "image"}` parts (one image part per entry of `images`, in order;
 paths relative to the JSONL file). The loss covers the assistant's turns only, exactly as
-chat SFT does: each image part becomes the model's image placeholder (`image_tokens` image
-tokens) in the rendered conversation, and its pixels replace them inside the model.
+chat SFT does: each image part becomes the text that stands for the image in the model's
+prompts (lmforge's own models: `image_tokens` image tokens; see `lmforge.images`), and its
+pixel tiles replace those tokens inside the model.
 
 The model is one of:
 - a vision-language preset (`model: vlm-small`, or a mapping with `preset`, `vision`,
@@ -31,16 +32,37 @@ import torch.nn.functional as F
 from tokenizers import AddedToken
 from torch import nn
 
-from lmforge.chat import IMAGE_PARTS, IMAGE_TOKEN, chat_prompt_ids, image_count, text_of_parts
+from lmforge.chat import (
+    IMAGE_PARTS,
+    IMAGE_TOKEN,
+    image_count,
+    template_messages,
+    text_of_parts,
+    vision_chat_prompt_ids,
+)
 from lmforge.config import VLMConfig, from_dict, resolve_vlm_config
 from lmforge.data.loader import in_order
 from lmforge.errors import CheckpointMismatch, ConfigError
-from lmforge.finetune.sft import IGNORE, ROLES, encode_conversation, training_row
+from lmforge.finetune.sft import IGNORE, ROLES, encode_pieces, template_pieces, training_row
 from lmforge.finetune.task import example_indices, pad_rows, read_jsonl, split_examples
-from lmforge.images import ImageError, load_image, model_pixels
+from lmforge.images import (
+    ImageError,
+    Prepared,
+    expand_images,
+    image_processor,
+    load_image,
+    tiles_of,
+)
 from lmforge.infer.engine import Engine, Request
 from lmforge.infer.sampling import SamplingConfig
-from lmforge.modeldir import WEIGHTS, load_weights, read_config, save_model, stop_token_ids
+from lmforge.modeldir import (
+    WEIGHTS,
+    load_weights,
+    read_config,
+    save_image_settings,
+    save_model,
+    stop_token_ids,
+)
 from lmforge.models.decoder import Decoder
 from lmforge.models.vlm import VLM
 from lmforge.open import OpenedModel, open_model
@@ -140,8 +162,10 @@ class VisionChatTask:
         self.model_cfg = self._model_config()
         self.context = min(cfg.context_length or self.model_cfg.context_length,
                            self.model_cfg.context_length)
-        placeholder = IMAGE_TOKEN * self.model_cfg.image_tokens
-        self.placeholder = placeholder
+        # An imported model sees images its own way (Idefics3 tiles); a new one, or one of
+        # lmforge's, as one square.
+        self.processor = opened.processor if isinstance(self.base, VLM) else \
+            image_processor(self.model_cfg, self.tokenizer)
         self.pad_id = next((i for i in (self.tokenizer.pad_id, self.tokenizer.eos_id)
                             if i is not None), 0)
         self.skipped = 0
@@ -161,18 +185,16 @@ class VisionChatTask:
         if opened is not None:
             if opened.tokenizer is None:
                 raise FileNotFoundError(f"{self.cfg.init_from} has no tokenizer.json")
+            if isinstance(opened.model, VLM):  # it has an image token of its own
+                return opened.tokenizer
             return with_image_token(opened.tokenizer)
         texts = [text_of_parts(m["content"], "") for c in train for m in c["messages"]]
         return with_image_token(train_bpe(texts, vocab_size=self.cfg.vocab_size))
 
     def _model_config(self) -> VLMConfig:
-        image_id = self.tokenizer.token_id(IMAGE_TOKEN)
         if isinstance(self.base, VLM):
-            if image_id != self.base.cfg.image_token_id:
-                raise CheckpointMismatch(f"{self.cfg.init_from}'s tokenizer has {IMAGE_TOKEN} "
-                                         f"at {image_id}, its config at "
-                                         f"{self.base.cfg.image_token_id}")
             return self.base.cfg
+        image_id = self.tokenizer.token_id(IMAGE_TOKEN)
         cfg = resolve_vlm_config(self.cfg.vlm_model())
         text = cfg.text.to_dict() if self.base is None else self.base.cfg.to_dict()
         values = {**cfg.to_dict(), "text": {**text, "vocab_size": self.tokenizer.vocab_size},
@@ -184,8 +206,11 @@ class VisionChatTask:
                                                                         list[Path]]]:
         rows = []
         for c in conversations:
-            ids, scored = encode_conversation(self.tokenizer,
-                                              rendered(c["messages"], self.placeholder))
+            pieces = template_pieces(self.tokenizer,
+                                     template_messages(c["messages"], self.processor))
+            texts = [image.text for image in map(self.prepared, c["images"])]
+            ids, scored = encode_pieces(self.tokenizer,
+                                        _expanded(pieces, self.processor.image_token, texts))
             if len(ids) > self.context + 1:
                 self.skipped += 1
                 continue
@@ -213,18 +238,18 @@ class VisionChatTask:
 
     # Batches ----------------------------------------------------------------------------
 
-    def pixels(self, path: Path) -> torch.Tensor:
+    def prepared(self, path: Path) -> Prepared:
         try:
             image = load_image(path)
         except ImageError as err:
             raise ImageError(f"{path}: {err}") from None
-        return model_pixels(image, self.model_cfg.vision)
+        return self.processor.prepare(image)
 
     def collate(self, rows) -> tuple[torch.Tensor, ...]:
         lengths = torch.tensor([len(x) for x, _, _ in rows])
-        images = [self.pixels(p) for _, _, paths in rows for p in paths]
         size = self.model_cfg.vision.image_size
-        pixels = torch.stack(images) if images else torch.zeros(0, 3, size, size)
+        pixels = torch.cat([torch.zeros(0, 3, size, size)]
+                           + [self.prepared(p).pixels for _, _, paths in rows for p in paths])
         return (pad_rows([x for x, _, _ in rows], self.pad_id),
                 pad_rows([y for _, y, _ in rows], IGNORE), lengths, pixels)
 
@@ -260,12 +285,13 @@ class VisionChatTask:
         """The model's greedy answers to each conversation's last question."""
         requests = []
         for c in conversations:
-            messages = rendered(c["messages"], self.placeholder)
+            messages = c["messages"]
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-            prompt = chat_prompt_ids(self.tokenizer, messages[:last])
+            images = [self.prepared(p) for p in c["images"]]
+            prompt = vision_chat_prompt_ids(self.tokenizer, self.processor, messages[:last],
+                                            images)
             requests.append(Request(prompt, max_new_tokens, SamplingConfig(temperature=0),
-                                    stop_ids=self.stop_ids,
-                                    images=tuple(self.pixels(p) for p in c["images"])))
+                                    stop_ids=self.stop_ids, images=tiles_of(images)))
         engine = Engine(model, self.tokenizer, max_batch=16,
                         max_len=min(self.model_cfg.context_length, self.context + max_new_tokens))
         return [done.text.strip() for done in engine.run(requests)]
@@ -293,6 +319,7 @@ class VisionChatTask:
 
     def save(self, directory: Path, model: nn.Module) -> None:
         save_model(directory, model, self.tokenizer)
+        save_image_settings(directory, self.processor)
 
     def load(self, directory: Path, model: nn.Module) -> None:
         if read_config(directory) != self.model_cfg:
@@ -303,6 +330,17 @@ class VisionChatTask:
     def describe(self) -> dict[str, Any]:
         return {"examples": len(self.examples), "val_examples": len(self.val_examples),
                 "skipped_too_long": self.skipped, "image_tokens": self.model_cfg.image_tokens}
+
+
+def _expanded(pieces: list[tuple[str, bool]], image_token: str, texts: list[str]
+              ) -> list[tuple[str, bool]]:
+    """Template pieces with their image tokens replaced by the images' texts, in order."""
+    out, used = [], 0
+    for text, scored in pieces:
+        count = text.count(image_token)
+        out.append((expand_images(text, image_token, texts[used:used + count]), scored))
+        used += count
+    return out
 
 
 def _copy_decoder(source: Decoder, target: Decoder) -> None:

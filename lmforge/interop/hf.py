@@ -1,10 +1,14 @@
-"""Hugging Face model directories in and out: GPT-2, and the Llama family (Llama, Mistral, Qwen3).
+"""Hugging Face model directories in and out: GPT-2, the Llama family (Llama, Mistral, Qwen3),
+and the vision-language Idefics3 (SmolVLM: a SigLIP encoder, a pixel-shuffle projector, Llama).
 
 A Hugging Face directory is config.json (with a "model_type") + model.safetensors (or shards
 listed in model.safetensors.index.json) + tokenizer.json + tokenizer_config.json
 (+ generation_config.json). `import_hf` turns one into an lmforge model directory and
 `export_hf` does the reverse, producing a directory that `AutoModelForCausalLM` and
-`AutoTokenizer` load as they are.
+`AutoTokenizer` load as they are (`AutoModelForImageTextToText` and, for a model that sees
+images as Idefics3 does, `AutoProcessor`, for a vision-language model). An Idefics3 model keeps
+its image processor settings (preprocessor_config.json) in the lmforge directory, so that
+lmforge cuts images into the same tiles and writes the same prompt text as transformers.
 
 Only architectures that are exactly our decoder are accepted: a config option we do not
 implement (rope scaling, a sliding window shorter than the context, another activation...) is
@@ -25,23 +29,32 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, VisionConfig, VLMConfig
 from lmforge.errors import CheckpointMismatch, ConfigError, UnsupportedModel
 from lmforge.files import load_safetensors, read_json_object, save_safetensors
+from lmforge.images import IMAGE_TOKEN as IDEFICS3_IMAGE_TOKEN
+from lmforge.images import Idefics3Preprocess, ImageProcessor, image_processor
 from lmforge.modeldir import (
     GENERATION_CONFIG,
+    PREPROCESSOR_CONFIG,
     WEIGHTS,
     load_state,
+    read_image_settings,
     read_model,
     read_tokenizer,
     resolve_model_dir,
+    save_image_settings,
     save_model,
 )
+from lmforge.models import build_model
 from lmforge.models.decoder import Decoder
+from lmforge.models.vlm import VLM
 from lmforge.quant import require_float
 from lmforge.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, SpecialTokens, Tokenizer
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+# transformers 5 writes the image processor's settings inside this one (older: beside it).
+PROCESSOR_CONFIG = "processor_config.json"
 # transformers >= 4.43 saves the chat template in its own file rather than tokenizer_config.json.
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
@@ -51,6 +64,7 @@ SUPPORTED = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "idefics3": "Idefics3ForConditionalGeneration",
 }
 # GPT2Model is the headless GPT-2; its tied output projection is the embedding, so it loads too.
 _ARCHITECTURES = {*SUPPORTED.values(), "GPT2Model"}
@@ -78,6 +92,22 @@ _LLAMA_NAMES = (
     ("model.layers.{i}.self_attn.", "blocks.{i}.attn."),  # q/k/v/o_proj, and Qwen3's q/k_norm
     ("model.layers.{i}.mlp.", "blocks.{i}.mlp."),  # gate/up/down_proj
     ("lm_head.", "lm_head."),
+)
+# Idefics3: the SigLIP tower, the projector, and the Llama names under model.text_model.
+_IDEFICS3_NAMES = (
+    ("model.vision_model.embeddings.patch_embedding.", "vision.patch_embed."),
+    ("model.vision_model.embeddings.position_embedding.", "vision.pos_embed."),
+    ("model.vision_model.encoder.layers.{i}.layer_norm1.", "vision.blocks.{i}.attn_norm."),
+    ("model.vision_model.encoder.layers.{i}.layer_norm2.", "vision.blocks.{i}.mlp_norm."),
+    ("model.vision_model.encoder.layers.{i}.self_attn.out_proj.", "vision.blocks.{i}.attn.o_proj."),
+    ("model.vision_model.encoder.layers.{i}.self_attn.", "vision.blocks.{i}.attn."),  # q/k/v_proj
+    ("model.vision_model.encoder.layers.{i}.mlp.fc1.", "vision.blocks.{i}.mlp.up_proj."),
+    ("model.vision_model.encoder.layers.{i}.mlp.fc2.", "vision.blocks.{i}.mlp.down_proj."),
+    ("model.vision_model.post_layernorm.", "vision.norm."),
+    ("model.connector.modality_projection.", "projector."),
+    *((hf.replace("model.", "model.text_model.", 1), "text." + ours)
+      for hf, ours in _LLAMA_NAMES if hf != "lm_head."),
+    ("lm_head.", "text.lm_head."),
 )
 # GPT-2 attention buffers (the causal mask) that old checkpoints store; they are not weights.
 _GPT2_BUFFER = re.compile(r"h\.\d+\.attn\.(masked_)?bias$")
@@ -116,7 +146,7 @@ def is_hf_dir(path: str | Path) -> bool:
 # config.json
 
 
-def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig | VLMConfig:
     """Our config for a Hugging Face config.json; refuses anything our decoder cannot compute."""
     model_type = hf.get("model_type")
     architectures = hf.get("architectures") or []
@@ -134,6 +164,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         )
     if model_type == "gpt2":
         return _gpt2_config(hf)
+    if model_type == "idefics3":
+        return _idefics3_config(hf)
     return _llama_config(hf, model_type)
 
 
@@ -228,6 +260,69 @@ def _llama_config(hf: dict[str, Any], model_type: str) -> ModelConfig:
         bias=bool(attention_bias),
         init_std=hf.get("initializer_range", 0.02),
     )
+
+
+def _idefics3_config(hf: dict[str, Any]) -> VLMConfig:
+    vision, text = _need(hf, "vision_config"), _need(hf, "text_config")
+    problems = []
+    if text.get("model_type", "llama") != "llama":
+        problems.append(f"text_config.model_type={text['model_type']!r} (lmforge's Idefics3 "
+                        "reads a Llama text model)")
+    activation = vision.get("hidden_act", "gelu_pytorch_tanh")
+    if activation not in ("gelu_pytorch_tanh", "gelu_new"):
+        problems.append(f"vision_config.hidden_act={activation!r} (lmforge's vision MLP is "
+                        "the tanh GELU, gelu_pytorch_tanh)")
+    if vision.get("num_channels", 3) != 3:
+        problems.append(f"vision_config.num_channels={vision['num_channels']} (RGB only)")
+    sizes = {key: _square(vision, key, problems) for key in ("image_size", "patch_size")}
+    _refuse("idefics3", problems)
+    # transformers 5 ties by the top-level key; older configs may carry it in text_config only.
+    tied = hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    cfg = VLMConfig(
+        vision=VisionConfig(
+            image_size=sizes["image_size"], patch_size=sizes["patch_size"],
+            n_layer=_need(vision, "num_hidden_layers"),
+            n_head=_need(vision, "num_attention_heads"), d_model=_need(vision, "hidden_size"),
+            d_mlp=_need(vision, "intermediate_size"),
+            norm_eps=vision.get("layer_norm_eps", 1e-6),
+            init_std=vision.get("initializer_range", 0.02)),
+        text=_llama_config({**text, "tie_word_embeddings": tied}, "llama"),
+        scale_factor=hf.get("scale_factor", 2),
+        image_token_id=_need(hf, "image_token_id"))
+    _check_patch_positions(cfg.vision, "import")
+    return cfg
+
+
+def _square(vision: dict[str, Any], key: str, problems: list[str]) -> int:
+    """An image or patch size that may be written as [n, n]; 0 (refused) for a rectangle."""
+    value = _need(vision, key)
+    if isinstance(value, list):
+        if len(set(value)) != 1:
+            problems.append(f"vision_config.{key}={value} (square images and patches only)")
+            return 0
+        value = value[0]
+    return int(value)
+
+
+def _check_patch_positions(vision: VisionConfig, what: str) -> None:
+    """Refuse an encoder whose patches transformers would give other positions than lmforge.
+
+    transformers' Idefics3 vision embeddings bucket each patch's fractional coordinate in
+    float32. For a full tile (Idefics3 tiles are always full: images are resized to whole
+    tiles, so no patch mask is needed) that gives patch i position i for most grid sides (32:
+    SmolVLM's 512 / 16; 26: Idefics3-8B's 364 / 14) but not all (19, 25, 29, 31...), where
+    rounding puts two patches on one position.
+    """
+    side = vision.image_size // vision.patch_size
+    step = 1.0 / torch.tensor(side)  # float32, as transformers computes it
+    coords = torch.clamp(torch.arange(side, dtype=torch.float32) * step, max=1.0 - 1e-6)
+    buckets = torch.bucketize(coords, torch.arange(1 / side, 1.0, 1 / side), right=True)
+    if not torch.equal(buckets, torch.arange(side)):
+        raise UnsupportedModel(
+            f"cannot {what} an Idefics3 model whose tiles are {side} x {side} patches "
+            f"(image_size {vision.image_size} / patch_size {vision.patch_size}): transformers "
+            "rounds some of those patches onto their neighbours' learned positions, which "
+            "lmforge's encoder does not reproduce")
 
 
 def _rope_theta(hf: dict[str, Any], problems: list[str]) -> float:
@@ -356,6 +451,12 @@ def _llama_entries(hf_name: str, tensor: torch.Tensor) -> list[tuple[str | None,
     return [(_rename(hf_name, _LLAMA_NAMES), tensor)]
 
 
+def _idefics3_entries(hf_name: str, tensor: torch.Tensor) -> list[tuple[str | None, torch.Tensor]]:
+    if hf_name.endswith("rotary_emb.inv_freq"):
+        return []
+    return [(_rename(hf_name, _IDEFICS3_NAMES), tensor)]
+
+
 def _no_unknown(names: list[str]) -> None:
     if names:
         raise CheckpointMismatch(
@@ -459,17 +560,42 @@ def import_hf(src_dir: str | Path, out_dir: str | Path) -> Path:
     hf = read_json_object(src / "config.json")
     cfg = config_from_hf(hf)
     tokenizer = _read_tokenizer(src)
+    processor = _hf_image_processor(src, cfg, tokenizer) if isinstance(cfg, VLMConfig) else None
     hf_state = _read_hf_weights(src)
-    entries = _gpt2_entries if hf["model_type"] == "gpt2" else _llama_entries
-    model = Decoder(cfg)
+    entries = {"gpt2": _gpt2_entries, "idefics3": _idefics3_entries}.get(hf["model_type"],
+                                                                         _llama_entries)
+    model = build_model(cfg)
     load_state(model, _our_state(hf_state, entries), str(src))
     save_model(out, model, tokenizer)
+    save_image_settings(out, processor)
     if (src / GENERATION_CONFIG).is_file():
         shutil.copyfile(src / GENERATION_CONFIG, out / GENERATION_CONFIG)
     else:
         ids = {k: hf[k] for k in ("bos_token_id", "eos_token_id") if hf.get(k) is not None}
         (out / GENERATION_CONFIG).write_text(json.dumps(ids, indent=2) + "\n")
     return out
+
+
+def _hf_image_processor(src: Path, cfg: VLMConfig, tokenizer: Tokenizer) -> Idefics3Preprocess:
+    """The image processor of a HF Idefics3 directory, checked against its model."""
+    files = [src / name for name in (PREPROCESSOR_CONFIG, PROCESSOR_CONFIG)]
+    settings = [read_json_object(f) for f in files if f.is_file()]
+    if not settings:
+        raise FileNotFoundError(f"{src} has neither {PREPROCESSOR_CONFIG} nor "
+                                f"{PROCESSOR_CONFIG}: an Idefics3 model needs its image "
+                                "processor's settings; download them with the model")
+    merged = {k: v for config in settings for k, v in config.items()}
+    seq_len = merged.get("image_seq_len", cfg.image_tokens)
+    if seq_len != cfg.image_tokens:
+        raise UnsupportedModel(f"{src / PROCESSOR_CONFIG} sets image_seq_len={seq_len}, and the "
+                               f"model reads {cfg.image_tokens} tokens a tile ((image_size / "
+                               "patch_size)^2 / scale_factor^2): they must agree")
+    if tokenizer.backend.id_to_token(cfg.image_token_id) != IDEFICS3_IMAGE_TOKEN:
+        raise UnsupportedModel(
+            f"the tokenizer in {src} has {tokenizer.backend.id_to_token(cfg.image_token_id)!r} "
+            f"at image_token_id={cfg.image_token_id}, where transformers' Idefics3 processor "
+            f"writes {IDEFICS3_IMAGE_TOKEN}")
+    return image_processor(cfg, tokenizer, merged)
 
 
 def _export_family(cfg: ModelConfig) -> str:
@@ -504,7 +630,8 @@ def hf_module_names(cfg: ModelConfig) -> Callable[[str], str] | None:
 
 
 def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write a HF directory (GPT-2, Llama or Qwen3; float32) for an lmforge model or run dir."""
+    """Write a HF directory (GPT-2, Llama, Qwen3 or Idefics3; float32) for an lmforge model or
+    run dir."""
     src, out = resolve_model_dir(model_dir), Path(out_dir)
     if out.resolve() == src.resolve():
         raise ConfigError(f"export_hf would overwrite the lmforge model in {src}; pass another "
@@ -514,12 +641,16 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
     if tokenizer is None:
         raise FileNotFoundError(f"{src} has no {TOKENIZER_FILE}, which a Hugging Face directory "
                                 "needs; save the model with its tokenizer")
-    family = _export_family(model.cfg)
-    state = _gpt2_state(model) if family == "gpt2" else _llama_state(model)
+    if isinstance(model.cfg, VLMConfig):
+        hf, state = _idefics3_export(model, tokenizer)
+    else:
+        family = _export_family(model.cfg)
+        hf = _hf_config(model.cfg, family, tokenizer)
+        state = _gpt2_state(model) if family == "gpt2" else _llama_state(model)
     if model.cfg.tie_embeddings:
-        state.pop("lm_head.weight")  # transformers ties it back from the embedding
+        # transformers ties it back from the embedding
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     out.mkdir(parents=True, exist_ok=True)
-    hf = _hf_config(model.cfg, family, tokenizer)
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     save_safetensors({k: v.contiguous() for k, v in state.items()}, out / WEIGHTS,
                      metadata={"format": "pt"})
@@ -527,9 +658,55 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
     (out / TOKENIZER_CONFIG_FILE).write_text(
         json.dumps(_hf_tokenizer_config(tokenizer, model.cfg), indent=2, ensure_ascii=False) + "\n"
     )
+    if isinstance(model.cfg, VLMConfig):
+        _write_hf_processor(out, image_processor(model.cfg, tokenizer, read_image_settings(src)))
     if (src / GENERATION_CONFIG).is_file():
         shutil.copyfile(src / GENERATION_CONFIG, out / GENERATION_CONFIG)
     else:
         ids = {k: v for k, v in hf.items() if k.endswith("_token_id") and v is not None}
         (out / GENERATION_CONFIG).write_text(json.dumps(ids, indent=2) + "\n")
     return out
+
+
+def _idefics3_export(model: VLM, tokenizer: Tokenizer
+                     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The Idefics3 config.json and tensors of a vision-language model, or UnsupportedModel
+    saying what Idefics3 does not compute."""
+    cfg = model.cfg
+    if cfg.projector != "linear":
+        raise UnsupportedModel(f"projector={cfg.projector!r}: Idefics3's projector is one "
+                               "linear layer (projector=linear)")
+    if _export_family(cfg.text) != "llama":
+        raise UnsupportedModel("Idefics3's text model is Llama: the decoder would need "
+                               f"{', '.join(f'{k}={v!r}' for k, v in _EXPORT_NEEDS['llama'].items())}")
+    _check_patch_positions(cfg.vision, "export")
+    vision = cfg.vision
+    text = _hf_config(cfg.text, "llama", tokenizer)
+    hf = {
+        "architectures": [SUPPORTED["idefics3"]], "model_type": "idefics3",
+        "image_token_id": cfg.image_token_id, "scale_factor": cfg.scale_factor,
+        "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32",
+        "vision_config": {
+            "model_type": "idefics3_vision", "hidden_size": vision.d_model,
+            "intermediate_size": vision.block_config().d_mlp,
+            "num_hidden_layers": vision.n_layer, "num_attention_heads": vision.n_head,
+            "image_size": vision.image_size, "patch_size": vision.patch_size,
+            "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": vision.norm_eps,
+            "num_channels": 3, "initializer_range": vision.init_std},
+        "text_config": {k: v for k, v in text.items() if k != "architectures"},
+    }
+    state = {_rename(name, _IDEFICS3_NAMES, reverse=True): tensor
+             for name, tensor in model.state_dict().items()}
+    return hf, state
+
+
+def _write_hf_processor(out: Path, processor: ImageProcessor) -> None:
+    """transformers' Idefics3 processor files, for a model that sees images as Idefics3 does.
+    lmforge's own square view has no transformers processor to match (it resizes once, to a
+    square, and reads its own image token), so its users build prompts as lmforge does."""
+    if not isinstance(processor, Idefics3Preprocess):
+        return
+    (out / PREPROCESSOR_CONFIG).write_text(json.dumps(processor.to_hf(), indent=2) + "\n")
+    (out / PROCESSOR_CONFIG).write_text(json.dumps(
+        {"processor_class": "Idefics3Processor", "image_seq_len": processor.image_seq_len},
+        indent=2) + "\n")

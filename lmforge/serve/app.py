@@ -44,13 +44,13 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import Receive
 
 from lmforge.chat import TemplateError, chat_prompt_ids, vision_chat_prompt_ids
-from lmforge.config import VLMConfig
+from lmforge.images import ImageProcessor, Prepared, image_processor, tiles_of
 from lmforge.infer.engine import Completion, Engine, Event, PromptTooLong, TokenLogprob
 from lmforge.infer.engine import Request as EngineRequest
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.infer.seq2seq import Seq2SeqEngine
 from lmforge.models import LanguageModel, Seq2Seq
-from lmforge.serve.images import PartError, check_images, request_pixels
+from lmforge.serve.images import PartError, check_images, request_images
 from lmforge.serve.scheduler import (
     EngineFailed,
     EngineStopped,
@@ -138,7 +138,9 @@ class Metrics:
 
 
 def create_app(model: LanguageModel, tokenizer: Tokenizer, stop_ids: tuple[int, ...],
-               cfg: ServeConfig) -> FastAPI:
+               cfg: ServeConfig, processor: ImageProcessor | None = None) -> FastAPI:
+    """The app serving `model`; `processor` says how a vision-language model sees images
+    (`OpenedModel.processor`; None: lmforge's own square view for one of lmforge's models)."""
     if isinstance(model, Seq2Seq):
         if cfg.compile:
             raise ValueError("--compile is for decoder-only models; serve this seq2seq model "
@@ -149,8 +151,9 @@ def create_app(model: LanguageModel, tokenizer: Tokenizer, stop_ids: tuple[int, 
     scheduler = Scheduler(engine, cfg.max_queue)
     metrics = Metrics()
     metrics.engine_gauges(scheduler)
-    api = _Api(engine, scheduler, tokenizer, stop_ids, cfg, metrics)
-    modalities = ["text", "image"] if api.vlm is not None else ["text"]
+    processor = processor or image_processor(model.cfg, tokenizer)
+    api = _Api(engine, scheduler, tokenizer, stop_ids, cfg, metrics, processor)
+    modalities = ["text", "image"] if processor is not None else ["text"]
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -231,15 +234,15 @@ class _Api:
     """The two generation routes; everything here runs on the event loop."""
 
     def __init__(self, engine: Engine, scheduler: Scheduler, tokenizer: Tokenizer,
-                 stop_ids: tuple[int, ...], cfg: ServeConfig, metrics: Metrics) -> None:
+                 stop_ids: tuple[int, ...], cfg: ServeConfig, metrics: Metrics,
+                 processor: ImageProcessor | None) -> None:
         self.engine, self.scheduler, self.tokenizer = engine, scheduler, tokenizer
         self.stop_ids, self.cfg, self.metrics = stop_ids, cfg, metrics
+        self.processor = processor  # None: the model reads text only
         self.created = int(time.time())
-        model_cfg = engine.model.cfg
-        self.vlm = model_cfg if isinstance(model_cfg, VLMConfig) else None
         self.body_limit = cfg.max_body_bytes
         if self.body_limit is None:
-            self.body_limit = (20 if self.vlm is not None else 1) << 20
+            self.body_limit = (20 if processor is not None else 1) << 20
 
     # -------------------------------------------------------------- completions
     async def completions(self, body: CompletionRequest, receive: Receive):
@@ -338,17 +341,19 @@ class _Api:
         self._check_model(body.model)
         images = body.image_urls()
         try:
-            check_images(images, self.vlm is not None, self.cfg.max_images,
+            check_images(images, self.processor is not None, self.cfg.max_images,
                          self.cfg.allow_image_urls)
         except PartError as err:
             raise ApiError(400, str(err), param=err.where) from err
         # A vision-language model's messages keep their image parts (its prompt has image
         # tokens in their places); a text model's have no images, so their text is all.
         messages = [{"role": m.role if m.role != "developer" else "system",
-                     "content": m.text() if self.vlm is None else m.content or ""}
+                     "content": m.text() if self.processor is None else m.content or ""}
                     for m in body.messages]
-        prompt = await self._chat_prompt(messages, deadline)
-        pixels = await self._pixels(images, deadline)
+        # The images first: each one's text in the prompt depends on its size.
+        prepared = await self._prepared(images, deadline)
+        prompt = await self._chat_prompt(messages, prepared, deadline)
+        pixels = tiles_of(prepared)
         max_tokens = body.max_completion_tokens
         if max_tokens is None:
             max_tokens = body.max_tokens
@@ -385,7 +390,8 @@ class _Api:
                    for i, c in enumerate(done)]
         return {**head, "choices": choices, "usage": _usage(done)}
 
-    async def _chat_prompt(self, messages: list[dict], deadline: float) -> list[int]:
+    async def _chat_prompt(self, messages: list[dict], images: list[Prepared], deadline: float
+                           ) -> list[int]:
         if isinstance(self.engine, Seq2SeqEngine):
             said = [m["content"] for m in messages if m["role"] == "user" and m["content"]]
             if not said:
@@ -393,9 +399,9 @@ class _Api:
                                "source: send one with text", param="messages")
             return await self._off_loop(deadline, self.tokenizer.encode, said[-1])
         try:
-            if self.vlm is not None:
+            if self.processor is not None:
                 return await self._off_loop(deadline, vision_chat_prompt_ids, self.tokenizer,
-                                            self.vlm.image_tokens, messages)
+                                            self.processor, messages, images)
             return await self._off_loop(deadline, chat_prompt_ids, self.tokenizer, messages)
         except TemplateError as err:  # the template refused, or went past a limit
             raise ApiError(400, str(err), param="messages") from err
@@ -405,13 +411,13 @@ class _Api:
             raise ApiError(400, f"the chat template failed on the messages: "
                            f"{type(err).__name__}: {err}", param="messages") from err
 
-    async def _pixels(self, images: list[tuple[str, str]], deadline: float
-                      ) -> tuple[torch.Tensor, ...]:
-        """The images' pixels for the model; decoding (and downloading) runs off the loop."""
+    async def _prepared(self, images: list[tuple[str, str]], deadline: float
+                        ) -> list[Prepared]:
+        """The images as the model sees them; decoding (and downloading) runs off the loop."""
         if not images:
-            return ()
+            return []
         try:
-            return await self._off_loop(deadline, request_pixels, images, self.vlm.vision,
+            return await self._off_loop(deadline, request_images, images, self.processor,
                                         self.cfg.max_image_pixels, self.body_limit)
         except PartError as err:
             raise ApiError(400, str(err), param=err.where) from err

@@ -4,7 +4,7 @@ An image part's URL is a ``data:image/...;base64,`` URL, or an http(s) URL that 
 downloads only when started with ``--allow-image-urls`` (it then fetches whatever a client
 names, addresses on its own network included). Nothing else is read: a bare path would let
 a client open the server's own files. `check_images` refuses what can be refused without
-decoding (it runs on the event loop); `request_pixels` downloads and decodes, so it runs on a
+decoding (it runs on the event loop); `request_images` downloads and decodes, so it runs on a
 worker thread. Errors name the part (`messages[0].content[1]`).
 """
 
@@ -13,11 +13,9 @@ from __future__ import annotations
 import time
 
 import httpx
-import torch
 
-from lmforge.config import VisionConfig
 from lmforge.errors import LmforgeError
-from lmforge.images import ImageError, load_image, model_pixels
+from lmforge.images import ImageError, ImageProcessor, Prepared, load_image
 
 DOWNLOAD_SECONDS = 10.0
 WEB = ("http://", "https://")
@@ -52,19 +50,20 @@ def check_images(parts: list[tuple[str, str]], reads_images: bool, max_images: i
                             "data:image/png;base64, URL (PNG, JPEG or WebP)")
 
 
-def request_pixels(parts: list[tuple[str, str]], vision: VisionConfig, max_pixels: int,
-                   max_bytes: int) -> tuple[torch.Tensor, ...]:
-    """Pixels (3, size, size) of each image that `check_images` let through, in order; images
-    of more than `max_pixels` pixels, or downloads over `max_bytes`, are refused."""
-    pixels = []
+def request_images(parts: list[tuple[str, str]], processor: ImageProcessor, max_pixels: int,
+                   max_bytes: int) -> list[Prepared]:
+    """Each image that `check_images` let through, as the model sees it (`processor`), in
+    order; images of more than `max_pixels` pixels, or downloads over `max_bytes`, are
+    refused."""
+    prepared = []
     for where, url in parts:
         try:
             source = download(url, max_bytes) if url.startswith(WEB) else url
             # One image decoded at a time: only its pixels for the model are kept.
-            pixels.append(model_pixels(load_image(source, max_pixels), vision))
+            prepared.append(processor.prepare(load_image(source, max_pixels)))
         except ImageError as err:
             raise PartError(where, str(err)) from None
-    return tuple(pixels)
+    return prepared
 
 
 def download(url: str, max_bytes: int, seconds: float = DOWNLOAD_SECONDS) -> bytes:
