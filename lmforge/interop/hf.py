@@ -637,11 +637,13 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
         raise ConfigError(f"export_hf would overwrite the lmforge model in {src}; pass another "
                           "output directory")
     model, tokenizer = read_model(src), read_tokenizer(src)
-    require_float(model, str(src), "a Hugging Face export")
+    # A vision-language model's quantized layers would be its decoder's.
+    require_float(model.text if isinstance(model, VLM) else model, str(src),
+                  "a Hugging Face export")
     if tokenizer is None:
         raise FileNotFoundError(f"{src} has no {TOKENIZER_FILE}, which a Hugging Face directory "
                                 "needs; save the model with its tokenizer")
-    if isinstance(model.cfg, VLMConfig):
+    if isinstance(model, VLM):
         hf, state = _idefics3_export(model, tokenizer)
     else:
         family = _export_family(model.cfg)
@@ -659,7 +661,8 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
         json.dumps(_hf_tokenizer_config(tokenizer, model.cfg), indent=2, ensure_ascii=False) + "\n"
     )
     if isinstance(model.cfg, VLMConfig):
-        _write_hf_processor(out, image_processor(model.cfg, tokenizer, read_image_settings(src)))
+        _write_hf_processor(out, image_processor(model.cfg, tokenizer, read_image_settings(src)),
+                            tokenizer)
     if (src / GENERATION_CONFIG).is_file():
         shutil.copyfile(src / GENERATION_CONFIG, out / GENERATION_CONFIG)
     else:
@@ -700,12 +703,14 @@ def _idefics3_export(model: VLM, tokenizer: Tokenizer
     return hf, state
 
 
-def _write_hf_processor(out: Path, processor: ImageProcessor) -> None:
+def _write_hf_processor(out: Path, processor: ImageProcessor, tokenizer: Tokenizer) -> None:
     """transformers' Idefics3 processor files, for a model that sees images as Idefics3 does.
     lmforge's own square view has no transformers processor to match (it resizes once, to a
     square, and reads its own image token), so its users build prompts as lmforge does."""
     if not isinstance(processor, Idefics3Preprocess):
         return
+    if tokenizer.chat_template is not None:  # the processor's own copy: it renders chats
+        (out / CHAT_TEMPLATE_FILE).write_text(tokenizer.chat_template, encoding="utf-8")
     (out / PREPROCESSOR_CONFIG).write_text(json.dumps(processor.to_hf(), indent=2) + "\n")
     (out / PROCESSOR_CONFIG).write_text(json.dumps(
         {"processor_class": "Idefics3Processor", "image_seq_len": processor.image_seq_len},
