@@ -261,3 +261,37 @@ def test_load_image_is_what_the_processor_prepares(ours, tmp_path):
     picture(50, 20).save(path)
     assert torch.equal(ours.processor.prepare(load_image(path)).pixels,
                        ours.processor.pixels(picture(50, 20)).pixels)
+
+
+def test_training_an_imported_model_sees_images_as_transformers(hf, ours, tmp_path):
+    """The vlm task on an imported model: its rows are transformers' tokens for the
+    conversation, its tiles transformers' pixels, and its checkpoints keep the processor."""
+    from lmforge.modeldir import checkpoint_dirs
+    from lmforge.train.config import load_recipe
+    from lmforge.train.trainer import Trainer
+    from tests.test_vlm_task import colour_data
+
+    data = colour_data(tmp_path, 4)
+    cfg = load_recipe(None, ["task=vlm", f"data={data}", f"init_from={ours.directory}",
+                             f"out_dir={tmp_path / 'run'}", "max_steps=1", "batch_size=2",
+                             "eval_batches=0", "val_fraction=0.5", "progress=false",
+                             "sample_tokens=4"])
+    trainer = Trainer(cfg)
+    x, _, paths = trainer.task.examples[0]
+    conversation = next(c for c in map(json.loads, open(data))
+                        if tmp_path / c["images"][0] == paths[0])
+    image = Image.open(paths[0])
+    _, processor = hf
+    # As parts: SmolVLM's template writes nothing for a string content.
+    messages = [{**m, "content": [{"type": "text", "text": m["content"]}]}
+                if isinstance(m["content"], str) else m for m in conversation["messages"]]
+    theirs = processor(text=processor.apply_chat_template(messages), images=[[image]],
+                       return_tensors="pt")
+    # The row ends with the end of the answer (<end_of_utterance>, then the template's "\n"),
+    # and its inputs are all tokens but the last.
+    assert x == theirs["input_ids"][0].tolist()[:-2]
+    _, _, _, pixels = trainer.task.collate(trainer.task.examples[:1])
+    assert torch.equal(pixels, theirs["pixel_values"][0])
+    trainer.fit()
+    again = open_model(checkpoint_dirs(tmp_path / "run")[-1], "cpu", "fp32")
+    assert again.processor == ours.processor
