@@ -295,3 +295,32 @@ def test_training_an_imported_model_sees_images_as_transformers(hf, ours, tmp_pa
     trainer.fit()
     again = open_model(checkpoint_dirs(tmp_path / "run")[-1], "cpu", "fp32")
     assert again.processor == ours.processor
+
+
+@torch.no_grad()
+def test_the_server_answers_image_messages_as_transformers_generates(hf, ours):
+    import base64
+    import io
+
+    import openai
+
+    from lmforge.serve.app import ServeConfig, create_app
+    from tests.test_serve import NAME, serving
+
+    model, processor = hf
+    image = picture(300, 200, seed=4)
+    theirs = transformers_inputs(processor, asking(1, "Describe it."), [image])
+    generated = model.generate(**theirs, max_new_tokens=6, do_sample=False)
+    expected = processor.tokenizer.decode(generated[0, theirs["input_ids"].shape[1]:])
+    png = io.BytesIO()
+    image.save(png, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    app = create_app(ours.model, ours.tokenizer, (), ServeConfig(NAME, max_batch=2),
+                     ours.processor)
+    with serving(app) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model=NAME, max_tokens=6, temperature=0,
+                                               messages=[{"role": "user", "content": [
+                                                   {"type": "image_url", "image_url": {"url": url}},
+                                                   {"type": "text", "text": "Describe it."}]}])
+    assert reply.choices[0].message.content == expected
