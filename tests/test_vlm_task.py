@@ -127,7 +127,8 @@ def decoder_dir(tmp_path_factory, bpe_tokenizer, tiny_llama):
 def vlm_recipe(init_from, data, out, **extra):
     overrides = dict(task="vlm", data=str(data), init_from=str(init_from), model="vlm-tiny",
                      out_dir=str(out), max_steps=4, batch_size=4, lr=2e-2, warmup_steps=0,
-                     eval_interval=2, val_fraction=0.2, progress=False, sample_tokens=0,
+                     eval_interval=4, eval_batches=1, val_fraction=0.2, progress=False,
+                     sample_tokens=0,
                      log_interval=1, lora_rank=4) | extra
     return load_recipe(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
 
@@ -215,7 +216,8 @@ def test_stage_one_trains_the_projector_alone_and_stage_two_adds_lora(tmp_path, 
     from stage 1: adapters on the decoder's and the projector's layers."""
     data = colour_data(tmp_path, 16)
     stage1 = Trainer(vlm_recipe(decoder_dir, data, tmp_path / "one", lora_rank=0, max_steps=2,
-                                freeze=["vision", "text"], lr_scales={"projector": 10}))
+                                eval_interval=2, freeze=["vision", "text"],
+                                lr_scales={"projector": 10}))
     trainable = {n.partition(".")[0] for n, p in stage1.model.named_parameters()
                  if p.requires_grad}
     assert trainable == {"projector"}
@@ -226,6 +228,7 @@ def test_stage_one_trains_the_projector_alone_and_stage_two_adds_lora(tmp_path, 
     assert all(torch.equal(text_weights(one)[k][:len(v)], v) for k, v in base.items())
 
     stage2 = Trainer(vlm_recipe(tmp_path / "one", data, tmp_path / "two", max_steps=2,
+                                eval_interval=2,
                                 freeze=["vision"], lora_targets="q_proj,v_proj,proj"))
     trainable = {n for n, p in stage2.model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n for n in trainable)

@@ -64,8 +64,9 @@ class Request:
 
 @dataclass
 class TokenLogprob:
-    """A token's log-probability under the model (raw logits, before sampling settings) and
-    the `top` most likely tokens at that position as (token, log-probability), best first."""
+    """A token's log-probability under the model (raw logits, before sampling settings, over
+    the tokens it may generate: never a vision-language model's image token) and the `top`
+    most likely tokens at that position as (token, log-probability), best first."""
 
     token: int
     logprob: float
