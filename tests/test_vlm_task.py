@@ -19,6 +19,7 @@ from lmforge.finetune.vlm import read_image_conversations
 from lmforge.lora import lora_layers
 from lmforge.modeldir import WEIGHTS, checkpoint_dirs, save_model
 from lmforge.open import open_model
+from lmforge.quant import QuantizationError, QuantSpec, quantize_dir
 from lmforge.train.config import load_recipe
 from lmforge.train.trainer import Trainer
 
@@ -152,21 +153,32 @@ def image_batch(tokenizer, cfg):
                                               cfg.vision.image_size)
 
 
-def test_lora_vlm_run_resumes_opens_with_or_without_its_adapter_and_merges(
-        tmp_path, decoder_dir, capsys):
-    data = colour_data(tmp_path, 24)
-    Trainer(vlm_recipe(decoder_dir, data, tmp_path / "a")).fit()
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, decoder_dir):
+    """A LoRA run on a vision-language model made from the decoder: (run directory, data)."""
+    root = tmp_path_factory.mktemp("lora-vlm")
+    data = colour_data(root, 24)
+    Trainer(vlm_recipe(decoder_dir, data, root / "run")).fit()
+    return root / "run", data
+
+
+def test_a_lora_vlm_run_resumes_exactly_with_its_own_settings(tmp_path, decoder_dir, lora_run):
+    run, data = lora_run
     Trainer(vlm_recipe(decoder_dir, data, tmp_path / "b", halt_at=2)).fit()
     Trainer(vlm_recipe(decoder_dir, data, tmp_path / "b"), resume=True).fit()
-    assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
+    assert train_losses(run) == train_losses(tmp_path / "b")
     with pytest.raises(CheckpointMismatch, match="rank 4 .* the recipe asks for rank 8"):
-        Trainer(vlm_recipe(decoder_dir, data, tmp_path / "a", lora_rank=8), resume=True)
+        Trainer(vlm_recipe(decoder_dir, data, run, lora_rank=8), resume=True)
     with pytest.raises(CheckpointMismatch, match="holds a LoRA adapter .* full fine-tuning"):
-        Trainer(vlm_recipe(decoder_dir, data, tmp_path / "a", lora_rank=0), resume=True)
+        Trainer(vlm_recipe(decoder_dir, data, run, lora_rank=0), resume=True)
 
+
+def test_a_lora_vlm_opens_with_its_adapter_or_without_as_the_pretrained_decoder(
+        decoder_dir, lora_run, capsys):
+    run, data = lora_run
     # A checkpoint: the model the adapters sit on, whose decoder is the pretrained one with
     # the image token's row added, and the adapters beside it.
-    checkpoint = checkpoint_dirs(tmp_path / "a")[-1]
+    checkpoint = checkpoint_dirs(run)[-1]
     assert {"config.json", "model.safetensors", "adapter_config.json",
             "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in checkpoint.iterdir()}
     base = load_safetensors(decoder_dir / WEIGHTS)
@@ -175,8 +187,8 @@ def test_lora_vlm_run_resumes_opens_with_or_without_its_adapter_and_merges(
     for name, tensor in base.items():
         assert torch.equal(saved[name][:len(tensor)], tensor), name
 
-    tuned = open_model(tmp_path / "a", "cpu")
-    plain = open_model(tmp_path / "a", "cpu", adapter=False)
+    tuned = open_model(run, "cpu")
+    plain = open_model(run, "cpu", adapter=False)
     adapted = set(lora_layers(tuned.model))
     assert "text.blocks.0.attn.q_proj" in adapted and not lora_layers(plain.model)
     assert not any(name.startswith("vision.") for name in adapted)
@@ -192,21 +204,39 @@ def test_lora_vlm_run_resumes_opens_with_or_without_its_adapter_and_merges(
         assert torch.equal(plain.model(text_only)[..., :pretrained.shape[-1]], pretrained)
     capsys.readouterr()
     said = []
-    for model, flags in ((decoder_dir, []), (tmp_path / "a", ["--no-adapter"])):
+    for model, flags in ((decoder_dir, []), (run, ["--no-adapter"])):
         assert main(["generate", str(model), *flags, "--prompt", "KING RICHARD", "--temperature",
                      "0", "--max-new-tokens", "24"]) == 0
         said.append(capsys.readouterr().out)
     assert said[0] == said[1] and len(said[0]) > len("KING RICHARD\n")
+    image_file = run.parent / "images" / "0.png"
+    assert main(["generate", str(run), "--chat", "--image", str(image_file), "--prompt",
+                 "What colour is it?", "--max-new-tokens", "4"]) == 0
 
+
+def test_a_lora_vlm_merges_and_quantizes_with_its_adapter_folded_in(tmp_path, lora_run, capsys):
+    run, _ = lora_run
+    tuned = open_model(run, "cpu")
+    x, image = image_batch(tuned.tokenizer, tuned.model.cfg)
+    with torch.no_grad():
+        on = tuned.model(x, images=image)
     # Merged: a plain model computing what the adapted one does.
-    merged_dir = merge(tmp_path / "a", tmp_path / "merged")
+    merged_dir = merge(run, tmp_path / "merged")
     assert not (merged_dir / "adapter_config.json").exists()
     merged = open_model(merged_dir, "cpu").model
     assert not lora_layers(merged)
     with torch.no_grad():
         torch.testing.assert_close(merged(x, images=image), on, atol=1e-5, rtol=1e-5)
 
-    assert main(["info", str(tmp_path / "a")]) == 0
+    # Quantized: the adapters folded in first (the weights alone would lose them).
+    with pytest.raises(QuantizationError, match="holds a LoRA adapter: fold it in first"):
+        quantize_dir(checkpoint_dirs(run)[-1], tmp_path / "lost", QuantSpec(8))
+    assert main(["quantize", str(run), "--bits", "8", "--out", str(tmp_path / "int8")]) == 0
+    with torch.no_grad():
+        quantized = open_model(tmp_path / "int8", "cpu").model(x, images=image)
+    assert (quantized - on).norm() < 0.02 * on.norm()
+
+    assert main(["info", str(run)]) == 0
     info = capsys.readouterr().out
     assert "per image" in info and "LoRA adapter     rank 4 (alpha 32)" in info
 
@@ -228,8 +258,8 @@ def test_stage_one_trains_the_projector_alone_and_stage_two_adds_lora(tmp_path, 
     assert all(torch.equal(text_weights(one)[k][:len(v)], v) for k, v in base.items())
 
     stage2 = Trainer(vlm_recipe(tmp_path / "one", data, tmp_path / "two", max_steps=2,
-                                eval_interval=2,
-                                freeze=["vision"], lora_targets="q_proj,v_proj,proj"))
+                                eval_interval=2, freeze=["vision"],
+                                lora_targets="q_proj,v_proj,proj"))
     trainable = {n for n, p in stage2.model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n for n in trainable)
     assert "projector.proj.lora_A.weight" in trainable
