@@ -295,8 +295,9 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def _model_dir(args: argparse.Namespace):
-    """The decoder-only model directory MODEL names, with --adapter folded in (into a
-    temporary directory removed at exit) for commands that work on files."""
+    """The model directory MODEL names, with --adapter, or the adapter MODEL holds (a LoRA
+    run), folded in (into a temporary directory removed at exit) for commands that work on
+    files."""
     import atexit
     import shutil
     import tempfile
@@ -305,17 +306,19 @@ def _model_dir(args: argparse.Namespace):
     from lmforge.api import merge
     from lmforge.config import Seq2SeqConfig
     from lmforge.errors import ConfigError
-    from lmforge.modeldir import is_model_dir, read_config
+    from lmforge.modeldir import is_adapter_dir, is_model_dir, read_config
     from lmforge.open import resolve_model
 
     directory = resolve_model(args.model)
     if is_model_dir(directory) and isinstance(read_config(directory), Seq2SeqConfig):
         raise ConfigError(f"{args.model} is an encoder-decoder (seq2seq) model; {args.command} "
                           "works on decoder-only models for now")
-    if not args.adapter:
+    if not args.adapter and not is_adapter_dir(directory):
         return directory
     scratch = Path(tempfile.mkdtemp(prefix="lmforge-merged-"))
     atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    if not args.adapter:
+        return merge(directory, scratch / "model")
     return merge(args.adapter, scratch / "model", base=directory)
 
 
@@ -359,10 +362,11 @@ def cmd_info(args: argparse.Namespace) -> None:
         resolve_seq2seq_config,
         resolve_vlm_config,
     )
-    from lmforge.modeldir import read_config
+    from lmforge.modeldir import is_adapter_dir, read_config
     from lmforge.models import build_model
     from lmforge.open import resolve_model
 
+    directory = None
     if args.model in PRESETS:
         cfg = preset(args.model)
     elif args.model in SEQ2SEQ_PRESETS:
@@ -370,7 +374,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     elif args.model in VLM_PRESETS:
         cfg = resolve_vlm_config(args.model)
     else:
-        cfg = read_config(_weights_dir(resolve_model(args.model)))
+        directory = resolve_model(args.model)
+        cfg = read_config(_weights_dir(directory))
     with torch.device("meta"):
         report = build_model(cfg).flops()
     print(f"model            {args.model}")
@@ -380,8 +385,28 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"  non-embedding  {report.non_embedding_params:,}")
     print(f"FLOPs per token  {report.flops_per_token:,} (training, forward + backward)")
     print(f"                 {report.flops_per_token // 3:,} (inference, forward)")
+    if report.extra:
+        print(f"{'part':<16} {'parameters':>12}  FLOPs (training, forward + backward)")
     for key, value in report.extra.items():
-        print(f"  {key.replace('_', ' '):<17}{value:,}")
+        if key.endswith("_params"):
+            part = key.removesuffix("_params")
+            flops, unit = next((v, k.rpartition("_per_")[2]) for k, v in report.extra.items()
+                               if k.startswith(f"{part}_flops_per_"))
+            print(f"  {part:<14} {value:>12,}  {flops:,} per {unit}")
+    if directory is not None and is_adapter_dir(directory):
+        print(_adapter_line(directory))
+
+
+def _adapter_line(directory) -> str:
+    """What a LoRA adapter directory adds to its base: rank, layers, parameters."""
+    from lmforge.files import load_safetensors
+    from lmforge.lora import read_adapter_config
+    from lmforge.modeldir import ADAPTER_WEIGHTS
+
+    cfg, _ = read_adapter_config(directory)
+    params = sum(t.numel() for t in load_safetensors(directory / ADAPTER_WEIGHTS).values())
+    return (f"LoRA adapter     rank {cfg.rank} (alpha {cfg.alpha:g}) on "
+            f"{', '.join(cfg.targets)}: {params:,} parameters")
 
 
 def _weights_dir(directory):
@@ -583,8 +608,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     def device_flags(p: argparse.ArgumentParser, adapter: bool = True) -> None:
         if adapter:
-            p.add_argument("--adapter", default=None, metavar="DIR",
-                           help="put this LoRA adapter (adapter or run directory) on the model")
+            choice = p.add_mutually_exclusive_group()
+            choice.add_argument("--adapter", default=None, metavar="DIR",
+                                help="put this LoRA adapter (adapter or run directory) on the "
+                                "model")
+            choice.add_argument("--no-adapter", dest="adapter", action="store_const",
+                                const=False, help="leave off the LoRA adapter MODEL holds (an "
+                                "adapter or LoRA run directory): its base model alone")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: a GPU "
                        "if there is one)")
         p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,

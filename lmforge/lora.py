@@ -6,6 +6,11 @@ which keeps the original weight (same parameter, same state-dict name) and adds
 nothing). Only the adapters train. `merge_lora` folds B @ A * alpha / rank into the weights
 and puts plain `nn.Linear` layers back.
 
+On a vision-language model, adapters go on the decoder's layers and the projector's (when
+the targets name them: `proj`, `up`), never on the vision encoder's, whose blocks share the
+decoder's layer names: the encoder is either pretrained and frozen, or fresh and trained
+whole, and an adapter would freeze a fresh one at its random weights.
+
 An adapter directory is what PEFT writes: `adapter_config.json` + `adapter_model.safetensors`
 with keys like `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`. For models in
 the Llama family the names are Hugging Face's, so `peft.PeftModel.from_pretrained` puts our
@@ -27,7 +32,9 @@ from torch import nn
 from lmforge.errors import CheckpointMismatch, ConfigError
 from lmforge.files import load_safetensors, read_json_object, save_safetensors
 from lmforge.interop.hf import hf_module_names
-from lmforge.modeldir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from lmforge.modeldir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_tensor
+from lmforge.models.decoder import Decoder
+from lmforge.models.vlm import VLM
 from lmforge.quant import QuantLinear
 
 # Every linear layer of a decoder block; "all-linear" (PEFT's name) means these.
@@ -92,20 +99,29 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def adaptable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules adapters may go on, by name: a vision-language model's decoder and
+    projector (see the module docstring), any other model's every module."""
+    if isinstance(model, VLM):
+        return [(f"{part}.{name}", m) for part in ("text", "projector")
+                for name, m in getattr(model, part).named_modules() if name]
+    return list(model.named_modules())
+
+
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
     """Freeze `model` and put adapters on the linear layers named in cfg.targets (by their
     last name part, e.g. q_proj). Returns the adapted layers' names."""
     for p in model.parameters():
         p.requires_grad_(False)
-    chosen = [(name, m) for name, m in model.named_modules()
-              if name.rpartition(".")[2] in cfg.targets]
+    candidates = adaptable_modules(model)
+    chosen = [(name, m) for name, m in candidates if name.rpartition(".")[2] in cfg.targets]
     quantized = [name for name, m in chosen if isinstance(m, QuantLinear)]
     if quantized:
         raise ConfigError(f"{quantized[0]} holds quantized weights: train LoRA on the float model "
                           "and quantize after merging (`lmforge merge`, then `lmforge quantize`)")
     chosen = [(name, m) for name, m in chosen if isinstance(m, nn.Linear)]
     if not chosen:
-        linears = sorted({n.rpartition(".")[2] for n, m in model.named_modules()
+        linears = sorted({n.rpartition(".")[2] for n, m in candidates
                           if isinstance(m, nn.Linear)})
         raise ConfigError(f"no linear layer is named any of {cfg.targets}: this model's are "
                           f"{', '.join(linears)}")
@@ -127,7 +143,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors, by our state-dict names."""
-    return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+    return {k: v for k, v in model.state_dict().items() if is_adapter_tensor(k)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,8 +152,9 @@ def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _peft_names(model: nn.Module):
     """Our module name -> the name PEFT keys its adapter by (Hugging Face's for the Llama
-    family, ours otherwise)."""
-    return hf_module_names(model.cfg) or (lambda name: name)
+    family, ours otherwise: a vision-language model's included)."""
+    names = hf_module_names(model.cfg) if isinstance(model, Decoder) else None
+    return names or (lambda name: name)
 
 
 def save_adapter(directory: str | Path, model: nn.Module, cfg: LoraConfig, base: str,

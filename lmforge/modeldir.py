@@ -6,7 +6,10 @@ weights, see `lmforge.quant`), `classifier.json` (a classification head),
 `preprocessor_config.json` (a vision-language model that sees images as Idefics3 does: its
 Hugging Face image processor settings, see `lmforge.images.image_processor`). A LoRA adapter
 directory (`adapter_config.json` + `adapter_model.safetensors`) names the base model it goes
-on. Every file name is spelt here, once.
+on; a directory holding both a model and an adapter is the adapter's base itself (what a
+vision-language LoRA run saves: the weights its adapters sit on, with the adapters beside
+them). The weights file never holds adapter tensors, which are the adapter files'. Every file
+name is spelt here, once.
 
 This module only reads and writes directories. What a declared file means to the model is
 applied by a `DirectoryHook` that the package owning it registers (`register_hook`); opening a
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +48,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SOURCE = "source.json"  # where a pulled or converted model came from
 CHECKPOINTS = "checkpoints"  # in a run directory: checkpoints/step_NNNNNNN/
 CHECKPOINT_DONE = "trainer.json"  # written last: a directory without it is no checkpoint
+# How a LoRA adapter's tensors are named in a model's state dict (see lmforge.lora).
+_ADAPTER_TENSORS = (".lora_A.", ".lora_B.")
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,7 @@ def save_model(directory: str | Path, model: LanguageModel, tokenizer: Tokenizer
     # forbids two names for one tensor.
     aliases = tied_aliases(model)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-             if k not in aliases}
+             if k not in aliases and not is_adapter_tensor(k)}
     save_safetensors(state, directory / WEIGHTS, metadata={"format": "pt"})
     for hook in _HOOKS.values():
         if hook.on_save is not None:
@@ -105,6 +111,12 @@ def tied_aliases(model: nn.Module) -> dict[str, str]:
         else:
             first[id(p)] = name
     return aliases
+
+
+def is_adapter_tensor(name: str) -> bool:
+    """Whether a state-dict name is a LoRA adapter's (saved in the adapter files, not with
+    the model's weights)."""
+    return any(part in name for part in _ADAPTER_TENSORS)
 
 
 def directory_bytes(directory: str | Path) -> int:
@@ -182,6 +194,14 @@ def save_image_settings(directory: str | Path, processor: ImageProcessor | None)
         path.unlink(missing_ok=True)
 
 
+def copy_settings(source: str | Path, out: str | Path) -> None:
+    """The files beside a model's weights that say how to run it (stop tokens, image
+    processing) from directory `source` into `out`, for commands that rewrite the weights."""
+    for name in (GENERATION_CONFIG, PREPROCESSOR_CONFIG):
+        if (Path(source) / name).is_file():
+            shutil.copyfile(Path(source) / name, Path(out) / name)
+
+
 def load_weights(model: LanguageModel, weights_file: str | Path, assign: bool = False) -> None:
     """Load safetensors weights into `model` (see `load_state`)."""
     load_state(model, load_safetensors(weights_file), str(weights_file), assign)
@@ -198,7 +218,8 @@ def load_state(model: LanguageModel, state: dict[str, torch.Tensor], where: str,
     for alias, name in tied_aliases(model).items():
         if name in state:
             state[alias] = state[name]
-    expected = model.state_dict()
+    # Adapters on the model are loaded from their own files (lmforge.lora.load_adapter).
+    expected = {k: v for k, v in model.state_dict().items() if not is_adapter_tensor(k)}
     problems = [f"missing {k} {tuple(v.shape)}" for k, v in expected.items() if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]
     problems += [
@@ -211,7 +232,8 @@ def load_state(model: LanguageModel, state: dict[str, torch.Tensor], where: str,
             f"the weights in {where} do not fit this model config ({shown}). "
             "Load them with the config.json saved beside them, or start a fresh run directory."
         )
-    model.load_state_dict(state, assign=assign)
+    # Every name was checked above; only the adapters' are missing, on purpose.
+    model.load_state_dict(state, assign=assign, strict=False)
     model.tie_weights()
 
 

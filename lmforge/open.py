@@ -2,7 +2,7 @@
 
 `open_model(spec)` accepts any way of naming a model: a model directory, a run directory
 (its latest checkpoint), a LoRA adapter directory (its base is opened and the adapter put on
-it), a Hugging Face directory or a `.gguf` file (converted once into the cache), a registry
+it; `adapter=False` opens the base alone), a Hugging Face directory or a `.gguf` file (converted once into the cache), a registry
 name (`smollm2-135m-instruct`) or `hf:ORG/NAME` (pulled once). It then applies what the
 directory declares through the hooks registered with `lmforge.modeldir` (quantized weights,
 a classification head) and returns the model with its tokenizer and stop tokens.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from lmforge.modeldir import (
     GENERATION_CONFIG,
     declared_hooks,
     is_adapter_dir,
+    is_model_dir,
     read_image_settings,
     read_model,
     read_tokenizer,
@@ -68,7 +70,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def adapter_base(directory: str | Path) -> Path:
-    """The model directory of the base model an adapter directory names."""
+    """The model directory of the base model an adapter directory names: the directory
+    itself when it holds the weights too (a vision-language LoRA run's checkpoint)."""
+    if is_model_dir(directory):
+        return Path(directory)
     base = read_adapter_config(directory)[1].get("base_model_name_or_path")
     if not base:
         raise CheckpointMismatch(f"{directory}/{ADAPTER_CONFIG} names no base model "
@@ -81,14 +86,19 @@ def adapter_base(directory: str | Path) -> Path:
 
 
 def open_model(spec: str | Path, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None, adapter: str | Path | None = None,
+               dtype: str | torch.dtype | None = None,
+               adapter: str | Path | Literal[False] | None = None,
                progress: bool = True) -> OpenedModel:
     """The model `spec` names (see the module docstring), on `device` (default: a GPU if
-    there is one) in `dtype`, with the LoRA adapter directory `adapter` put on it (unmerged)."""
+    there is one) in `dtype`, with the LoRA adapter directory `adapter` put on it (unmerged);
+    adapter=False: without any adapter, even the one `spec` holds (its base model alone)."""
     device = torch.device(device) if device is not None else default_device()
     dtype = resolve_dtype(dtype, device)
     directory = resolve_model(spec, progress)
-    if is_adapter_dir(directory):
+    if adapter is False:
+        adapter_dir = None
+        weights_dir = adapter_base(directory) if is_adapter_dir(directory) else directory
+    elif is_adapter_dir(directory):
         if adapter is not None:
             raise ConfigError(f"{spec} is itself an adapter; pass its base model with --adapter")
         adapter_dir, weights_dir = directory, adapter_base(directory)

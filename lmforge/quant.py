@@ -4,6 +4,14 @@
 the output projection) for a `QuantLinear`; the embedding and norms stay float. Decoding one
 token reads every weight once, so its speed is bound by the bytes of weights read.
 
+Of a vision-language model only the decoder is quantized. The vision encoder and projector
+stay float: they run once per image, not per generated token, so they are no part of what
+bounds decoding speed; they are small beside the decoder (1.5 M parameters against SmolLM2's
+135 M in `configs/vision-smollm2-stage2.yaml`; SmolVLM-256M's encoder, 86 M, is the
+exception); and every image token's input passes through them, so a rounding error there
+shifts all of an image's features at once, which a decoder trained on exact features never
+saw.
+
 Weights are kept, and saved, in a plain layout any reader can decode (W is (out, in) = (N, K);
 scales and zeros are bfloat16):
 - int8: `weight` int8 (N, K) and `scales` (N,): W = weight * scale;
@@ -20,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,15 +39,17 @@ from lmforge.config import from_dict
 from lmforge.errors import LmforgeError, UnsupportedModel
 from lmforge.files import read_json_object
 from lmforge.modeldir import (
-    GENERATION_CONFIG,
     QUANTIZATION,
     DirectoryHook,
+    copy_settings,
+    is_adapter_dir,
     read_model,
     read_tokenizer,
     register_hook,
     save_model,
 )
 from lmforge.models.decoder import Decoder
+from lmforge.models.vlm import VLM
 
 GROUP_SIZES = (32, 64, 128)
 # The CPU kernels are vectorised for bfloat16 activations only (with float32 ones they are
@@ -262,7 +271,7 @@ def _int4_kernel_operands(packed: torch.Tensor, scales: torch.Tensor, zeros: tor
 # ------------------------------------------------------------------------- the model
 
 
-def require_float(model: Decoder, where: str, action: str) -> None:
+def require_float(model: Decoder | VLM, where: str, action: str) -> None:
     """Refuse a quantized model for work that needs float weights (e.g. export)."""
     spec = quantization_of(model)
     if spec is not None:
@@ -270,8 +279,9 @@ def require_float(model: Decoder, where: str, action: str) -> None:
                                "float model it was quantized from")
 
 
-def quantization_of(model: Decoder) -> QuantSpec | None:
+def quantization_of(model: Decoder | VLM) -> QuantSpec | None:
     """How `model` is quantized; None for a float model."""
+    model = _decoder(model)
     head = model.lm_head
     if not isinstance(head, QuantLinear):
         return None
@@ -279,20 +289,30 @@ def quantization_of(model: Decoder) -> QuantSpec | None:
     return QuantSpec(block.bits, block.group_size, head_bits=head.bits)
 
 
-def quantize(model: Decoder, spec: QuantSpec) -> Decoder:
-    """Quantize every Linear layer of `model` in place (and return it)."""
+def quantize(model: Decoder | VLM, spec: QuantSpec) -> Decoder | VLM:
+    """Quantize every Linear layer of `model`'s decoder in place (and return `model`)."""
     return _replace_linears(model, spec, lambda linear, bits, group_size:
                             QuantLinear.from_linear(linear, bits, group_size))
 
 
-def prepare_quantized(model: Decoder, spec: QuantSpec) -> Decoder:
+def prepare_quantized(model: Decoder | VLM, spec: QuantSpec) -> Decoder | VLM:
     """Swap in empty QuantLinear layers (e.g. on the meta device) for a saved quantized
     model's weights to be loaded into."""
     return _replace_linears(model, spec, lambda linear, bits, group_size: QuantLinear(
         linear.in_features, linear.out_features, bits, group_size, bias=linear.bias is not None))
 
 
-def _replace_linears(model: Decoder, spec: QuantSpec, make) -> Decoder:
+def _decoder(model: Decoder | VLM) -> Decoder:
+    """The part of `model` that is quantized: a vision-language model's decoder (see the
+    module docstring), or the model."""
+    return model.text if isinstance(model, VLM) else model
+
+
+def _replace_linears(model: Decoder | VLM, spec: QuantSpec, make) -> Decoder | VLM:
+    if isinstance(model, VLM):
+        _replace_linears(model.text, spec, make)
+        model.cfg = dataclasses.replace(model.cfg, text=model.text.cfg)
+        return model
     if quantization_of(model) is not None:
         raise QuantizationError("this model is already quantized: quantize its float "
                                 "original instead")
@@ -325,10 +345,11 @@ def quantize_dir(source: str | Path, out: str | Path, spec: QuantSpec) -> Path:
     if out.resolve() == source.resolve():
         raise QuantizationError(f"{out} is the model's own directory: write the quantized "
                                 "model elsewhere")
+    if is_adapter_dir(source):  # its weights alone would lose what the adapter learned
+        raise QuantizationError(f"{source} holds a LoRA adapter: fold it in first "
+                                f"(`lmforge merge {source} --out DIR`), then quantize DIR")
     save_model(out, quantize(read_model(source), spec), read_tokenizer(source))
-    generation = source / GENERATION_CONFIG  # stop tokens, read by stop_token_ids
-    if generation.is_file():
-        shutil.copyfile(generation, out / generation.name)
+    copy_settings(source, out)
     return out
 
 
@@ -337,7 +358,7 @@ def _shape_for_saved(model: nn.Module, directory: Path) -> None:
 
 
 def _save_spec(model: nn.Module, directory: Path) -> None:
-    spec = quantization_of(model) if isinstance(model, Decoder) else None
+    spec = quantization_of(model) if isinstance(model, Decoder | VLM) else None
     if spec is not None:
         spec.save(directory)
     else:  # a float model saved over a quantized one must not be read as quantized

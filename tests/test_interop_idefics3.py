@@ -8,6 +8,7 @@ the logits, greedy generation; then our export loads back into transformers.
 """
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 from lmforge.chat import ChatSession, prompt_with_images, vision_chat_prompt_ids  # noqa: E402
 from lmforge.cli import main  # noqa: E402
 from lmforge.errors import UnsupportedModel  # noqa: E402
+from lmforge.finetune.run import merge  # noqa: E402
 from lmforge.images import (  # noqa: E402
     FAKE_IMAGE_TOKEN,
     GLOBAL_IMAGE_TOKEN,
@@ -31,8 +33,11 @@ from lmforge.images import (  # noqa: E402
 from lmforge.infer.engine import Engine, Request  # noqa: E402
 from lmforge.infer.sampling import SamplingConfig  # noqa: E402
 from lmforge.interop.hf import config_from_hf, export_hf, import_hf  # noqa: E402
+from lmforge.lora import LoraConfig, apply_lora, save_adapter  # noqa: E402
+from lmforge.modeldir import read_model  # noqa: E402
 from lmforge.models.vlm import VLM  # noqa: E402
 from lmforge.open import open_model  # noqa: E402
+from lmforge.quant import QuantSpec, quantize_dir  # noqa: E402
 
 # SmolVLM-256M-Instruct's chat template: it reads contents only as lists of parts.
 SMOLVLM_TEMPLATE = (
@@ -152,6 +157,20 @@ def test_the_imported_directory_keeps_the_image_processor(ours):
     assert ours.tokenizer.token_id(IMAGE_TOKEN) == cfg.image_token_id
     saved = json.loads((ours.directory / "preprocessor_config.json").read_text())
     assert Idefics3Preprocess.from_hf(saved, {"image_seq_len": 4}) == ours.processor
+
+
+@pytest.mark.parametrize("rewrite", ["quantize", "merge"])
+def test_quantize_and_merge_keep_the_image_processor(ours, rewrite, tmp_path):
+    source = ours.directory
+    if rewrite == "merge":  # a LoRA adapter beside the weights, folded in by merge
+        model = read_model(source)
+        apply_lora(model, LoraConfig(2, 4.0, 0.0, "all-linear"))
+        shutil.copytree(source, tmp_path / "run")
+        save_adapter(tmp_path / "run", model, LoraConfig(2, 4.0, 0.0, "all-linear"), base=".")
+        out = merge(tmp_path / "run", tmp_path / "out")
+    else:
+        out = quantize_dir(source, tmp_path / "out", QuantSpec(bits=8))
+    assert open_model(out, "cpu", "fp32").processor == ours.processor
 
 
 @torch.no_grad()

@@ -217,3 +217,34 @@ def dequantized(model: Decoder) -> Decoder:
                 linear.bias.data = module.bias.float()
             setattr(model.get_submodule(parent) if parent else model, child, linear)
     return model
+
+
+@pytest.mark.parametrize("spec", SPECS[:2], ids=QuantSpec.describe)
+def test_a_vision_language_model_quantizes_its_decoder_and_still_reads_images(tmp_path, spec):
+    from lmforge.config import resolve_vlm_config
+    from lmforge.infer.engine import Engine, Request
+    from lmforge.infer.sampling import SamplingConfig
+    from lmforge.models import build_model
+    from lmforge.quant import quantize_dir
+
+    torch.manual_seed(0)
+    image_token = 3
+    model = build_model(resolve_vlm_config({"preset": "vlm-tiny", "text": {"vocab_size": 50},
+                                            "image_token_id": image_token})).eval()
+    source = save_model(tmp_path / "float", model, None)
+    out = quantize_dir(source, tmp_path / "quantized", spec)
+    again = open_model(out, "cpu").model
+    assert quantization_of(again) == spec
+    # The decoder's layers are quantized, the vision encoder's and the projector's are not.
+    assert all(not isinstance(m, nn.Linear) for m in again.text.modules())
+    assert isinstance(again.text.lm_head, QuantLinear)
+    for part in (again.vision, again.projector):
+        assert not any(isinstance(m, QuantLinear) for m in part.modules())
+        assert all(p.dtype == torch.float32 for p in part.parameters())
+    tokens = torch.tensor([[5, *[image_token] * 4, 6, 7, 8]])
+    image = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        reference, quantized = model(tokens, images=image), again(tokens, images=image)
+    assert (quantized - reference).norm() < (0.02 if spec.bits == 8 else 0.15) * reference.norm()
+    request = Request(tokens[0].tolist(), 4, SamplingConfig(temperature=0), images=(image[0],))
+    assert len(Engine(again, max_batch=1).run([request])[0].tokens) == 4

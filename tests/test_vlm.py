@@ -127,3 +127,41 @@ def test_the_engine_refuses_images_it_cannot_place():
     text = Engine(Decoder(ModelConfig(n_layer=1, n_head=2, d_model=16, vocab_size=50)))
     with pytest.raises(ValueError, match="reads text only"):
         text.submit(Request([5, 6], 3, images=(image,)))
+
+
+@torch.no_grad()
+def test_the_engine_never_generates_the_image_token():
+    """The image token only comes with an image, in a prompt: even a model that rates it
+    highest after text never gets it sampled (nor does a decoder grown by it change)."""
+    from lmforge.infer.engine import Engine, Request
+    from lmforge.infer.sampling import SamplingConfig
+
+    model = tiny()
+    prompt = [5, 6, 7]
+    best = int(model(torch.tensor([prompt]))[0, -1].argmax())
+    # The (tied) output row of the image token made ten times the best token's.
+    model.text.embed.weight[IMAGE] = 10 * model.text.embed.weight[best]
+    assert int(model(torch.tensor([prompt]))[0, -1].argmax()) == IMAGE
+    engine = Engine(model, max_batch=2)
+    done = engine.run([Request(prompt, 8, SamplingConfig(temperature=0)),
+                       Request(prompt, 8, SamplingConfig(temperature=1.0), seed=0,
+                               logprobs=3)])
+    assert all(IMAGE not in c.tokens for c in done)
+    assert done[0].tokens[0] == best
+    assert all(IMAGE not in [t for t, _ in lp.top] for lp in done[1].logprobs)
+
+
+def test_info_gives_each_part_its_parameters_and_flops(capsys):
+    from lmforge.cli import main
+
+    assert main(["info", "vlm-tiny"]) == 0
+    out = capsys.readouterr().out
+    # vlm-tiny: 32 px images in 8 px patches (16), 2 blocks 32 wide; r = 2: 4 image tokens.
+    # Vision: 6 per weight per patch but the 16 x 32 learned positions, plus attention
+    # 12 x layers x width x patches, for each of the 16 patches.
+    vision_params = 32_160
+    vision_flops = 16 * (6 * (vision_params - 16 * 32) + 12 * 2 * 32 * 16)
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[-3:]}
+    assert rows == {"vision": [f"{vision_params:,}", f"{vision_flops:,}", "per", "image"],
+                    "projector": ["4,096", f"{6 * 4096 * 4:,}", "per", "image"],
+                    "text": ["35,008", "308,352", "per", "token"]}

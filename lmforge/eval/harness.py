@@ -26,12 +26,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Literal
 
 
 def run_harness(model: str, tasks: list[str], include_path: str | None = None,
                 limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 8,
-                device: str | None = None, dtype: str | None = None, adapter: str | None = None,
-                chat: bool = False, log_samples: bool = False) -> dict:
+                device: str | None = None, dtype: str | None = None,
+                adapter: str | Literal[False] | None = None, chat: bool = False, log_samples: bool = False) -> dict:
     """lm_eval.simple_evaluate on the `lmforge` model type; returns the harness's results
     (its "results" key holds each task's metrics)."""
     register()
@@ -39,7 +40,7 @@ def run_harness(model: str, tasks: list[str], include_path: str | None = None,
 
     model_args = {"pretrained": model, "batch_size": batch_size}
     model_args.update({k: v for k, v in (("device", device), ("dtype", dtype),
-                                          ("adapter", adapter)) if v})
+                                          ("adapter", adapter)) if v is not None})
     return lm_eval.simple_evaluate(
         model="lmforge", model_args=model_args, tasks=tasks, num_fewshot=num_fewshot,
         limit=limit, task_manager=task_manager(tasks, include_path),

@@ -12,7 +12,7 @@ batch_size (sequences per forward pass; "auto" means 8), max_gen_toks (default 2
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -49,7 +49,7 @@ class LmforgeLM(TemplateLM):
     Python. max_batch_size is accepted because the harness always passes it; batches are
     never sized automatically."""
 
-    def __init__(self, pretrained: str | None = None, adapter: str | None = None,
+    def __init__(self, pretrained: str | None = None, adapter: str | Literal[False] | None = None,
                  device: str | None = None, dtype: str | None = None,
                  batch_size: int | str | None = 8, max_gen_toks: int = 256, model=None,
                  tokenizer=None, stop_ids: tuple[int, ...] = (),
@@ -175,7 +175,7 @@ class LmforgeLM(TemplateLM):
         return self.tokenizer.chat_template or CHATML_TEMPLATE
 
 
-def _load(spec: str, adapter: str | None, device: str | None, dtype: str | None):
+def _load(spec: str, adapter: str | Literal[False] | None, device: str | None, dtype: str | None):
     """Model, tokenizer and stop tokens, opened the way the lmforge commands open them."""
     # The harness asks for cuda:0 unless told otherwise; without a GPU that means the CPU,
     # as for its own hf model type.

@@ -18,7 +18,7 @@ from lmforge.lora import load_adapter, merge_lora
 from lmforge.modeldir import (
     CLASSIFIER_CONFIG,
     CLASSIFIER_WEIGHTS,
-    GENERATION_CONFIG,
+    copy_settings,
     is_adapter_dir,
     read_model,
     read_tokenizer,
@@ -64,9 +64,7 @@ def merge(adapter: str | Path, out: str | Path, base: str | Path | None = None) 
     model = read_model(base_dir)
     load_adapter(model, adapter_dir)
     save_model(out, merge_lora(model), read_tokenizer(adapter_dir) or read_tokenizer(base_dir))
-    generation = adapter_dir / GENERATION_CONFIG
-    if generation.is_file():
-        shutil.copyfile(generation, out / generation.name)
+    copy_settings(adapter_dir, out)
     if (adapter_dir / CLASSIFIER_CONFIG).is_file():
         from lmforge.files import save_safetensors
 

@@ -148,20 +148,11 @@ class FinetuneTask:
 
     def load(self, directory: Path, model: nn.Module) -> None:
         decoder = getattr(model, "decoder", model)
+        check_resumed_adapter(directory, self.lora)
         if self.lora is None:
-            if not (directory / WEIGHTS).is_file():
-                raise CheckpointMismatch(f"{directory} holds a LoRA adapter but the recipe asks "
-                                         "for full fine-tuning: resume with lora_rank set")
             load_weights(decoder, directory / WEIGHTS)
             self.load_head(directory, model, None)
             return
-        saved, _ = read_adapter_config(directory)
-        if (saved.rank, saved.alpha, sorted(saved.targets)) != (
-                self.lora.rank, self.lora.alpha, sorted(self.lora.targets)):
-            raise CheckpointMismatch(
-                f"{directory} holds a rank {saved.rank} (alpha {saved.alpha}) adapter on "
-                f"{saved.targets}; the recipe asks for rank {self.lora.rank} (alpha "
-                f"{self.lora.alpha}) on {self.lora.targets}: resume with the run's own settings")
         self.load_head(directory, model, load_adapter(decoder, directory))
 
     def load_head(self, directory: Path, model: nn.Module,
@@ -175,6 +166,25 @@ class FinetuneTask:
 
     def _notes_text(self) -> str:
         return "".join(f"; {k}: {v}" for k, v in self.notes.items())
+
+
+def check_resumed_adapter(directory: Path, lora: LoraConfig | None) -> None:
+    """Refuse a checkpoint whose adapter, or lack of one, is not the one the recipe trains."""
+    if lora is None:
+        if is_adapter_dir(directory):
+            raise CheckpointMismatch(f"{directory} holds a LoRA adapter but the recipe asks "
+                                     "for full fine-tuning: resume with lora_rank set")
+        return
+    if not is_adapter_dir(directory):
+        raise CheckpointMismatch(f"{directory} holds no LoRA adapter but the recipe sets "
+                                 f"lora_rank={lora.rank}: resume with the run's own settings")
+    saved, _ = read_adapter_config(directory)
+    if (saved.rank, saved.alpha, sorted(saved.targets)) != (
+            lora.rank, lora.alpha, sorted(lora.targets)):
+        raise CheckpointMismatch(
+            f"{directory} holds a rank {saved.rank} (alpha {saved.alpha}) adapter on "
+            f"{saved.targets}; the recipe asks for rank {lora.rank} (alpha "
+            f"{lora.alpha}) on {lora.targets}: resume with the run's own settings")
 
 
 def open_base(spec: str, dist: Dist) -> OpenedModel:

@@ -18,11 +18,23 @@ The model is one of:
 
 `freeze: [vision, text]` keeps parts as they are; `lr_scales: {projector: 10}` gives a part
 its own learning rate (a fresh projector learns faster than the backbones around it).
+
+`lora_rank > 0` (with a pretrained model: `init_from`) keeps the decoder's weights as they are
+and trains LoRA adapters on its linear layers, and on the projector's when `lora_targets`
+names them (`proj`, `up`: for a projector that is already trained); the vision encoder and a
+projector without adapters train whole unless frozen (`freeze` also stops a part's adapters).
+A checkpoint is then a vision-language model directory, the weights the adapters sit on (the
+decoder exactly as it started, its vocabulary grown by the image token), with the adapter
+files beside them (PEFT's layout, lmforge's layer names): `open_model` puts the adapters on,
+`adapter=False` (`--no-adapter`) leaves them off, and `lmforge merge` folds them in. With the
+adapters off and no image, a model made from a pretrained decoder answers text as that
+decoder did: the engine never samples the image token.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,7 +56,13 @@ from lmforge.config import VLMConfig, from_dict, resolve_vlm_config
 from lmforge.data.loader import in_order
 from lmforge.errors import CheckpointMismatch, ConfigError
 from lmforge.finetune.sft import IGNORE, ROLES, encode_pieces, template_pieces, training_row
-from lmforge.finetune.task import example_indices, pad_rows, read_jsonl, split_examples
+from lmforge.finetune.task import (
+    check_resumed_adapter,
+    example_indices,
+    pad_rows,
+    read_jsonl,
+    split_examples,
+)
 from lmforge.images import (
     ImageError,
     Prepared,
@@ -55,7 +73,16 @@ from lmforge.images import (
 )
 from lmforge.infer.engine import Engine, Request
 from lmforge.infer.sampling import SamplingConfig
+from lmforge.lora import (
+    LoraConfig,
+    apply_lora,
+    load_adapter,
+    lora_layers,
+    merge_lora,
+    save_adapter,
+)
 from lmforge.modeldir import (
+    GENERATION_CONFIG,
     WEIGHTS,
     load_weights,
     read_config,
@@ -153,8 +180,15 @@ class VisionChatTask:
             val = read_image_conversations(cfg.val_data)
         else:
             train, val = split_examples(train, cfg.val_fraction, cfg.seed)
+        self.lora = LoraConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+                               cfg.lora_targets) if cfg.lora_rank > 0 else None
+        if self.lora is not None and not cfg.init_from:
+            raise ConfigError("LoRA adapts a pretrained model and this recipe trains one from "
+                              "nothing: set init_from=MODEL, or lora_rank=0")
         opened = open_model(cfg.init_from, "cpu", torch.float32) if cfg.init_from else None
-        self.base = opened.model if opened else None
+        # A LoRA run's adapters are folded in: training goes on from what the model computes.
+        self.base = merge_lora(opened.model) if opened else None
+        self.base_dir = opened.directory if opened else None
         self.tokenizer = self._tokenizer(train, opened)
         self.stop_ids = stop_token_ids(opened.directory, self.tokenizer) if opened else tuple(
             i for i in (self.tokenizer.eos_id, self.tokenizer.token_id("<|im_end|>"))
@@ -232,6 +266,11 @@ class VisionChatTask:
                                          "settings")
             model.vision.load_state_dict(source.vision.state_dict())
         model.tie_weights()
+        if self.lora is not None:
+            apply_lora(model, self.lora)
+            for part in ("vision", "projector"):  # no adapters there: trained whole
+                if not lora_layers(getattr(model, part)):
+                    getattr(model, part).requires_grad_(True)
         for part in self.cfg.freeze:
             getattr(model, part).requires_grad_(False)
         return model.to(device)
@@ -318,14 +357,23 @@ class VisionChatTask:
         return f"{question}\n>>> {answer}   (expected: {first['answer']})"
 
     def save(self, directory: Path, model: nn.Module) -> None:
+        """A model directory; with LoRA, the weights under the adapters and the adapter files
+        (whose base is this directory: see the module docstring)."""
         save_model(directory, model, self.tokenizer)
         save_image_settings(directory, self.processor)
+        if self.lora is not None:
+            save_adapter(directory, model, self.lora, base=".")
+        if self.base_dir is not None and (self.base_dir / GENERATION_CONFIG).is_file():
+            shutil.copyfile(self.base_dir / GENERATION_CONFIG, directory / GENERATION_CONFIG)
 
     def load(self, directory: Path, model: nn.Module) -> None:
         if read_config(directory) != self.model_cfg:
             raise CheckpointMismatch(f"{directory} holds another model than this recipe's: "
                                      "resume with the run's own recipe")
+        check_resumed_adapter(directory, self.lora)
         load_weights(model, directory / WEIGHTS)
+        if self.lora is not None:
+            load_adapter(model, directory)
 
     def describe(self) -> dict[str, Any]:
         return {"examples": len(self.examples), "val_examples": len(self.val_examples),

@@ -17,7 +17,8 @@ to continue, subclasses `Engine` and overrides its public hooks only: `check` (w
 must be), `room` (how many tokens a prompt leaves to generate) and `prefill` (run a new
 sequence into its cache slot). Decode steps are the same for every family. A
 vision-language model needs no subclass: a request's images go into its prefill, where they
-replace the prompt's image tokens, and image and text-only requests decode together.
+replace the prompt's image tokens, and image and text-only requests decode together. The
+image token itself is never generated: it only ever comes from a prompt, with its image.
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ class Request:
 
 @dataclass
 class TokenLogprob:
-    """A token's log-probability under the model (raw logits, before sampling settings) and
-    the `top` most likely tokens at that position as (token, log-probability), best first."""
+    """A token's log-probability under the model (raw logits, before sampling settings, over
+    the tokens it may generate: never a vision-language model's image token) and the `top`
+    most likely tokens at that position as (token, log-probability), best first."""
 
     token: int
     logprob: float
@@ -289,6 +291,10 @@ class Engine:
         self._rows: dict[tuple[int, int], KVCache] = {}
         self._step_model = _compiled(model) if compile else None
         self.cache.static = compile
+        # Generated, an image token would stand for an image nobody gave (and a decoder whose
+        # vocabulary grew by it would no longer decode text as it did before).
+        self._never = (torch.tensor([model.cfg.image_token_id], device=self.device)
+                       if isinstance(model.cfg, VLMConfig) else None)
 
     # ----------------------------------------------- hooks a model family may override
     def check(self, request: Request) -> Request:
@@ -453,6 +459,8 @@ class Engine:
         return self._rows[key]
 
     def _emit(self, seq: _Sequence, logits: torch.Tensor) -> Event:
+        if self._never is not None:
+            logits = logits.index_fill(-1, self._never, float("-inf"))
         token = int(seq.next_token(logits))
         return self._record(seq, seq.accept(token, logits))
 

@@ -138,15 +138,21 @@ class VLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops(self) -> FlopsReport:
-        """The decoder's FLOPs per text token; parameters and per-image FLOPs of the vision
-        side in `extra` (6 per weight per patch, training)."""
+        """The decoder's FLOPs per text token; in `extra`, each part's parameters and
+        training FLOPs (forward + backward): the vision encoder's and the projector's per
+        image, the decoder's per token."""
         text = self.text.flops()
         vision = sum(p.numel() for p in self.vision.parameters())
         projector = sum(p.numel() for p in self.projector.parameters())
-        extra = {"vision_params": vision, "projector_params": projector,
-                 "text_params": text.params,
-                 "flops_per_image": 6 * (vision * self.cfg.vision.patches
-                                         + projector * self.cfg.image_tokens)}
+        v, patches = self.cfg.vision, self.cfg.vision.patches
+        # 6 per weight per patch (the learned positions are a lookup), plus attention over
+        # every patch (count_flops's term, with all patches as the context).
+        per_patch = 6 * (vision - self.vision.pos_embed.weight.numel()) \
+            + 12 * v.n_layer * v.d_model * patches
+        extra = {"vision_params": vision, "vision_flops_per_image": patches * per_patch,
+                 "projector_params": projector,
+                 "projector_flops_per_image": 6 * projector * self.cfg.image_tokens,
+                 "text_params": text.params, "text_flops_per_token": text.flops_per_token}
         return FlopsReport(text.params + vision + projector,
                            text.non_embedding_params + vision + projector,
                            text.flops_per_token, extra)
