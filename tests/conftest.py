@@ -41,6 +41,20 @@ def bpe_tokenizer(shakespeare):
 
 
 @pytest.fixture(scope="session")
+def smolvlm_tokenizer_json(bpe_tokenizer) -> str:
+    """`bpe_tokenizer` with SmolVLM's image tokens added, as tokenizer.json text."""
+    import tokenizers
+
+    from lmforge.images import FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN
+
+    backend = tokenizers.Tokenizer.from_str(bpe_tokenizer.backend.to_str())
+    backend.add_special_tokens([FAKE_IMAGE_TOKEN, IMAGE_TOKEN, "<end_of_utterance>",
+                                GLOBAL_IMAGE_TOKEN]
+                               + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)])
+    return backend.to_str()
+
+
+@pytest.fixture(scope="session")
 def tiny_llama():
     """Builds a tiny random Llama-style decoder (GQA, rotary, SwiGLU) for a vocabulary size
     and context length: the model the engine and server tests decode with."""

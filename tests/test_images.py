@@ -213,14 +213,11 @@ def test_to_pixels_matches_transformers_siglip(width, height):
 # --- Idefics3 / SmolVLM ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def image_tokenizers(bpe_tokenizer, tmp_path_factory):
+def image_tokenizers(smolvlm_tokenizer_json, tmp_path_factory):
     """lmforge's BPE with SmolVLM's image tokens added, and the same file in transformers."""
     from transformers import PreTrainedTokenizerFast
 
-    backend = tokenizers.Tokenizer.from_str(bpe_tokenizer.backend.to_str())
-    backend.add_special_tokens([FAKE_IMAGE_TOKEN, IMAGE_TOKEN, "<end_of_utterance>",
-                                GLOBAL_IMAGE_TOKEN]
-                               + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)])
+    backend = tokenizers.Tokenizer.from_str(smolvlm_tokenizer_json)
     ours = Tokenizer(backend)
     path = ours.save(tmp_path_factory.mktemp("image-tokenizer"))
     return ours, PreTrainedTokenizerFast(tokenizer_file=str(path))

@@ -23,8 +23,6 @@ from lmforge.cli import main  # noqa: E402
 from lmforge.errors import UnsupportedModel  # noqa: E402
 from lmforge.finetune.run import merge  # noqa: E402
 from lmforge.images import (  # noqa: E402
-    FAKE_IMAGE_TOKEN,
-    GLOBAL_IMAGE_TOKEN,
     IMAGE_TOKEN,
     Idefics3Preprocess,
     load_image,
@@ -83,12 +81,9 @@ def _perturb(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def hf_dir(bpe_tokenizer, tmp_path_factory):
+def hf_dir(smolvlm_tokenizer_json, tmp_path_factory):
     """A saved HF directory: model, tokenizer (with SmolVLM's image tokens), processor."""
-    backend = tokenizers.Tokenizer.from_str(bpe_tokenizer.backend.to_str())
-    backend.add_special_tokens([FAKE_IMAGE_TOKEN, IMAGE_TOKEN, "<end_of_utterance>",
-                                GLOBAL_IMAGE_TOKEN]
-                               + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)])
+    backend = tokenizers.Tokenizer.from_str(smolvlm_tokenizer_json)
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<end_of_utterance>")
     processor = transformers.Idefics3Processor(
