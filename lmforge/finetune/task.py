@@ -63,7 +63,22 @@ def base_spec(init_from: str) -> str:
     return str(path.resolve()) if path.exists() else init_from
 
 
-class FinetuneTask:
+class ExampleBatches:
+    """Training and validation batches of a task that holds its examples in memory:
+    `examples` and `val_examples` rows, made into tensors by the task's `collate`."""
+
+    def train_batch(self, step: int, slot: int) -> tuple[torch.Tensor, ...]:
+        slots = self.cfg.grad_accum * self.dist.world
+        picks = example_indices(len(self.examples), self.cfg.batch_size, self.cfg.seed, step,
+                                slot, slots)
+        return self.collate([self.examples[i] for i in picks])
+
+    def eval_batches(self, n_batches: int, rank: int, world: int) -> Iterator[tuple]:
+        for rows in in_order(self.val_examples, self.cfg.batch_size, n_batches, rank, world):
+            yield self.collate(rows)
+
+
+class FinetuneTask(ExampleBatches):
     """Base of the fine-tuning tasks. Subclasses set `examples`, `val_examples` and implement
     `collate(examples) -> batch`, `loss`, `count`, `tokens`."""
 
@@ -114,16 +129,6 @@ class FinetuneTask:
         if self.lora is not None:
             apply_lora(decoder, self.lora)
         return self.wrap(decoder).to(device)
-
-    def train_batch(self, step: int, slot: int) -> tuple[torch.Tensor, ...]:
-        slots = self.cfg.grad_accum * self.dist.world
-        picks = example_indices(len(self.examples), self.cfg.batch_size, self.cfg.seed, step,
-                                slot, slots)
-        return self.collate([self.examples[i] for i in picks])
-
-    def eval_batches(self, n_batches: int, rank: int, world: int) -> Iterator[tuple]:
-        for rows in in_order(self.val_examples, self.cfg.batch_size, n_batches, rank, world):
-            yield self.collate(rows)
 
     def val_metrics(self, model: nn.Module, val_loss: float, step: int) -> dict[str, float]:
         return {}

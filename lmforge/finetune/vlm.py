@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +52,18 @@ from lmforge.chat import (
     vision_chat_prompt_ids,
 )
 from lmforge.config import VLMConfig, from_dict, resolve_vlm_config
-from lmforge.data.loader import in_order
 from lmforge.errors import CheckpointMismatch, ConfigError
-from lmforge.finetune.sft import IGNORE, ROLES, encode_pieces, template_pieces, training_row
+from lmforge.finetune.sft import (
+    IGNORE,
+    ROLES,
+    ChatTask,
+    encode_pieces,
+    template_pieces,
+    training_row,
+)
 from lmforge.finetune.task import (
+    ExampleBatches,
     check_resumed_adapter,
-    example_indices,
     pad_rows,
     read_jsonl,
     split_examples,
@@ -163,7 +168,7 @@ def with_image_token(tokenizer: Tokenizer) -> Tokenizer:
     return tokenizer
 
 
-class VisionChatTask:
+class VisionChatTask(ExampleBatches):
     """Next-token loss on the assistant's answers to conversations about images."""
 
     def __init__(self, cfg: TrainConfig, dist: Dist) -> None:
@@ -292,16 +297,6 @@ class VisionChatTask:
         return (pad_rows([x for x, _, _ in rows], self.pad_id),
                 pad_rows([y for _, y, _ in rows], IGNORE), lengths, pixels)
 
-    def train_batch(self, step: int, slot: int) -> tuple[torch.Tensor, ...]:
-        slots = self.cfg.grad_accum * self.dist.world
-        picks = example_indices(len(self.examples), self.cfg.batch_size, self.cfg.seed, step,
-                                slot, slots)
-        return self.collate([self.examples[i] for i in picks])
-
-    def eval_batches(self, n_batches: int, rank: int, world: int) -> Iterator[tuple]:
-        for rows in in_order(self.val_examples, self.cfg.batch_size, n_batches, rank, world):
-            yield self.collate(rows)
-
     @staticmethod
     def loss(model: nn.Module, batch) -> torch.Tensor:
         x, y, _, pixels = batch
@@ -309,13 +304,8 @@ class VisionChatTask:
         logits = model(x, select=scored, images=pixels if len(pixels) else None)
         return F.cross_entropy(logits.float(), y[scored])
 
-    @staticmethod
-    def count(batch) -> int:
-        return int((batch[1] != IGNORE).sum())
-
-    @staticmethod
-    def tokens(batch) -> int:
-        return int(batch[2].sum())
+    count = staticmethod(ChatTask.count)
+    tokens = staticmethod(ChatTask.tokens)
 
     # Figures, samples, checkpoints -------------------------------------------------------
 
