@@ -45,9 +45,7 @@ class EncoderClassifier(nn.Module):
     def __init__(self, cfg: VisionConfig, classes: int) -> None:
         super().__init__()
         self.encoder = VisionEncoder(cfg)
-        for p in self.encoder.parameters():  # as VLM.reset_parameters initialises it
-            if p.dim() >= 2:
-                nn.init.normal_(p, 0.0, cfg.init_std)
+        self.encoder.reset_parameters()  # as the VLM initialises it
         self.head = nn.Linear(cfg.d_model, classes)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -299,6 +299,11 @@ class VisionConfig:
     image_mean: float = 0.5  # pixels are (x / 255 - mean) / std, the same for each channel
     image_std: float = 0.5
     init_std: float = 0.02
+    # patch: one convolution with stride patch_size (SigLIP's). conv: 3x3 convolutions of
+    # stride 2 that halve the image log2(patch_size) times, then a 1x1 to d_model; from
+    # nothing on a small dataset they learn shapes several times faster than one large
+    # patch kernel (Xiao et al. 2021, "Early convolutions help transformers see better").
+    stem: str = "patch"
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -306,6 +311,10 @@ class VisionConfig:
         if self.image_size % self.patch_size:
             raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size "
                               f"{self.patch_size}")
+        _check_choice("stem", self.stem, ("patch", "conv"))
+        if self.stem == "conv" and self.patch_size & (self.patch_size - 1):
+            raise ConfigError(f"stem 'conv' halves the image until a patch is one position, so "
+                              f"patch_size must be a power of 2, not {self.patch_size}")
         self.block_config()
 
     @property

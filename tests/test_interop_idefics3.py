@@ -228,6 +228,8 @@ def test_export_loads_in_transformers_with_the_same_processor_and_logits(hf, our
 def test_lmforge_vlm_exports_as_idefics3(tmp_path, bpe_tokenizer):
     """One of lmforge's own VLMs (tied embeddings, its own image token): transformers loads
     the model and computes the same logits from the same ids and pixels."""
+    from dataclasses import replace
+
     from lmforge.config import resolve_vlm_config
     from lmforge.finetune.vlm import with_image_token
     from lmforge.modeldir import save_model
@@ -245,6 +247,11 @@ def test_lmforge_vlm_exports_as_idefics3(tmp_path, bpe_tokenizer):
     pixels = torch.randn(2, 3, 32, 32)
     expected = theirs(input_ids=tokens, pixel_values=pixels[None]).logits
     torch.testing.assert_close(model(tokens, images=pixels), expected, atol=1e-5, rtol=1e-5)
+
+    conv = VLM(replace(cfg, vision=replace(cfg.vision, stem="conv")))
+    save_model(tmp_path / "conv", conv, tokenizer)
+    with pytest.raises(UnsupportedModel, match="vision stem='conv'.*stem=patch"):
+        export_hf(tmp_path / "conv", tmp_path / "hf-conv")
 
 
 def test_settings_lmforge_does_not_compute_are_refused_by_name():

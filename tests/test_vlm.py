@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lmforge.config import resolve_vlm_config
+from lmforge.errors import ConfigError
 from lmforge.modeldir import read_model, save_model
 from lmforge.models import build_model
 from lmforge.models.vlm import VLM, ImageTokenMismatch, pixel_shuffle
@@ -67,8 +68,9 @@ def test_cached_decoding_with_an_image_equals_the_full_pass():
 
 
 @torch.no_grad()
-def test_a_vlm_model_directory_reads_back_the_same_model(tmp_path):
-    model = tiny()
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_a_vlm_model_directory_reads_back_the_same_model(tmp_path, stem):
+    model = tiny(vision={"stem": stem})
     save_model(tmp_path, model, None)
     again = read_model(tmp_path)
     assert isinstance(again, VLM) and again.cfg == model.cfg
@@ -80,6 +82,17 @@ def test_a_vlm_model_directory_reads_back_the_same_model(tmp_path):
 
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         assert "text.lm_head.weight" not in f.keys()
+
+
+def test_a_convolutional_stem_keeps_the_patch_grid():
+    model = tiny(vision={"stem": "conv"})
+    # 32 px, patch 8: three halvings to a 4 x 4 grid, one feature per patch as before
+    assert model.vision(torch.randn(2, 3, 32, 32)).shape == (2, 16, 32)
+    with pytest.raises(ConfigError, match="patch_size must be a power of 2, not 12"):
+        resolve_vlm_config({"preset": "vlm-tiny", "vision": {"stem": "conv", "image_size": 48,
+                                                             "patch_size": 12}})
+    with pytest.raises(ConfigError, match="stem"):
+        resolve_vlm_config({"preset": "vlm-tiny", "vision": {"stem": "resnet"}})
 
 
 def test_presets_have_their_image_token_counts():

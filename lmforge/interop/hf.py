@@ -679,6 +679,9 @@ def _idefics3_export(model: VLM, tokenizer: Tokenizer
     if cfg.projector != "linear":
         raise UnsupportedModel(f"projector={cfg.projector!r}: Idefics3's projector is one "
                                "linear layer (projector=linear)")
+    if cfg.vision.stem != "patch":
+        raise UnsupportedModel(f"vision stem={cfg.vision.stem!r}: Idefics3's vision encoder "
+                               "embeds patches with one convolution (stem=patch)")
     if _export_family(cfg.text) != "llama":
         raise UnsupportedModel("Idefics3's text model is Llama: the decoder would need "
                                f"{', '.join(f'{k}={v!r}' for k, v in _EXPORT_NEEDS['llama'].items())}")

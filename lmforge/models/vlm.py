@@ -29,15 +29,40 @@ class ImageTokenMismatch(LmforgeError, ValueError):
     """The prompt's image tokens and the images given do not match."""
 
 
+def conv_stem(cfg: VisionConfig) -> nn.Sequential:
+    """3x3 convolutions of stride 2, each doubling the channels, until one position covers a
+    patch; then a 1x1 convolution to the encoder's width."""
+    halvings = cfg.patch_size.bit_length() - 1
+    layers: list[nn.Module] = []
+    width = 3
+    for i in range(halvings):
+        out = cfg.d_model >> (halvings - i)
+        layers += [nn.Conv2d(width, out, 3, padding=1), nn.GELU(), nn.MaxPool2d(2)]
+        width = out
+    return nn.Sequential(*layers, nn.Conv2d(width, cfg.d_model, 1))
+
+
 class VisionEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.cfg = cfg
         blocks = cfg.block_config()
-        self.patch_embed = nn.Conv2d(3, cfg.d_model, cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embed = (conv_stem(cfg) if cfg.stem == "conv" else
+                            nn.Conv2d(3, cfg.d_model, cfg.patch_size, stride=cfg.patch_size))
         self.pos_embed = nn.Embedding(cfg.patches, cfg.d_model)
         self.blocks = nn.ModuleList(Block(blocks, causal=False) for _ in range(cfg.n_layer))
         self.norm = make_norm("layernorm", cfg.d_model, cfg.norm_eps, bias=True)
+
+    def reset_parameters(self) -> None:
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 4 and self.cfg.stem == "conv":
+                # a stack of convolutions needs variance-keeping weights, or the signal
+                # fades layer by layer
+                nn.init.kaiming_normal_(p, nonlinearity="relu")
+            elif p.dim() >= 2:
+                nn.init.normal_(p, 0.0, self.cfg.init_std)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Patch features (N, patches, d_model) of images (N, 3, size, size)."""
@@ -89,12 +114,9 @@ class VLM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        std = self.cfg.vision.init_std
-        for name, p in [*self.vision.named_parameters(), *self.projector.named_parameters()]:
-            if p.dim() >= 2:
-                nn.init.normal_(p, 0.0, std)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
+        self.vision.reset_parameters()
+        for p in self.projector.parameters():
+            nn.init.normal_(p, 0.0, self.cfg.vision.init_std)
 
     def tie_weights(self) -> None:
         self.text.tie_weights()
