@@ -133,6 +133,29 @@ def test_an_image_sent_by_the_openai_client_is_read_as_the_engine_reads_it(
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
 
 
+def test_the_openai_client_gets_the_answer_lmforge_generate_gives(client, model, tokenizer,
+                                                                  tmp_path, capsys):
+    """The same image file and question: `lmforge generate --chat --image` offline, and the
+    official client through the server, plain and streaming."""
+    from lmforge.cli import main
+    from lmforge.modeldir import save_model
+
+    save_model(tmp_path / "model", model, tokenizer)
+    (tmp_path / "photo.png").write_bytes(encoded(picture(3)))
+    question = "What is in the picture?"
+    assert main(["generate", str(tmp_path / "model"), "--chat", "--image",
+                 str(tmp_path / "photo.png"), "--prompt", question, "--temperature", "0",
+                 "--max-new-tokens", "12"]) == 0
+    offline = capsys.readouterr().out.strip()
+    messages = [{"role": "user", "content": [
+        image_part(data_url((tmp_path / "photo.png").read_bytes())),
+        {"type": "text", "text": question}]}]
+    assert offline and chat(client, messages).choices[0].message.content.strip() == offline
+    streamed = "".join(c.choices[0].delta.content or "" for c in chat(client, messages,
+                                                                       stream=True))
+    assert streamed.strip() == offline
+
+
 def test_another_image_moves_the_log_probabilities_far_past_that_tolerance(client):
     """So the check above fails when the server reads an image differently."""
     first, second = ([t.logprob for t in chat(client, asking(data_url(encoded(picture(seed)))),
