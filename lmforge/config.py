@@ -386,8 +386,10 @@ VLM_PRESETS: dict[str, dict[str, Any]] = {
     "vlm-tiny": dict(vision=dict(image_size=32, patch_size=8, n_layer=2, n_head=2, d_model=32),
                      text=dict(n_layer=2, n_head=2, d_model=32, context_length=128,
                                positions="rope", norm="rmsnorm", mlp="swiglu")),
-    # 64 px images, 16 image tokens: a ViT of 0.8 M parameters and a 2 M-parameter decoder.
-    "vlm-small": dict(vision=dict(), text=dict(n_layer=4, n_head=4, d_model=192,
+    # 64 px images, 16 image tokens: a ViT of 0.8 M parameters with a convolutional stem
+    # (from nothing it learns shapes several times faster than with one patch kernel) and a
+    # 2 M-parameter decoder.
+    "vlm-small": dict(vision=dict(stem="conv"), text=dict(n_layer=4, n_head=4, d_model=192,
                                               context_length=256, positions="rope",
                                               norm="rmsnorm", mlp="swiglu")),
     # SmolVLM-256M's shape: SigLIP-B/16 at 512 px, r = 4 (64 tokens a tile), SmolLM2-135M.
