@@ -100,6 +100,17 @@ def test_greedy_speculation_gives_the_tokens_of_plain_greedy_decoding(variant, n
         assert stats.drafted > 0 and stats.accepted <= stats.drafted
 
 
+def test_a_vision_language_model_speculates_on_text_as_it_decodes_plainly():
+    from lmforge.config import resolve_vlm_config
+    from lmforge.models.vlm import VLM
+
+    torch.manual_seed(0)
+    model = VLM(resolve_vlm_config({"preset": "vlm-tiny", "image_token_id": 49,
+                                    "text": {"vocab_size": 50}})).eval()
+    prompt = [5, 6, 7, 8, 5, 6, 7, 9, 5, 6]
+    assert speculative(model, prompt, 20) == generate(model, prompt, 20, GREEDY)
+
+
 def test_drafts_the_model_agrees_with_are_all_accepted():
     model = successor(16, sharpness=5.0)
     prompt = list(range(16)) + [0, 1]

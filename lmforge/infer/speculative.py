@@ -86,7 +86,7 @@ def speculative_stream(model: Decoder, prompt: list[int], max_new_tokens: int,
                           "frequency penalties yet: leave them at their defaults, or decode "
                           "without speculation")
     stats = stats if stats is not None else SpeculativeStats()
-    device = model.embed.weight.device
+    device = next(model.parameters()).device  # a VLM keeps its embedding in model.text
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     context = model.cfg.context_length
     # The same limits as plain decoding: room for one new token, or the prompt's tail if
