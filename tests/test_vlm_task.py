@@ -279,3 +279,22 @@ def test_lora_needs_a_pretrained_model(tmp_path):
                              f"out_dir={tmp_path / 'run'}", "lora_rank=4", "progress=false"])
     with pytest.raises(ConfigError, match="LoRA adapts a pretrained model .* set init_from"):
         Trainer(cfg)
+
+
+def test_an_encoder_from_another_model_must_have_the_recipe_s_vision_settings(tmp_path,
+                                                                             decoder_dir):
+    from lmforge.config import resolve_vlm_config
+    from lmforge.models.vlm import VLM
+
+    donor = tmp_path / "donor"
+    save_model(donor, VLM(resolve_vlm_config({"preset": "vlm-tiny", "vision": {"stem": "conv"}})),
+               None)
+    data = colour_data(tmp_path, 8)
+    with pytest.raises(CheckpointMismatch, match="stem: 'conv' there, 'patch' here"):
+        Trainer(vlm_recipe(decoder_dir, data, tmp_path / "run", lora_rank=0,
+                           vision_from=str(donor)))
+    match = vlm_recipe(decoder_dir, data, tmp_path / "run", lora_rank=0, vision_from=str(donor),
+                       model={"preset": "vlm-tiny", "vision": {"stem": "conv"}})
+    trainer = Trainer(match)
+    expected = open_model(donor).model.vision.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in trainer.model.vision.state_dict().items())

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -265,10 +266,16 @@ class VisionChatTask(ExampleBatches):
             _copy_decoder(self.base, model.text)
         if self.cfg.vision_from:
             source = open_model(self.cfg.vision_from, "cpu", torch.float32).model
-            if not isinstance(source, VLM) or source.cfg.vision != self.model_cfg.vision:
+            if not isinstance(source, VLM):
                 raise CheckpointMismatch(f"vision_from={self.cfg.vision_from} is not a "
-                                         "vision-language model with this recipe's vision "
-                                         "settings")
+                                         "vision-language model")
+            theirs, ours = asdict(source.cfg.vision), asdict(self.model_cfg.vision)
+            differ = [f"{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in ours
+                      if theirs[k] != ours[k]]
+            if differ:
+                raise CheckpointMismatch(f"vision_from={self.cfg.vision_from} has other vision "
+                                         f"settings ({'; '.join(differ)}): set model.vision to "
+                                         "match it")
             model.vision.load_state_dict(source.vision.state_dict())
         model.tie_weights()
         if self.lora is not None:
