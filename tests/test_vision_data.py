@@ -130,9 +130,26 @@ def test_lines_have_the_chat_shape(drawn):
 def test_every_task_in_equal_shares(drawn):
     assert Counter(line["task"] for line in read_jsonl(drawn / "train.jsonl")) == {
         task: 8 for task in DRAWN}
-    shares = Counter(job.task for job in make_data.plan("train", 703, list(make_data.ALL_TASKS),
-                                                         0, 0, [(bytes(784), 0)]))
+    equal = dict.fromkeys(make_data.ALL_TASKS, 1.0)
+    shares = Counter(job.task for job in make_data.plan("train", 703, equal, 0, 0,
+                                                         [(bytes(784), 0)]))
     assert set(shares) == set(make_data.ALL_TASKS) and set(shares.values()) == {100, 101}
+
+
+def test_the_mix_weighs_the_train_split_only(tmp_path):
+    assert Counter(make_data.shares(10, {"ocr": 3.0, "shape": 1.0, "count": 1.0})) == {
+        "ocr": 6, "shape": 2, "count": 2}
+    assert len(make_data.shares(7, {"ocr": 1.0, "shape": 1.0, "count": 1.0})) == 7
+    make_data.make_data(tmp_path, {"train": 12, "val": 6, "test": 6}, SIZE,
+                        tasks=["shape", "ocr"], mix={"ocr": 2.0}, progress=False)
+    assert Counter(line["task"] for line in read_jsonl(tmp_path / "train.jsonl")) == {
+        "ocr": 8, "shape": 4}
+    for split in ("val", "test"):
+        assert Counter(line["task"] for line in read_jsonl(tmp_path / f"{split}.jsonl")) == {
+            "ocr": 3, "shape": 3}
+    with pytest.raises(ConfigError, match="count"):
+        make_data.make_data(tmp_path / "other", {"train": 6}, SIZE, tasks=["shape"],
+                            mix={"count": 2.0}, progress=False)
 
 
 def lines_of(root: Path, task: str) -> list[dict]:

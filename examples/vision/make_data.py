@@ -1,14 +1,16 @@
 """Generate image-text training data for a vision-language model: seven small visual tasks.
 
     python examples/vision/make_data.py --out data/vision [--size 64] [--train 20000]
-        [--val 500] [--test 1000] [--seed 0] [--tasks colour,shape,...] [--workers N]
+        [--val 500] [--test 1000] [--seed 0] [--tasks colour,shape,...] [--mix ocr=3,...]
+        [--workers N]
 
 writes OUT/{train,val,test}.jsonl and the PNG files in OUT/images/. Each line is one
 conversation: {"images": [...], "messages": [user, assistant], "task": ..., "answer": ...};
 the user's content is one {"type": "image"} part per image, in order, then the question as a
 {"type": "text"} part; the assistant's content is the answer alone. Image paths are relative
-to the JSONL file. The tasks are drawn in equal shares, each from its own seeded random
-stream, so the output depends only on the arguments (not on --workers).
+to the JSONL file. The tasks are drawn in equal shares (in the train split, in proportion to
+--mix), each conversation from its own seeded random stream, so the output depends only on
+the arguments (not on --workers).
 """
 
 from __future__ import annotations
@@ -45,13 +47,25 @@ class Job:
     digit: Digit | None = None
 
 
-def plan(split: str, n: int, tasks: list[str], seed: int, first_image: int,
+def shares(n: int, weights: dict[str, float]) -> list[str]:
+    """`n` task names in proportion to `weights` (to within one each), in the weights' order:
+    largest remainders get the leftover places."""
+    total = sum(weights.values())
+    exact = {task: n * w / total for task, w in weights.items()}
+    counts = {task: int(x) for task, x in exact.items()}
+    by_remainder = sorted(weights, key=lambda t: (counts[t] - exact[t], list(weights).index(t)))
+    for task in by_remainder[:n - sum(counts.values())]:
+        counts[task] += 1
+    return [task for task in weights for _ in range(counts[task])]
+
+
+def plan(split: str, n: int, weights: dict[str, float], seed: int, first_image: int,
          digits: list[Digit]) -> list[Job]:
-    """The split's `n` jobs: tasks in equal shares (to within one), shuffled; each digit job
-    gets the next image of this split's digits in a seeded order, so repeats come only after
-    every digit has been used once."""
+    """The split's `n` jobs: tasks in proportion to `weights` (to within one), shuffled; each
+    digit job gets the next image of this split's digits in a seeded order, so repeats come
+    only after every digit has been used once."""
     rng = random.Random(f"{seed}:{split}")
-    order = (tasks * (n // len(tasks) + 1))[:n]
+    order = shares(n, weights)
     rng.shuffle(order)
     digit_order = rng.sample(digits, len(digits))
     jobs, image, used = [], first_image, 0
@@ -102,9 +116,17 @@ def clear_images(out: Path) -> None:
 
 
 def make_data(out: Path, counts: dict[str, int], size: int = 64, seed: int = 0,
-              tasks: Sequence[str] = ALL_TASKS, workers: int = 1, progress: bool = True) -> None:
-    """Write OUT/{split}.jsonl for each split in `counts` and their images in OUT/images."""
+              tasks: Sequence[str] = ALL_TASKS, workers: int = 1, progress: bool = True,
+              mix: dict[str, float] | None = None) -> None:
+    """Write OUT/{split}.jsonl for each split in `counts` and their images in OUT/images.
+    `mix` weighs the tasks of the train split (default 1 each); the other splits always hold
+    every task in equal shares, so that their scores weigh the tasks alike."""
     tasks = list(tasks)
+    mix = mix or {}
+    unknown = sorted(set(mix) - set(tasks))
+    if unknown:
+        raise ConfigError(f"the mix names task(s) {', '.join(unknown)} that are not being "
+                          f"drawn ({','.join(tasks)})")
     digits: dict[str, list[Digit]] = {split: [] for split in counts}
     if "digit" in tasks:
         rows = read_digits(mnist_file(progress))
@@ -117,7 +139,8 @@ def make_data(out: Path, counts: dict[str, int], size: int = 64, seed: int = 0,
     # leaving the pool's block terminates its workers, so Ctrl-C stops the drawing at once
     with multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
         for split, n in counts.items():
-            jobs = plan(split, n, tasks, seed, first_image, digits[split])
+            weights = {t: mix.get(t, 1.0) if split == "train" else 1.0 for t in tasks}
+            jobs = plan(split, n, weights, seed, first_image, digits[split])
             first_image += sum(len(job.images) for job in jobs)
             lines = pool.imap(work, jobs, chunksize=64) if pool else map(work, jobs)
             with (out / f"{split}.jsonl").open("w") as f:
@@ -134,6 +157,24 @@ def task_list(text: str) -> list[str]:
     return list(dict.fromkeys(tasks))
 
 
+def task_mix(text: str) -> dict[str, float]:
+    """TASK=WEIGHT,... as a mapping, e.g. "ocr=3,shape=2"."""
+    mix = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        task, _, weight = item.partition("=")
+        task = task.strip()
+        if task not in ALL_TASKS:
+            raise argparse.ArgumentTypeError(f"unknown task {task!r} in the mix; choose from "
+                                             f"{','.join(ALL_TASKS)}")
+        try:
+            mix[task] = float(weight)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: write TASK=WEIGHT, e.g. ocr=3") from None
+        if not mix[task] > 0:
+            raise argparse.ArgumentTypeError(f"{item!r}: a weight must be positive")
+    return mix
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the data")
@@ -144,6 +185,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tasks", type=task_list, default=list(ALL_TASKS),
                         help=f"comma-separated, from {','.join(ALL_TASKS)} (default: all)")
+    parser.add_argument("--mix", type=task_mix, default={},
+                        help="weights of the tasks in the train split, e.g. ocr=3,shape=2 "
+                             "(default 1 each; val and test always hold equal shares)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="processes drawing images (default: one per CPU)")
     args = parser.parse_args()
@@ -153,7 +197,8 @@ def main() -> None:
         parser.error("--train, --val and --test must not be negative")
     counts = {"train": args.train, "val": args.val, "test": args.test}
     try:
-        make_data(args.out, counts, args.size, args.seed, args.tasks, max(1, args.workers))
+        make_data(args.out, counts, args.size, args.seed, args.tasks, max(1, args.workers),
+                  mix=args.mix)
     except LmforgeError as e:
         parser.exit(2, f"error: {e}\n")
     print(f"wrote {sum(counts.values())} conversations ({', '.join(f'{n} {s}' for s, n in counts.items())}) "
