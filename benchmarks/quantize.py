@@ -15,13 +15,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from lmforge.compress.quant import QuantSpec, quantize_dir
 from lmforge.eval import perplexity
 from lmforge.infer.engine import generate
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.interop.hub import resolve_model
 from lmforge.modeldir import directory_bytes
 from lmforge.open import open_model
-from lmforge.quant import QuantSpec, quantize_dir
 
 NAME = "smollm2-135m-instruct"
 PROMPT = "The capital of France is"

@@ -337,8 +337,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_quantize(args: argparse.Namespace) -> None:
     import time
 
+    from lmforge.compress.quant import QuantSpec, quantize_dir
     from lmforge.modeldir import directory_bytes
-    from lmforge.quant import QuantSpec, quantize_dir
 
     group_size = 32 if args.bits == 4 and args.group_size is None else args.group_size
     spec = QuantSpec(args.bits, group_size)

@@ -29,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.compress.quant import QuantLinear
 from lmforge.errors import CheckpointMismatch, ConfigError
 from lmforge.files import load_safetensors, read_json_object, save_safetensors
 from lmforge.interop.hf import hf_module_names
 from lmforge.modeldir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_tensor
 from lmforge.models.decoder import Decoder
 from lmforge.models.vlm import VLM
-from lmforge.quant import QuantLinear
 
 # Every linear layer of a decoder block; "all-linear" (PEFT's name) means these.
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

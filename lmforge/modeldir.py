@@ -2,7 +2,7 @@
 
 A model directory holds `config.json` + `model.safetensors` + `tokenizer.json`, and may declare
 more beside them: `generation_config.json` (stop tokens), `quantization.json` (quantized
-weights, see `lmforge.quant`), `classifier.json` (a classification head),
+weights, see `lmforge.compress.quant`), `classifier.json` (a classification head),
 `preprocessor_config.json` (a vision-language model that sees images as Idefics3 does: its
 Hugging Face image processor settings, see `lmforge.images.image_processor`). A LoRA adapter
 directory (`adapter_config.json` + `adapter_model.safetensors`) names the base model it goes

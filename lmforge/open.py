@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 # Registers the hook that reads quantized weights (see lmforge.modeldir.DirectoryHook).
-import lmforge.quant  # noqa: E402, F401, I001
+import lmforge.compress.quant  # noqa: E402, F401, I001
 from lmforge.errors import CheckpointMismatch, ConfigError
 from lmforge.images import ImageProcessor, image_processor
 from lmforge.interop.hub import resolve_model

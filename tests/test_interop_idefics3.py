@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 from lmforge.chat import ChatSession, prompt_with_images, vision_chat_prompt_ids  # noqa: E402
 from lmforge.cli import main  # noqa: E402
+from lmforge.compress.quant import QuantSpec, quantize_dir  # noqa: E402
 from lmforge.errors import UnsupportedModel  # noqa: E402
 from lmforge.finetune.run import merge  # noqa: E402
 from lmforge.images import (  # noqa: E402
@@ -35,7 +36,6 @@ from lmforge.lora import LoraConfig, apply_lora, save_adapter  # noqa: E402
 from lmforge.modeldir import read_model  # noqa: E402
 from lmforge.models.vlm import VLM  # noqa: E402
 from lmforge.open import open_model  # noqa: E402
-from lmforge.quant import QuantSpec, quantize_dir  # noqa: E402
 
 # SmolVLM-256M-Instruct's chat template: it reads contents only as lists of parts.
 SMOLVLM_TEMPLATE = (

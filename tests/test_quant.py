@@ -11,13 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.cli import main
-from lmforge.config import ModelConfig
-from lmforge.eval import perplexity
-from lmforge.interop.gguf import import_gguf
-from lmforge.modeldir import QUANTIZATION, save_model
-from lmforge.models.decoder import Decoder
-from lmforge.open import open_model
-from lmforge.quant import (
+from lmforge.compress.quant import (
     QuantizationError,
     QuantLinear,
     QuantSpec,
@@ -29,6 +23,12 @@ from lmforge.quant import (
     quantize_int8,
     unpack_int4,
 )
+from lmforge.config import ModelConfig
+from lmforge.eval import perplexity
+from lmforge.interop.gguf import import_gguf
+from lmforge.modeldir import QUANTIZATION, save_model
+from lmforge.models.decoder import Decoder
+from lmforge.open import open_model
 from lmforge.tokenizer import train_char
 
 from .smollm2 import smollm2_gguf
@@ -221,11 +221,11 @@ def dequantized(model: Decoder) -> Decoder:
 
 @pytest.mark.parametrize("spec", SPECS[:2], ids=QuantSpec.describe)
 def test_a_vision_language_model_quantizes_its_decoder_and_still_reads_images(tmp_path, spec):
+    from lmforge.compress.quant import quantize_dir
     from lmforge.config import resolve_vlm_config
     from lmforge.infer.engine import Engine, Request
     from lmforge.infer.sampling import SamplingConfig
     from lmforge.models import build_model
-    from lmforge.quant import quantize_dir
 
     torch.manual_seed(0)
     image_token = 3

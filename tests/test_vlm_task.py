@@ -12,6 +12,7 @@ from PIL import Image
 
 from lmforge.chat import IMAGE_TOKEN, chat_prompt_ids
 from lmforge.cli import main
+from lmforge.compress.quant import QuantizationError, QuantSpec, quantize_dir
 from lmforge.errors import CheckpointMismatch, ConfigError
 from lmforge.files import load_safetensors
 from lmforge.finetune.run import merge
@@ -19,7 +20,6 @@ from lmforge.finetune.vlm import read_image_conversations
 from lmforge.lora import lora_layers
 from lmforge.modeldir import WEIGHTS, checkpoint_dirs, save_model
 from lmforge.open import open_model
-from lmforge.quant import QuantizationError, QuantSpec, quantize_dir
 from lmforge.train.config import load_recipe
 from lmforge.train.trainer import Trainer
 

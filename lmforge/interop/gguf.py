@@ -32,6 +32,7 @@ import torch
 from gguf.gguf_reader import READER_SUPPORTED_VERSIONS
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
+from lmforge.compress.quant import require_float
 from lmforge.config import ModelConfig
 from lmforge.errors import GGUFFileError, UnsupportedModel
 from lmforge.modeldir import (
@@ -42,7 +43,6 @@ from lmforge.modeldir import (
     save_model,
 )
 from lmforge.models.decoder import Decoder
-from lmforge.quant import require_float
 from lmforge.tokenizer import SpecialTokens, Tokenizer
 
 ARCHITECTURE = "llama"

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmforge.compress.quant import require_float
 from lmforge.config import ModelConfig, VisionConfig, VLMConfig
 from lmforge.errors import CheckpointMismatch, ConfigError, UnsupportedModel
 from lmforge.files import load_safetensors, read_json_object, save_safetensors
@@ -49,7 +50,6 @@ from lmforge.modeldir import (
 from lmforge.models import build_model
 from lmforge.models.decoder import Decoder
 from lmforge.models.vlm import VLM
-from lmforge.quant import require_float
 from lmforge.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, SpecialTokens, Tokenizer
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"

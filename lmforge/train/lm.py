@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.compress.quant import require_float
 from lmforge.config import ModelConfig
 from lmforge.data import loader
 from lmforge.data.loader import TokenShards
@@ -27,7 +28,6 @@ from lmforge.modeldir import TOKENIZER, WEIGHTS, load_weights, read_config, save
 from lmforge.models.decoder import Decoder
 from lmforge.open import open_model, resolve_model
 from lmforge.paths import cache_dir
-from lmforge.quant import require_float
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import distributed as distr
 from lmforge.train.config import TrainConfig
