@@ -337,14 +337,17 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_quantize(args: argparse.Namespace) -> None:
     import time
 
+    from lmforge.compress.calib import Calibration
     from lmforge.compress.quant import QuantSpec, quantize_dir
     from lmforge.modeldir import directory_bytes
 
-    group_size = 32 if args.bits == 4 and args.group_size is None else args.group_size
-    spec = QuantSpec(args.bits, group_size)
+    group_size = 32 if args.bits != 8 and args.group_size is None else args.group_size
+    spec = QuantSpec(args.bits, group_size, method=args.method)
+    calibration = args.calib and Calibration(args.calib, args.calib_samples, args.calib_length,
+                                             args.seed)
     source = _model_dir(args)
     start = time.perf_counter()
-    out = quantize_dir(source, args.out, spec)
+    out = quantize_dir(source, args.out, spec, calibration)
     seconds = time.perf_counter() - start
     before, after = directory_bytes(source), directory_bytes(out)
     print(f"{spec.describe()} model in {out} ({seconds:.1f} s)")
@@ -743,12 +746,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gguf only: the 2-D weights' type")
     p.add_argument("--adapter", default=None, metavar="DIR", help="fold this LoRA adapter in first")
 
-    p = command("quantize", "int8 or int4 weights: a smaller, faster model directory",
+    p = command("quantize", "int8, int4 or int3 weights: a smaller, faster model directory",
                 cmd_quantize)
     p.add_argument("model", help=model_help)
-    p.add_argument("--bits", type=int, choices=[8, 4], required=True, help="bits per weight")
+    p.add_argument("--bits", type=int, choices=[8, 4, 3], required=True, help="bits per weight")
     p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=None,
-                   help="int4: columns sharing a scale (default 32)")
+                   help="int4 and int3: columns sharing a scale (default 32)")
+    p.add_argument("--method", choices=["rtn", "gptq"], default="rtn",
+                   help="rtn: round to nearest; gptq: round column by column, correcting the "
+                   "error on calibration text (needs --calib)")
+    p.add_argument("--calib", metavar="FILE", help="calibration text: a text file, JSONL "
+                   "(its text field) or a prepared corpus folder")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows")
+    p.add_argument("--calib-length", type=int, default=512, help="tokens per window")
+    p.add_argument("--seed", type=int, default=0, help="where the windows start")
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--adapter", default=None, metavar="DIR", help="fold this LoRA adapter in first")
 

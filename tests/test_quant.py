@@ -139,12 +139,14 @@ def test_a_width_the_group_size_does_not_divide_is_named_with_a_size_that_does()
 
 
 def test_specs_that_make_no_sense_are_refused():
-    with pytest.raises(QuantizationError, match="4 bits only"):
+    with pytest.raises(QuantizationError, match="4 or 3 bits only"):
         QuantSpec(8, 32)
     with pytest.raises(QuantizationError, match="not one of 32, 64, 128"):
         QuantSpec(4, 16)
-    with pytest.raises(QuantizationError, match="use 8 or 4"):
+    with pytest.raises(QuantizationError, match="use 8, 4 or 3"):
         QuantSpec(2, 32)
+    with pytest.raises(QuantizationError, match="unknown quantization method 'hqq'"):
+        QuantSpec(4, 32, method="hqq")
     with pytest.raises(QuantizationError, match="already quantized"):
         quantize(quantize(tiny(), QuantSpec(8)), QuantSpec(8))
 

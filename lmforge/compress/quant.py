@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.compress.calib import Calibration
 from lmforge.config import from_dict
 from lmforge.errors import LmforgeError, UnsupportedModel
 from lmforge.files import read_json_object
@@ -52,6 +53,7 @@ from lmforge.models.decoder import Decoder
 from lmforge.models.vlm import VLM
 
 GROUP_SIZES = (32, 64, 128)
+METHODS = ("rtn", "gptq", "awq")
 # The CPU kernels are vectorised for bfloat16 activations only (with float32 ones they are
 # 10-20x slower than a float32 matmul) and want scales of the activations' dtype, so scales
 # are made, stored and used in bfloat16, and the integers are rounded against those.
@@ -79,20 +81,21 @@ class QuantSpec:
     """
 
     bits: int
-    group_size: int | None = None  # int4: columns sharing one scale and zero; int8: None
+    group_size: int | None = None  # int4 / int3: columns sharing one scale and zero
     head_bits: int = 8
-    method: str = "rtn"  # round to nearest
+    method: str = "rtn"  # rtn (round to nearest), gptq or awq: how the values were chosen
 
     def __post_init__(self) -> None:
-        if self.method != "rtn":
-            raise QuantizationError(f"unknown quantization method {self.method!r}: only 'rtn'")
-        if self.bits not in (4, 8):
-            raise QuantizationError(f"{self.bits}-bit weights are not supported: use 8 or 4")
+        if self.method not in METHODS:
+            raise QuantizationError(f"unknown quantization method {self.method!r}: use one of "
+                                    f"{', '.join(METHODS)}")
+        if self.bits not in (3, 4, 8):
+            raise QuantizationError(f"{self.bits}-bit weights are not supported: use 8, 4 or 3")
         if self.bits == 8 and self.group_size is not None:
             raise QuantizationError("int8 has one scale per output channel: a group size "
-                                    "goes with 4 bits only")
-        if self.bits == 4 and self.group_size not in GROUP_SIZES:
-            raise QuantizationError(f"int4 group size {self.group_size} is not one of "
+                                    "goes with 4 or 3 bits only")
+        if self.bits != 8 and self.group_size not in GROUP_SIZES:
+            raise QuantizationError(f"int{self.bits} group size {self.group_size} is not one of "
                                     f"{', '.join(map(str, GROUP_SIZES))}")
         if self.head_bits not in (self.bits, 8):
             raise QuantizationError(f"head_bits={self.head_bits}: the output projection takes "
@@ -105,9 +108,10 @@ class QuantSpec:
         return self.bits, self.group_size
 
     def describe(self) -> str:
-        if self.bits == 8:
-            return "int8"
-        return f"int4 g{self.group_size}" + (" (int4 head)" if self.head_bits == 4 else "")
+        name = "int8" if self.bits == 8 else f"int{self.bits} g{self.group_size}"
+        if self.head_bits != 8:
+            name += f" (int{self.head_bits} head)"
+        return name + (f" {self.method.upper()}" if self.method != "rtn" else "")
 
     def save(self, directory: str | Path) -> None:
         text = json.dumps(dataclasses.asdict(self), indent=2) + "\n"
@@ -125,12 +129,20 @@ class QuantSpec:
 # ------------------------------------------------------------------- plain layouts
 
 
+def int8_scales(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric per output row: scales (N,) that map each row's largest magnitude to 127."""
+    return (w.float().abs().amax(dim=1) / 127).to(SCALE_DTYPE).clamp(min=_SMALLEST)
+
+
+def round_int8(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """int8 (N, K) in -127..127: `w` rounded on the grid of `scales` (N,)."""
+    return torch.round(w.float() / scales[:, None].float()).clamp(-127, 127).to(torch.int8)
+
+
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per output row: int8 (N, K) in -127..127 and scales (N,)."""
-    w = w.float()
-    scales = (w.abs().amax(dim=1) / 127).to(SCALE_DTYPE).clamp(min=_SMALLEST)
-    q = torch.round(w / scales[:, None].float()).clamp(-127, 127).to(torch.int8)
-    return q, scales
+    scales = int8_scales(w)
+    return round_int8(w, scales), scales
 
 
 def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -138,21 +150,48 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return q.float() * scales[:, None].float()
 
 
-def quantize_int4(w: torch.Tensor, group_size: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric per group of columns: nibbles uint8 (N, K/2), scales and zeros (N, K/G).
+def int4_levels(bits: int = 4) -> tuple[int, int]:
+    """The smallest and largest stored value of a `bits`-bit weight (3 or 4) in the int4
+    layout: 3-bit weights use the 8 middle values of the 16, so they run in the same
+    kernels, and cost the same bytes."""
+    half = 1 << (bits - 1)
+    return 8 - half, 7 + half
 
-    Each group's range [min, max] is split into 15 steps, so q = 0 and q = 15 land on its
-    extremes.
-    """
+
+def int4_grid(w: torch.Tensor, group_size: int, bits: int = 4
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric per group of columns: scales and zeros (N, K/G). Each group's range
+    [min, max] is split into 2^bits - 1 steps, so the lowest and highest levels land on its
+    extremes."""
     N, K = w.shape
     groups = w.float().reshape(N, K // group_size, group_size)
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-    scales = ((high - low) / 15).to(SCALE_DTYPE).clamp(min=_SMALLEST)
-    zeros = (low + 8 * scales.float()).to(SCALE_DTYPE)
+    lowest, highest = int4_levels(bits)
+    scales = ((high - low) / (highest - lowest)).to(SCALE_DTYPE).clamp(min=_SMALLEST)
+    zeros = (low + (8 - lowest) * scales.float()).to(SCALE_DTYPE)
+    return scales, zeros
+
+
+def round_int4(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int = 4
+               ) -> torch.Tensor:
+    """Values uint8 (N, K) in the `bits`-bit levels: `w` rounded on the grid of `scales` and
+    `zeros` (N, K/G), where W = (q - 8) * scale + zero."""
+    N, K = w.shape
+    groups = w.float().reshape(N, scales.shape[1], -1)
     q = torch.round((groups - zeros[..., None].float()) / scales[..., None].float()) + 8
-    q = q.clamp(0, 15).to(torch.uint8).reshape(N, K)
-    return q[:, 0::2] | (q[:, 1::2] << 4), scales, zeros
+    return q.clamp(*int4_levels(bits)).to(torch.uint8).reshape(N, K)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Two values 0..15 per byte: uint8 (N, K/2) from (N, K), column 2j in the low nibble."""
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, bits: int = 4
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric per group of columns: nibbles uint8 (N, K/2), scales and zeros (N, K/G)."""
+    scales, zeros = int4_grid(w, group_size, bits)
+    return pack_int4(round_int4(w, scales, zeros, bits)), scales, zeros
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -206,7 +245,22 @@ class QuantLinear(nn.Module):
         if bits == 8:
             layer.weight, layer.scales = quantize_int8(w)
         else:
-            layer.weight, layer.scales, layer.zeros = quantize_int4(w, group_size)
+            layer.weight, layer.scales, layer.zeros = quantize_int4(w, group_size, bits)
+        if linear.bias is not None:
+            layer.bias = linear.bias.detach().clone()
+        return layer
+
+    @classmethod
+    def from_values(cls, linear: nn.Linear, bits: int, group_size: int | None, rounded
+                    ) -> QuantLinear:
+        """The layer of `linear` with weights already on the grid (a method's `Rounded`:
+        values, scales and zeros in this module's layout)."""
+        with torch.device("meta"):
+            layer = cls(linear.in_features, linear.out_features, bits, group_size,
+                        bias=linear.bias is not None)
+        layer.weight, layer.scales = rounded.values, rounded.scales
+        if bits != 8:
+            layer.zeros = rounded.zeros
         if linear.bias is not None:
             layer.bias = linear.bias.detach().clone()
         return layer
@@ -281,36 +335,31 @@ def require_float(model: Decoder | VLM, where: str, action: str) -> None:
 
 def quantization_of(model: Decoder | VLM) -> QuantSpec | None:
     """How `model` is quantized; None for a float model."""
-    model = _decoder(model)
-    head = model.lm_head
-    if not isinstance(head, QuantLinear):
-        return None
-    block = next(m for m in model.blocks.modules() if isinstance(m, QuantLinear))
-    return QuantSpec(block.bits, block.group_size, head_bits=head.bits)
+    return getattr(decoder_of(model), "quantization", None)
 
 
 def quantize(model: Decoder | VLM, spec: QuantSpec) -> Decoder | VLM:
     """Quantize every Linear layer of `model`'s decoder in place (and return `model`)."""
-    return _replace_linears(model, spec, lambda linear, bits, group_size:
+    return replace_linears(model, spec, lambda linear, bits, group_size:
                             QuantLinear.from_linear(linear, bits, group_size))
 
 
 def prepare_quantized(model: Decoder | VLM, spec: QuantSpec) -> Decoder | VLM:
     """Swap in empty QuantLinear layers (e.g. on the meta device) for a saved quantized
     model's weights to be loaded into."""
-    return _replace_linears(model, spec, lambda linear, bits, group_size: QuantLinear(
+    return replace_linears(model, spec, lambda linear, bits, group_size: QuantLinear(
         linear.in_features, linear.out_features, bits, group_size, bias=linear.bias is not None))
 
 
-def _decoder(model: Decoder | VLM) -> Decoder:
+def decoder_of(model: Decoder | VLM) -> Decoder:
     """The part of `model` that is quantized: a vision-language model's decoder (see the
     module docstring), or the model."""
     return model.text if isinstance(model, VLM) else model
 
 
-def _replace_linears(model: Decoder | VLM, spec: QuantSpec, make) -> Decoder | VLM:
+def replace_linears(model: Decoder | VLM, spec: QuantSpec, make) -> Decoder | VLM:
     if isinstance(model, VLM):
-        _replace_linears(model.text, spec, make)
+        replace_linears(model.text, spec, make)
         model.cfg = dataclasses.replace(model.cfg, text=model.text.cfg)
         return model
     if quantization_of(model) is not None:
@@ -327,6 +376,7 @@ def _replace_linears(model: Decoder | VLM, spec: QuantSpec, make) -> Decoder | V
     # large share of them (a fifth of SmolLM2-135M's), while an embedding lookup reads one
     # row per token.
     model.cfg = dataclasses.replace(model.cfg, tie_embeddings=False)
+    model.quantization = spec
     return model
 
 
@@ -339,8 +389,10 @@ def _check_groups(name: str, in_features: int, group_size: int | None) -> None:
                                 f"the group size {group_size}: {hint}")
 
 
-def quantize_dir(source: str | Path, out: str | Path, spec: QuantSpec) -> Path:
-    """Write model directory `source`, quantized, as the model directory `out`."""
+def quantize_dir(source: str | Path, out: str | Path, spec: QuantSpec,
+                 calibration: Calibration | None = None, progress: bool = True) -> Path:
+    """Write model directory `source`, quantized by `spec.method`, as the model directory
+    `out`. GPTQ and AWQ need `calibration` text."""
     source, out = Path(source), Path(out)
     if out.resolve() == source.resolve():
         raise QuantizationError(f"{out} is the model's own directory: write the quantized "
@@ -348,7 +400,22 @@ def quantize_dir(source: str | Path, out: str | Path, spec: QuantSpec) -> Path:
     if is_adapter_dir(source):  # its weights alone would lose what the adapter learned
         raise QuantizationError(f"{source} holds a LoRA adapter: fold it in first "
                                 f"(`lmforge merge {source} --out DIR`), then quantize DIR")
-    save_model(out, quantize(read_model(source), spec), read_tokenizer(source))
+    model, tokenizer = read_model(source), read_tokenizer(source)
+    if spec.method == "rtn":
+        quantize(model, spec)
+    else:
+        if calibration is None:
+            raise QuantizationError(f"{spec.method} chooses the rounding from the activations of "
+                                    "calibration text: give some (--calib FILE)")
+        context = decoder_of(model).cfg.context_length
+        if calibration.length > context:
+            raise QuantizationError(f"calibration windows of {calibration.length} tokens are "
+                                    f"longer than the model's context ({context}): use "
+                                    f"--calib-length {context} or less")
+        # the methods build on this module's layouts, so they are imported only here
+        from lmforge.compress.gptq import gptq_quantize
+        gptq_quantize(model, calibration.tokens(tokenizer), spec, progress=progress)
+    save_model(out, model, tokenizer)
     copy_settings(source, out)
     return out
 

@@ -106,6 +106,21 @@ class Decoder(nn.Module):
                  ) -> torch.Tensor:
         """The final normed hidden states (B, T, d_model): what the output projection, or a
         task head such as a classifier, reads."""
+        x, rotary, pos, mask = self.block_inputs(idx, cache, start, embeds)
+        for i, block in enumerate(self.blocks):
+            layer_cache = cache.layers[i] if cache is not None else None
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                # Keep only each block's input; recompute its activations in the backward pass.
+                x = checkpoint(block, x, rotary, pos, mask, layer_cache, use_reentrant=False)
+            else:
+                x = block(x, rotary, pos, mask, layer_cache)
+        return self.final_norm(x)
+
+    def block_inputs(self, idx: torch.Tensor, cache: KVCache | None = None,
+                     start: int | torch.Tensor = 0, embeds: torch.Tensor | None = None):
+        """What the blocks take: the first block's input x (B, T, d_model), and the rotary
+        tables, positions and mask every block takes with it (`block(x, rotary, pos, mask,
+        layer_cache)`): for work that goes through the model a block at a time."""
         T = idx.shape[1]
         pos = Positions.of(start, T, cache.length if cache is not None and cache.static else None)
         if pos.end > self.cfg.context_length:
@@ -122,16 +137,7 @@ class Decoder(nn.Module):
             x = x + self.pos_embed(index)
         else:
             rotary = pos.rotary(self.rope_cos, self.rope_sin)
-        mask = pos.mask(T, idx.device)
-        x = self.dropout(x)
-        for i, block in enumerate(self.blocks):
-            layer_cache = cache.layers[i] if cache is not None else None
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                # Keep only each block's input; recompute its activations in the backward pass.
-                x = checkpoint(block, x, rotary, pos, mask, layer_cache, use_reentrant=False)
-            else:
-                x = block(x, rotary, pos, mask, layer_cache)
-        return self.final_norm(x)
+        return self.dropout(x), rotary, pos, pos.mask(T, idx.device)
 
     def new_cache(self, batch: int, length: int | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:

@@ -1,0 +1,100 @@
+"""Calibration data: what the compression methods that look at activations (GPTQ, AWQ,
+Wanda, SparseGPT) run through the model to learn which weights matter.
+
+`calibration_tokens` draws N windows of L tokens, seeded, from a text file, a JSONL file
+(its `text` field) or a corpus prepared by `lmforge prepare` (its train split).
+`through_blocks` runs them through a decoder one block at a time, so that only one block's
+inputs are ever held (N x L x d_model floats) and a method can change a block before the
+next one sees its outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from lmforge.data.loader import TokenShards
+from lmforge.errors import LmforgeError
+from lmforge.eval.data import read_jsonl, read_text
+from lmforge.models.decoder import Decoder
+from lmforge.tokenizer import Tokenizer
+
+
+class CalibrationError(LmforgeError, ValueError):
+    """Calibration data that cannot give the windows asked for."""
+
+
+def calibration_ids(source: str | Path, tokenizer: Tokenizer, text_field: str = "text"
+                    ) -> np.ndarray:
+    """Every token of `source`: a prepared corpus (a folder with meta.json), a JSONL file
+    (the `text_field` of each line, joined by blank lines) or a UTF-8 text file."""
+    path = Path(source)
+    if path.is_dir():
+        shards = TokenShards(path)
+        if shards.vocab_size > tokenizer.vocab_size:
+            raise CalibrationError(f"{path} was prepared with a vocabulary of "
+                                   f"{shards.vocab_size} tokens, larger than the model's "
+                                   f"{tokenizer.vocab_size}: prepare it with the model's "
+                                   "tokenizer (lmforge prepare --tokenizer MODEL)")
+        return np.asarray(shards.split("train"), dtype=np.int64)
+    if path.suffix == ".jsonl":
+        texts = []
+        for number, record in read_jsonl(path):
+            if not isinstance(record.get(text_field), str):
+                raise CalibrationError(f"{path}:{number}: no {text_field!r} text field")
+            texts.append(record[text_field])
+        text = "\n\n".join(texts)
+    else:
+        text = read_text(path)
+    return np.asarray(tokenizer.encode(text), dtype=np.int64)
+
+
+def calibration_tokens(source: str | Path, tokenizer: Tokenizer, n: int = 128,
+                       length: int = 512, seed: int = 0, text_field: str = "text"
+                       ) -> torch.Tensor:
+    """`n` windows (n, length) of the tokens of `source` (see `calibration_ids`), each
+    starting at a seeded random place."""
+    ids = calibration_ids(source, tokenizer, text_field)
+    if len(ids) < length:
+        raise CalibrationError(f"{source} has {len(ids):,} tokens, fewer than one window of "
+                               f"{length}: give more text or a shorter --calib-length")
+    starts = np.random.default_rng(seed).integers(0, len(ids) - length + 1, size=n)
+    return torch.from_numpy(np.stack([ids[s:s + length] for s in starts]))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Where calibration windows come from and how many: see `calibration_tokens`."""
+
+    source: str | Path
+    n: int = 128
+    length: int = 512
+    seed: int = 0
+
+    def tokens(self, tokenizer: Tokenizer) -> torch.Tensor:
+        return calibration_tokens(self.source, tokenizer, self.n, self.length, self.seed)
+
+
+BlockStep = Callable[[int, nn.Module], None]
+
+
+@torch.no_grad()
+def through_blocks(model: Decoder, tokens: torch.Tensor, before_block: BlockStep,
+                   batch_size: int = 16, progress: bool = True, desc: str = "blocks"
+                   ) -> torch.Tensor:
+    """Run `tokens` (N, L) through `model` a block at a time: `before_block(i, block)` may
+    put hooks on block i (and change it) before every sequence goes through it, in batches
+    of `batch_size`. Returns the final normed hidden states (N, L, d_model), what the output
+    projection reads, after every block has been through `before_block`."""
+    pieces = [model.block_inputs(chunk) for chunk in tokens.split(batch_size)]
+    xs = [x for x, _, _, _ in pieces]
+    for i, block in enumerate(tqdm(model.blocks, desc=desc, unit="block", disable=not progress)):
+        before_block(i, block)
+        xs = [block(x, rotary, pos, mask, None) for x, (_, rotary, pos, mask) in zip(xs, pieces)]
+    return torch.cat([model.final_norm(x) for x in xs])
