@@ -1,0 +1,112 @@
+"""SmolLM2-135M-Instruct compressed: size on disk, perplexity on two texts, greedy decoding
+speed and the time each method takes.
+
+    python benchmarks/compress.py [--methods rtn,gptq] [--repeats 3]
+
+Each variant is written with `quantize_dir` (what `lmforge quantize` runs) and loaded back
+from disk. Perplexity, in 512-token windows: the first 20,000 characters of Tiny
+Shakespeare, and the English side of the last 500 pairs of the Tatoeba file (one sentence a
+line), text of another kind. Calibration: 128 windows of 512 tokens from Tiny Shakespeare
+after its first 20,000 characters (disjoint from the scored text). Both need the full files
+in ../shared/data (Tiny Shakespeare is karpathy/char-rnn's data/tinyshakespeare/input.txt;
+Tatoeba's English-French pairs come from tatoeba.org's exports). Decode: greedy tokens/s for
+128 new tokens after "The capital of France is", one sequence, best of --repeats rounds.
+Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from lmforge.compress.calib import Calibration
+from lmforge.compress.quant import QuantSpec, quantize_dir
+from lmforge.eval import perplexity
+from lmforge.infer.engine import generate
+from lmforge.infer.sampling import SamplingConfig
+from lmforge.interop.hub import resolve_model
+from lmforge.modeldir import directory_bytes
+from lmforge.open import open_model
+
+NAME = "smollm2-135m-instruct"
+PROMPT = "The capital of France is"
+NEW_TOKENS = 128
+SCORED_CHARS = 20_000
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHAKESPEARE, TATOEBA = DATA / "tinyshakespeare.txt", DATA / "tatoeba-eng-fra-5k.tsv"
+VARIANTS = {
+    "rtn": [QuantSpec(8), QuantSpec(4, 32), QuantSpec(4, 128), QuantSpec(3, 128)],
+    "gptq": [QuantSpec(8, method="gptq"), QuantSpec(4, 32, method="gptq"),
+             QuantSpec(4, 128, method="gptq"), QuantSpec(3, 128, method="gptq")],
+}
+
+
+def texts() -> dict[str, str]:
+    for path in (SHAKESPEARE, TATOEBA):
+        if not path.is_file():
+            sys.exit(f"no {path}: this benchmark reads the full files in ../shared/data "
+                     "(see the docstring for where they come from)")
+    tatoeba = [line.split("\t")[0] for line in TATOEBA.read_text().splitlines()[-500:]]
+    return {"shakespeare": SHAKESPEARE.read_text()[:SCORED_CHARS], "tatoeba": "\n".join(tatoeba)}
+
+
+def decode_seconds(model, prompt: list[int]) -> float:
+    start = time.perf_counter()
+    generate(model, prompt, NEW_TOKENS, SamplingConfig(temperature=0))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(VARIANTS),
+                        help=f"comma-separated, from {','.join(VARIANTS)}")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    scored = texts()
+    source = resolve_model(NAME)
+    with tempfile.TemporaryDirectory() as tmp:
+        calib_file = Path(tmp) / "calibration.txt"
+        calib_file.write_text(SHAKESPEARE.read_text()[SCORED_CHARS:])
+        calibration = Calibration(calib_file, n=128, length=512, seed=0)
+        specs = [None] + [s for m in args.methods.split(",") for s in VARIANTS[m]]
+        rows = []
+        for i, spec in enumerate(specs):
+            start = time.perf_counter()
+            directory = source if spec is None else quantize_dir(
+                source, Path(tmp) / str(i), spec, calibration if spec.method != "rtn" else None)
+            seconds = time.perf_counter() - start
+            opened = open_model(directory)
+            model, tokenizer = opened.model, opened.tokenizer
+            row = {"name": "fp32" if spec is None else spec.describe(), "model": model,
+                   "bytes": directory_bytes(directory), "compress": seconds}
+            for name, text in scored.items():
+                row[name] = perplexity(model, tokenizer.encode(text))[0]
+            rows.append(row)
+            print(f"{row['name']}: {seconds:.0f} s, perplexity "
+                  + ", ".join(f"{n} {row[n]:.3f}" for n in scored), flush=True)
+        prompt = tokenizer.encode(PROMPT)
+        for row in rows:
+            decode_seconds(row["model"], prompt)  # warm-up: the int4 weights are packed here
+        # Rounds go through every variant, so a burst of load elsewhere slows one round of
+        # each rather than every repeat of one.
+        for _ in range(args.repeats):
+            for row in rows:
+                row["seconds"] = min(row.get("seconds", float("inf")),
+                                     decode_seconds(row["model"], prompt))
+
+    base = rows[0]
+    print("\n| variant | size on disk | Shakespeare ppl | Tatoeba ppl | greedy decode | "
+          "compress time |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        ppl = " | ".join(f"{r[n]:.2f} ({r[n] / base[n] - 1:+.1%})" for n in scored)
+        print(f"| {r['name']} | {r['bytes'] / 1e6:.0f} MB ({r['bytes'] / base['bytes']:.2f}x) "
+              f"| {ppl} | {NEW_TOKENS / r['seconds']:.1f} tok/s "
+              f"({base['seconds'] / r['seconds']:.2f}x) | {r['compress']:.0f} s |")
+
+
+if __name__ == "__main__":
+    main()
