@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from lmforge.compress.calib import Calibration
-from lmforge.compress.quant import QuantSpec, quantize_dir
+from lmforge.compress.quant import QuantSpec
+from lmforge.compress.run import quantize_dir
 from lmforge.eval import perplexity
 from lmforge.infer.engine import generate
 from lmforge.infer.sampling import SamplingConfig

@@ -338,7 +338,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     import time
 
     from lmforge.compress.calib import Calibration
-    from lmforge.compress.quant import QuantSpec, quantize_dir
+    from lmforge.compress.quant import QuantSpec
+    from lmforge.compress.run import quantize_dir
     from lmforge.modeldir import directory_bytes
 
     group_size = 32 if args.bits != 8 and args.group_size is None else args.group_size

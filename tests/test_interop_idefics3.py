@@ -20,7 +20,8 @@ transformers = pytest.importorskip("transformers")
 
 from lmforge.chat import ChatSession, prompt_with_images, vision_chat_prompt_ids  # noqa: E402
 from lmforge.cli import main  # noqa: E402
-from lmforge.compress.quant import QuantSpec, quantize_dir  # noqa: E402
+from lmforge.compress.quant import QuantSpec  # noqa: E402
+from lmforge.compress.run import quantize_dir  # noqa: E402
 from lmforge.errors import UnsupportedModel  # noqa: E402
 from lmforge.finetune.run import merge  # noqa: E402
 from lmforge.images import (  # noqa: E402

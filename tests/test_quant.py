@@ -223,7 +223,7 @@ def dequantized(model: Decoder) -> Decoder:
 
 @pytest.mark.parametrize("spec", SPECS[:2], ids=QuantSpec.describe)
 def test_a_vision_language_model_quantizes_its_decoder_and_still_reads_images(tmp_path, spec):
-    from lmforge.compress.quant import quantize_dir
+    from lmforge.compress.run import quantize_dir
     from lmforge.config import resolve_vlm_config
     from lmforge.infer.engine import Engine, Request
     from lmforge.infer.sampling import SamplingConfig

@@ -12,7 +12,8 @@ from PIL import Image
 
 from lmforge.chat import IMAGE_TOKEN, chat_prompt_ids
 from lmforge.cli import main
-from lmforge.compress.quant import QuantizationError, QuantSpec, quantize_dir
+from lmforge.compress.quant import QuantizationError, QuantSpec
+from lmforge.compress.run import quantize_dir
 from lmforge.errors import CheckpointMismatch, ConfigError
 from lmforge.files import load_safetensors
 from lmforge.finetune.run import merge

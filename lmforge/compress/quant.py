@@ -35,19 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.compress.calib import Calibration
 from lmforge.config import from_dict
 from lmforge.errors import LmforgeError, UnsupportedModel
 from lmforge.files import read_json_object
 from lmforge.modeldir import (
     QUANTIZATION,
     DirectoryHook,
-    copy_settings,
-    is_adapter_dir,
-    read_model,
-    read_tokenizer,
     register_hook,
-    save_model,
 )
 from lmforge.models.decoder import Decoder
 from lmforge.models.vlm import VLM
@@ -387,37 +381,6 @@ def _check_groups(name: str, in_features: int, group_size: int | None) -> None:
                 f"no int4 group size ({', '.join(map(str, GROUP_SIZES))}) divides it: use 8 bits")
         raise QuantizationError(f"{name} has {in_features} input features, not a multiple of "
                                 f"the group size {group_size}: {hint}")
-
-
-def quantize_dir(source: str | Path, out: str | Path, spec: QuantSpec,
-                 calibration: Calibration | None = None, progress: bool = True) -> Path:
-    """Write model directory `source`, quantized by `spec.method`, as the model directory
-    `out`. GPTQ and AWQ need `calibration` text."""
-    source, out = Path(source), Path(out)
-    if out.resolve() == source.resolve():
-        raise QuantizationError(f"{out} is the model's own directory: write the quantized "
-                                "model elsewhere")
-    if is_adapter_dir(source):  # its weights alone would lose what the adapter learned
-        raise QuantizationError(f"{source} holds a LoRA adapter: fold it in first "
-                                f"(`lmforge merge {source} --out DIR`), then quantize DIR")
-    model, tokenizer = read_model(source), read_tokenizer(source)
-    if spec.method == "rtn":
-        quantize(model, spec)
-    else:
-        if calibration is None:
-            raise QuantizationError(f"{spec.method} chooses the rounding from the activations of "
-                                    "calibration text: give some (--calib FILE)")
-        context = decoder_of(model).cfg.context_length
-        if calibration.length > context:
-            raise QuantizationError(f"calibration windows of {calibration.length} tokens are "
-                                    f"longer than the model's context ({context}): use "
-                                    f"--calib-length {context} or less")
-        # the methods build on this module's layouts, so they are imported only here
-        from lmforge.compress.gptq import gptq_quantize
-        gptq_quantize(model, calibration.tokens(tokenizer), spec, progress=progress)
-    save_model(out, model, tokenizer)
-    copy_settings(source, out)
-    return out
 
 
 def _shape_for_saved(model: nn.Module, directory: Path) -> None:
