@@ -28,6 +28,7 @@ from lmforge.compress.quant import (
     SCALE_DTYPE,
     QuantLinear,
     QuantSpec,
+    check_quantizable,
     decoder_of,
     dequantize_int4,
     dequantize_int8,
@@ -139,6 +140,7 @@ def gptq_quantize(model: Decoder | VLM, tokens: torch.Tensor, spec: QuantSpec,
     layer is rounded the moment its input arrives (a pre-forward hook), so every layer sees
     the outputs of the layers already rounded, in the blocks before and in its own block;
     the layers that read the same input (q, k and v; gate and up) share its statistics."""
+    check_quantizable(model, spec)
     decoder = decoder_of(model)
     rounded: dict[nn.Module, Rounded] = {}
     shared: list[torch.Tensor] = []  # the last input seen and its statistics

@@ -356,12 +356,8 @@ def replace_linears(model: Decoder | VLM, spec: QuantSpec, make) -> Decoder | VL
         replace_linears(model.text, spec, make)
         model.cfg = dataclasses.replace(model.cfg, text=model.text.cfg)
         return model
-    if quantization_of(model) is not None:
-        raise QuantizationError("this model is already quantized: quantize its float "
-                                "original instead")
+    check_quantizable(model, spec)
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    for name, linear in linears:
-        _check_groups(name, linear.in_features, spec.layer(name)[1])
     for name, linear in linears:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, make(linear, *spec.layer(name)))
@@ -372,6 +368,18 @@ def replace_linears(model: Decoder | VLM, spec: QuantSpec, make) -> Decoder | VL
     model.cfg = dataclasses.replace(model.cfg, tie_embeddings=False)
     model.quantization = spec
     return model
+
+
+def check_quantizable(model: Decoder | VLM, spec: QuantSpec) -> None:
+    """Refuse, before any work, a model that is already quantized or whose layers' widths
+    the group size does not divide."""
+    model = decoder_of(model)
+    if quantization_of(model) is not None:
+        raise QuantizationError("this model is already quantized: quantize its float "
+                                "original instead")
+    for name, linear in model.named_modules():
+        if isinstance(linear, nn.Linear):
+            _check_groups(name, linear.in_features, spec.layer(name)[1])
 
 
 def _check_groups(name: str, in_features: int, group_size: int | None) -> None:
