@@ -42,7 +42,7 @@ def calibration_ids(source: str | Path, tokenizer: Tokenizer, text_field: str = 
                                    f"{shards.vocab_size} tokens, larger than the model's "
                                    f"{tokenizer.vocab_size}: prepare it with the model's "
                                    "tokenizer (lmforge prepare --tokenizer MODEL)")
-        return np.asarray(shards.split("train"), dtype=np.int64)
+        return shards.split("train")  # memory-mapped: only the windows drawn are read
     if path.suffix == ".jsonl":
         texts = []
         for number, record in read_jsonl(path):
@@ -65,7 +65,7 @@ def calibration_tokens(source: str | Path, tokenizer: Tokenizer, n: int = 128,
         raise CalibrationError(f"{source} has {len(ids):,} tokens, fewer than one window of "
                                f"{length}: give more text or a shorter --calib-length")
     starts = np.random.default_rng(seed).integers(0, len(ids) - length + 1, size=n)
-    return torch.from_numpy(np.stack([ids[s:s + length] for s in starts]))
+    return torch.from_numpy(np.stack([ids[s:s + length] for s in starts]).astype(np.int64))
 
 
 @dataclass(frozen=True)
