@@ -55,6 +55,7 @@ _NEXT_COMMANDS = {
     "classify": "lmforge predict {run}",
     "seq2seq": "lmforge translate {run} --text 'a sentence to translate'",
     "vlm": "lmforge generate {run} --chat --image IMAGE --prompt 'What is in the image?'",
+    "distill": "lmforge generate {run} --max-new-tokens 200",
 }
 
 
@@ -343,7 +344,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from lmforge.modeldir import directory_bytes
 
     group_size = 32 if args.bits != 8 and args.group_size is None else args.group_size
-    spec = QuantSpec(args.bits, group_size, method=args.method)
+    spec = QuantSpec(args.bits, group_size, method=args.method, symmetric=args.symmetric)
     calibration = args.calib and Calibration(args.calib, args.calib_samples, args.calib_length,
                                              args.seed)
     source = _model_dir(args)
@@ -756,6 +757,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["rtn", "gptq"], default="rtn",
                    help="rtn: round to nearest; gptq: round column by column, correcting the "
                    "error on calibration text (needs --calib)")
+    p.add_argument("--symmetric", action="store_true", help="int4 and int3: grids centred on "
+                   "0 (no zero points), as GGUF's Q4_0 stores them")
     p.add_argument("--calib", metavar="FILE", help="calibration text: a text file, JSONL "
                    "(its text field) or a prepared corpus folder")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration windows")

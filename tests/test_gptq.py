@@ -62,11 +62,12 @@ def inputs(k: int, rows: int = 512) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("bits,group_size", [(8, None), (4, 32), (4, 64), (3, 32)])
-def test_gptq_equals_the_per_column_reference(bits, group_size):
+@pytest.mark.parametrize("bits,group_size,k", [(8, None, 256), (4, 32, 256), (4, 64, 256),
+                                               (3, 32, 256), (4, 128, 320)])
+def test_gptq_equals_the_per_column_reference(bits, group_size, k):
     torch.manual_seed(0)
-    w = torch.randn(48, 256)
-    x = inputs(256)
+    w = torch.randn(48, k)  # 320 columns: the last group of 128 holds 64
+    x = inputs(k)
     h = hessian(x)
     rounded = gptq(w, h, bits, group_size)
     w_ref = w.clone()
@@ -87,7 +88,8 @@ def test_gptq_beats_rounding_to_nearest_on_the_layer_output(bits, group_size, ac
     if bits == 8:
         nearest = dequantize_int8(*quantize_int8(linear.weight.detach()))
     else:
-        nearest = dequantize_int4(*quantize_int4(linear.weight.detach(), group_size, bits))
+        nearest = dequantize_int4(*quantize_int4(linear.weight.detach(), group_size, bits),
+                                  group_size)
     exact = x @ linear.weight.detach().T
     gptq_error = (x @ rounded.dequantized().T - exact).pow(2).mean()
     rtn_error = (x @ nearest.T - exact).pow(2).mean()

@@ -85,7 +85,7 @@ def test_int4_rounds_each_weight_to_the_nearest_step_of_its_group(group_size):
     q = unpack_int4(packed)
     assert q.max() == 15 and q.min() == 0
     assert torch.equal(packed, q[:, 0::2] | (q[:, 1::2] << 4))
-    error = (dequantize_int4(packed, scales, zeros) - w).abs()
+    error = (dequantize_int4(packed, scales, zeros, group_size) - w).abs()
     step = scales.float().repeat_interleave(group_size, 1)
     assert (error <= step / 2 + 1e-6).all()
     assert error.pow(2).mean().sqrt() < 0.12 * w.pow(2).mean().sqrt()
@@ -130,12 +130,43 @@ def test_kv_cache_decoding_matches_full_forward_when_quantized(spec):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=0.01 * full.abs().max(), rtol=0)
 
 
-def test_a_width_the_group_size_does_not_divide_is_named_with_a_size_that_does():
-    with pytest.raises(QuantizationError, match=r"blocks\.0\.attn\.q_proj has 96 input "
-                                                r"features.*group size 64.*\(32\)"):
-        quantize(tiny(d_model=96), QuantSpec(4, 64))
-    with pytest.raises(QuantizationError, match="use 8 bits"):
-        quantize(tiny(d_model=48), QuantSpec(4, 32))
+@pytest.mark.parametrize("symmetric", [False, True], ids=["", "sym"])
+@pytest.mark.parametrize("rows", [(1, 1), (2, 40)], ids=["step", "prompt"])
+def test_a_short_last_group_quantizes_and_runs_like_its_dequantized_weight(symmetric, rows):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40)  # groups of 64: one whole, one of 32 columns
+    layer = QuantLinear.from_linear(linear, 4, 64, symmetric)
+    assert layer.scales.shape == (40, 2)
+    w = layer.dequantized_weight()
+    # Each group's grid is its own: the short group's error is bounded by its own range
+    # (half a step; a symmetric grid's far side may clamp, a whole step).
+    short = linear.weight.detach()[:, 64:]
+    step = short.abs().amax(1) / 8 if symmetric else (short.amax(1) - short.amin(1)) / 15
+    bound = step * (1.0 if symmetric else 0.5) * 1.02
+    assert ((w[:, 64:] - short).abs() <= bound[:, None]).all()
+    x = torch.randn(*rows, 96)
+    with torch.no_grad():
+        expected = F.linear(x.bfloat16().float(), w, linear.bias)
+        torch.testing.assert_close(layer(x), expected, atol=0.02, rtol=0.02)
+
+
+def test_a_symmetric_grid_has_zero_zeros_and_puts_the_largest_magnitude_on_a_level():
+    torch.manual_seed(0)
+    w = torch.randn(8, 64)
+    packed, scales, zeros = quantize_int4(w, 32, symmetric=True)
+    assert (zeros == 0).all()
+    back = dequantize_int4(packed, scales, zeros, 32)
+    groups, extremes = w.reshape(8, 2, 32), back.reshape(8, 2, 32)
+    at = groups.abs().argmax(-1, keepdim=True)
+    torch.testing.assert_close(extremes.gather(-1, at), groups.gather(-1, at),
+                               rtol=2 ** -8, atol=0)
+    assert QuantSpec(4, 32, symmetric=True).describe() == "int4 g32 sym"
+
+
+def test_odd_widths_are_refused_for_int4():
+    with pytest.raises(QuantizationError, match=r"blocks\.0\.attn\.q_proj has 63 input "
+                                                r"features.*use 8 bits"):
+        quantize(tiny(d_model=63, n_head=1), QuantSpec(4, 32))
 
 
 def test_specs_that_make_no_sense_are_refused():
@@ -174,9 +205,9 @@ def test_cli_quantizes_a_model_directory_and_generates_from_it(tmp_path, capsys)
 
     assert main(["quantize", str(out), "--bits", "8", "--out", str(tmp_path / "again")]) == 2
     assert "already quantized" in capsys.readouterr().err
-    assert main(["quantize", str(source), "--bits", "4", "--group-size", "64",
-                 "--out", str(tmp_path / "g64")]) == 2
-    assert "use a group size that divides it (32)" in capsys.readouterr().err
+    assert main(["quantize", str(source), "--bits", "8", "--symmetric",
+                 "--out", str(tmp_path / "sym")]) == 2
+    assert "int8 is always symmetric" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------- SmolLM2 (slow)

@@ -35,6 +35,7 @@ from lmforge.compress.quant import (
     int4_grid,
     int4_levels,
     int8_scales,
+    n_groups,
     pack_int4,
     replace_linears,
 )
@@ -47,17 +48,18 @@ BLOCK = 128  # columns updated together: a multiple of every group size
 @dataclass(frozen=True)
 class Rounded:
     """A weight on lmforge's grid: `values` int8 (N, K) for 8 bits, packed nibbles uint8
-    (N, K/2) otherwise; `scales` (N,) or (N, K/G) and `zeros` (N, K/G) or None."""
+    (N, K/2) otherwise; `scales` (N,) or (N, groups) and `zeros` (N, groups) or None."""
 
     values: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor | None
+    group_size: int | None = None
 
     def dequantized(self) -> torch.Tensor:
         """float32 (N, K)."""
         if self.zeros is None:
             return dequantize_int8(self.values, self.scales)
-        return dequantize_int4(self.values, self.scales, self.zeros)
+        return dequantize_int4(self.values, self.scales, self.zeros, self.group_size)
 
 
 def hessian(inputs: torch.Tensor) -> torch.Tensor:
@@ -67,7 +69,7 @@ def hessian(inputs: torch.Tensor) -> torch.Tensor:
 
 
 def gptq(weight: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | None = None,
-         damp: float = 0.01, act_order: bool = False) -> Rounded:
+         damp: float = 0.01, act_order: bool = False, symmetric: bool = False) -> Rounded:
     """`weight` (N, K) rounded by GPTQ against the input statistics `h` (K, K, see `hessian`)
     to `bits` (8: per output row; 4 or 3: per group of `group_size` columns). `damp` adds that
     fraction of H's mean diagonal to the diagonal, which keeps the Cholesky factorisation
@@ -82,7 +84,7 @@ def gptq(weight: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | Non
     if bits == 8:
         static = (int8_scales(w), None)
     elif act_order:
-        static = int4_grid(w, group_size, bits)
+        static = int4_grid(w, group_size, bits, symmetric)
     order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(k)
     w, h = w[:, order], h[order][:, order]
     h.diagonal().add_(damp * h.diagonal().mean())
@@ -90,8 +92,8 @@ def gptq(weight: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | Non
 
     q = torch.empty(n, k, dtype=torch.int16)
     scales, zeros = static if static is not None else (
-        torch.empty(n, k // group_size, dtype=SCALE_DTYPE),
-        torch.empty(n, k // group_size, dtype=SCALE_DTYPE))
+        torch.empty(n, n_groups(k, group_size), dtype=SCALE_DTYPE),
+        torch.empty(n, n_groups(k, group_size), dtype=SCALE_DTYPE))
     for start in range(0, k, BLOCK):
         end = min(start + BLOCK, k)
         block, errors = w[:, start:end].clone(), torch.empty(n, end - start, dtype=w.dtype)
@@ -100,7 +102,7 @@ def gptq(weight: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | Non
             column = int(order[start + i])
             if static is None and column % group_size == 0:  # a new group starts here
                 g = column // group_size
-                s, z = int4_grid(block[:, i:i + group_size], group_size, bits)
+                s, z = int4_grid(block[:, i:i + group_size], group_size, bits, symmetric)
                 scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
             value, rounded = _round_column(block[:, i], column, bits, group_size, scales, zeros)
             q[:, start + i] = value
@@ -112,7 +114,7 @@ def gptq(weight: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | Non
     values[:, order] = q
     if bits == 8:
         return Rounded(values.to(torch.int8), scales, None)
-    return Rounded(pack_int4(values.to(torch.uint8)), scales, zeros)
+    return Rounded(pack_int4(values.to(torch.uint8)), scales, zeros, group_size)
 
 
 def _round_column(w: torch.Tensor, column: int, bits: int, group_size: int | None,
@@ -152,7 +154,8 @@ def gptq_quantize(model: Decoder | VLM, tokens: torch.Tensor, spec: QuantSpec,
             x = args[0]
             if not shared or shared[0] is not x:
                 shared[:] = [x, hessian(x)]
-            rounded[linear] = gptq(linear.weight, shared[1], bits, group_size, damp, act_order)
+            rounded[linear] = gptq(linear.weight, shared[1], bits, group_size, damp, act_order,
+                                   spec.symmetric)
             linear.weight.data = rounded[linear].dequantized().to(linear.weight.dtype)
         return hook
 
@@ -171,6 +174,6 @@ def gptq_quantize(model: Decoder | VLM, tokens: torch.Tensor, spec: QuantSpec,
     # The output projection is rounded but left as it is: it may be the embedding's weight.
     bits, group_size = spec.layer("lm_head")
     rounded[decoder.lm_head] = gptq(decoder.lm_head.weight, hessian(features), bits,
-                                    group_size, damp, act_order)
+                                    group_size, damp, act_order, spec.symmetric)
     return replace_linears(model, spec, lambda linear, bits, group_size: QuantLinear.from_values(
         linear, bits, group_size, rounded[linear]))

@@ -16,8 +16,10 @@ Weights are kept, and saved, in a plain layout any reader can decode (W is (out,
 scales and zeros are bfloat16):
 - int8: `weight` int8 (N, K) and `scales` (N,): W = weight * scale;
 - int4: `weight` uint8 (N, K/2), two values 0..15 per byte (column 2j in the low nibble,
-  2j+1 in the high), and `scales`, `zeros` (N, K/G) for groups of G columns:
-  W = (q - 8) * scale + zero, the convention of PyTorch's int4 kernels.
+  2j+1 in the high), and `scales`, `zeros` (N, ceil(K/G)) for groups of G columns:
+  W = (q - 8) * scale + zero, the convention of PyTorch's int4 kernels. When G does not
+  divide K the last group is shorter (SmolLM2's width, 576, is 4.5 groups of 128). A
+  symmetric grid has every zero 0 (W = (q - 8) * scale, GGUF's Q4_0).
 On the CPU, decoding steps run in PyTorch's int8/int4 kernels, with activations cast to
 bfloat16 (their fast path) and back. The int4 kernel wants the weight in its own packed
 layout, which depends on the CPU build: it is made at first use and never saved. Long prompts,
@@ -78,6 +80,7 @@ class QuantSpec:
     group_size: int | None = None  # int4 / int3: columns sharing one scale and zero
     head_bits: int = 8
     method: str = "rtn"  # rtn (round to nearest), gptq or awq: how the values were chosen
+    symmetric: bool = False  # int4 / int3: zeros all 0, the grid centred on 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -91,6 +94,8 @@ class QuantSpec:
         if self.bits != 8 and self.group_size not in GROUP_SIZES:
             raise QuantizationError(f"int{self.bits} group size {self.group_size} is not one of "
                                     f"{', '.join(map(str, GROUP_SIZES))}")
+        if self.symmetric and self.bits == 8:
+            raise QuantizationError("int8 is always symmetric: `symmetric` goes with 4 or 3 bits")
         if self.head_bits not in (self.bits, 8):
             raise QuantizationError(f"head_bits={self.head_bits}: the output projection takes "
                                     f"{self.bits} or 8 bits")
@@ -103,6 +108,8 @@ class QuantSpec:
 
     def describe(self) -> str:
         name = "int8" if self.bits == 8 else f"int{self.bits} g{self.group_size}"
+        if self.symmetric:
+            name += " sym"
         if self.head_bits != 8:
             name += f" (int{self.head_bits} head)"
         return name + (f" {self.method.upper()}" if self.method != "rtn" else "")
@@ -152,28 +159,48 @@ def int4_levels(bits: int = 4) -> tuple[int, int]:
     return 8 - half, 7 + half
 
 
-def int4_grid(w: torch.Tensor, group_size: int, bits: int = 4
+def n_groups(in_features: int, group_size: int) -> int:
+    """Groups per row: the last one may be shorter than `group_size`."""
+    return -(-in_features // group_size)
+
+
+def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`w` (N, K) as (N, groups, group_size) float32, a short last group filled up with
+    copies of the row's last value (which leave its minimum and maximum as they are)."""
+    pad = -w.shape[1] % group_size
+    w = w.float()
+    if pad:
+        w = torch.cat([w, w[:, -1:].expand(-1, pad)], dim=1)
+    return w.reshape(w.shape[0], -1, group_size)
+
+
+def int4_grid(w: torch.Tensor, group_size: int, bits: int = 4, symmetric: bool = False
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric per group of columns: scales and zeros (N, K/G). Each group's range
+    """Per group of columns: scales and zeros (N, groups). Asymmetric: each group's range
     [min, max] is split into 2^bits - 1 steps, so the lowest and highest levels land on its
-    extremes."""
-    N, K = w.shape
-    groups = w.float().reshape(N, K // group_size, group_size)
-    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    extremes. Symmetric (zeros 0): the value of largest magnitude lands on the lowest level
+    exactly, with a scale of its sign, so one extreme costs no rounding at all (Q4_0's rule)."""
+    groups = _groups(w, group_size)
     lowest, highest = int4_levels(bits)
+    if symmetric:
+        extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True))[..., 0]
+        scales = (extreme / (lowest - 8)).to(SCALE_DTYPE)
+        scales = torch.where(scales.abs() < _SMALLEST, _SMALLEST, scales)
+        return scales, torch.zeros_like(scales)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
     scales = ((high - low) / (highest - lowest)).to(SCALE_DTYPE).clamp(min=_SMALLEST)
     zeros = (low + (8 - lowest) * scales.float()).to(SCALE_DTYPE)
     return scales, zeros
 
 
-def round_int4(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int = 4
-               ) -> torch.Tensor:
+def round_int4(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+               bits: int = 4) -> torch.Tensor:
     """Values uint8 (N, K) in the `bits`-bit levels: `w` rounded on the grid of `scales` and
-    `zeros` (N, K/G), where W = (q - 8) * scale + zero."""
+    `zeros` (N, groups), where W = (q - 8) * scale + zero."""
     N, K = w.shape
-    groups = w.float().reshape(N, scales.shape[1], -1)
+    groups = _groups(w, group_size)
     q = torch.round((groups - zeros[..., None].float()) / scales[..., None].float()) + 8
-    return q.clamp(*int4_levels(bits)).to(torch.uint8).reshape(N, K)
+    return q.clamp(*int4_levels(bits)).to(torch.uint8).reshape(N, -1)[:, :K]
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -181,11 +208,11 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return q[:, 0::2] | (q[:, 1::2] << 4)
 
 
-def quantize_int4(w: torch.Tensor, group_size: int, bits: int = 4
+def quantize_int4(w: torch.Tensor, group_size: int, bits: int = 4, symmetric: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric per group of columns: nibbles uint8 (N, K/2), scales and zeros (N, K/G)."""
-    scales, zeros = int4_grid(w, group_size, bits)
-    return pack_int4(round_int4(w, scales, zeros, bits)), scales, zeros
+    """Per group of columns: nibbles uint8 (N, K/2), scales and zeros (N, groups)."""
+    scales, zeros = int4_grid(w, group_size, bits, symmetric)
+    return pack_int4(round_int4(w, scales, zeros, group_size, bits)), scales, zeros
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -193,13 +220,13 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(1)
 
 
-def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor,
-                    zeros: torch.Tensor) -> torch.Tensor:
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    group_size: int) -> torch.Tensor:
     """float32 (N, K)."""
     q = unpack_int4(packed)
     N, K = q.shape
-    groups = q.float().reshape(N, scales.shape[1], -1) - 8
-    return (groups * scales[..., None].float() + zeros[..., None].float()).reshape(N, K)
+    groups = _groups(q, group_size) - 8
+    return (groups * scales[..., None].float() + zeros[..., None].float()).reshape(N, -1)[:, :K]
 
 
 # ------------------------------------------------------------------------- the layer
@@ -218,7 +245,7 @@ class QuantLinear(nn.Module):
                                                        dtype=torch.int8))
             self.register_buffer("scales", torch.empty(out_features, dtype=SCALE_DTYPE))
         else:
-            groups = in_features // group_size
+            groups = n_groups(in_features, group_size)
             self.register_buffer("weight", torch.empty(out_features, in_features // 2,
                                                        dtype=torch.uint8))
             self.register_buffer("scales", torch.empty(out_features, groups, dtype=SCALE_DTYPE))
@@ -230,8 +257,8 @@ class QuantLinear(nn.Module):
         self.register_load_state_dict_post_hook(QuantLinear._forget_kernel_operands)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None = None
-                    ) -> QuantLinear:
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None = None,
+                    symmetric: bool = False) -> QuantLinear:
         with torch.device("meta"):  # the buffers are replaced just below
             layer = cls(linear.in_features, linear.out_features, bits, group_size,
                         bias=linear.bias is not None)
@@ -239,7 +266,8 @@ class QuantLinear(nn.Module):
         if bits == 8:
             layer.weight, layer.scales = quantize_int8(w)
         else:
-            layer.weight, layer.scales, layer.zeros = quantize_int4(w, group_size, bits)
+            layer.weight, layer.scales, layer.zeros = quantize_int4(w, group_size, bits,
+                                                                    symmetric)
         if linear.bias is not None:
             layer.bias = linear.bias.detach().clone()
         return layer
@@ -263,7 +291,7 @@ class QuantLinear(nn.Module):
         """float32 (out_features, in_features)."""
         if self.bits == 8:
             return dequantize_int8(self.weight, self.scales)
-        return dequantize_int4(self.weight, self.scales, self.zeros)
+        return dequantize_int4(self.weight, self.scales, self.zeros, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -275,6 +303,8 @@ class QuantLinear(nn.Module):
         if self.bits == 8:
             y = torch._weight_int8pack_mm(x2d, weight, scales)
         else:
+            # The kernel wants whole groups: a short last group is padded with zero inputs.
+            x2d = F.pad(x2d, (0, -self.in_features % self.group_size))
             y = torch._weight_int4pack_mm_for_cpu(x2d, weight, self.group_size, scales)
             y = y[:, :self.out_features]  # rows padded for the kernel
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -284,14 +314,15 @@ class QuantLinear(nn.Module):
         if self._kernel_operands is None or self._kernel_operands[0].device != self.weight.device:
             self._kernel_operands = (
                 (_aligned(self.weight), _aligned(self.scales.to(SCALE_DTYPE))) if self.bits == 8
-                else _int4_kernel_operands(self.weight, self.scales, self.zeros))
+                else _int4_kernel_operands(self.weight, self.scales, self.zeros,
+                                           self.group_size))
         return self._kernel_operands
 
     def _forget_kernel_operands(self, _incompatible_keys) -> None:
         self._kernel_operands = None
 
     def extra_repr(self) -> str:
-        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        group = f", group_size={self.group_size}" if self.bits != 8 else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bits={self.bits}{group}, bias={self.bias is not None}")
 
@@ -303,12 +334,14 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 64 == 0 else t.clone()
 
 
-def _int4_kernel_operands(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CPU kernel's packed weight and (K/G, N, 2) scales-and-zeros, with the rows padded
-    to a multiple of 16 (the extra outputs are zeros, dropped after the matmul)."""
+def _int4_kernel_operands(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                          group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU kernel's packed weight and (groups, N, 2) scales-and-zeros, with the rows padded
+    to a multiple of 16 (the extra outputs are zeros, dropped after the matmul) and the columns
+    to whole groups (they meet zero inputs)."""
     pad = -packed.shape[0] % INT4_ROWS
-    q = F.pad(unpack_int4(packed), (0, 0, 0, pad)).to(torch.int32)
+    q = unpack_int4(packed)
+    q = F.pad(q, (0, -q.shape[1] % group_size, 0, pad)).to(torch.int32)
     scales_and_zeros = torch.stack([F.pad(scales, (0, 0, 0, pad)), F.pad(zeros, (0, 0, 0, pad))],
                                    dim=-1)
     # The CPU kernel ignores inner_k_tiles (a tiling parameter of the CUDA layout).
@@ -335,7 +368,7 @@ def quantization_of(model: Decoder | VLM) -> QuantSpec | None:
 def quantize(model: Decoder | VLM, spec: QuantSpec) -> Decoder | VLM:
     """Quantize every Linear layer of `model`'s decoder in place (and return `model`)."""
     return replace_linears(model, spec, lambda linear, bits, group_size:
-                            QuantLinear.from_linear(linear, bits, group_size))
+                            QuantLinear.from_linear(linear, bits, group_size, spec.symmetric))
 
 
 def prepare_quantized(model: Decoder | VLM, spec: QuantSpec) -> Decoder | VLM:
@@ -371,24 +404,18 @@ def replace_linears(model: Decoder | VLM, spec: QuantSpec, make) -> Decoder | VL
 
 
 def check_quantizable(model: Decoder | VLM, spec: QuantSpec) -> None:
-    """Refuse, before any work, a model that is already quantized or whose layers' widths
-    the group size does not divide."""
+    """Refuse, before any work, a model that is already quantized or has a layer of odd
+    width (two int4 values share a byte)."""
     model = decoder_of(model)
     if quantization_of(model) is not None:
         raise QuantizationError("this model is already quantized: quantize its float "
                                 "original instead")
     for name, linear in model.named_modules():
         if isinstance(linear, nn.Linear):
-            _check_groups(name, linear.in_features, spec.layer(name)[1])
-
-
-def _check_groups(name: str, in_features: int, group_size: int | None) -> None:
-    if group_size is not None and in_features % group_size:
-        fitting = [str(g) for g in GROUP_SIZES if in_features % g == 0]
-        hint = (f"use a group size that divides it ({' or '.join(fitting)})" if fitting else
-                f"no int4 group size ({', '.join(map(str, GROUP_SIZES))}) divides it: use 8 bits")
-        raise QuantizationError(f"{name} has {in_features} input features, not a multiple of "
-                                f"the group size {group_size}: {hint}")
+            if spec.layer(name)[0] != 8 and linear.in_features % 2:
+                raise QuantizationError(f"{name} has {linear.in_features} input features, an "
+                                        "odd number, which the int4 layout cannot pack: use "
+                                        "8 bits")
 
 
 def _shape_for_saved(model: nn.Module, directory: Path) -> None:
