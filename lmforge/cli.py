@@ -356,6 +356,31 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     print(f"size on disk: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB ({after / before:.2f}x)")
 
 
+def cmd_prune(args: argparse.Namespace) -> None:
+    import time
+    from collections import defaultdict
+
+    from lmforge.compress.calib import Calibration
+    from lmforge.compress.prune import PruneSpec
+    from lmforge.compress.run import prune_dir
+
+    pattern = args.pattern and PruneSpec.parse_pattern(args.pattern)
+    sparsity = None if pattern else (0.5 if args.sparsity is None else args.sparsity)
+    spec = PruneSpec(args.method, sparsity, pattern)
+    calibration = args.calib and Calibration(args.calib, args.calib_samples, args.calib_length,
+                                             args.seed)
+    start = time.perf_counter()
+    layers = prune_dir(_model_dir(args), args.out, spec, calibration)
+    seconds = time.perf_counter() - start
+    by_kind = defaultdict(list)
+    for name, share in layers.items():
+        by_kind[name.rsplit(".", 1)[-1]].append(share)
+    print(f"{spec.describe()} model in {args.out} ({seconds:.1f} s); zeros per layer "
+          "(every layer's in sparsity.json):")
+    for kind, shares in by_kind.items():
+        print(f"  {kind:<10} {min(shares):.1%} .. {max(shares):.1%} over {len(shares)} layers")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     import torch
 
@@ -537,6 +562,14 @@ class _Parser(argparse.ArgumentParser):
         if args and args[0].startswith("-") and not kwargs.get("help"):
             raise ValueError(f"{args[0]} needs a help text")
         return super().add_argument(*args, **kwargs)
+
+
+def _calibration_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", metavar="FILE", help="calibration text: a text file, JSONL "
+                   "(its text field) or a prepared corpus folder")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows")
+    p.add_argument("--calib-length", type=int, default=512, help="tokens per window")
+    p.add_argument("--seed", type=int, default=0, help="where the windows start")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -754,16 +787,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, choices=[8, 4, 3], required=True, help="bits per weight")
     p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=None,
                    help="int4 and int3: columns sharing a scale (default 32)")
-    p.add_argument("--method", choices=["rtn", "gptq"], default="rtn",
+    p.add_argument("--method", choices=["rtn", "gptq", "awq", "awq+gptq"], default="rtn",
                    help="rtn: round to nearest; gptq: round column by column, correcting the "
-                   "error on calibration text (needs --calib)")
+                   "error on calibration text; awq: scale the weights that meet large inputs "
+                   "up first (calibrated too), then round to nearest; awq+gptq: both. The "
+                   "calibrated methods need --calib")
     p.add_argument("--symmetric", action="store_true", help="int4 and int3: grids centred on "
                    "0 (no zero points), as GGUF's Q4_0 stores them")
-    p.add_argument("--calib", metavar="FILE", help="calibration text: a text file, JSONL "
-                   "(its text field) or a prepared corpus folder")
-    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows")
-    p.add_argument("--calib-length", type=int, default=512, help="tokens per window")
-    p.add_argument("--seed", type=int, default=0, help="where the windows start")
+    _calibration_arguments(p)
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="fold this LoRA adapter in first")
+
+    p = command("prune", "zero a share of the weights: magnitude, Wanda or SparseGPT",
+                cmd_prune)
+    p.add_argument("model", help=model_help)
+    p.add_argument("--method", choices=["magnitude", "wanda", "sparsegpt"], required=True,
+                   help="magnitude: the smallest weights; wanda: weight x input norm; "
+                   "sparsegpt: the cheapest to remove, the rest updated to make up (both "
+                   "need --calib)")
+    share = p.add_mutually_exclusive_group()
+    share.add_argument("--sparsity", type=float, default=None,
+                       help="the fraction of each layer's weights set to zero (default 0.5)")
+    share.add_argument("--pattern", default=None, metavar="N:M",
+                       help="N of every M consecutive weights zero, e.g. 2:4")
+    _calibration_arguments(p)
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--adapter", default=None, metavar="DIR", help="fold this LoRA adapter in first")
 

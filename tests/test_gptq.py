@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmforge.compress.calib import CalibrationError, calibration_tokens, through_blocks
-from lmforge.compress.gptq import gptq, gptq_quantize, hessian
+from lmforge.compress.gptq import gptq, hessian
 from lmforge.compress.quant import (
     QuantSpec,
     dequantize_int4,
@@ -19,6 +19,7 @@ from lmforge.compress.quant import (
     quantize_int8,
     unpack_int4,
 )
+from lmforge.compress.sequential import quantize_calibrated
 from lmforge.config import ModelConfig
 from lmforge.models.decoder import Decoder
 from lmforge.tokenizer import train_char
@@ -131,7 +132,7 @@ def test_through_blocks_gives_the_model_s_own_features():
     model = tiny_model(tokenizer.vocab_size)
     tokens = torch.tensor([tokenizer.encode(TEXT[i:i + 40]) for i in range(0, 200, 40)])
     seen = []
-    features = through_blocks(model, tokens, lambda i, block: seen.append(i), batch_size=2,
+    features = through_blocks(model, tokens, lambda i, block, run: seen.append(i), batch_size=2,
                               progress=False)
     with torch.no_grad():
         torch.testing.assert_close(features, model.features(tokens))
@@ -149,7 +150,7 @@ def test_a_gptq_model_is_closer_to_the_float_model_than_rounding(spec):
         exact = tiny_model(tokenizer.vocab_size)(held_out)
         nearest = quantize(tiny_model(tokenizer.vocab_size), QuantSpec(spec.bits, spec.group_size,
                                                                          spec.head_bits))(held_out)
-        model = gptq_quantize(tiny_model(tokenizer.vocab_size), calib, spec, progress=False)
+        model = quantize_calibrated(tiny_model(tokenizer.vocab_size), calib, spec, progress=False)
         ours = model(held_out)
     assert quantization_of(model) == spec
     assert (ours - exact).pow(2).mean() < (nearest - exact).pow(2).mean()

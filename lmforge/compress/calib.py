@@ -81,20 +81,34 @@ class Calibration:
         return calibration_tokens(self.source, tokenizer, self.n, self.length, self.seed)
 
 
-BlockStep = Callable[[int, nn.Module], None]
+BlockStep = Callable[[int, nn.Module, Callable[[], None]], None]
 
 
 @torch.no_grad()
 def through_blocks(model: Decoder, tokens: torch.Tensor, before_block: BlockStep,
                    batch_size: int = 16, progress: bool = True, desc: str = "blocks"
                    ) -> torch.Tensor:
-    """Run `tokens` (N, L) through `model` a block at a time: `before_block(i, block)` may
-    put hooks on block i (and change it) before every sequence goes through it, in batches
-    of `batch_size`. Returns the final normed hidden states (N, L, d_model), what the output
-    projection reads, after every block has been through `before_block`."""
+    """Run `tokens` (N, L) through `model` a block at a time: `before_block(i, block, run)`
+    may put hooks on block i (and change it) before every sequence goes through it, in
+    batches of `batch_size`; `run()` sends them through block i as it is, for a method to
+    look at its inputs first. Returns the final normed hidden states (N, L, d_model), what
+    the output projection reads, after every block has been through `before_block`."""
     pieces = [model.block_inputs(chunk) for chunk in tokens.split(batch_size)]
     xs = [x for x, _, _, _ in pieces]
+
+    def through(block: nn.Module) -> list[torch.Tensor]:
+        return [block(x, rotary, pos, mask, None) for x, (_, rotary, pos, mask) in zip(xs, pieces)]
+
     for i, block in enumerate(tqdm(model.blocks, desc=desc, unit="block", disable=not progress)):
-        before_block(i, block)
-        xs = [block(x, rotary, pos, mask, None) for x, (_, rotary, pos, mask) in zip(xs, pieces)]
+        before_block(i, block, lambda block=block: through(block))
+        xs = through(block)
     return torch.cat([model.final_norm(x) for x in xs])
+
+
+def on_linear_inputs(module: nn.Module, prefix: str,
+                     act: Callable[[str, nn.Linear, torch.Tensor], None]) -> list:
+    """Call `act(name, linear, x)` as each Linear layer of `module` is reached, before it
+    runs on its input x (its name is `prefix.` and its name in `module`); the hooks' handles."""
+    return [linear.register_forward_pre_hook(
+                lambda layer, args, name=f"{prefix}.{name}": act(name, layer, args[0]))
+            for name, linear in module.named_modules() if isinstance(linear, nn.Linear)]

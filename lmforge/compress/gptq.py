@@ -18,48 +18,19 @@ group is then no longer rounded in one stretch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from torch import nn
 
-from lmforge.compress.calib import through_blocks
 from lmforge.compress.quant import (
     SCALE_DTYPE,
-    QuantLinear,
-    QuantSpec,
-    check_quantizable,
-    decoder_of,
-    dequantize_int4,
-    dequantize_int8,
+    Rounded,
     int4_grid,
     int4_levels,
     int8_scales,
     n_groups,
     pack_int4,
-    replace_linears,
 )
-from lmforge.models.decoder import Decoder
-from lmforge.models.vlm import VLM
 
 BLOCK = 128  # columns updated together: a multiple of every group size
-
-
-@dataclass(frozen=True)
-class Rounded:
-    """A weight on lmforge's grid: `values` int8 (N, K) for 8 bits, packed nibbles uint8
-    (N, K/2) otherwise; `scales` (N,) or (N, groups) and `zeros` (N, groups) or None."""
-
-    values: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor | None
-    group_size: int | None = None
-
-    def dequantized(self) -> torch.Tensor:
-        """float32 (N, K)."""
-        if self.zeros is None:
-            return dequantize_int8(self.values, self.scales)
-        return dequantize_int4(self.values, self.scales, self.zeros, self.group_size)
 
 
 def hessian(inputs: torch.Tensor) -> torch.Tensor:
@@ -68,18 +39,46 @@ def hessian(inputs: torch.Tensor) -> torch.Tensor:
     return x.T @ x
 
 
+class Hessians:
+    """`hessian` of the last input seen: the layers that read one input (q, k and v; gate and
+    up) share its statistics."""
+
+    def __init__(self) -> None:
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._last is None or self._last[0] is not x:
+            self._last = (x, hessian(x))
+        return self._last[1]
+
+
+def without_dead_inputs(weight: torch.Tensor, h: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 copies of `weight` and `h` where an input that is always zero (its weights
+    never matter) has zero weights and a unit diagonal, so H can be inverted."""
+    w, h = weight.detach().double().clone(), h.double().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    return w, h
+
+
+def inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1: row j holds how
+    removing column j's error moves the columns after it. The dampening keeps the
+    factorisation stable when some inputs are (nearly) constant."""
+    h = h.clone()
+    h.diagonal().add_(damp * h.diagonal().mean())
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
 def gptq(weight: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | None = None,
          damp: float = 0.01, act_order: bool = False, symmetric: bool = False) -> Rounded:
     """`weight` (N, K) rounded by GPTQ against the input statistics `h` (K, K, see `hessian`)
-    to `bits` (8: per output row; 4 or 3: per group of `group_size` columns). `damp` adds that
-    fraction of H's mean diagonal to the diagonal, which keeps the Cholesky factorisation
-    stable when some inputs are (nearly) constant."""
-    w = weight.detach().double().clone()
+    to `bits` (8: per output row; 4 or 3: per group of `group_size` columns), with `damp`
+    (see `inverse_factor`)."""
+    w, h = without_dead_inputs(weight, h)
     n, k = w.shape
-    h = h.double().clone()
-    dead = h.diagonal() == 0  # an input that is always zero: its weights never matter
-    h[dead, dead] = 1
-    w[:, dead] = 0
     static = None
     if bits == 8:
         static = (int8_scales(w), None)
@@ -87,8 +86,7 @@ def gptq(weight: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | Non
         static = int4_grid(w, group_size, bits, symmetric)
     order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(k)
     w, h = w[:, order], h[order][:, order]
-    h.diagonal().add_(damp * h.diagonal().mean())
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    hinv = inverse_factor(h, damp)
 
     q = torch.empty(n, k, dtype=torch.int16)
     scales, zeros = static if static is not None else (
@@ -129,51 +127,3 @@ def _round_column(w: torch.Tensor, column: int, bits: int, group_size: int | Non
     scale, zero = scales[:, g].double(), zeros[:, g].double()
     value = (torch.round((w - zero) / scale) + 8).clamp(*int4_levels(bits))
     return value.to(torch.int16), (value - 8) * scale + zero
-
-
-def gptq_quantize(model: Decoder | VLM, tokens: torch.Tensor, spec: QuantSpec,
-                  damp: float = 0.01, act_order: bool = False, progress: bool = True
-                  ) -> Decoder | VLM:
-    """Quantize every Linear layer of `model`'s decoder by GPTQ on the calibration `tokens`
-    (N, L), in place (and return `model`), as `lmforge.compress.quant.quantize` does by
-    rounding to nearest.
-
-    Sequential: the calibration set goes through the decoder a block at a time, and each
-    layer is rounded the moment its input arrives (a pre-forward hook), so every layer sees
-    the outputs of the layers already rounded, in the blocks before and in its own block;
-    the layers that read the same input (q, k and v; gate and up) share its statistics."""
-    check_quantizable(model, spec)
-    decoder = decoder_of(model)
-    rounded: dict[nn.Module, Rounded] = {}
-    shared: list[torch.Tensor] = []  # the last input seen and its statistics
-
-    def round_on_entry(name: str):
-        bits, group_size = spec.layer(name)
-
-        def hook(linear: nn.Linear, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0]
-            if not shared or shared[0] is not x:
-                shared[:] = [x, hessian(x)]
-            rounded[linear] = gptq(linear.weight, shared[1], bits, group_size, damp, act_order,
-                                   spec.symmetric)
-            linear.weight.data = rounded[linear].dequantized().to(linear.weight.dtype)
-        return hook
-
-    handles = []
-
-    def before_block(i: int, block: nn.Module) -> None:
-        handles.extend(linear.register_forward_pre_hook(round_on_entry(f"blocks.{i}.{name}"))
-                       for name, linear in block.named_modules() if isinstance(linear, nn.Linear))
-
-    try:
-        features = through_blocks(decoder, tokens, before_block, batch_size=len(tokens),
-                                  progress=progress, desc="GPTQ")
-    finally:
-        for handle in handles:
-            handle.remove()
-    # The output projection is rounded but left as it is: it may be the embedding's weight.
-    bits, group_size = spec.layer("lm_head")
-    rounded[decoder.lm_head] = gptq(decoder.lm_head.weight, hessian(features), bits,
-                                    group_size, damp, act_order, spec.symmetric)
-    return replace_linears(model, spec, lambda linear, bits, group_size: QuantLinear.from_values(
-        linear, bits, group_size, rounded[linear]))

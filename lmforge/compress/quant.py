@@ -49,7 +49,7 @@ from lmforge.models.decoder import Decoder
 from lmforge.models.vlm import VLM
 
 GROUP_SIZES = (32, 64, 128)
-METHODS = ("rtn", "gptq", "awq")
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 # The CPU kernels are vectorised for bfloat16 activations only (with float32 ones they are
 # 10-20x slower than a float32 matmul) and want scales of the activations' dtype, so scales
 # are made, stored and used in bfloat16, and the integers are rounded against those.
@@ -79,7 +79,7 @@ class QuantSpec:
     bits: int
     group_size: int | None = None  # int4 / int3: columns sharing one scale and zero
     head_bits: int = 8
-    method: str = "rtn"  # rtn (round to nearest), gptq or awq: how the values were chosen
+    method: str = "rtn"  # rtn (round to nearest), gptq, awq, awq+gptq: how values were chosen
     symmetric: bool = False  # int4 / int3: zeros all 0, the grid centred on 0
 
     def __post_init__(self) -> None:
@@ -229,6 +229,32 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     return (groups * scales[..., None].float() + zeros[..., None].float()).reshape(N, -1)[:, :K]
 
 
+@dataclass(frozen=True)
+class Rounded:
+    """A weight on lmforge's grid, however its values were chosen: `values` int8 (N, K) for 8
+    bits, packed nibbles uint8 (N, K/2) otherwise; `scales` (N,) or (N, groups) and `zeros`
+    (N, groups) or None."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    group_size: int | None = None
+
+    def dequantized(self) -> torch.Tensor:
+        """float32 (N, K)."""
+        if self.zeros is None:
+            return dequantize_int8(self.values, self.scales)
+        return dequantize_int4(self.values, self.scales, self.zeros, self.group_size)
+
+
+def round_to_nearest(w: torch.Tensor, bits: int, group_size: int | None = None,
+                     symmetric: bool = False) -> Rounded:
+    """`w` (N, K) rounded to nearest on its own grid: int8 per row, int4 / int3 per group."""
+    if bits == 8:
+        return Rounded(*quantize_int8(w), None)
+    return Rounded(*quantize_int4(w, group_size, bits, symmetric), group_size)
+
+
 # ------------------------------------------------------------------------- the layer
 
 
@@ -259,25 +285,15 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None = None,
                     symmetric: bool = False) -> QuantLinear:
-        with torch.device("meta"):  # the buffers are replaced just below
-            layer = cls(linear.in_features, linear.out_features, bits, group_size,
-                        bias=linear.bias is not None)
-        w = linear.weight.detach()
-        if bits == 8:
-            layer.weight, layer.scales = quantize_int8(w)
-        else:
-            layer.weight, layer.scales, layer.zeros = quantize_int4(w, group_size, bits,
-                                                                    symmetric)
-        if linear.bias is not None:
-            layer.bias = linear.bias.detach().clone()
-        return layer
+        """`linear` rounded to nearest."""
+        rounded = round_to_nearest(linear.weight.detach(), bits, group_size, symmetric)
+        return cls.from_values(linear, bits, group_size, rounded)
 
     @classmethod
-    def from_values(cls, linear: nn.Linear, bits: int, group_size: int | None, rounded
-                    ) -> QuantLinear:
-        """The layer of `linear` with weights already on the grid (a method's `Rounded`:
-        values, scales and zeros in this module's layout)."""
-        with torch.device("meta"):
+    def from_values(cls, linear: nn.Linear, bits: int, group_size: int | None,
+                    rounded: Rounded) -> QuantLinear:
+        """The layer of `linear` with weights already on the grid (chosen by any method)."""
+        with torch.device("meta"):  # the buffers are replaced just below
             layer = cls(linear.in_features, linear.out_features, bits, group_size,
                         bias=linear.bias is not None)
         layer.weight, layer.scales = rounded.values, rounded.scales

@@ -1,0 +1,75 @@
+"""Quantizing with calibration text, a block at a time: GPTQ, AWQ, and AWQ then GPTQ.
+
+The calibration windows go through the decoder one block at a time (`through_blocks`). For
+each block, AWQ first looks at the block's inputs and folds its scales in (`scale_block`);
+then, as the windows go through the block, each layer is rounded the moment its input arrives
+(a pre-forward hook), by GPTQ against that input's statistics or to nearest. So every layer
+sees the outputs of the layers already rounded, in the blocks before and in its own block,
+and the layers that read the same input (q, k and v; gate and up) share its statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmforge.compress.awq import Grid, scale_block
+from lmforge.compress.calib import on_linear_inputs, through_blocks
+from lmforge.compress.gptq import Hessians, gptq, hessian
+from lmforge.compress.quant import (
+    QuantLinear,
+    QuantSpec,
+    Rounded,
+    check_quantizable,
+    decoder_of,
+    replace_linears,
+    round_to_nearest,
+)
+from lmforge.models.decoder import Decoder
+from lmforge.models.vlm import VLM
+
+
+def quantize_calibrated(model: Decoder | VLM, tokens: torch.Tensor, spec: QuantSpec,
+                        damp: float = 0.01, act_order: bool = False, progress: bool = True
+                        ) -> Decoder | VLM:
+    """Quantize every Linear layer of `model`'s decoder by `spec.method` (gptq, awq or
+    awq+gptq) on the calibration `tokens` (N, L), in place (and return `model`), as
+    `lmforge.compress.quant.quantize` does by rounding to nearest."""
+    check_quantizable(model, spec)
+    decoder = decoder_of(model)
+    awq, by_gptq = spec.method.startswith("awq"), spec.method.endswith("gptq")
+    grid = Grid(spec.bits, spec.group_size, spec.symmetric)
+    rounded: dict[nn.Module, Rounded] = {}
+    statistics = Hessians()
+
+    def round_layer(name: str, linear: nn.Linear, x: torch.Tensor) -> None:
+        bits, group_size = spec.layer(name)
+        if by_gptq:
+            rounded[linear] = gptq(linear.weight, statistics(x), bits, group_size, damp,
+                                   act_order, spec.symmetric)
+        else:
+            rounded[linear] = round_to_nearest(linear.weight.detach(), bits, group_size,
+                                               spec.symmetric)
+        linear.weight.data = rounded[linear].dequantized().to(linear.weight.dtype)
+
+    handles = []
+
+    def before_block(i: int, block: nn.Module, run) -> None:
+        if awq:
+            scale_block(block, decoder.cfg, run, grid)
+        handles.extend(on_linear_inputs(block, f"blocks.{i}", round_layer))
+
+    try:
+        features = through_blocks(decoder, tokens, before_block, batch_size=len(tokens),
+                                  progress=progress, desc=spec.method.upper())
+    finally:
+        for handle in handles:
+            handle.remove()
+    # The output projection is rounded but left as it is: it may be the embedding's weight.
+    head = decoder.lm_head
+    bits, group_size = spec.layer("lm_head")
+    rounded[head] = (gptq(head.weight, hessian(features), bits, group_size, damp, act_order,
+                          spec.symmetric) if by_gptq else
+                     round_to_nearest(head.weight.detach(), bits, group_size, spec.symmetric))
+    return replace_linears(model, spec, lambda linear, bits, group_size: QuantLinear.from_values(
+        linear, bits, group_size, rounded[linear]))
