@@ -28,7 +28,13 @@ from torch import nn
 from tqdm import tqdm
 
 from lmforge.compress.calib import on_linear_inputs, through_blocks
-from lmforge.compress.gptq import BLOCK, Hessians, inverse_factor, without_dead_inputs
+from lmforge.compress.gptq import (
+    BLOCK,
+    Hessians,
+    inverse_factor,
+    one_thread,
+    without_dead_inputs,
+)
 from lmforge.compress.quant import decoder_of, quantization_of
 from lmforge.errors import LmforgeError
 from lmforge.models.decoder import Decoder
@@ -95,6 +101,7 @@ def smallest(scores: torch.Tensor, spec: PruneSpec, per_row: bool = True) -> tor
     return torch.zeros_like(flat, dtype=torch.bool).scatter_(1, lowest, True).view_as(scores)
 
 
+@one_thread()
 def sparsegpt(weight: torch.Tensor, h: torch.Tensor, spec: PruneSpec, damp: float = 0.01
               ) -> torch.Tensor:
     """`weight` (N, K) pruned by SparseGPT against the input statistics `h` (K, K): float32,
