@@ -6,13 +6,14 @@
     opened = lmforge.open_model(result.run_dir)
     print(lmforge.generate_text(opened, "ROMEO:", max_new_tokens=50, seed=0))
 
-Importing this module registers every training task (lm, seq2seq, sft, classify, vlm) and every
-model-directory hook (quantized weights, classification heads), so any recipe trains and any
-model directory opens.
+Importing this module registers every training task (lm, seq2seq, sft, classify, vlm,
+distill) and every model-directory hook (quantized weights, classification heads), so any
+recipe trains and any model directory opens.
 """
 
 from __future__ import annotations
 
+from lmforge.compress.distill import DistillTask  # noqa: F401  (registers task=distill)
 from lmforge.finetune.classify import Classifier, load_classifier, predict
 from lmforge.finetune.run import finetune_recipe, merge
 from lmforge.finetune.sft import ChatTask  # noqa: F401  (registers task=sft)

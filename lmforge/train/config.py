@@ -38,7 +38,8 @@ class TrainConfig:
 
     # What is learned: lm (next-token prediction on a corpus), seq2seq (an encoder-decoder
     # on pairs), sft (chat fine-tuning on conversations), classify (a classification head on
-    # the decoder); see lmforge.train.task.register_task.
+    # the decoder), distill (a student learning a teacher's next-token distributions on a
+    # corpus); see lmforge.train.task.register_task.
     task: str = "lm"
     init_from: str = ""  # start from this model (any model name or path) instead of `model`
     val_data: str = ""  # fine-tuning: a validation file; else val_fraction of `data`
@@ -61,6 +62,14 @@ class TrainConfig:
     freeze: list[str] = dataclasses.field(default_factory=list)  # vlm: vision, projector, text
     lr_scales: dict[str, float] = dataclasses.field(default_factory=dict)  # part -> lr multiplier
     vision_from: str = ""  # vlm: take the vision encoder of this vision-language model
+    teacher: str = ""  # distill: the frozen model to learn from (any model name or path)
+    # distill: the student is the teacher with only these blocks (e.g. [0, 2, 4]), copied
+    # from it; else the student is `init_from` or `model`.
+    student_layers: list[int] = dataclasses.field(default_factory=list)
+    distill_alpha: float = 0.5  # distill: weight of the KL to the teacher; 1 - it, of cross-entropy
+    # distill: both distributions are softened by it (1 = as they are, usual for language
+    # models, whose next-token distributions are seldom as peaked as a classifier's).
+    distill_temperature: float = 1.0
 
     # Batches: global batch = batch_size * grad_accum * world_size sequences of context_length.
     batch_size: int = 12
@@ -166,6 +175,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (),
         raise ConfigError(f"unknown schedule {cfg.schedule!r}: "
                           f"{closest_hint(cfg.schedule, list(SCHEDULES))}"
                           f"schedules are {', '.join(SCHEDULES)}")
+    check_distill(cfg)
     # Fail now, not an hour into the run, on a bad model key.
     if cfg.task == "seq2seq":
         if cfg.grad_checkpointing or cfg.lora_rank:
@@ -178,3 +188,33 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (),
     else:
         cfg.model_config()
     return cfg
+
+
+def check_distill(cfg: TrainConfig) -> None:
+    """Refuse distillation settings that cannot work, before any model is read (the checks
+    that need the teacher are the distill task's)."""
+    if cfg.task != "distill":
+        stray = [key for key in ("teacher", "student_layers") if getattr(cfg, key)]
+        if stray:
+            raise ConfigError(f"{' and '.join(stray)} only apply to task=distill: set "
+                              "task=distill, or remove them")
+        return
+    if not cfg.teacher:
+        raise ConfigError("task=distill needs a teacher: set teacher=MODEL (any model name or "
+                          "path, e.g. smollm2-135m-instruct)")
+    if not 0 <= cfg.distill_alpha <= 1:
+        raise ConfigError(f"distill_alpha={cfg.distill_alpha} must be in [0, 1]: the weight "
+                          "of the KL to the teacher (1 - it weighs cross-entropy)")
+    if not cfg.distill_temperature > 0:
+        raise ConfigError(f"distill_temperature={cfg.distill_temperature} must be > 0 "
+                          "(1 = the teacher's own distribution; 2 softens it)")
+    layers = cfg.student_layers
+    if not isinstance(layers, list) or any(type(i) is not int or i < 0 for i in layers) \
+            or sorted(set(layers)) != layers:
+        raise ConfigError(f"student_layers={layers!r} must list block numbers of the teacher "
+                          "in increasing order, e.g. [0, 2, 4]")
+    if layers and cfg.init_from:
+        raise ConfigError("student_layers and init_from both name the student: keep one")
+    if layers and cfg.model != TrainConfig.model:
+        raise ConfigError("student_layers builds the student from the teacher's config: remove "
+                          "model (or student_layers)")

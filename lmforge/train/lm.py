@@ -70,6 +70,12 @@ def model_config_for_data(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
     return model_cfg
 
 
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits (B, T, vocab) against targets (B, T), in float32 (bf16
+    logits under autocast would round the log-sum-exp)."""
+    return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+
+
 class LanguageModelingTask:
     """Next-token prediction on token shards: random windows, cross-entropy on every token."""
 
@@ -120,8 +126,7 @@ class LanguageModelingTask:
     @staticmethod
     def loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
-        logits = model(x)
-        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1))
+        return next_token_loss(model(x), y)
 
     @staticmethod
     def count(batch: tuple[torch.Tensor, torch.Tensor]) -> int:

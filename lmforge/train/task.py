@@ -3,8 +3,8 @@ is and how it is saved. The one `Trainer` loop runs any of them.
 
 Tasks register themselves by name with `register_task`: `lm` (next-token prediction on
 token shards, `lmforge.train.lm`) and `seq2seq` (`lmforge.train.seq2seq`) here; fine-tuning
-tasks from the packages above (`sft`, `classify` in `lmforge.finetune`), so the loop never
-imports the code it runs.
+tasks from the packages above (`sft`, `classify` in `lmforge.finetune`), and distillation
+(`distill`, `lmforge.compress.distill`), so the loop never imports the code it runs.
 """
 
 from __future__ import annotations
