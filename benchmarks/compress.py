@@ -1,10 +1,10 @@
 """SmolLM2-135M-Instruct compressed: size on disk, perplexity on two texts, greedy decoding
 speed and the time each method takes.
 
-    python benchmarks/compress.py [--methods rtn,gptq] [--repeats 3]
+    python benchmarks/compress.py [--methods rtn,gptq,awq,prune] [--repeats 3]
 
-Each variant is written with `quantize_dir` (what `lmforge quantize` runs) and loaded back
-from disk. Perplexity, in 512-token windows: the first 20,000 characters of Tiny
+Each variant is written with `quantize_dir` or `prune_dir` (what `lmforge quantize` and
+`lmforge prune` run) and loaded back from disk. Perplexity, in 512-token windows: the first 20,000 characters of Tiny
 Shakespeare, and the English side of the last 500 pairs of the Tatoeba file (one sentence a
 line), text of another kind. Calibration: 128 windows of 512 tokens from Tiny Shakespeare
 after its first 20,000 characters (disjoint from the scored text). Both need the full files
@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 
 from lmforge.compress.calib import Calibration
+from lmforge.compress.prune import PruneSpec
 from lmforge.compress.quant import QuantSpec
-from lmforge.compress.run import quantize_dir
+from lmforge.compress.run import prune_dir, quantize_dir
 from lmforge.eval import perplexity
 from lmforge.infer.engine import generate
 from lmforge.infer.sampling import SamplingConfig
@@ -39,10 +40,25 @@ SCORED_CHARS = 20_000
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHAKESPEARE, TATOEBA = DATA / "tinyshakespeare.txt", DATA / "tatoeba-eng-fra-5k.tsv"
 VARIANTS = {
-    "rtn": [QuantSpec(8), QuantSpec(4, 32), QuantSpec(4, 128), QuantSpec(3, 128)],
-    "gptq": [QuantSpec(8, method="gptq"), QuantSpec(4, 32, method="gptq"),
-             QuantSpec(4, 128, method="gptq"), QuantSpec(3, 128, method="gptq")],
+    "rtn": [QuantSpec(8), QuantSpec(4, 32), QuantSpec(4, 32, symmetric=True), QuantSpec(4, 128),
+            QuantSpec(3, 128)],
+    "gptq": [QuantSpec(4, 32, method="gptq"), QuantSpec(4, 128, method="gptq"),
+             QuantSpec(3, 128, method="gptq")],
+    "awq": [QuantSpec(4, 128, method="awq"), QuantSpec(4, 128, method="awq+gptq"),
+            QuantSpec(3, 128, method="awq")],
+    "prune": [PruneSpec(m, 0.5) for m in ("magnitude", "wanda", "sparsegpt")]
+    + [PruneSpec(m, pattern=(2, 4)) for m in ("magnitude", "wanda", "sparsegpt")],
 }
+
+
+def compress(source: Path, out: Path, spec: QuantSpec | PruneSpec,
+             calibration: Calibration) -> Path:
+    """`source` compressed by `spec` into `out`, as `lmforge quantize` / `lmforge prune` do."""
+    if isinstance(spec, PruneSpec):
+        prune_dir(source, out, spec, calibration)
+    else:
+        quantize_dir(source, out, spec, calibration if spec.method != "rtn" else None)
+    return out
 
 
 def texts() -> dict[str, str]:
@@ -76,8 +92,8 @@ def main() -> None:
         rows = []
         for i, spec in enumerate(specs):
             start = time.perf_counter()
-            directory = source if spec is None else quantize_dir(
-                source, Path(tmp) / str(i), spec, calibration if spec.method != "rtn" else None)
+            directory = source if spec is None else compress(source, Path(tmp) / str(i), spec,
+                                                             calibration)
             seconds = time.perf_counter() - start
             opened = open_model(directory)
             model, tokenizer = opened.model, opened.tokenizer

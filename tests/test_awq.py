@@ -6,9 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.compress.awq import Grid, InputStats, scale_block, search_scales
+from lmforge.compress.awq import Grid, InputStats, clip_weights, scale_block, search_scales
 from lmforge.compress.calib import through_blocks
-from lmforge.compress.quant import QuantLinear, QuantSpec, quantization_of, quantize
+from lmforge.compress.quant import (
+    QuantLinear,
+    QuantSpec,
+    quantization_of,
+    quantize,
+    round_to_nearest,
+)
 from lmforge.compress.sequential import quantize_calibrated
 from lmforge.config import ModelConfig
 from lmforge.models.decoder import Decoder
@@ -84,3 +90,17 @@ def test_an_awq_model_is_closer_to_the_float_model_than_rounding(spec):
     assert quantization_of(quantized) == spec
     assert isinstance(quantized.blocks[0].attn.q_proj, QuantLinear)
     assert (ours - exact).pow(2).mean() < (nearest - exact).pow(2).mean()
+
+
+@pytest.mark.parametrize("group_size", [32, 128])  # 160 columns: 128 leaves a short group
+def test_clipping_rounds_each_group_with_no_more_error_than_its_full_range(group_size):
+    torch.manual_seed(0)
+    w = torch.randn(64, 160)
+    w[:, 3] *= 6  # an outlying column that stretches its groups' ranges
+    x = torch.randn(4096, 160)
+    grid = Grid(4, group_size)
+    clipped = clip_weights(w, x.T @ x, grid)
+    assert clipped.shape == w.shape and (clipped.abs() <= w.abs()).all()
+    plain = (round_to_nearest(w, 4, group_size).dequantized() - w) @ x.T
+    ours = (round_to_nearest(clipped, 4, group_size).dequantized() - w) @ x.T
+    assert ours.pow(2).mean() < 0.95 * plain.pow(2).mean()

@@ -24,12 +24,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmforge.compress.quant import round_to_nearest
 from lmforge.config import ModelConfig
 
 GRID = 20  # exponents tried, 0, 1/20, ... 19/20
+CLIP_GRID = 20  # shares of each group's range tried for clipping, 1 down to 1/2
 FOLDING_MLPS = ("swiglu", "relu")  # activations a positive scale passes through
 
 
@@ -128,6 +130,31 @@ def scale_block(block: nn.Module, cfg: ModelConfig, run: Callable[[], None], gri
         scales["down"] = search_scales([mlp.down_proj.weight], stats["down"], grid)
         _fold(scales["down"], [mlp.down_proj], rows_of=mlp.up_proj)
     return scales
+
+
+def clip_weights(weight: torch.Tensor, h: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """`weight` (N, K) with each group of each row clamped to the share of its range
+    [r * min, r * max], r in [1/2, 1], that rounds with the least output error on inputs of
+    statistics `h` (K, K): clipping a few outlying weights buys a finer grid for the rest.
+    Each group is judged on its own (the diagonal block of H), so all are chosen at once."""
+    w = weight.detach().float()
+    n, k = w.shape
+    size = grid.group_size
+    pad = -k % size
+    blocks = F.pad(h.float(), (0, pad, 0, pad)).reshape(-1, size, k // size + (pad > 0), size)
+    blocks = blocks.diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (groups, size, size)
+    padded = F.pad(w, (0, pad)).reshape(n, -1, size)
+    low, high = padded.amin(dim=-1, keepdim=True), padded.amax(dim=-1, keepdim=True)
+    best, best_error = padded, torch.full(padded.shape[:2], float("inf"))
+    for r in torch.linspace(1, 0.5, CLIP_GRID):
+        clipped = torch.minimum(torch.maximum(padded, r * low), r * high)
+        q = round_to_nearest(clipped.reshape(n, -1)[:, :k], grid.bits, size, grid.symmetric)
+        dw = F.pad(q.dequantized() - w, (0, pad)).reshape(n, -1, size)
+        error = torch.einsum("ngi,gij,ngj->ng", dw, blocks, dw)
+        better = error < best_error
+        best = torch.where(better[..., None], clipped, best)
+        best_error = torch.where(better, error, best_error)
+    return best.reshape(n, -1)[:, :k].to(weight.dtype)
 
 
 @torch.no_grad()

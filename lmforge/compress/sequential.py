@@ -3,7 +3,8 @@
 The calibration windows go through the decoder one block at a time (`through_blocks`). For
 each block, AWQ first looks at the block's inputs and folds its scales in (`scale_block`);
 then, as the windows go through the block, each layer is rounded the moment its input arrives
-(a pre-forward hook), by GPTQ against that input's statistics or to nearest. So every layer
+(a pre-forward hook), by GPTQ against that input's statistics, or to nearest (after AWQ,
+with each group's range clipped where that rounds better, `clip_weights`). So every layer
 sees the outputs of the layers already rounded, in the blocks before and in its own block,
 and the layers that read the same input (q, k and v; gate and up) share its statistics.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmforge.compress.awq import Grid, scale_block
+from lmforge.compress.awq import Grid, clip_weights, scale_block
 from lmforge.compress.calib import on_linear_inputs, through_blocks
 from lmforge.compress.gptq import Hessians, gptq, hessian
 from lmforge.compress.quant import (
@@ -48,8 +49,10 @@ def quantize_calibrated(model: Decoder | VLM, tokens: torch.Tensor, spec: QuantS
             rounded[linear] = gptq(linear.weight, statistics(x), bits, group_size, damp,
                                    act_order, spec.symmetric)
         else:
-            rounded[linear] = round_to_nearest(linear.weight.detach(), bits, group_size,
-                                               spec.symmetric)
+            weight = linear.weight.detach()
+            if awq and bits != 8:
+                weight = clip_weights(weight, statistics(x), Grid(bits, group_size, spec.symmetric))
+            rounded[linear] = round_to_nearest(weight, bits, group_size, spec.symmetric)
         linear.weight.data = rounded[linear].dequantized().to(linear.weight.dtype)
 
     handles = []
