@@ -778,7 +778,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a Hugging Face directory or a GGUF file")
     p.add_argument("--out", required=True, help="output directory (hf) or .gguf path")
     p.add_argument("--dtype", dest="gguf_dtype", choices=["f32", "f16", "q8_0"], default="f32",
-                   help="gguf only: the 2-D weights' type")
+                   help="gguf only: the 2-D weights' type; a quantized model keeps its own "
+                   "(int8 as Q8_0, int4/int3 as Q4_0 if symmetric, else Q4_1)")
     p.add_argument("--adapter", default=None, metavar="DIR", help="fold this LoRA adapter in first")
 
     p = command("quantize", "int8, int4 or int3 weights: a smaller, faster model directory",
