@@ -40,12 +40,10 @@ SCORED_CHARS = 20_000
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHAKESPEARE, TATOEBA = DATA / "tinyshakespeare.txt", DATA / "tatoeba-eng-fra-5k.tsv"
 VARIANTS = {
-    "rtn": [QuantSpec(8), QuantSpec(4, 32), QuantSpec(4, 32, symmetric=True), QuantSpec(4, 128),
-            QuantSpec(3, 128)],
+    "rtn": [QuantSpec(8), QuantSpec(4, 32), QuantSpec(4, 128), QuantSpec(3, 128)],
     "gptq": [QuantSpec(4, 32, method="gptq"), QuantSpec(4, 128, method="gptq"),
              QuantSpec(3, 128, method="gptq")],
-    "awq": [QuantSpec(4, 128, method="awq"), QuantSpec(4, 128, method="awq+gptq"),
-            QuantSpec(3, 128, method="awq")],
+    "awq": [QuantSpec(4, 128, method="awq"), QuantSpec(4, 128, method="awq+gptq")],
     "prune": [PruneSpec(m, 0.5) for m in ("magnitude", "wanda", "sparsegpt")]
     + [PruneSpec(m, pattern=(2, 4)) for m in ("magnitude", "wanda", "sparsegpt")],
 }

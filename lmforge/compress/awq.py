@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.compress.gptq import hessian
 from lmforge.compress.quant import round_to_nearest
 from lmforge.config import ModelConfig
 
@@ -48,10 +49,9 @@ class InputStats:
         return cls(torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64))
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
-        self.h += x.T @ x
-        self.magnitude += x.abs().sum(dim=0)
-        self.rows += x.shape[0]
+        self.h += hessian(x)
+        self.magnitude += x.reshape(-1, x.shape[-1]).abs().sum(dim=0, dtype=torch.float64)
+        self.rows += x.numel() // x.shape[-1]
 
     def mean_magnitude(self) -> torch.Tensor:
         return self.magnitude / max(self.rows, 1)
@@ -96,11 +96,21 @@ def search_scales(weights: list[torch.Tensor], stats: InputStats, grid: Grid,
     return best
 
 
+@dataclass(frozen=True)
+class ScaledBlock:
+    """What `scale_block` did: the scales by the input they scale (attn: q, k, v's; o:
+    o_proj's; mlp: gate and up's; down: down_proj's), and the statistics H of each Linear
+    layer's input as the scales left it, H / (s s^T), for clipping."""
+
+    scales: dict[str, torch.Tensor]
+    inputs: dict[nn.Module, torch.Tensor]
+
+
 def scale_block(block: nn.Module, cfg: ModelConfig, run: Callable[[], None], grid: Grid
-                ) -> dict[str, torch.Tensor]:
+                ) -> ScaledBlock:
     """Search AWQ scales for every place in `block` the graph allows (see the module
-    docstring) on the calibration inputs `run()` sends through it, and fold them in. The
-    block computes what it did; returns the scales, by the layers' inputs they scale."""
+    docstring) on the calibration inputs `run()` sends through it, and fold them in: the
+    block computes what it did."""
     attn, mlp = block.attn, block.mlp
     readers = {"attn": attn.q_proj, "o": attn.o_proj, "mlp": mlp.up_proj, "down": mlp.down_proj}
     stats = {key: InputStats.empty(linear.in_features) for key, linear in readers.items()}
@@ -129,7 +139,14 @@ def scale_block(block: nn.Module, cfg: ModelConfig, run: Callable[[], None], gri
     if cfg.mlp in FOLDING_MLPS:
         scales["down"] = search_scales([mlp.down_proj.weight], stats["down"], grid)
         _fold(scales["down"], [mlp.down_proj], rows_of=mlp.up_proj)
-    return scales
+
+    readers = {"attn": qkv, "o": [attn.o_proj], "mlp": ups, "down": [mlp.down_proj]}
+    inputs = {}
+    for key, linears in readers.items():
+        s = scales.get(key, torch.ones(linears[0].in_features)).double()
+        for linear in linears:
+            inputs[linear] = stats[key].h / (s[:, None] * s[None, :])
+    return ScaledBlock(scales, inputs)
 
 
 def clip_weights(weight: torch.Tensor, h: torch.Tensor, grid: Grid) -> torch.Tensor:

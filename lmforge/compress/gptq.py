@@ -34,12 +34,31 @@ from lmforge.compress.quant import (
 )
 
 BLOCK = 128  # columns updated together: a multiple of every group size
+HESSIAN_ROWS = 1024  # input rows multiplied in float32 before their sum joins the float64 total
+HESSIAN_COLUMNS = 512  # the side of the blocks of H multiplied at once
 
 
 def hessian(inputs: torch.Tensor) -> torch.Tensor:
-    """X X^T (in float64, K x K) of a layer's inputs (..., K): the sum over every row."""
-    x = inputs.reshape(-1, inputs.shape[-1]).double()
-    return x.T @ x
+    """X^T X (float64, K x K) of a layer's inputs (..., K): the sum over every row.
+
+    Products of float32 rows, HESSIAN_ROWS at a time, are summed in float64: twice as fast as
+    float64 throughout, and no long float32 sum. Only the blocks on and above the diagonal
+    are multiplied (H is symmetric), HESSIAN_COLUMNS columns a side: a third less work for
+    1,536 columns."""
+    x = inputs.reshape(-1, inputs.shape[-1]).float()
+    k = x.shape[1]
+    h = torch.zeros(k, k, dtype=torch.float64)
+    edges = list(range(0, k, HESSIAN_COLUMNS)) + [k]
+    spans = list(zip(edges, edges[1:]))
+    for rows in x.split(HESSIAN_ROWS):
+        for i, (a, b) in enumerate(spans):
+            for c, d in spans[i:]:
+                h[a:b, c:d] += rows[:, a:b].T @ rows[:, c:d]
+    upper = torch.ones(len(spans), len(spans), dtype=torch.bool).triu(1)
+    for i, j in upper.nonzero().tolist():
+        (a, b), (c, d) = spans[i], spans[j]
+        h[c:d, a:b] = h[a:b, c:d].T
+    return h
 
 
 class Hessians:

@@ -31,11 +31,13 @@ from lmforge.models.vlm import VLM
 
 
 def quantize_calibrated(model: Decoder | VLM, tokens: torch.Tensor, spec: QuantSpec,
-                        damp: float = 0.01, act_order: bool = False, progress: bool = True
+                        damp: float = 0.01, act_order: bool = True, progress: bool = True
                         ) -> Decoder | VLM:
     """Quantize every Linear layer of `model`'s decoder by `spec.method` (gptq, awq or
     awq+gptq) on the calibration `tokens` (N, L), in place (and return `model`), as
-    `lmforge.compress.quant.quantize` does by rounding to nearest."""
+    `lmforge.compress.quant.quantize` does by rounding to nearest. GPTQ takes the columns in
+    order of decreasing input energy (`act_order`, see `gptq`): on SmolLM2 at int4 g128 it
+    brings the perplexity increase on Tiny Shakespeare from +23% to +11%."""
     check_quantizable(model, spec)
     decoder = decoder_of(model)
     awq, by_gptq = spec.method.startswith("awq"), spec.method.endswith("gptq")
@@ -50,16 +52,20 @@ def quantize_calibrated(model: Decoder | VLM, tokens: torch.Tensor, spec: QuantS
                                    act_order, spec.symmetric)
         else:
             weight = linear.weight.detach()
-            if awq and bits != 8:
-                weight = clip_weights(weight, statistics(x), Grid(bits, group_size, spec.symmetric))
+            if linear in scaled_inputs and bits != 8:
+                weight = clip_weights(weight, scaled_inputs.pop(linear),
+                                      Grid(bits, group_size, spec.symmetric))
             rounded[linear] = round_to_nearest(weight, bits, group_size, spec.symmetric)
         linear.weight.data = rounded[linear].dequantized().to(linear.weight.dtype)
 
     handles = []
+    scaled_inputs: dict[nn.Module, torch.Tensor] = {}  # AWQ's statistics, for clipping
 
     def before_block(i: int, block: nn.Module, run) -> None:
         if awq:
-            scale_block(block, decoder.cfg, run, grid)
+            scaled = scale_block(block, decoder.cfg, run, grid)
+            if not by_gptq:  # GPTQ rounds against the inputs as they arrive
+                scaled_inputs.update(scaled.inputs)
         handles.extend(on_linear_inputs(block, f"blocks.{i}", round_layer))
 
     try:
