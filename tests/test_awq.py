@@ -43,7 +43,7 @@ def test_folding_the_scales_leaves_the_float_model_s_outputs_unchanged(kind):
         before = decoder(tokens)
     found = []
     through_blocks(decoder, tokens, lambda i, block, run: found.append(
-        scale_block(block, decoder.cfg, run, Grid(4, 32))), progress=False)
+        scale_block(block, decoder.cfg, run, Grid(4, 32)).scales), progress=False)
     with torch.no_grad():
         after = decoder(tokens)
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
@@ -72,7 +72,7 @@ def test_o_proj_scales_are_shared_by_the_query_heads_of_one_value_head():
     tokens = torch.randint(0, 48, (4, 32))
     found = []
     through_blocks(decoder, tokens, lambda i, block, run: found.append(
-        scale_block(block, decoder.cfg, run, Grid(4, 32))), progress=False)
+        scale_block(block, decoder.cfg, run, Grid(4, 32)).scales), progress=False)
     s = found[0]["o"].reshape(2, 2, 16)  # value heads, query heads each, head width
     assert torch.equal(s[:, 0], s[:, 1])
 
