@@ -141,7 +141,7 @@ def gptq(weight: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | Non
             value, rounded = _round_column(block[:, i], column, bits, group_size, scales, zeros)
             q[:, start + i] = value
             errors[:, i] = (block[:, i] - rounded) / hblock[i, i]
-            block[:, i:] -= errors[:, i:i + 1] * hblock[i, i:][None]
+            block[:, i + 1:].addr_(errors[:, i], hblock[i, i + 1:], alpha=-1)  # in place
         w[:, end:] -= errors @ hinv[start:end, end:]
 
     values = torch.empty_like(q)

@@ -127,8 +127,8 @@ def sparsegpt(weight: torch.Tensor, h: torch.Tensor, spec: PruneSpec, damp: floa
                 mask[:, i:i + m] = smallest(cost, spec)
             kept = block[:, i] * ~mask[:, i]
             errors[:, i] = (block[:, i] - kept) / hblock[i, i]
-            block[:, i:] -= errors[:, i:i + 1] * hblock[i, i:][None]
-            block[:, i] = kept  # exactly zero where pruned, whatever rounding did
+            block[:, i + 1:].addr_(errors[:, i], hblock[i, i + 1:], alpha=-1)  # in place
+            block[:, i] = kept
         w[:, start:end] = block
         w[:, end:] -= errors @ hinv[start:end, end:]
     return w.to(weight.dtype)
