@@ -14,8 +14,8 @@ from lmforge.compress.gptq import hessian
 from lmforge.compress.prune import SPARSITY, PruneSpec, PruningError, prune, smallest, sparsegpt
 from lmforge.compress.quant import QuantSpec, quantize
 from lmforge.config import ModelConfig
-from lmforge.models.decoder import Decoder
 from lmforge.modeldir import save_model
+from lmforge.models.decoder import Decoder
 from lmforge.open import open_model
 from lmforge.tokenizer import train_char
 
