@@ -31,6 +31,8 @@ from lmforge.compress.quant import (
     int8_scales,
     n_groups,
     pack_int4,
+    round_int4,
+    round_int8,
 )
 
 BLOCK = 128  # columns updated together: a multiple of every group size
@@ -115,51 +117,58 @@ def gptq(weight: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | Non
     (see `inverse_factor`)."""
     w, h = without_dead_inputs(weight, h)
     n, k = w.shape
-    static = None
     if bits == 8:
-        static = (int8_scales(w), None)
+        scales, zeros = int8_scales(w)[:, None], None
     elif act_order:
-        static = int4_grid(w, group_size, bits, symmetric)
+        scales, zeros = int4_grid(w, group_size, bits, symmetric)
+    else:  # each group's grid is set when its first column is reached
+        scales = torch.empty(n, n_groups(k, group_size), dtype=SCALE_DTYPE)
+        zeros = torch.empty_like(scales)
     order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(k)
-    w, h = w[:, order], h[order][:, order]
+    # Transposed, so that each column of the weight is a contiguous row here.
+    w, h = w.T[order].contiguous(), h[order][:, order]
     hinv = inverse_factor(h, damp)
+    # Levels relative to the zero: a column rounds to clamp(round((w - zero) / scale)) * scale
+    # + zero, and its stored values are read back from the result at the end.
+    lowest, highest = (-127, 127) if bits == 8 else tuple(v - 8 for v in int4_levels(bits))
+    group_of = order // group_size if bits != 8 else torch.zeros(k, dtype=torch.long)
+    fixed = bits == 8 or act_order
 
-    q = torch.empty(n, k, dtype=torch.int16)
-    scales, zeros = static if static is not None else (
-        torch.empty(n, n_groups(k, group_size), dtype=SCALE_DTYPE),
-        torch.empty(n, n_groups(k, group_size), dtype=SCALE_DTYPE))
+    rounded = torch.empty(k, n, dtype=w.dtype)
     for start in range(0, k, BLOCK):
         end = min(start + BLOCK, k)
-        block, errors = w[:, start:end].clone(), torch.empty(n, end - start, dtype=w.dtype)
+        block, errors = w[start:end].clone(), torch.empty(end - start, n, dtype=w.dtype)
         hblock = hinv[start:end, start:end]
+        step = hblock.diagonal().tolist()
+        if fixed:  # every column's grid, in the order the columns are taken
+            grids = _column_grids(scales, zeros, group_of[start:end])
+        else:
+            grids = torch.empty(2, end - start, n, dtype=w.dtype)
         for i in range(end - start):
-            column = int(order[start + i])
-            if static is None and column % group_size == 0:  # a new group starts here
-                g = column // group_size
-                s, z = int4_grid(block[:, i:i + group_size], group_size, bits, symmetric)
+            if not fixed and i % group_size == 0:  # a new group starts here
+                s, z = int4_grid(block[i:i + group_size].T, group_size, bits, symmetric)
+                g = (start + i) // group_size
                 scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
-            value, rounded = _round_column(block[:, i], column, bits, group_size, scales, zeros)
-            q[:, start + i] = value
-            errors[:, i] = (block[:, i] - rounded) / hblock[i, i]
-            block[:, i + 1:].addr_(errors[:, i], hblock[i, i + 1:], alpha=-1)  # in place
-        w[:, end:] -= errors @ hinv[start:end, end:]
+                grids[:, i:i + group_size] = torch.stack([s.T, z.T]).double()
+            scale, zero, column = grids[0, i], grids[1, i], block[i]
+            value = ((column - zero) / scale).round_().clamp_(lowest, highest)
+            value = value.mul_(scale).add_(zero)
+            rounded[start + i] = value
+            errors[i] = (column - value) / step[i]
+            block[i + 1:].addr_(hblock[i, i + 1:], errors[i], alpha=-1)  # in place
+        w[end:] -= hinv[start:end, end:].T @ errors
 
-    values = torch.empty_like(q)
-    values[:, order] = q
+    dequantized = rounded[torch.argsort(order)].T  # in the weight's own column order
     if bits == 8:
-        return Rounded(values.to(torch.int8), scales, None)
-    return Rounded(pack_int4(values.to(torch.uint8)), scales, zeros, group_size)
+        return Rounded(round_int8(dequantized, scales[:, 0]), scales[:, 0], None)
+    values = round_int4(dequantized, scales, zeros, group_size, bits)
+    return Rounded(pack_int4(values), scales, zeros, group_size)
 
 
-def _round_column(w: torch.Tensor, column: int, bits: int, group_size: int | None,
-                  scales: torch.Tensor, zeros: torch.Tensor | None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stored values of one column (N,) of the weight and what they stand for."""
-    if bits == 8:
-        scale = scales.double()
-        value = torch.round(w / scale).clamp(-127, 127)
-        return value.to(torch.int16), value * scale
-    g = column // group_size
-    scale, zero = scales[:, g].double(), zeros[:, g].double()
-    value = (torch.round((w - zero) / scale) + 8).clamp(*int4_levels(bits))
-    return value.to(torch.int16), (value - 8) * scale + zero
+def _column_grids(scales: torch.Tensor, zeros: torch.Tensor | None, groups: torch.Tensor
+                  ) -> torch.Tensor:
+    """(2, len(groups), N) float64: the scale and zero of each column, whose groups are
+    `groups`."""
+    scale = scales[:, groups].T.double()
+    zero = torch.zeros_like(scale) if zeros is None else zeros[:, groups].T.double()
+    return torch.stack([scale, zero])
