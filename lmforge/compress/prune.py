@@ -111,27 +111,28 @@ def sparsegpt(weight: torch.Tensor, h: torch.Tensor, spec: PruneSpec, damp: floa
     by column, the removed weights' error is spread over the columns not yet reached."""
     w, h = without_dead_inputs(weight, h)
     hinv = inverse_factor(h, damp)
-    n, k = w.shape
+    w = w.T.contiguous()  # each column of the weight a contiguous row, as in `gptq`
+    k, n = w.shape
     for start in range(0, k, BLOCK):
         end = min(start + BLOCK, k)
-        block, errors = w[:, start:end].clone(), torch.empty(n, end - start, dtype=w.dtype)
+        block, errors = w[start:end].clone(), torch.empty(end - start, n, dtype=w.dtype)
         hblock = hinv[start:end, start:end]
-        mask = torch.zeros(n, end - start, dtype=torch.bool)
-        cost = block.square() / hblock.diagonal().square()
+        step = hblock.diagonal()
+        mask = torch.zeros(end - start, n, dtype=torch.bool)
         if spec.pattern is None:
-            mask[:] = smallest(cost, spec, per_row=False)
+            mask[:] = smallest(block.T.square() / step.square(), spec, per_row=False).T
         for i in range(end - start):
             if spec.pattern is not None and i % spec.pattern[1] == 0:  # the next M columns,
                 m = spec.pattern[1]  # as the updates so far left them
-                cost = block[:, i:i + m].square() / hblock.diagonal()[i:i + m].square()
-                mask[:, i:i + m] = smallest(cost, spec)
-            kept = block[:, i] * ~mask[:, i]
-            errors[:, i] = (block[:, i] - kept) / hblock[i, i]
-            block[:, i + 1:].addr_(errors[:, i], hblock[i, i + 1:], alpha=-1)  # in place
-            block[:, i] = kept
-        w[:, start:end] = block
-        w[:, end:] -= errors @ hinv[start:end, end:]
-    return w.to(weight.dtype)
+                cost = block[i:i + m].T.square() / step[i:i + m].square()
+                mask[i:i + m] = smallest(cost, spec).T
+            kept = block[i] * ~mask[i]
+            errors[i] = (block[i] - kept) / step[i]
+            block[i + 1:].addr_(hblock[i, i + 1:], errors[i], alpha=-1)  # in place
+            block[i] = kept
+        w[start:end] = block
+        w[end:] -= hinv[start:end, end:].T @ errors
+    return w.T.to(weight.dtype)
 
 
 def check_prunable(model: Decoder | VLM, spec: PruneSpec) -> None:
