@@ -38,6 +38,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     qk_norm: bool = False
     bias: bool = False
+    qkv_bias: bool = False  # biases on q, k and v alone (Qwen2); `bias` puts them everywhere
     dropout: float = 0.0
     init_std: float = 0.02
 

@@ -163,9 +163,10 @@ class Attention(nn.Module):
         self.causal = causal
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         kv_dim = cfg.n_kv_head * cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.bias)
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None

@@ -46,6 +46,7 @@ HF_MODELS = {
                                    tie_word_embeddings=False)),
     "llama-bias": ("Llama", dict(_LLAMA, attention_bias=True, mlp_bias=True)),
     "mistral": ("Mistral", dict(_LLAMA, sliding_window=None)),
+    "qwen2": ("Qwen2", dict(_LLAMA, tie_word_embeddings=True)),
     "qwen3": ("Qwen3", dict(_LLAMA, head_dim=8, tie_word_embeddings=True)),
 }
 
@@ -137,6 +138,8 @@ NATIVE = {
                              tie_embeddings=False),
     "llama-gqa-untied": dict(positions="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2,
                              tie_embeddings=False, rope_base=50000.0),
+    "qwen2-qkv-bias-untied": dict(positions="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2,
+                                  qkv_bias=True, tie_embeddings=False),
     "qwen3-qk-norm-mqa": dict(positions="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1,
                               qk_norm=True),
 }

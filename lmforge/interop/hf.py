@@ -1,4 +1,5 @@
-"""Hugging Face model directories in and out: GPT-2, the Llama family (Llama, Mistral, Qwen3),
+"""Hugging Face model directories in and out: GPT-2, the Llama family (Llama, Mistral, Qwen2,
+Qwen3),
 and the vision-language Idefics3 (SmolVLM: a SigLIP encoder, a pixel-shuffle projector, Llama).
 
 A Hugging Face directory is config.json (with a "model_type") + model.safetensors (or shards
@@ -63,6 +64,7 @@ SUPPORTED = {
     "gpt2": "GPT2LMHeadModel",
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "idefics3": "Idefics3ForConditionalGeneration",
 }
@@ -120,9 +122,12 @@ _OUR_QKV = re.compile(r"blocks\.(\d+)\.attn\.([qkv])_proj\.(weight|bias)$")
 _EXPORT_NEEDS: dict[str, dict[str, Any]] = {
     "gpt2": {"positions": "learned", "norm": "layernorm", "mlp": ("gelu", "gelu-exact"),
              "qk_norm": False},
-    "llama": {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False},
+    "llama": {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False,
+              "qkv_bias": False},
+    "qwen2": {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False,
+              "bias": False, "qkv_bias": True},
     "qwen3": {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True,
-              "bias": False},
+              "bias": False, "qkv_bias": False},
 }
 
 
@@ -228,7 +233,7 @@ def _llama_config(hf: dict[str, Any], model_type: str) -> ModelConfig:
         problems.append(f"hidden_act={activation!r} (lmforge's SwiGLU uses silu)")
     rope_theta = _rope_theta(hf, problems)
     window = hf.get("sliding_window")
-    # Mistral slides whenever sliding_window is set; Qwen3 only with use_sliding_window.
+    # Mistral slides whenever sliding_window is set; Qwen2 and Qwen3 only with use_sliding_window.
     if window is not None and hf.get("use_sliding_window", True) and window < context:
         problems.append(f"sliding_window={window} is shorter than max_position_embeddings="
                         f"{context} (lmforge attends to the whole context)")
@@ -258,6 +263,7 @@ def _llama_config(hf: dict[str, Any], model_type: str) -> ModelConfig:
         tie_embeddings=hf.get("tie_word_embeddings", False),
         qk_norm=model_type == "qwen3",
         bias=bool(attention_bias),
+        qkv_bias=model_type == "qwen2",  # Qwen2's q, k and v always have biases, o never
         init_std=hf.get("initializer_range", 0.02),
     )
 
@@ -365,7 +371,7 @@ def _hf_config(cfg: ModelConfig, family: str, tokenizer: Tokenizer) -> dict[str,
         "attention_bias": cfg.bias, "attention_dropout": cfg.dropout,
         **common,
     }
-    if family == "qwen3":
+    if family in ("qwen2", "qwen3"):
         return {**llama, "use_sliding_window": False, "sliding_window": None}
     return {**llama, "mlp_bias": cfg.bias}
 
@@ -624,7 +630,7 @@ def hf_module_names(cfg: ModelConfig) -> Callable[[str], str] | None:
         family = _export_family(cfg)
     except UnsupportedModel:
         return None
-    if family not in ("llama", "qwen3"):
+    if family not in ("llama", "qwen2", "qwen3"):
         return None
     return lambda name: _rename(name + ".", _LLAMA_NAMES, reverse=True)[:-1]
 
