@@ -36,7 +36,7 @@ from lmforge.compress.quant import (
 )
 
 BLOCK = 128  # columns updated together: a multiple of every group size
-HESSIAN_ROWS = 1024  # input rows multiplied in float32 before their sum joins the float64 total
+HESSIAN_ROWS = 4096  # input rows multiplied in float32 before their sum joins the float64 total
 HESSIAN_COLUMNS = 512  # the side of the blocks of H multiplied at once
 
 
@@ -44,7 +44,9 @@ def hessian(inputs: torch.Tensor) -> torch.Tensor:
     """X^T X (float64, K x K) of a layer's inputs (..., K): the sum over every row.
 
     Products of float32 rows, HESSIAN_ROWS at a time, are summed in float64: twice as fast as
-    float64 throughout, and no long float32 sum. Only the blocks on and above the diagonal
+    float64 throughout, and no long float32 sum (on 65,536 rows of 1,536 features: 2e-8 of
+    the exact X^T X, against 3e-7 for one float32 product; chunks of 1,024 rows cost a fifth
+    more time for 1e-8). Only the blocks on and above the diagonal
     are multiplied (H is symmetric), HESSIAN_COLUMNS columns a side: a third less work for
     1,536 columns."""
     x = inputs.reshape(-1, inputs.shape[-1]).float()
@@ -88,12 +90,18 @@ def without_dead_inputs(weight: torch.Tensor, h: torch.Tensor
 
 
 def inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1: row j holds how
-    removing column j's error moves the columns after it. The dampening keeps the
-    factorisation stable when some inputs are (nearly) constant."""
+    """The upper Cholesky factor R of (H + damp * mean(diag H) * I)^-1 = R^T R: row j holds
+    how removing column j's error moves the columns after it. The dampening keeps the
+    factorisation stable when some inputs are (nearly) constant.
+
+    With J the matrix that reverses the order and L L^T = J H J, H^-1 = (J L^-1 J)^T (J L^-1
+    J), and J L^-1 J is upper triangular: one factorisation and one triangular inverse, half
+    the work of inverting H and factorising the inverse."""
     h = h.clone()
     h.diagonal().add_(damp * h.diagonal().mean())
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    lower = torch.linalg.cholesky(h.flip(0, 1))
+    identity = torch.eye(len(h), dtype=h.dtype, device=h.device)
+    return torch.linalg.solve_triangular(lower, identity, upper=False).flip(0, 1)
 
 
 @contextmanager
