@@ -39,6 +39,7 @@ class ModelConfig:
     qk_norm: bool = False
     bias: bool = False
     qkv_bias: bool = False  # biases on q, k and v alone (Qwen2); `bias` puts them everywhere
+    sliding_window: int | None = None  # each position attends to this many, itself included (Mistral)
     dropout: float = 0.0
     init_std: float = 0.02
 
@@ -59,6 +60,9 @@ class ModelConfig:
             raise ConfigError(
                 f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}"
             )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError(f"sliding_window={self.sliding_window} must be positive (or null "
+                              "for attention over the whole context)")
         if self.positions == "rope" and self.head_dim % 2:
             raise ConfigError(f"rotary positions need an even head_dim, got {self.head_dim}")
 

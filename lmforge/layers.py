@@ -90,20 +90,26 @@ class Positions:
             return cos[self.start:self.end], sin[self.start:self.end]
         return cos[self.index].unsqueeze(1), sin[self.index].unsqueeze(1)  # (B, 1, T, D)
 
-    def mask(self, length: int, device: torch.device) -> torch.Tensor | None:
+    def mask(self, length: int, device: torch.device, window: int | None = None
+             ) -> torch.Tensor | None:
         """Boolean attention mask (True = may attend) for `length` queries, or None when
         SDPA's is_causal (or no mask at all, for one query) is right.
 
-        A row's query at position p sees keys 0..p. When every row starts together, SDPA's
-        is_causal covers a whole sequence and a single new token may see everything; only
-        a chunk after cached positions, or rows at different positions, need a mask.
+        A row's query at position p sees keys 0..p, or with a sliding `window` the last
+        `window` of them, p - window + 1..p. When every row starts together, SDPA's is_causal
+        covers a whole sequence and a single new token may see everything; only a chunk after
+        cached positions, rows at different positions, or a window that leaves out the first
+        keys need a mask.
         """
         keys = torch.arange(self.end, device=device)
         if self.index is not None:
-            return keys <= self.index[:, None, :, None]  # (B, 1, T, end)
-        if length == 1 or self.start == 0:
-            return None
-        return keys <= torch.arange(self.start, self.end, device=device)[:, None]
+            queries = self.index[:, None, :, None]  # (B, 1, T, end)
+        else:
+            if (length == 1 or self.start == 0) and (window is None or self.end <= window):
+                return None
+            queries = torch.arange(self.start, self.end, device=device)[:, None]
+        seen = keys <= queries
+        return seen if window is None else seen & (keys > queries - window)
 
 
 class KVCache:

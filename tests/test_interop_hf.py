@@ -46,6 +46,7 @@ HF_MODELS = {
                                    tie_word_embeddings=False)),
     "llama-bias": ("Llama", dict(_LLAMA, attention_bias=True, mlp_bias=True)),
     "mistral": ("Mistral", dict(_LLAMA, sliding_window=None)),
+    "mistral-window": ("Mistral", dict(_LLAMA, sliding_window=6)),
     "qwen2": ("Qwen2", dict(_LLAMA, tie_word_embeddings=True)),
     "qwen3": ("Qwen3", dict(_LLAMA, head_dim=8, tie_word_embeddings=True)),
 }
@@ -142,6 +143,8 @@ NATIVE = {
                                   qkv_bias=True, tie_embeddings=False),
     "qwen3-qk-norm-mqa": dict(positions="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1,
                               qk_norm=True),
+    "mistral-window": dict(positions="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2,
+                           sliding_window=7),
 }
 
 
@@ -228,7 +231,8 @@ _BASE_LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"], **_LL
     (dict(head_dim=16), "head_dim"),
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(attention_bias=True), "attention_bias"),
-    (dict(model_type="mistral", sliding_window=16), "sliding_window"),
+    (dict(model_type="qwen2", use_sliding_window=True, sliding_window=16,
+          layer_types=["full_attention", "sliding_attention"]), "layer_types"),
     (dict(architectures=["LlamaForSequenceClassification"]), "LlamaForSequenceClassification"),
 ])
 def test_options_we_do_not_implement_are_refused(change, named):

@@ -14,6 +14,8 @@ VARIANTS = {
                       tie_embeddings=False),
     "mqa-qknorm-relu2": dict(positions="rope", norm="rmsnorm", mlp="relu2", n_kv_head=1,
                              qk_norm=True),
+    "mistral-window-5": dict(positions="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2,
+                             sliding_window=5),
 }
 
 
@@ -34,6 +36,19 @@ def test_changing_a_future_token_never_changes_past_logits(variant):
         a, b = model(x), model(changed)
     assert torch.equal(a[:, :10], b[:, :10])
     assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_a_sliding_window_bounds_how_far_back_a_token_reaches():
+    """With a window of 5, a token reaches 4 positions further per layer: after 2 layers,
+    token 0 changes positions 0..8 and nothing after."""
+    model = tiny(**VARIANTS["mistral-window-5"])
+    x = torch.randint(0, 50, (1, 16))
+    changed = x.clone()
+    changed[:, 0] = (changed[:, 0] + 1) % 50
+    with torch.no_grad():
+        a, b = model(x), model(changed)
+    assert not torch.allclose(a[:, 8], b[:, 8])
+    torch.testing.assert_close(a[:, 9:], b[:, 9:], atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -576,13 +576,13 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, dtype: str = "f32")
 
 def _check_llama_shaped(cfg: ModelConfig, model_dir: str | Path) -> None:
     wanted = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False,
-              "qk_norm": False}
+              "qkv_bias": False, "qk_norm": False, "sliding_window": None}
     wrong = [f"{k}={getattr(cfg, k)!r}" for k, v in wanted.items() if getattr(cfg, k) != v]
     if wrong:
         raise UnsupportedModel(
             f"{model_dir} cannot be written as a llama GGUF: it has {', '.join(wrong)}, and a "
-            "llama model needs positions='rope', norm='rmsnorm', mlp='swiglu', bias=False, "
-            "qk_norm=False"
+            "llama model needs "
+            + ", ".join(f"{k}={v!r}" for k, v in wanted.items())
         )
 
 

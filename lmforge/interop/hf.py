@@ -121,13 +121,16 @@ _OUR_QKV = re.compile(r"blocks\.(\d+)\.attn\.([qkv])_proj\.(weight|bias)$")
 # What each export family needs of a ModelConfig, in the order a person would fix them.
 _EXPORT_NEEDS: dict[str, dict[str, Any]] = {
     "gpt2": {"positions": "learned", "norm": "layernorm", "mlp": ("gelu", "gelu-exact"),
-             "qk_norm": False},
+             "qk_norm": False, "sliding_window": None},
     "llama": {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False,
-              "qkv_bias": False},
+              "qkv_bias": False, "sliding_window": None},
     "qwen2": {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False,
-              "bias": False, "qkv_bias": True},
+              "bias": False, "qkv_bias": True, "sliding_window": None},
     "qwen3": {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True,
-              "bias": False, "qkv_bias": False},
+              "bias": False, "qkv_bias": False, "sliding_window": None},
+    # Reached only by a model with a window: one without is a Llama.
+    "mistral": {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False,
+                "bias": False, "qkv_bias": False},
 }
 
 
@@ -232,14 +235,7 @@ def _llama_config(hf: dict[str, Any], model_type: str) -> ModelConfig:
     if activation != "silu":
         problems.append(f"hidden_act={activation!r} (lmforge's SwiGLU uses silu)")
     rope_theta = _rope_theta(hf, problems)
-    window = hf.get("sliding_window")
-    # Mistral slides whenever sliding_window is set; Qwen2 and Qwen3 only with use_sliding_window.
-    if window is not None and hf.get("use_sliding_window", True) and window < context:
-        problems.append(f"sliding_window={window} is shorter than max_position_embeddings="
-                        f"{context} (lmforge attends to the whole context)")
-    layer_types = set(hf.get("layer_types") or ["full_attention"])
-    if layer_types != {"full_attention"}:
-        problems.append(f"layer_types {sorted(layer_types)} (only full_attention layers)")
+    window = _sliding_window(hf, model_type, context, problems)
     # Llama has separate switches for attention and MLP biases; we have one for both. Qwen3's
     # attention_bias covers q/k/v/o and its MLP never has one, so mlp_bias defaults to False.
     attention_bias, mlp_bias = hf.get("attention_bias", False), hf.get("mlp_bias", False)
@@ -264,8 +260,28 @@ def _llama_config(hf: dict[str, Any], model_type: str) -> ModelConfig:
         qk_norm=model_type == "qwen3",
         bias=bool(attention_bias),
         qkv_bias=model_type == "qwen2",  # Qwen2's q, k and v always have biases, o never
+        sliding_window=window,
         init_std=hf.get("initializer_range", 0.02),
     )
+
+
+def _sliding_window(hf: dict[str, Any], model_type: str, context: int, problems: list[str]
+                    ) -> int | None:
+    """The window every layer attends over, or None for the whole context. Mistral slides
+    whenever sliding_window is set; Qwen2 and Qwen3 only with use_sliding_window, and then
+    only on the layers `layer_types` names (transformers 5 writes it for every family)."""
+    window = hf.get("sliding_window")
+    if not hf.get("use_sliding_window", model_type == "mistral") or (window or 0) >= context:
+        window = None  # a window over the whole context is full attention
+    default = "full_attention" if window is None else "sliding_attention"
+    types = {"full_attention" if window is None and t == "sliding_attention" else t
+             for t in hf.get("layer_types") or [default]}
+    if types == {"sliding_attention"}:
+        return window
+    if types != {"full_attention"}:
+        problems.append(f"layer_types {sorted(types)} (lmforge slides one window over every "
+                        "layer or none)")
+    return None
 
 
 def _idefics3_config(hf: dict[str, Any]) -> VLMConfig:
@@ -373,6 +389,8 @@ def _hf_config(cfg: ModelConfig, family: str, tokenizer: Tokenizer) -> dict[str,
     }
     if family in ("qwen2", "qwen3"):
         return {**llama, "use_sliding_window": False, "sliding_window": None}
+    if family == "mistral":
+        return {**llama, "sliding_window": cfg.sliding_window}
     return {**llama, "mlp_bias": cfg.bias}
 
 
@@ -630,7 +648,7 @@ def hf_module_names(cfg: ModelConfig) -> Callable[[str], str] | None:
         family = _export_family(cfg)
     except UnsupportedModel:
         return None
-    if family not in ("llama", "qwen2", "qwen3"):
+    if family not in ("llama", "mistral", "qwen2", "qwen3"):
         return None
     return lambda name: _rename(name + ".", _LLAMA_NAMES, reverse=True)[:-1]
 

@@ -3,8 +3,8 @@
 Choices, all set by `ModelConfig`:
 - pre-norm residual blocks, LayerNorm (GPT-2) or RMSNorm (Llama);
 - learned absolute positions (GPT-2) or rotary positions with a configurable base (Llama);
-- attention through `scaled_dot_product_attention`, with grouped key/value heads and an
-  optional QK-norm; a preallocated KV cache for decoding;
+- attention through `scaled_dot_product_attention`, with grouped key/value heads, an
+  optional QK-norm and an optional sliding window (a mask); a preallocated KV cache;
 - MLP: GELU, SwiGLU or ReLU squared;
 - input embedding tied to the output projection, or not;
 - init: normal(0, init_std), with residual output projections scaled by 1/sqrt(2 * layers)
@@ -137,7 +137,7 @@ class Decoder(nn.Module):
             x = x + self.pos_embed(index)
         else:
             rotary = pos.rotary(self.rope_cos, self.rope_sin)
-        return self.dropout(x), rotary, pos, pos.mask(T, idx.device)
+        return self.dropout(x), rotary, pos, pos.mask(T, idx.device, self.cfg.sliding_window)
 
     def new_cache(self, batch: int, length: int | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:
