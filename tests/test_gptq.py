@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.compress.calib import CalibrationError, calibration_tokens, through_blocks
+from lmforge.compress.calib import (
+    CalibrationError,
+    calibration_tokens,
+    on_linear_inputs,
+    through_blocks,
+)
 from lmforge.compress.gptq import gptq, hessian
 from lmforge.compress.quant import (
     QuantSpec,
@@ -137,6 +142,26 @@ def test_through_blocks_gives_the_model_s_own_features():
     with torch.no_grad():
         torch.testing.assert_close(features, model.features(tokens))
     assert seen == [0, 1]
+
+
+def test_bfloat16_blocks_keep_float32_hooks_and_residuals():
+    """Blocks may multiply in bfloat16 (autocast): the features stay float32 and near the
+    float32 ones, and the layers' hooks compute outside autocast."""
+    tokenizer = train_char(TEXT)
+    model = tiny_model(tokenizer.vocab_size)
+    tokens = torch.tensor([tokenizer.encode(TEXT[i:i + 40]) for i in range(0, 200, 40)])
+    autocast_in_hooks = []
+
+    def before_block(i, block, run):
+        on_linear_inputs(block, f"blocks.{i}", lambda name, linear, x: autocast_in_hooks.append(
+            torch.is_autocast_enabled("cpu")))
+
+    features = through_blocks(model, tokens, before_block, progress=False, dtype=torch.bfloat16)
+    assert autocast_in_hooks == [False] * 2 * 7  # 2 blocks of 7 Linear layers
+    assert features.dtype == torch.float32
+    with torch.no_grad():
+        exact = model.features(tokens)
+    assert (features - exact).abs().max() < 0.05 * exact.abs().max()
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(4, 32, method="gptq"), QuantSpec(8, method="gptq"),

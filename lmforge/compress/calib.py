@@ -84,20 +84,36 @@ class Calibration:
 BlockStep = Callable[[int, nn.Module, Callable[[], None]], None]
 
 
+def fast_matmul_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where the hardware multiplies it natively (CUDA, CPUs with AVX512-BF16 or
+    AMX: 2.6x float32's speed on a Zen 4 core), else float32, which is faster elsewhere."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    capabilities = torch.cpu.get_capabilities()
+    native = capabilities.get("avx512_bf16") or capabilities.get("amx_bf16")
+    return torch.bfloat16 if device.type == "cpu" and native else torch.float32
+
+
 @torch.no_grad()
 def through_blocks(model: Decoder, tokens: torch.Tensor, before_block: BlockStep,
-                   batch_size: int = 16, progress: bool = True, desc: str = "blocks"
-                   ) -> torch.Tensor:
+                   batch_size: int = 16, progress: bool = True, desc: str = "blocks",
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Run `tokens` (N, L) through `model` a block at a time: `before_block(i, block, run)`
     may put hooks on block i (and change it) before every sequence goes through it, in
     batches of `batch_size`; `run()` sends them through block i as it is, for a method to
     look at its inputs first. Returns the final normed hidden states (N, L, d_model), what
-    the output projection reads, after every block has been through `before_block`."""
+    the output projection reads, after every block has been through `before_block`.
+
+    `dtype` bfloat16 runs the blocks' matrix products in it (autocast; the residual stream
+    stays float32), and `on_linear_inputs` hooks still compute in float32."""
     pieces = [model.block_inputs(chunk) for chunk in tokens.split(batch_size)]
     xs = [x for x, _, _, _ in pieces]
+    device = tokens.device.type
 
     def through(block: nn.Module) -> list[torch.Tensor]:
-        return [block(x, rotary, pos, mask, None) for x, (_, rotary, pos, mask) in zip(xs, pieces)]
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            return [block(x, rotary, pos, mask, None)
+                    for x, (_, rotary, pos, mask) in zip(xs, pieces)]
 
     for i, block in enumerate(tqdm(model.blocks, desc=desc, unit="block", disable=not progress)):
         before_block(i, block, lambda block=block: through(block))
@@ -108,7 +124,12 @@ def through_blocks(model: Decoder, tokens: torch.Tensor, before_block: BlockStep
 def on_linear_inputs(module: nn.Module, prefix: str,
                      act: Callable[[str, nn.Linear, torch.Tensor], None]) -> list:
     """Call `act(name, linear, x)` as each Linear layer of `module` is reached, before it
-    runs on its input x (its name is `prefix.` and its name in `module`); the hooks' handles."""
+    runs on its input x (its name is `prefix.` and its name in `module`), outside any
+    autocast (see `through_blocks`); the hooks' handles."""
+    def hook(layer: nn.Linear, args: tuple, name: str) -> None:
+        with torch.autocast(args[0].device.type, enabled=False):
+            act(name, layer, args[0])
+
     return [linear.register_forward_pre_hook(
-                lambda layer, args, name=f"{prefix}.{name}": act(name, layer, args[0]))
+                lambda layer, args, name=f"{prefix}.{name}": hook(layer, args, name))
             for name, linear in module.named_modules() if isinstance(linear, nn.Linear)]
