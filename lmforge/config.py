@@ -34,12 +34,20 @@ class ModelConfig:
     rope_base: float = 10000.0
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
-    mlp: str = "gelu"  # gelu (tanh approximation, GPT-2's) | gelu-exact | swiglu | relu2 | relu
+    mlp: str = "gelu"  # gelu (tanh approximation, GPT-2's) | gelu-exact | swiglu | geglu | relu2 | relu
     tie_embeddings: bool = True
     qk_norm: bool = False
     bias: bool = False
     qkv_bias: bool = False  # biases on q, k and v alone (Qwen2); `bias` puts them everywhere
     sliding_window: int | None = None  # each position attends to this many, itself included (Mistral)
+    # Which layers the window applies to, one entry a layer ("sliding_attention" or
+    # "full_attention", Hugging Face's names); None: every layer, when there is a window.
+    layer_types: list[str] | None = None
+    rope_local_base: float | None = None  # the windowed layers' rotary base (Gemma 3), if not rope_base
+    head_dim: int | None = None  # None = d_model // n_head; wider heads than that (Gemma)
+    attn_scale: float | None = None  # attention scores' factor; None = 1 / sqrt(head_dim)
+    post_norms: bool = False  # norms on the attention and MLP outputs too (Gemma 2/3)
+    embed_scale: bool = False  # token embeddings times sqrt(d_model) (Gemma)
     dropout: float = 0.0
     init_std: float = 0.02
 
@@ -49,13 +57,16 @@ class ModelConfig:
             self.n_kv_head = self.n_head
         if self.d_mlp is None:
             self.d_mlp = 4 * self.d_model
+        if self.head_dim is None:
+            if self.d_model % self.n_head:
+                raise ConfigError(f"d_model={self.d_model} must be divisible by "
+                                  f"n_head={self.n_head} (or set head_dim)")
+            self.head_dim = self.d_model // self.n_head
         _check_positive(self, ("n_layer", "n_head", "n_kv_head", "d_model", "d_mlp", "vocab_size",
-                               "context_length"))
+                               "context_length", "head_dim"))
         _check_choice("positions", self.positions, ("learned", "rope"))
         _check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
         _check_choice("mlp", self.mlp, MLP_KINDS)
-        if self.d_model % self.n_head:
-            raise ConfigError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
         if self.n_head % self.n_kv_head:
             raise ConfigError(
                 f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}"
@@ -63,12 +74,27 @@ class ModelConfig:
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"sliding_window={self.sliding_window} must be positive (or null "
                               "for attention over the whole context)")
+        self._check_layer_types()
         if self.positions == "rope" and self.head_dim % 2:
             raise ConfigError(f"rotary positions need an even head_dim, got {self.head_dim}")
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
+    def _check_layer_types(self) -> None:
+        if self.layer_types is None:
+            return
+        if not isinstance(self.layer_types, list) or len(self.layer_types) != self.n_layer:
+            raise ConfigError(f"layer_types must list one entry for each of the {self.n_layer} "
+                              f"layers, got {self.layer_types!r}")
+        for kind in self.layer_types:
+            _check_choice("layer_types entry", kind, LAYER_TYPES)
+        if self.sliding_window is None and "sliding_attention" in self.layer_types:
+            raise ConfigError("layer_types has sliding_attention layers but sliding_window is "
+                              "not set: give the window's length")
+
+    def windowed(self, layer: int) -> bool:
+        """Whether layer `layer` attends through the sliding window."""
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -101,7 +127,8 @@ def load_config(path: str | Path) -> ModelConfig | Seq2SeqConfig | VLMConfig:
     return ModelConfig.load(path)
 
 
-MLP_KINDS = ("gelu", "gelu-exact", "swiglu", "relu2", "relu")
+MLP_KINDS = ("gelu", "gelu-exact", "swiglu", "geglu", "relu2", "relu")
+LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -36,12 +36,12 @@ def rotary_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor
 
 
 def register_rotary(module: nn.Module, head_dim: int, length: int, base: float,
-                    device: torch.device | str) -> None:
-    """Give `module` rotary tables as buffers `rope_cos` / `rope_sin`: derived from the config,
-    never saved (rebuilt after a model is materialised from the meta device)."""
+                    device: torch.device | str, prefix: str = "rope") -> None:
+    """Give `module` rotary tables as buffers `{prefix}_cos` / `{prefix}_sin`: derived from the
+    config, never saved (rebuilt after a model is materialised from the meta device)."""
     cos, sin = rotary_tables(head_dim, length, base)
-    module.register_buffer("rope_cos", cos.to(device), persistent=False)
-    module.register_buffer("rope_sin", sin.to(device), persistent=False)
+    module.register_buffer(f"{prefix}_cos", cos.to(device), persistent=False)
+    module.register_buffer(f"{prefix}_sin", sin.to(device), persistent=False)
 
 
 def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
@@ -168,12 +168,13 @@ class Attention(nn.Module):
         super().__init__()
         self.causal = causal
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        kv_dim = cfg.n_kv_head * cfg.head_dim
+        self.scale = cfg.attn_scale
+        q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
         qkv_bias = cfg.bias or cfg.qkv_bias
-        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=qkv_bias)
+        self.q_proj = nn.Linear(cfg.d_model, q_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.o_proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias)
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
@@ -196,6 +197,7 @@ class Attention(nn.Module):
             attn_mask=mask,
             is_causal=self.causal and mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0,
+            scale=self.scale,
             enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -231,21 +233,26 @@ class CrossAttention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
+GATED = ("swiglu", "geglu")
+
+
 class MLP(nn.Module):
     """Feed-forward block: GELU (GPT-2's tanh approximation, or exact), ReLU (the original
-    Transformer), ReLU squared, or the gated SwiGLU."""
+    Transformer), ReLU squared, or gated: SwiGLU (Llama) and GeGLU (Gemma, tanh GELU)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.kind = cfg.mlp
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.bias)
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.bias) if cfg.mlp == "swiglu" else None
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.bias) if cfg.mlp in GATED else None
         self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up_proj(x)
         if self.kind == "swiglu":
             h = F.silu(self.gate_proj(x)) * h
+        elif self.kind == "geglu":
+            h = F.gelu(self.gate_proj(x), approximate="tanh") * h
         elif self.kind == "relu2":
             h = F.relu(h).square()
         elif self.kind == "relu":

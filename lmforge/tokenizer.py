@@ -247,6 +247,17 @@ class Tokenizer:
         """Token ids of ``text``; no special tokens are added."""
         return self.encode_batch([text])[0]
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a text that starts a sequence: with the BOS token first when this
+        tokenizer asks for one (`add_bos_token`: Llama 2, Gemma) and the text does not
+        already start with it."""
+        ids = self.encode(text)
+        bos_text = self.special.bos_token
+        if self.special.add_bos_token and self.bos_id is not None and not (
+                bos_text and text.startswith(bos_text)):
+            return [self.bos_id, *ids]
+        return ids
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, encoded in parallel by tokenizers' thread pool."""
         if self._alphabet is not None:

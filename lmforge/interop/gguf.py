@@ -1,7 +1,8 @@
 """GGUF (llama.cpp's single-file format) to and from lmforge model directories.
 
-- `read_gguf` turns a ``llama``-architecture GGUF into a `ModelConfig`, an fp32 state dict under
-  our parameter names, a `Tokenizer` built from the file's metadata, and generation settings.
+- `read_gguf` turns a ``llama``- or ``gemma3``-architecture GGUF into a `ModelConfig`, an fp32
+  state dict under our parameter names, a `Tokenizer` built from the file's metadata, and
+  generation settings.
 - `import_gguf` writes that as an lmforge model directory (plus ``generation_config.json``).
 - `export_gguf` writes a llama-shaped lmforge model directory as a GGUF in f32, f16 or q8_0;
   a quantized one (`lmforge quantize`) keeps its integers and scales, in llama.cpp's blocks.
@@ -12,7 +13,13 @@ Two things differ between the layouts beyond names:
   halves of a head, as Hugging Face Llama does, so the rows are reordered on the way in and out.
 - a GGUF has no ``tokenizer.json``: the byte-level BPE vocabulary, merges and special tokens are
   metadata, and the pre-tokenizer is only named (``tokenizer.ggml.pre``), so we rebuild the
-  ``tokenizers`` pipeline that name stands for in llama.cpp.
+  ``tokenizers`` pipeline that name stands for in llama.cpp. Gemma's sentencepiece vocabulary
+  comes without merges; they are rebuilt from the order of its tokens, as transformers does.
+
+Gemma 3 files leave three things to the reader, which llama.cpp fixes for the architecture:
+every sixth layer attends over the whole context and the others over the sliding window, the
+windowed layers' rotary base is 10,000, and the stored norm weights are already 1 + w. Its
+q/k rows are in the half-split order (llama.cpp's NEOX rotary), so they are not reordered.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import numpy as np
 import tokenizers
 import torch
 from gguf.gguf_reader import READER_SUPPORTED_VERSIONS
-from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
 
 from lmforge.compress.quant import QuantLinear, quantization_of, unpack_int4
 from lmforge.config import ModelConfig
@@ -49,6 +56,7 @@ from lmforge.models.decoder import Decoder
 from lmforge.tokenizer import SpecialTokens, Tokenizer
 
 ARCHITECTURE = "llama"
+GEMMA3 = "gemma3"
 _MAGIC = b"GGUF"
 
 # GGUF tensor name -> ours. Per-block names follow "blk.{i}." / "blocks.{i}.".
@@ -59,6 +67,10 @@ _GLOBAL_NAMES = {
 }
 _BLOCK_NAMES = {
     "attn_norm.weight": "attn_norm.weight",
+    "attn_q_norm.weight": "attn.q_norm.weight",
+    "attn_k_norm.weight": "attn.k_norm.weight",
+    "post_attention_norm.weight": "attn_post_norm.weight",
+    "post_ffw_norm.weight": "mlp_post_norm.weight",
     "attn_q.weight": "attn.q_proj.weight",
     "attn_k.weight": "attn.k_proj.weight",
     "attn_v.weight": "attn.v_proj.weight",
@@ -99,6 +111,22 @@ _PRE_TOKENIZER_NAMES = ("gpt-2", *_DIGITS_THEN_GPT2)
 # llama.cpp refuses to load; lmforge still reads them.
 _OLD_GPT2_NAME = "gpt2"
 
+# Gemma's turns: "user" and "model" only, a system message opening the first user turn.
+GEMMA_TEMPLATE = (
+    "{% set ns = namespace(system='') %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{% set ns.system = m['content'] + '\n\n' %}"
+    "{% else %}"
+    "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else 'user') + '\n' }}"
+    "{% if m['role'] != 'assistant' %}{{ ns.system }}{% set ns.system = '' %}{% endif %}"
+    "{{ m['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+# llama.cpp's fixed Gemma 3 settings (see the module docstring).
+_GEMMA3_PERIOD = 6
+_GEMMA3_LOCAL_BASE = 10000.0
+
 # The longest context a GGUF may declare: rotary tables are sized by it (2^20 positions of a
 # 128-wide head are 1 GB), and it is far above what llama-shaped models are trained for.
 MAX_CONTEXT = 1 << 20
@@ -130,8 +158,24 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], T
     tensors = {t.name: t for t in reader.tensors}
     cfg = _config_from_metadata(meta, tensors, path)
     tokenizer = _tokenizer_from_metadata(meta, path)  # before the slow part: it may refuse
-    state = _state_dict(tensors, cfg, path)
-    return cfg, state, tokenizer, _generation_config(meta)
+    state = _state_dict(tensors, cfg, path, pairs=meta["general.architecture"] == ARCHITECTURE)
+    generation = _generation_config(meta)
+    if meta["general.architecture"] == GEMMA3:
+        _gemma_turns(tokenizer, generation)
+    return cfg, state, tokenizer, generation
+
+
+def _gemma_turns(tokenizer: Tokenizer, generation: dict[str, Any]) -> None:
+    """A Gemma file without a chat template (a base model) gets Gemma's turn format, whose
+    tokens its vocabulary has, rather than ChatML's, which it lacks; the end of a turn stops
+    generation."""
+    end = tokenizer.token_id("<end_of_turn>")
+    if tokenizer.special.chat_template is not None or end is None:
+        return
+    tokenizer.special.chat_template = GEMMA_TEMPLATE
+    eos = generation.get("eos_token_id")
+    eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    generation["eos_token_id"] = list(dict.fromkeys([*eos, end]))
 
 
 def import_gguf(path: str | Path, out_dir: str | Path) -> Path:
@@ -263,10 +307,10 @@ def _unreadable(path: Path, err: Exception) -> GGUFFileError:
 
 def _config_from_metadata(meta: dict[str, Any], tensors: dict, path: Path) -> ModelConfig:
     arch = meta.get("general.architecture")
-    if arch != ARCHITECTURE:
+    if arch not in (ARCHITECTURE, GEMMA3):
         raise UnsupportedModel(
-            f"{path} holds a {arch!r} model; lmforge reads only {ARCHITECTURE!r} GGUF files "
-            "(Llama, SmolLM, TinyLlama, ... shaped models)"
+            f"{path} holds a {arch!r} model; lmforge reads {ARCHITECTURE!r} GGUF files (Llama, "
+            f"SmolLM, TinyLlama, ... shaped models) and {GEMMA3!r} ones"
         )
 
     def get(key: str, default: Any = None) -> Any:
@@ -291,12 +335,15 @@ def _config_from_metadata(meta: dict[str, Any], tensors: dict, path: Path) -> Mo
 
     d_model, n_head = positive("embedding_length"), positive("attention.head_count")
     n_kv_head = positive("attention.head_count_kv", n_head)
-    if d_model % n_head or n_head % n_kv_head:
+    if n_head % n_kv_head or (arch == ARCHITECTURE and d_model % n_head):
         raise GGUFFileError(
             f"{path} is damaged: embedding_length {d_model} is not a multiple of head_count "
             f"{n_head}, or head_count is not a multiple of head_count_kv {n_kv_head}"
         )
-    head_dim = d_model // n_head
+    head_dim = positive("attention.key_length", d_model // n_head)
+    if positive("attention.value_length", head_dim) != head_dim:
+        raise UnsupportedModel(f"{path} has keys of {head_dim} and values of "
+                               f"{get('attention.value_length')} dimensions; lmforge's are equal")
     if head_dim % 2:
         raise UnsupportedModel(f"{path} has heads of odd width {head_dim}, which rotary "
                                "positions cannot rotate in pairs")
@@ -321,8 +368,19 @@ def _config_from_metadata(meta: dict[str, Any], tensors: dict, path: Path) -> Mo
     tokens = meta.get("tokenizer.ggml.tokens")
     if not tokens:
         raise UnsupportedModel(f"{path} has no tokenizer.ggml.tokens: the vocabulary is unknown")
+    n_layer = positive("block_count")
+    family: dict[str, Any] = dict(mlp="swiglu")
+    if arch == GEMMA3:
+        window = positive("attention.sliding_window")
+        family = dict(
+            mlp="geglu", qk_norm=True, post_norms=True, embed_scale=True, head_dim=head_dim,
+            sliding_window=window, rope_local_base=_GEMMA3_LOCAL_BASE,
+            layer_types=["full_attention" if (i + 1) % _GEMMA3_PERIOD == 0 else
+                         "sliding_attention" for i in range(n_layer)],
+            # llama.cpp scales Gemma 3 27B's scores by its width per head, not by head_dim
+            attn_scale=(d_model / n_head) ** -0.5 if n_layer == 62 else None)
     return ModelConfig(
-        n_layer=positive("block_count"),
+        n_layer=n_layer,
         n_head=n_head,
         n_kv_head=n_kv_head,
         d_model=d_model,
@@ -333,9 +391,9 @@ def _config_from_metadata(meta: dict[str, Any], tensors: dict, path: Path) -> Mo
         rope_base=_float32_value(positive("rope.freq_base", 10000.0, float)),
         norm="rmsnorm",
         norm_eps=_float32_value(positive("attention.layer_norm_rms_epsilon", kind=float)),
-        mlp="swiglu",
         tie_embeddings="output.weight" not in tensors,
         bias=False,
+        **family,
     )
 
 
@@ -363,20 +421,22 @@ def _gguf_name(ours: str) -> str:
     return f"blk.{layer}.{theirs}"
 
 
-def _state_dict(tensors: dict, cfg: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
+def _state_dict(tensors: dict, cfg: ModelConfig, path: Path, pairs: bool
+                ) -> dict[str, torch.Tensor]:
+    """Our fp32 tensors; `pairs`: the q/k rows are in llama.cpp's interleaved order."""
     unknown = [name for name in tensors if _our_name(name) is None]
     if unknown:
         raise UnsupportedModel(
             f"{path} has tensors lmforge's decoder has no place for: {', '.join(unknown[:5])}"
         )
     state = {}
+    heads = {"q_proj.weight": cfg.n_head, "k_proj.weight": cfg.n_kv_head}
     for name, tensor in tensors.items():
         ours = _our_name(name)
         weights = _dequantize(tensor, path)
-        if ours.endswith("q_proj.weight"):
-            weights = _pairs_to_halves(weights, cfg.n_head)
-        elif ours.endswith("k_proj.weight"):
-            weights = _pairs_to_halves(weights, cfg.n_kv_head)
+        kind = ours.rsplit(".", 2)[-2] + ".weight"
+        if kind in heads and pairs:
+            weights = _pairs_to_halves(weights, heads[kind])
         state[ours] = torch.tensor(weights, dtype=torch.float32)
     _check_shapes(state, cfg, path)
     return state
@@ -394,19 +454,12 @@ def _dequantize(tensor: gguf.ReaderTensor, path: Path) -> np.ndarray:
 
 
 def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Our parameter shapes for a llama-shaped config (what `Decoder` builds from it)."""
-    d, kv = cfg.d_model, cfg.n_kv_head * cfg.head_dim
-    block = {
-        "attn_norm.weight": (d,), "attn.q_proj.weight": (d, d), "attn.k_proj.weight": (kv, d),
-        "attn.v_proj.weight": (kv, d), "attn.o_proj.weight": (d, d), "mlp_norm.weight": (d,),
-        "mlp.gate_proj.weight": (cfg.d_mlp, d), "mlp.up_proj.weight": (cfg.d_mlp, d),
-        "mlp.down_proj.weight": (d, cfg.d_mlp),
-    }
-    shapes = {"embed.weight": (cfg.vocab_size, d), "final_norm.weight": (d,)}
-    if not cfg.tie_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, d)
-    for i in range(cfg.n_layer):
-        shapes.update({f"blocks.{i}.{name}": shape for name, shape in block.items()})
+    """Our parameter shapes for a config: what `Decoder` builds from it (on the meta device,
+    so nothing is allocated); a tied output projection is the embedding."""
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Decoder(cfg).state_dict().items()}
+    if cfg.tie_embeddings:
+        del shapes["lm_head.weight"]
     return shapes
 
 
@@ -475,40 +528,17 @@ def _pre_tokenizer(name: str) -> pre_tokenizers.PreTokenizer:
 
 def _tokenizer_from_metadata(meta: dict[str, Any], path: Path) -> Tokenizer:
     model = meta.get("tokenizer.ggml.model")
-    if model != "gpt2":
-        raise UnsupportedModel(
-            f"{path} has a {model!r} tokenizer; lmforge builds only byte-level BPE ('gpt2') "
-            "tokenizers from GGUF metadata (sentencepiece 'llama' vocabularies are not supported)"
-        )
-    pre = meta.get("tokenizer.ggml.pre")
-    if pre not in (*_PRE_TOKENIZER_NAMES, _OLD_GPT2_NAME):
-        raise UnsupportedModel(
-            f"{path} names the pre-tokenizer {pre!r} (tokenizer.ggml.pre), whose splitting rules "
-            f"lmforge does not know; known: {', '.join(_PRE_TOKENIZER_NAMES)}"
-        )
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     types = meta.get("tokenizer.ggml.token_type") or [gguf.TokenType.NORMAL] * len(tokens)
-    spelling = _byte_spelling()
-    alphabet = set(spelling.values())
-    # Tokens are stored in the byte alphabet; one that is not (some converters write added
-    # tokens as raw text) is spelled out byte by byte, as transformers does.
-    spelled = [
-        t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))
-        for t in tokens
-    ]
-    merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges", [])]
-    backend = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(spelled)},
-                                              merges=merges))
-    backend.pre_tokenizer = _pre_tokenizer(pre)
-    backend.decoder = decoders.ByteLevel()
-    # Control tokens (<|im_end|>) and user-defined ones (<think>) are matched whole in the text,
-    # as llama.cpp does; a respelled one could only be added as a new id, so it is left out.
-    added = [(t, kind == gguf.TokenType.CONTROL) for t, s, kind in zip(tokens, spelled, types)
-             if t == s and kind in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED)]
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t, control in added if control])
-    backend.add_tokens([AddedToken(t, special=False, normalized=False)
-                        for t, control in added if not control])
+    if model == "llama" and meta.get("general.architecture") == GEMMA3:
+        backend = _gemma_backend(tokens, types)
+    elif model == "gpt2":
+        backend = _byte_level_backend(meta, tokens, types, path)
+    else:
+        raise UnsupportedModel(
+            f"{path} has a {model!r} tokenizer; lmforge builds byte-level BPE ('gpt2') "
+            "tokenizers from GGUF metadata, and Gemma's sentencepiece ('llama') vocabulary"
+        )
 
     def token(key: str) -> str | None:
         index = meta.get(f"tokenizer.ggml.{key}_token_id")
@@ -522,6 +552,70 @@ def _tokenizer_from_metadata(meta: dict[str, Any], path: Path) -> Tokenizer:
         chat_template=meta.get("tokenizer.chat_template"),
     )
     return Tokenizer(backend, special)
+
+
+def _add_marked_tokens(backend: tokenizers.Tokenizer, marked: list[tuple[str, int]]) -> None:
+    """Control tokens (<|im_end|>) and user-defined ones (<think>) are matched whole in the
+    text, as llama.cpp does: the first as special tokens, the others as plain added ones."""
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, kind in marked if kind == gguf.TokenType.CONTROL])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t, kind in marked if kind == gguf.TokenType.USER_DEFINED])
+
+
+def _gemma_backend(tokens: list[str], types: list[int]) -> tokenizers.Tokenizer:
+    """Gemma's sentencepiece vocabulary as a BPE with byte fallback: spaces written as "▁",
+    merges rebuilt from the vocabulary (the file has none) in the order of its tokens, which
+    is Gemma's merge order (its scores are not), as transformers rebuilds them. Tokens of
+    spaces alone are stored with real spaces and looked up as "▁"s."""
+    spelled = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {t: i for i, t in enumerate(spelled)}
+    backend = tokenizers.Tokenizer(models.BPE(
+        vocab=vocab, merges=_merges_by_order(spelled, vocab), unk_token="<unk>", fuse_unk=True,
+        byte_fallback=True))
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                         decoders.Fuse()])
+    _add_marked_tokens(backend, [(t, kind) for t, kind in zip(tokens, types)
+                                 if kind == gguf.TokenType.CONTROL or
+                                 (kind == gguf.TokenType.USER_DEFINED and t in vocab)])
+    return backend
+
+
+def _merges_by_order(tokens: list[str], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """Every way of writing each token as two tokens of the vocabulary, the tokens in their
+    order and each token's splits longest left part first: what a BPE applies first wins."""
+    merges = []
+    for token in dict.fromkeys(tokens):
+        merges += [(token[:cut], token[cut:]) for cut in range(len(token) - 1, 0, -1)
+                   if token[:cut] in vocab and token[cut:] in vocab]
+    return merges
+
+
+def _byte_level_backend(meta: dict[str, Any], tokens: list[str], types: list[int], path: Path
+                        ) -> tokenizers.Tokenizer:
+    pre = meta.get("tokenizer.ggml.pre")
+    if pre not in (*_PRE_TOKENIZER_NAMES, _OLD_GPT2_NAME):
+        raise UnsupportedModel(
+            f"{path} names the pre-tokenizer {pre!r} (tokenizer.ggml.pre), whose splitting rules "
+            f"lmforge does not know; known: {', '.join(_PRE_TOKENIZER_NAMES)}"
+        )
+    spelling = _byte_spelling()
+    alphabet = set(spelling.values())
+    # Tokens are stored in the byte alphabet; one that is not (some converters write added
+    # tokens as raw text) is spelled out byte by byte, as transformers does.
+    spelled = [
+        t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))
+        for t in tokens
+    ]
+    merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges", [])]
+    backend = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(spelled)},
+                                              merges=merges))
+    backend.pre_tokenizer = _pre_tokenizer(pre)
+    backend.decoder = decoders.ByteLevel()
+    # A respelled control token could only be added as a new id, so it is left out.
+    _add_marked_tokens(backend, [(t, kind) for t, s, kind in zip(tokens, spelled, types) if t == s])
+    return backend
 
 
 # --------------------------------------------------------------------------- writing

@@ -1,6 +1,5 @@
 """Hugging Face model directories in and out: GPT-2, the Llama family (Llama, Mistral, Qwen2,
-Qwen3),
-and the vision-language Idefics3 (SmolVLM: a SigLIP encoder, a pixel-shuffle projector, Llama).
+Qwen3), Gemma 3 (text), and the vision-language Idefics3 (SmolVLM: a SigLIP encoder, a pixel-shuffle projector, Llama).
 
 A Hugging Face directory is config.json (with a "model_type") + model.safetensors (or shards
 listed in model.safetensors.index.json) + tokenizer.json + tokenizer_config.json
@@ -66,6 +65,7 @@ SUPPORTED = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
     "idefics3": "Idefics3ForConditionalGeneration",
 }
 # GPT2Model is the headless GPT-2; its tied output projection is the embedding, so it loads too.
@@ -95,6 +95,21 @@ _LLAMA_NAMES = (
     ("model.layers.{i}.mlp.", "blocks.{i}.mlp."),  # gate/up/down_proj
     ("lm_head.", "lm_head."),
 )
+# Gemma 3 norms the attention and MLP outputs too, and its post_attention_layernorm is that
+# output norm, where Llama's is the MLP's input norm.
+_GEMMA3_NAMES = (
+    ("model.embed_tokens.", "embed."),
+    ("model.norm.", "final_norm."),
+    ("model.layers.{i}.input_layernorm.", "blocks.{i}.attn_norm."),
+    ("model.layers.{i}.post_attention_layernorm.", "blocks.{i}.attn_post_norm."),
+    ("model.layers.{i}.pre_feedforward_layernorm.", "blocks.{i}.mlp_norm."),
+    ("model.layers.{i}.post_feedforward_layernorm.", "blocks.{i}.mlp_post_norm."),
+    ("model.layers.{i}.self_attn.", "blocks.{i}.attn."),  # q/k/v/o_proj, q/k_norm
+    ("model.layers.{i}.mlp.", "blocks.{i}.mlp."),
+    ("lm_head.", "lm_head."),
+)
+# Gemma's RMSNorms scale by (1 + weight): a stored weight is ours minus one.
+_GEMMA_NORM = re.compile(r"(^|\.)(\w*norm)\.weight$")
 # Idefics3: the SigLIP tower, the projector, and the Llama names under model.text_model.
 _IDEFICS3_NAMES = (
     ("model.vision_model.embeddings.patch_embedding.", "vision.patch_embed."),
@@ -119,18 +134,23 @@ _GPT2_QKV = re.compile(r"h\.(\d+)\.attn\.c_attn\.(weight|bias)$")
 _OUR_QKV = re.compile(r"blocks\.(\d+)\.attn\.([qkv])_proj\.(weight|bias)$")
 
 # What each export family needs of a ModelConfig, in the order a person would fix them.
+# Gemma's options, which only Gemma 3 has.
+_NOT_GEMMA = {"post_norms": False, "embed_scale": False, "layer_types": None,
+              "rope_local_base": None, "attn_scale": None}
 _EXPORT_NEEDS: dict[str, dict[str, Any]] = {
     "gpt2": {"positions": "learned", "norm": "layernorm", "mlp": ("gelu", "gelu-exact"),
-             "qk_norm": False, "sliding_window": None},
+             "qk_norm": False, "sliding_window": None, **_NOT_GEMMA},
     "llama": {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False,
-              "qkv_bias": False, "sliding_window": None},
+              "qkv_bias": False, "sliding_window": None, **_NOT_GEMMA},
     "qwen2": {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False,
-              "bias": False, "qkv_bias": True, "sliding_window": None},
+              "bias": False, "qkv_bias": True, "sliding_window": None, **_NOT_GEMMA},
     "qwen3": {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True,
-              "bias": False, "qkv_bias": False, "sliding_window": None},
+              "bias": False, "qkv_bias": False, "sliding_window": None, **_NOT_GEMMA},
     # Reached only by a model with a window: one without is a Llama.
     "mistral": {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False,
-                "bias": False, "qkv_bias": False},
+                "bias": False, "qkv_bias": False, **_NOT_GEMMA},
+    "gemma3_text": {"positions": "rope", "norm": "rmsnorm", "mlp": "geglu", "qk_norm": True,
+                    "post_norms": True, "embed_scale": True, "bias": False, "qkv_bias": False},
 }
 
 
@@ -174,6 +194,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig | VLMConfig:
         return _gpt2_config(hf)
     if model_type == "idefics3":
         return _idefics3_config(hf)
+    if model_type == "gemma3_text":
+        return _gemma3_config(hf)
     return _llama_config(hf, model_type)
 
 
@@ -227,10 +249,6 @@ def _llama_config(hf: dict[str, Any], model_type: str) -> ModelConfig:
     problems = []
     hidden, heads = _need(hf, "hidden_size"), _need(hf, "num_attention_heads")
     context = _need(hf, "max_position_embeddings")
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and head_dim * heads != hidden:
-        problems.append(f"head_dim={head_dim} differs from hidden_size/num_attention_heads="
-                        f"{hidden // heads}")
     activation = hf.get("hidden_act", "silu")
     if activation != "silu":
         problems.append(f"hidden_act={activation!r} (lmforge's SwiGLU uses silu)")
@@ -247,6 +265,7 @@ def _llama_config(hf: dict[str, Any], model_type: str) -> ModelConfig:
         n_layer=_need(hf, "num_hidden_layers"),
         n_head=heads,
         n_kv_head=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hidden // heads,
         d_model=hidden,
         d_mlp=_need(hf, "intermediate_size"),
         vocab_size=_need(hf, "vocab_size"),
@@ -282,6 +301,55 @@ def _sliding_window(hf: dict[str, Any], model_type: str, context: int, problems:
         problems.append(f"layer_types {sorted(types)} (lmforge slides one window over every "
                         "layer or none)")
     return None
+
+
+def _gemma3_config(hf: dict[str, Any]) -> ModelConfig:
+    problems = []
+    heads, n_layer = _need(hf, "num_attention_heads"), _need(hf, "num_hidden_layers")
+    head_dim = _need(hf, "head_dim")
+    activation = hf.get("hidden_activation", "gelu_pytorch_tanh")
+    if activation not in ("gelu_pytorch_tanh", "gelu_new"):
+        problems.append(f"hidden_activation={activation!r} (lmforge's GeGLU uses the tanh GELU)")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if hf.get(key) is not None:
+            problems.append(f"{key}={hf[key]}")
+    if hf.get("use_bidirectional_attention"):
+        problems.append("use_bidirectional_attention=true (a causal decoder only)")
+    if hf.get("attention_bias"):
+        problems.append("attention_bias=true")
+    types = hf.get("layer_types")
+    if types is None:  # configs older than transformers 4.53 give a period instead
+        period = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
+        types = ["full_attention" if (i + 1) % period == 0 else "sliding_attention"
+                 for i in range(n_layer)]
+    full, local = _gemma3_rope_bases(hf, problems)
+    _refuse("gemma3_text", problems)
+    windowed = "sliding_attention" in types
+    scalar = hf.get("query_pre_attn_scalar", head_dim)
+    return ModelConfig(
+        n_layer=n_layer, n_head=heads, n_kv_head=hf.get("num_key_value_heads") or heads,
+        head_dim=head_dim, d_model=_need(hf, "hidden_size"),
+        d_mlp=_need(hf, "intermediate_size"), vocab_size=_need(hf, "vocab_size"),
+        context_length=_need(hf, "max_position_embeddings"), positions="rope",
+        rope_base=full, rope_local_base=local if windowed and local != full else None,
+        norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="geglu",
+        tie_embeddings=hf.get("tie_word_embeddings", True), qk_norm=True,
+        sliding_window=_need(hf, "sliding_window") if windowed else None,
+        layer_types=list(types) if windowed else None,
+        attn_scale=None if scalar == head_dim else float(scalar) ** -0.5,
+        post_norms=True, embed_scale=True, init_std=hf.get("initializer_range", 0.02))
+
+
+def _gemma3_rope_bases(hf: dict[str, Any], problems: list[str]) -> tuple[float, float]:
+    """The rotary bases of full and windowed layers: transformers 5 keys rope_parameters by
+    layer type; older configs give rope_theta and rope_local_base_freq."""
+    params = hf.get("rope_parameters") or {}
+    if "full_attention" in params:
+        full = _rope_theta({"rope_parameters": params["full_attention"]}, problems)
+        local = _rope_theta({"rope_parameters": params.get("sliding_attention", {})}, problems)
+        return full, local
+    full = _rope_theta(hf, problems)
+    return full, float(hf.get("rope_local_base_freq", 10000.0))
 
 
 def _idefics3_config(hf: dict[str, Any]) -> VLMConfig:
@@ -387,11 +455,37 @@ def _hf_config(cfg: ModelConfig, family: str, tokenizer: Tokenizer) -> dict[str,
         "attention_bias": cfg.bias, "attention_dropout": cfg.dropout,
         **common,
     }
+    if family == "gemma3_text":
+        return _gemma3_hf_config(cfg, llama)
     if family in ("qwen2", "qwen3"):
         return {**llama, "use_sliding_window": False, "sliding_window": None}
     if family == "mistral":
         return {**llama, "sliding_window": cfg.sliding_window}
     return {**llama, "mlp_bias": cfg.bias}
+
+
+def _gemma3_hf_config(cfg: ModelConfig, llama: dict[str, Any]) -> dict[str, Any]:
+    types = [("sliding_attention" if cfg.windowed(i) else "full_attention")
+             for i in range(cfg.n_layer)]
+    out = {k: v for k, v in llama.items() if k not in ("hidden_act", "attention_bias")}
+    return {
+        **out, "hidden_activation": "gelu_pytorch_tanh", "attention_bias": False,
+        "layer_types": types, "sliding_window": cfg.sliding_window or cfg.context_length,
+        "rope_local_base_freq": cfg.rope_local_base or cfg.rope_base,
+        "query_pre_attn_scalar": _query_pre_attn_scalar(cfg),
+        "attn_logit_softcapping": None, "final_logit_softcapping": None,
+    }
+
+
+def _query_pre_attn_scalar(cfg: ModelConfig) -> int:
+    """Gemma's whole number s whose 1 / sqrt(s) scales attention scores."""
+    if cfg.attn_scale is None:
+        return cfg.head_dim
+    scalar = cfg.attn_scale ** -2
+    if abs(scalar - round(scalar)) > 1e-6 * scalar:
+        raise UnsupportedModel(f"attn_scale={cfg.attn_scale}: Gemma 3 scales attention by "
+                               "1 / sqrt(query_pre_attn_scalar), a whole number")
+    return round(scalar)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,6 +569,12 @@ def _llama_entries(hf_name: str, tensor: torch.Tensor) -> list[tuple[str | None,
     return [(_rename(hf_name, _LLAMA_NAMES), tensor)]
 
 
+def _gemma3_entries(hf_name: str, tensor: torch.Tensor) -> list[tuple[str | None, torch.Tensor]]:
+    if _GEMMA_NORM.search(hf_name):
+        tensor = tensor.float() + 1
+    return [(_rename(hf_name, _GEMMA3_NAMES), tensor)]
+
+
 def _idefics3_entries(hf_name: str, tensor: torch.Tensor) -> list[tuple[str | None, torch.Tensor]]:
     if hf_name.endswith("rotary_emb.inv_freq"):
         return []
@@ -518,6 +618,11 @@ def _gpt2_state(model: Decoder) -> dict[str, torch.Tensor]:
 def _llama_state(model: Decoder) -> dict[str, torch.Tensor]:
     return {_rename(name, _LLAMA_NAMES, reverse=True): tensor
             for name, tensor in model.state_dict().items()}
+
+
+def _gemma3_state(model: Decoder) -> dict[str, torch.Tensor]:
+    return {_rename(name, _GEMMA3_NAMES, reverse=True): tensor - 1 if _GEMMA_NORM.search(name)
+            else tensor for name, tensor in model.state_dict().items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,8 +691,8 @@ def import_hf(src_dir: str | Path, out_dir: str | Path) -> Path:
     tokenizer = _read_tokenizer(src)
     processor = _hf_image_processor(src, cfg, tokenizer) if isinstance(cfg, VLMConfig) else None
     hf_state = _read_hf_weights(src)
-    entries = {"gpt2": _gpt2_entries, "idefics3": _idefics3_entries}.get(hf["model_type"],
-                                                                         _llama_entries)
+    entries = {"gpt2": _gpt2_entries, "idefics3": _idefics3_entries,
+               "gemma3_text": _gemma3_entries}.get(hf["model_type"], _llama_entries)
     model = build_model(cfg)
     load_state(model, _our_state(hf_state, entries), str(src))
     save_model(out, model, tokenizer)
@@ -648,14 +753,15 @@ def hf_module_names(cfg: ModelConfig) -> Callable[[str], str] | None:
         family = _export_family(cfg)
     except UnsupportedModel:
         return None
-    if family not in ("llama", "mistral", "qwen2", "qwen3"):
+    if family not in ("llama", "mistral", "qwen2", "qwen3", "gemma3_text"):
         return None
-    return lambda name: _rename(name + ".", _LLAMA_NAMES, reverse=True)[:-1]
+    table = _GEMMA3_NAMES if family == "gemma3_text" else _LLAMA_NAMES
+    return lambda name: _rename(name + ".", table, reverse=True)[:-1]
 
 
 def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write a HF directory (GPT-2, Llama, Qwen3 or Idefics3; float32) for an lmforge model or
-    run dir."""
+    """Write a HF directory (GPT-2, Llama, Mistral, Qwen2, Qwen3, Gemma 3 or Idefics3; float32)
+    for an lmforge model or run dir."""
     src, out = resolve_model_dir(model_dir), Path(out_dir)
     if out.resolve() == src.resolve():
         raise ConfigError(f"export_hf would overwrite the lmforge model in {src}; pass another "
@@ -672,7 +778,8 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
     else:
         family = _export_family(model.cfg)
         hf = _hf_config(model.cfg, family, tokenizer)
-        state = _gpt2_state(model) if family == "gpt2" else _llama_state(model)
+        state = {"gpt2": _gpt2_state, "gemma3_text": _gemma3_state}.get(
+            family, _llama_state)(model)
     if model.cfg.tie_embeddings:
         # transformers ties it back from the embedding
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}

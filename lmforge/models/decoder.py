@@ -4,9 +4,11 @@ Choices, all set by `ModelConfig`:
 - pre-norm residual blocks, LayerNorm (GPT-2) or RMSNorm (Llama);
 - learned absolute positions (GPT-2) or rotary positions with a configurable base (Llama);
 - attention through `scaled_dot_product_attention`, with grouped key/value heads, an
-  optional QK-norm and an optional sliding window (a mask); a preallocated KV cache;
-- MLP: GELU, SwiGLU or ReLU squared;
-- input embedding tied to the output projection, or not;
+  optional QK-norm and an optional sliding window (a mask) on every layer or on some, those
+  with a rotary base of their own (Gemma 3); a preallocated KV cache;
+- MLP: GELU, SwiGLU, GeGLU or ReLU squared; optional norms on the attention and MLP outputs
+  before they join the residual stream (Gemma's "sandwich");
+- input embedding tied to the output projection, or not, optionally scaled by sqrt(d_model);
 - init: normal(0, init_std), with residual output projections scaled by 1/sqrt(2 * layers)
   so the residual stream's variance does not grow with depth (GPT-2 paper, section 2.3).
 
@@ -32,12 +34,21 @@ class Block(nn.Module):
         self.attn = Attention(cfg, causal)
         self.mlp_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.mlp = MLP(cfg)
+        post = cfg.post_norms
+        self.attn_post_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) if post else None
+        self.mlp_post_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) if post else None
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rotary, pos: Positions, mask: torch.Tensor | None,
                 cache: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rotary, pos, mask, cache))
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        h = self.attn(self.attn_norm(x), rotary, pos, mask, cache)
+        if self.attn_post_norm is not None:
+            h = self.attn_post_norm(h)
+        x = x + self.dropout(h)
+        h = self.mlp(self.mlp_norm(x))
+        if self.mlp_post_norm is not None:
+            h = self.mlp_post_norm(h)
+        return x + self.dropout(h)
 
 
 class Decoder(nn.Module):
@@ -64,10 +75,18 @@ class Decoder(nn.Module):
     def reset_buffers(self) -> None:
         """Rotary tables: derived from the config, never saved (so they are rebuilt after
         a model is materialised from the meta device)."""
-        cfg = self.cfg
+        cfg, device = self.cfg, self.embed.weight.device
         if cfg.positions == "rope":
-            register_rotary(self, cfg.head_dim, cfg.context_length, cfg.rope_base,
-                            self.embed.weight.device)
+            register_rotary(self, cfg.head_dim, cfg.context_length, cfg.rope_base, device)
+            if self.local_rotary():
+                register_rotary(self, cfg.head_dim, cfg.context_length, cfg.rope_local_base,
+                                device, prefix="rope_local")
+
+    def local_rotary(self) -> bool:
+        """Whether the windowed layers turn by a rotary base of their own."""
+        cfg = self.cfg
+        return cfg.positions == "rope" and cfg.rope_local_base not in (None, cfg.rope_base) \
+            and any(cfg.windowed(i) for i in range(cfg.n_layer))
 
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
@@ -106,20 +125,29 @@ class Decoder(nn.Module):
                  ) -> torch.Tensor:
         """The final normed hidden states (B, T, d_model): what the output projection, or a
         task head such as a classifier, reads."""
-        x, rotary, pos, mask = self.block_inputs(idx, cache, start, embeds)
+        x, layers = self.block_inputs(idx, cache, start, embeds)
         for i, block in enumerate(self.blocks):
             layer_cache = cache.layers[i] if cache is not None else None
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 # Keep only each block's input; recompute its activations in the backward pass.
-                x = checkpoint(block, x, rotary, pos, mask, layer_cache, use_reentrant=False)
+                x = checkpoint(block, x, *layers[i], layer_cache, use_reentrant=False)
             else:
-                x = block(x, rotary, pos, mask, layer_cache)
+                x = block(x, *layers[i], layer_cache)
         return self.final_norm(x)
+
+    def token_embeddings(self, idx: torch.Tensor) -> torch.Tensor:
+        """The input vectors of tokens idx: their embeddings, times sqrt(d_model) for a model
+        trained that way (Gemma)."""
+        x = self.embed(idx)
+        if self.cfg.embed_scale:
+            # In the embeddings' dtype, as the reference implementation rounds it.
+            x = x * torch.tensor(self.cfg.d_model ** 0.5, dtype=x.dtype)
+        return x
 
     def block_inputs(self, idx: torch.Tensor, cache: KVCache | None = None,
                      start: int | torch.Tensor = 0, embeds: torch.Tensor | None = None):
-        """What the blocks take: the first block's input x (B, T, d_model), and the rotary
-        tables, positions and mask every block takes with it (`block(x, rotary, pos, mask,
+        """What the blocks take: the first block's input x (B, T, d_model), and for each block
+        the rotary tables, positions and mask it takes with it (`block(x, *layers[i],
         layer_cache)`): for work that goes through the model a block at a time."""
         T = idx.shape[1]
         pos = Positions.of(start, T, cache.length if cache is not None and cache.static else None)
@@ -129,15 +157,22 @@ class Decoder(nn.Module):
         if cache is not None and pos.end > cache.length:
             raise ValueError(f"sequence reaches position {pos.end}, past the KV cache's "
                              f"{cache.length} positions")
-        x = self.embed(idx) if embeds is None else embeds
-        rotary = None
+        cfg = self.cfg
+        x = self.token_embeddings(idx) if embeds is None else embeds
+        rotary = local_rotary = None
         if self.pos_embed is not None:
             index = pos.index if pos.index is not None else torch.arange(
                 pos.start, pos.end, device=idx.device)
             x = x + self.pos_embed(index)
         else:
-            rotary = pos.rotary(self.rope_cos, self.rope_sin)
-        return self.dropout(x), rotary, pos, pos.mask(T, idx.device, self.cfg.sliding_window)
+            rotary = local_rotary = pos.rotary(self.rope_cos, self.rope_sin)
+            if self.local_rotary():
+                local_rotary = pos.rotary(self.rope_local_cos, self.rope_local_sin)
+        windowed = [cfg.windowed(i) for i in range(cfg.n_layer)]
+        full = (rotary, pos, pos.mask(T, idx.device)) if not all(windowed) else None
+        local = (local_rotary, pos, pos.mask(T, idx.device, cfg.sliding_window)) \
+            if any(windowed) else None
+        return self.dropout(x), [local if w else full for w in windowed]
 
     def new_cache(self, batch: int, length: int | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:

@@ -139,7 +139,7 @@ class VLM(nn.Module):
                 f"the prompt has {wanted} image tokens and {images.shape[0]} image(s) were given, "
                 f"which take {given} ({self.cfg.image_tokens} each): give one image per "
                 "image placeholder")
-        x = self.text.embed(tokens)
+        x = self.text.token_embeddings(tokens)
         features = self.image_features(images.to(x.dtype)).to(x.dtype)
         return x.masked_scatter(slots.unsqueeze(-1), features)
 

@@ -286,7 +286,7 @@ class _Api:
             prompt = [prompt]
         out = []
         for p in prompt:
-            ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
+            ids = self.tokenizer.encode_prompt(p) if isinstance(p, str) else list(p)
             if not ids:
                 raise ApiError(400, "the prompt is empty", param="prompt")
             out.append(ids)
