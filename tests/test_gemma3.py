@@ -20,6 +20,9 @@ from lmforge.open import open_model
 from .smollm2 import registered_gguf
 
 transformers = pytest.importorskip("transformers")
+# transformers' perplexity on the same file and text (the first 20,000 characters of Tiny
+# Shakespeare), measured once: 128.1788, as ours (it takes minutes, so it is not rerun).
+GEMMA3_PPL = 128.1788
 TEXTS = ["The meaning of life is", "  two leading spaces\tand a tab", "naïve café 日本語 😀 1234",
          "line1\r\nline2\n\n\nline3   ", "<start_of_turn>user\nhi<end_of_turn>\n"]
 
@@ -161,7 +164,6 @@ def test_logits_greedy_and_perplexity_match_transformers(ours, theirs, shakespea
         logits = model(torch.tensor([ids[:700]]))
         logit_diff = (logits - hf_model(torch.tensor([ids[:700]])).logits).abs().max().item()
     our_ppl, count = perplexity(model, ids)
-    their_ppl, _ = perplexity(lambda x: hf_model(x).logits, ids)
 
     prompt = tokenizer.encode_prompt("The meaning of life is")
     our_tokens = generate(model, prompt, 30, SamplingConfig(temperature=0))
@@ -170,8 +172,9 @@ def test_logits_greedy_and_perplexity_match_transformers(ours, theirs, shakespea
         for _ in range(30):
             their_tokens.append(int(hf_model(torch.tensor([their_tokens])).logits[0, -1].argmax()))
     print(f"\nGemma 3 270M: max |logit diff| over 700 tokens {logit_diff:.3g}; perplexity on "
-          f"{count} tokens: ours {our_ppl:.4f}, transformers {their_ppl:.4f}; greedy: "
+          f"{count} tokens {our_ppl:.4f}; greedy: "
           f"{tokenizer.decode(our_tokens)!r}")
     assert logit_diff < 1e-2
-    assert abs(our_ppl / their_ppl - 1) < 1e-3
+    assert count == 5689
+    assert abs(our_ppl / GEMMA3_PPL - 1) < 1e-3
     assert our_tokens == their_tokens[len(prompt):]
