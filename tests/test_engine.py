@@ -184,6 +184,28 @@ def test_a_compiled_engine_decodes_the_same_tokens(model, tokenizer):
     assert [c.tokens for c in compiled] == [c.tokens for c in eager]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_compiled_quantized_engine_decodes_the_same_tokens(model, tokenizer, bits):
+    """The int kernels run inside the compiled step (nothing in a layer's forward breaks
+    the graph), with the eager engine's tokens."""
+    import copy
+
+    from lmforge.compress.quant import QuantSpec, quantize
+
+    quantized = quantize(copy.deepcopy(model), QuantSpec(bits, None if bits == 8 else 32))
+    requests = [Request(p, 8, GREEDY) for p in prompts(tokenizer)[:3]]
+    eager = Engine(quantized, tokenizer, max_batch=2, max_len=40).run(requests)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=False):
+        compiled = Engine(quantized, tokenizer, max_batch=2, max_len=40, compile=True)
+        assert [c.tokens for c in compiled.run(requests)] == [c.tokens for c in eager]
+    with torch.no_grad():
+        explained = torch._dynamo.explain(compiled.model)(
+            torch.zeros(2, 1, dtype=torch.long), cache=compiled.cache, start=torch.tensor([3, 5]))
+    assert explained.graph_break_count == 0
+
+
 @pytest.mark.parametrize("settings", [dict(temperature=1e-300), dict(temperature=1.0, top_p=1e-300),
                                       dict(temperature=1e-300, top_p=1e-300)])
 def test_vanishing_temperature_or_top_p_picks_the_best_token(settings):

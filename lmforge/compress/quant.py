@@ -315,7 +315,9 @@ class QuantLinear(nn.Module):
         if x.device.type != "cpu" or x2d.shape[0] > KERNEL_MAX_ROWS:
             return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
         weight, scales = self._operands()
-        x2d = _aligned(x2d.to(SCALE_DTYPE))
+        # a fresh copy: the kernels need 64-byte aligned operands (see `_aligned`), and new
+        # tensors are; a compiled step cannot check an address
+        x2d = x2d.to(SCALE_DTYPE, copy=True)
         if self.bits == 8:
             y = torch._weight_int8pack_mm(x2d, weight, scales)
         else:

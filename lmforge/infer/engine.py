@@ -24,6 +24,7 @@ image token itself is never generated: it only ever comes from a prompt, with it
 from __future__ import annotations
 
 import itertools
+import os
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -35,6 +36,7 @@ from lmforge.errors import LmforgeError
 from lmforge.infer.sampling import SamplingConfig, apply_penalties, sample
 from lmforge.layers import KVCache
 from lmforge.models import LanguageModel
+from lmforge.paths import cache_dir
 from lmforge.tokenizer import Tokenizer
 
 
@@ -540,6 +542,9 @@ def _meminfo_available() -> int | None:
 
 
 def _compiled(model: LanguageModel):
+    # Compiled kernels kept in lmforge's cache rather than the temporary directory, so a
+    # second start of the same model reuses them after a reboot too.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
     if next(model.parameters()).device.type == "cuda":
         return torch.compile(model, dynamic=False, mode="reduce-overhead")
     # On a CPU the generated C++ launcher (instead of Python) is most of the gain.
