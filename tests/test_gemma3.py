@@ -4,8 +4,6 @@ both, lmforge's import computes what transformers computes from the same file.""
 
 from __future__ import annotations
 
-import time
-
 import gguf
 import pytest
 import torch
@@ -17,7 +15,7 @@ from lmforge.infer.sampling import SamplingConfig
 from lmforge.interop.gguf import import_gguf, read_gguf
 from lmforge.open import open_model
 
-from .smollm2 import registered_gguf
+from .smollm2 import registered_gguf, transformers_from_gguf
 
 transformers = pytest.importorskip("transformers")
 # transformers' perplexity on the same file and text (the first 20,000 characters of Tiny
@@ -130,13 +128,7 @@ def ours(gemma3, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def theirs(gemma3):
-    pytest.importorskip("accelerate")
-    start = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        gemma3.parent, gguf_file=gemma3.name, dtype=torch.float32).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gemma3.parent, gguf_file=gemma3.name)
-    print(f"\ntransformers read the GGUF in {time.perf_counter() - start:.0f} s")
-    return model, tokenizer
+    return transformers_from_gguf(gemma3)
 
 
 @pytest.mark.slow

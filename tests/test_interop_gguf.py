@@ -32,7 +32,7 @@ from lmforge.open import open_model
 from lmforge.tokenizer import SpecialTokens, Tokenizer, train_bpe
 
 from .cli_errors import one_line_error
-from .smollm2 import smollm2_gguf
+from .smollm2 import smollm2_gguf, transformers_from_gguf
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -371,14 +371,7 @@ def smollm2() -> Path:
 @pytest.fixture(scope="module")
 def hf_smollm2(smollm2):
     """transformers' model and tokenizer from the same GGUF (loaded once: it takes ~35 s)."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
-    start = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2.parent, gguf_file=smollm2.name, dtype=torch.float32).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2.parent, gguf_file=smollm2.name)
-    print(f"\ntransformers loaded the GGUF in {time.perf_counter() - start:.1f} s")
-    return model, tokenizer
+    return transformers_from_gguf(smollm2)
 
 
 @pytest.fixture(scope="module")
