@@ -18,14 +18,15 @@ peers read the same weights: transformers the registry's GGUF (dequantized to fp
 llama.cpp (llama-cpp-python, in its own environment: --llamacpp names its python, default
 this one if `llama_cpp` imports) the registry's GGUF for fp32's row (Q4_1 for SmolLM2,
 Q4_K_M for Gemma), and lmforge's own GGUF exports of the int8 and int4 models (Q8_0 and
-Q4_1: the same numbers as lmforge's int weights) for theirs.
+Q4_1: the same numbers as lmforge's int weights) for theirs, where lmforge writes that
+architecture (llama: SmolLM2, not Gemma).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -54,7 +55,10 @@ def best_of(repeats: int, fn) -> float:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory (VmHWM: unlike getrusage's maxrss, not inherited
+    from the benchmark process that started it)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
 
 
 # ------------------------------------------------------------------ workers (own processes)
@@ -118,9 +122,9 @@ def transformers_worker(gguf_path: str, repeats: int) -> dict:
 
 
 # llama.cpp runs in its own environment (it is not a dependency of lmforge): this script is
-# sent to that python, which prints the figures as JSON.
+# sent to that python (after `peak_rss_mb`'s source), which prints the figures as JSON.
 LLAMA_CPP_WORKER = """
-import json, resource, sys, time
+import json, sys, time
 from llama_cpp import Llama
 path, prompt, new_tokens, repeats, prefill_text = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 llm = Llama(model_path=path, n_ctx=1024, n_threads=2, n_batch=512, verbose=False)
@@ -141,7 +145,7 @@ fill = float("inf")
 for _ in range(repeats):
     llm.reset(); start = time.perf_counter(); llm.eval(long); fill = min(fill, time.perf_counter() - start)
 print(json.dumps({"decode": new_tokens / best, "prefill": len(long) / fill,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "rss_mb": peak_rss_mb()}))
 """
 
 
@@ -173,14 +177,18 @@ def model_dirs(name: str) -> dict[str, Path]:
 
 def gguf_files(name: str, dirs: dict[str, Path]) -> dict[str, Path]:
     """The GGUF llama.cpp reads for each format: the registry's, and our int exports."""
+    from lmforge.errors import UnsupportedModel
     from lmforge.interop.gguf import export_gguf
     from lmforge.interop.hub import registry_file
 
     files = {"fp32": registry_file(name)}
     for fmt in ("int8", "int4"):
         target = WORK / f"{name}-{fmt}.gguf"
-        if not target.is_file():
-            export_gguf(dirs[fmt], target)
+        try:
+            if not target.is_file():
+                export_gguf(dirs[fmt], target)
+        except UnsupportedModel:  # lmforge writes llama-architecture GGUFs only
+            continue
         files[fmt] = target
     return files
 
@@ -229,8 +237,9 @@ def main() -> None:
                 from lmforge.interop.hub import registry_file
 
                 row["transformers"] = run_worker([*me, "transformers", str(registry_file(name))])
-            if llamacpp:
-                row["llama.cpp"] = run_worker([llamacpp, "-c", LLAMA_CPP_WORKER, str(files[fmt]),
+            if fmt in files:
+                script = inspect.getsource(peak_rss_mb) + LLAMA_CPP_WORKER
+                row["llama.cpp"] = run_worker([llamacpp, "-c", script, str(files[fmt]),
                                                PROMPT, str(NEW_TOKENS), str(args.repeats),
                                                SHAKESPEARE.read_text()[:20_000]])
             rows.append(row)
@@ -242,23 +251,21 @@ def print_table(rows: list[dict], llamacpp: bool) -> None:
     print(f"\ngreedy decoding, {NEW_TOKENS} new tokens, {torch.get_num_threads()} threads; "
           "tokens/s (peak RSS)\n")
     head = ["model", "weights", "lmforge", "compiled", f"batch {BATCH}", "prefill 512",
-            "transformers", "llama.cpp", "best / peer"]
+            "transformers", "llama.cpp", "best / transformers", "best / llama.cpp"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for row in rows:
         eager, compiled = row["eager"], row.get("compiled")
         best = max(eager["decode"], compiled["decode"] if compiled else 0)
-        peer = row.get("llama.cpp") or row.get("transformers")
         cells = [row["model"], row["format"],
                  f"{eager['decode']:.1f} ({eager['rss_mb']:.0f} MB)",
                  f"{compiled['decode']:.1f} (ready in {compiled['compile_s']:.0f} s)"
                  if compiled else "-",
                  f"{eager['batch']:.1f} ({eager['batch'] / eager['decode']:.1f}x)",
                  f"{eager['prefill']:.0f}"]
-        for peer_name in ("transformers", "llama.cpp"):
-            fig = row.get(peer_name)
-            cells.append(f"{fig['decode']:.1f} ({fig['rss_mb']:.0f} MB)" if fig else "-")
-        cells.append(f"{best / peer['decode']:.2f}x" if peer else "-")
+        peers = [row.get("transformers"), row.get("llama.cpp")]
+        cells += [f"{fig['decode']:.1f} ({fig['rss_mb']:.0f} MB)" if fig else "-" for fig in peers]
+        cells += [f"{best / fig['decode']:.2f}x" if fig else "-" for fig in peers]
         print("| " + " | ".join(cells) + " |")
     if llamacpp:
         print("\nllama.cpp reads the registry's GGUF for fp32's row and lmforge's own Q8_0 / "
