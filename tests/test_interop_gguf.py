@@ -265,6 +265,10 @@ def test_export_refuses_models_llama_cannot_describe(tmp_path, tiny_tokenizer):
     assert not list(tmp_path.glob("gpt.gguf*"))
     with pytest.raises(ValueError, match="dtype='q4_0'"):
         export_gguf(source, tmp_path / "gpt.gguf", dtype="q4_0")
+    wide = ModelConfig(**TINY, head_dim=32, vocab_size=tiny_tokenizer.vocab_size)
+    source = save_model(tmp_path / "wide", Decoder(wide), tiny_tokenizer)
+    with pytest.raises(UnsupportedModel, match="head_dim=32"):  # llama.cpp would take 16
+        export_gguf(source, tmp_path / "wide.gguf")
 
 
 # --------------------------------------------------------------------------- hostile files

@@ -670,7 +670,9 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, dtype: str = "f32")
 
 def _check_llama_shaped(cfg: ModelConfig, model_dir: str | Path) -> None:
     wanted = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False,
-              "qkv_bias": False, "qk_norm": False, "sliding_window": None}
+              "qkv_bias": False, "qk_norm": False, "sliding_window": None, "post_norms": False,
+              "embed_scale": False, "attn_scale": None, "rope_local_base": None,
+              "head_dim": cfg.d_model // cfg.n_head}
     wrong = [f"{k}={getattr(cfg, k)!r}" for k, v in wanted.items() if getattr(cfg, k) != v]
     if wrong:
         raise UnsupportedModel(
