@@ -90,6 +90,11 @@ class ModelConfig:
             raise ConfigError("layer_types has sliding_attention layers but sliding_window is "
                               "not set: give the window's length")
 
+    def of_layers(self, layers: list[int]) -> ModelConfig:
+        """The config of a model made of these layers of this one, in this order."""
+        types = None if self.layer_types is None else [self.layer_types[i] for i in layers]
+        return dataclasses.replace(self, n_layer=len(layers), layer_types=types)
+
     def windowed(self, layer: int) -> bool:
         """Whether layer `layer` attends through the sliding window."""
         if self.sliding_window is None:

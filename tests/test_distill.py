@@ -130,9 +130,9 @@ def test_student_layers_copies_the_teachers_blocks(char_corpus, teacher_dir, tmp
     assert student.cfg.n_layer == 2 and teacher.cfg.n_layer == 4
     ids = torch.randint(0, teacher.cfg.vocab_size, (2, 16))
     with torch.no_grad():
-        x, rotary, pos, mask = teacher.block_inputs(ids)
+        x, layers = teacher.block_inputs(ids)
         for i in (0, 2):
-            x = teacher.blocks[i](x, rotary, pos, mask, None)
+            x = teacher.blocks[i](x, *layers[i], None)
         assert torch.equal(student.eval()(ids), teacher.lm_head(teacher.final_norm(x)))
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     trainer.fit()

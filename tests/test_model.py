@@ -109,6 +109,9 @@ def test_layer_types_are_checked():
         tiny(layer_types=["sliding_attention", "full_attention"])
     with pytest.raises(ConfigError, match="'global' is not one of"):
         tiny(sliding_window=4, layer_types=["global", "full_attention"])
+    kept = tiny(**VARIANTS["gemma3-style"]).cfg.of_layers([1, 1, 0])  # a student's blocks
+    assert (kept.n_layer, kept.layer_types) == (3, ["full_attention", "full_attention",
+                                                    "sliding_attention"])
 
 
 def test_tiny_model_overfits_one_batch():

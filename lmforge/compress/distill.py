@@ -60,7 +60,7 @@ def student_from_layers(teacher: Decoder, layers: list[int]) -> Decoder:
     """A decoder of the teacher's shape holding only blocks `layers` (student block i is
     teacher block layers[i]), with the teacher's embedding, final norm and output projection:
     every weight a copy, so training the student leaves the teacher as it was."""
-    student = Decoder(dataclasses.replace(teacher.cfg, n_layer=len(layers)))
+    student = Decoder(teacher.cfg.of_layers(layers))
     source = teacher.state_dict()
     state = {}
     for name in student.state_dict():
@@ -134,7 +134,7 @@ class DistillTask(LanguageModelingTask):
                                   "student_layers copies plain weights, so fold it in first "
                                   "(`lmforge merge`) and use the merged model as the teacher")
             require_float(self.teacher, cfg.teacher, "student_layers (copying its blocks)")
-            return dataclasses.replace(self.teacher.cfg, n_layer=len(cfg.student_layers))
+            return self.teacher.cfg.of_layers(cfg.student_layers)
         student_cfg = self.model_cfg
         explicit = isinstance(cfg.model, dict) and "vocab_size" in cfg.model
         if self.base is None and not explicit:
