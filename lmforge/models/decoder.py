@@ -64,6 +64,11 @@ class Decoder(nn.Module):
         self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.grad_checkpointing = False  # trade compute for activation memory when training
+        # Which layers slide the window, and whether those turn by a rotary base of their own:
+        # fixed by the config, read at every forward pass.
+        self.windowed = [cfg.windowed(i) for i in range(cfg.n_layer)]
+        self.local_rotary = cfg.positions == "rope" and any(self.windowed) and \
+            cfg.rope_local_base not in (None, cfg.rope_base)
         self.tie_weights()
         self.reset_buffers()
         self.reset_parameters()
@@ -78,15 +83,9 @@ class Decoder(nn.Module):
         cfg, device = self.cfg, self.embed.weight.device
         if cfg.positions == "rope":
             register_rotary(self, cfg.head_dim, cfg.context_length, cfg.rope_base, device)
-            if self.local_rotary():
+            if self.local_rotary:
                 register_rotary(self, cfg.head_dim, cfg.context_length, cfg.rope_local_base,
                                 device, prefix="rope_local")
-
-    def local_rotary(self) -> bool:
-        """Whether the windowed layers turn by a rotary base of their own."""
-        cfg = self.cfg
-        return cfg.positions == "rope" and cfg.rope_local_base not in (None, cfg.rope_base) \
-            and any(cfg.windowed(i) for i in range(cfg.n_layer))
 
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
@@ -166,9 +165,9 @@ class Decoder(nn.Module):
             x = x + self.pos_embed(index)
         else:
             rotary = local_rotary = pos.rotary(self.rope_cos, self.rope_sin)
-            if self.local_rotary():
+            if self.local_rotary:
                 local_rotary = pos.rotary(self.rope_local_cos, self.rope_local_sin)
-        windowed = [cfg.windowed(i) for i in range(cfg.n_layer)]
+        windowed = self.windowed
         full = (rotary, pos, pos.mask(T, idx.device)) if not all(windowed) else None
         local = (local_rotary, pos, pos.mask(T, idx.device, cfg.sliding_window)) \
             if any(windowed) else None
