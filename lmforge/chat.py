@@ -143,16 +143,18 @@ def _compile(template: str):
     return env.from_string(template)
 
 
-def render_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True
-                ) -> str:
-    """The prompt text for `messages` ([{"role", "content"}, ...]) in the model's format.
+def render_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                tools: list[dict] | None = None) -> str:
+    """The prompt text for `messages` ([{"role", "content"}, ...]) in the model's format;
+    `tools` (OpenAI's function tools) go to the template as transformers gives them.
     Raises TemplateError when the template refuses them or goes past a limit (see above)."""
     special = tokenizer.special
     budget = _budget.set(_Budget())
+    extra = {"tools": tools} if tools else {}
     try:
         pieces = _compile(special.chat_template or CHATML_TEMPLATE).generate(
             messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=special.bos_token or "", eos_token=special.eos_token or "",
+            bos_token=special.bos_token or "", eos_token=special.eos_token or "", **extra,
         )
         return "".join(_capped(pieces))
     finally:
@@ -246,9 +248,10 @@ def prompt_with_images(processor: ImageProcessor | None, tokenizer: Tokenizer, t
     return prompt_ids(tokenizer, text), ()
 
 
-def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
+def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict],
+                    tools: list[dict] | None = None) -> list[int]:
     """Token ids of the rendered conversation, ready for the assistant's turn."""
-    return _with_bos(tokenizer, tokenizer.encode(render_chat(tokenizer, messages)))
+    return _with_bos(tokenizer, tokenizer.encode(render_chat(tokenizer, messages, tools=tools)))
 
 
 def _with_bos(tokenizer: Tokenizer, ids: list[int]) -> list[int]:

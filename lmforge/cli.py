@@ -11,6 +11,7 @@ import difflib
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from lmforge.config import MAX_NEW_TOKENS, PERPLEXITY_WINDOW, SamplingConfig
 from lmforge.errors import LmforgeError
@@ -217,7 +218,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     prompt, images = prompt_with_images(opened.processor, tokenizer, args.prompt, args.image,
                                         args.chat)
     request = Request(prompt, args.max_new_tokens, _sampling(args), args.seed,
-                      stop=tuple(args.stop), stop_ids=opened.stop_ids, images=images)
+                      stop=tuple(args.stop), stop_ids=opened.stop_ids, images=images,
+                      constraint=_constraint(args))
+    if args.speculative and request.constraint:
+        raise ConfigError("--speculative drafts tokens no grammar has checked: use it without "
+                          "--json-schema, --regex or --grammar")
     if not args.chat:
         sys.stdout.write(args.prompt)
     if args.speculative:
@@ -230,6 +235,48 @@ def cmd_generate(args: argparse.Namespace) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
     print()
+
+
+def _constraint(args: argparse.Namespace):
+    """The constraint of `generate`'s --json-schema / --regex / --grammar, checked."""
+    from lmforge.infer.constrain import Constraint
+
+    if args.json_schema:
+        constraint = Constraint("json_schema", _read_text(args.json_schema, "--json-schema"))
+    elif args.regex:
+        constraint = Constraint("regex", args.regex)
+    elif args.grammar:
+        constraint = Constraint("grammar", _read_text(args.grammar, "--grammar"))
+    else:
+        return None
+    constraint.grammar()
+    return constraint
+
+
+def _read_text(path: str, flag: str) -> str:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{flag} {path}: no such file")
+    return file.read_text()
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from lmforge.errors import ConfigError
+    from lmforge.infer.embed import embed_texts
+
+    opened = _language_model(args.model, args)
+    source = Path(args.file)
+    if not source.is_file():
+        raise FileNotFoundError(f"--file {args.file}: no such file")
+    texts = [line for line in source.read_text().splitlines() if line.strip()]
+    if not texts:
+        raise ConfigError(f"{args.file} has no text: write one text a line")
+    vectors = embed_texts(opened.model, opened.tokenizer, texts, args.batch_size)
+    out = Path(args.out or source.with_suffix(".npy"))
+    np.save(out, vectors.numpy())
+    print(f"wrote {len(texts)} embeddings of {vectors.shape[1]} dimensions to {out}")
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -722,6 +769,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true",
                    help="the prompt is a user message, through the model's chat template; "
                    "prints the answer")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", default=None, metavar="FILE",
+                       help="the output is JSON that validates against this JSON schema")
+    shape.add_argument("--regex", default=None, metavar="EXPR",
+                       help="the output matches this regular expression")
+    shape.add_argument("--grammar", default=None, metavar="FILE",
+                       help="the output follows this Lark grammar (llguidance's dialect)")
+    device_flags(p)
+
+    p = command("embed", "text embeddings: one text a line in, a .npy of unit vectors out",
+                cmd_embed)
+    p.add_argument("model", help=model_help)
+    p.add_argument("--file", required=True, help="texts, one a line")
+    p.add_argument("--out", default=None, help="the .npy file (default: FILE with .npy)")
+    p.add_argument("--batch-size", type=AMOUNT, default=16, help="texts a forward pass")
     device_flags(p)
 
     p = command("chat", "talk to a model in the terminal (its chat template)", cmd_chat)

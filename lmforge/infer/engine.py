@@ -19,6 +19,11 @@ sequence into its cache slot). Decode steps are the same for every family. A
 vision-language model needs no subclass: a request's images go into its prefill, where they
 replace the prompt's image tokens, and image and text-only requests decode together. The
 image token itself is never generated: it only ever comes from a prompt, with its image.
+
+A request may carry a `Constraint` (a JSON schema, a regular expression, a grammar; see
+`lmforge.infer.constrain`): its sequence then samples only tokens the grammar allows, and
+ends when the grammar is complete. Constrained and free sequences decode in the same batch;
+the masks of the next tokens are computed in a worker thread while the model runs.
 """
 
 from __future__ import annotations
@@ -27,12 +32,14 @@ import itertools
 import os
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from lmforge.config import MAX_NEW_TOKENS, VLMConfig
 from lmforge.errors import LmforgeError
+from lmforge.infer.constrain import Constraint, Matcher
 from lmforge.infer.sampling import SamplingConfig, apply_penalties, sample
 from lmforge.layers import KVCache
 from lmforge.models import LanguageModel
@@ -62,6 +69,7 @@ class Request:
     # vision-language model (see lmforge.images).
     images: tuple[torch.Tensor, ...] = ()
     truncate: bool = False  # keep the tail of a prompt too long for the context, or refuse it
+    constraint: Constraint | None = None  # what the output must match (JSON schema, regex...)
 
 
 @dataclass
@@ -150,6 +158,7 @@ class _Sequence:
         self.text = ""  # text so far, stop strings not yet cut
         self.sent = 0  # characters of `text` already released
         self.seen = self.counts = None
+        self.matcher: Matcher | None = None
         if request.sampling.penalised:
             self.counts = torch.zeros(vocab_size, device=device)
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
@@ -192,6 +201,10 @@ class _Sequence:
             released, self.text = self.text[self.sent:cut], self.text[:cut]
             self.sent = cut
             return Event(self.id, token, released, logprob, "stop")
+        if self.matcher is not None:
+            self.matcher.accept(token)
+            if self.matcher.done:
+                return self.finish(token, logprob, "stop")
         if len(self.generated) >= self.limit:
             return self.finish(token, logprob, "length")
         safe = len(self.text) - self._held_back()
@@ -292,6 +305,7 @@ class Engine:
         self._prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}
         self._rows: dict[tuple[int, int], KVCache] = {}
         self._step_model = _compiled(model) if compile else None
+        self._mask_worker: ThreadPoolExecutor | None = None
         self.cache.static = compile
         # Generated, an image token would stand for an image nobody gave (and a decoder whose
         # vocabulary grew by it would no longer decode text as it did before).
@@ -305,8 +319,8 @@ class Engine:
             raise ValueError("the prompt is empty: give at least one token (e.g. a BOS token)")
         if request.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {request.max_new_tokens}")
-        if request.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer to read the text")
+        if (request.stop or request.constraint) and self.tokenizer is None:
+            raise ValueError("stop strings and constraints need a tokenizer to read the text")
         vocab = self.model.cfg.vocab_size
         outside = [t for t in request.prompt if not 0 <= t < vocab]
         if outside:  # the tokenizer's vocabulary may be larger than the model's
@@ -362,6 +376,9 @@ class Engine:
         seq = _Sequence(next(self._ids), request, self.tokenizer, self.model.cfg.vocab_size,
                         self.device)
         seq.limit = min(request.max_new_tokens, self.room(request.prompt))
+        if request.constraint is not None:
+            seq.matcher = Matcher(request.constraint, self.tokenizer, self.model.cfg.vocab_size,
+                                  request.stop_ids)
         self.waiting.append(seq)
         return seq.id
 
@@ -422,6 +439,7 @@ class Engine:
         seq.slot = self.slots.index(None)
         self.slots[seq.slot] = seq
         request = seq.request
+        masks = self._start_masks([seq])
         done = self.prefill(request, self._cache_rows(seq.slot, 1))
         seq.start(done.tokens)
         if request.prompt_logprobs:
@@ -431,7 +449,7 @@ class Engine:
             self._logprobs[seq.id] = []
         if seq.limit == 0:
             return self._record(seq, seq.finish(None, None, "length"))
-        return self._emit(seq, done.logits[-1])
+        return self._emit(seq, done.logits[-1], masks)
 
     def _decode_active(self) -> list[Event]:
         active = [s for s in self.slots if s is not None]
@@ -446,12 +464,13 @@ class Engine:
         for s in active:
             tokens[s.slot, 0], starts[s.slot] = s.tokens[-1], s.position
         tokens, starts = tokens.to(self.device), starts.to(self.device)
+        masks = self._start_masks(active)
         if self._step_model is not None:
             logits = self._step_model(tokens, cache=self.cache, start=starts)
         else:
             logits = self.model(tokens, cache=self._cache_rows(0, rows),
                                 start=_shared_start(active, starts))
-        return [self._emit(s, logits[s.slot, -1]) for s in active]
+        return [self._emit(s, logits[s.slot, -1], masks) for s in active]
 
     def _cache_rows(self, first: int, count: int) -> KVCache:
         # Views are cheap but not free; a decode step should not rebuild 2 x layers of them.
@@ -460,10 +479,25 @@ class Engine:
             self._rows[key] = self.cache.rows(first, count)
         return self._rows[key]
 
-    def _emit(self, seq: _Sequence, logits: torch.Tensor) -> Event:
+    def _start_masks(self, seqs: list[_Sequence]) -> Future | None:
+        """The allowed next tokens of the constrained ones among `seqs`, as {id: mask},
+        computed in a worker thread (the grammar library lets go of Python's lock) while
+        the caller runs the model."""
+        constrained = [s for s in seqs if s.matcher is not None]
+        if not constrained:
+            return None
+        if self._mask_worker is None:
+            self._mask_worker = ThreadPoolExecutor(1, thread_name_prefix="lmforge-masks")
+        return self._mask_worker.submit(lambda: {s.id: s.matcher.allowed() for s in constrained})
+
+    def _emit(self, seq: _Sequence, logits: torch.Tensor, masks: Future | None = None) -> Event:
         if self._never is not None:
             logits = logits.index_fill(-1, self._never, float("-inf"))
-        token = int(seq.next_token(logits))
+        allowed = logits
+        if seq.matcher is not None:
+            mask = masks.result()[seq.id].to(logits.device)
+            allowed = logits.masked_fill(~mask, float("-inf"))
+        token = int(seq.next_token(allowed))
         return self._record(seq, seq.accept(token, logits))
 
     def _record(self, seq: _Sequence, event: Event) -> Event:

@@ -23,6 +23,7 @@ model's `modalities`, ["text", "image"] for one, ["text"] otherwise.
 from __future__ import annotations
 
 import asyncio
+import base64
 import codecs
 import hmac
 import json
@@ -45,6 +46,8 @@ from starlette.types import Receive
 
 from lmforge.chat import TemplateError, chat_prompt_ids, vision_chat_prompt_ids
 from lmforge.images import ImageProcessor, Prepared, image_processor, tiles_of
+from lmforge.infer.constrain import Constraint, ConstraintError
+from lmforge.infer.embed import NoEmbeddings, embed, text_decoder
 from lmforge.infer.engine import Completion, Engine, Event, PromptTooLong, TokenLogprob
 from lmforge.infer.engine import Request as EngineRequest
 from lmforge.infer.sampling import SamplingConfig
@@ -59,8 +62,26 @@ from lmforge.serve.scheduler import (
     Ticket,
     within,
 )
-from lmforge.serve.schemas import SAMPLING, ChatRequest, CompletionRequest, SamplingFields
+from lmforge.serve.schemas import (
+    SAMPLING,
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    Message,
+    SamplingFields,
+)
 from lmforge.tokenizer import Tokenizer
+from lmforge.toolcalls import (
+    CallFilter,
+    Function,
+    ToolError,
+    call_constraint,
+    chosen,
+    fallback_messages,
+    functions_of,
+    parse_calls,
+    speaks_tools,
+)
 
 
 @dataclass
@@ -227,6 +248,10 @@ def create_app(model: LanguageModel, tokenizer: Tokenizer, stop_ids: tuple[int, 
     async def chat_completions(body: ChatRequest, request: Request):
         return await api.chat(body, request.receive)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest):
+        return await api.embeddings(body)
+
     return app
 
 
@@ -252,7 +277,8 @@ class _Api:
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         # Twice the alternatives asked for: tokens that share a text count once (`_top_dict`).
         alternatives = None if body.logprobs is None else 2 * body.logprobs
-        requests = [self._request(p, body, max_tokens, alternatives, body.echo)
+        constraint = self._constraint(body)
+        requests = [self._request(p, body, max_tokens, alternatives, body.echo, (), constraint)
                     for p in prompts for _ in range(body.n)]
         reply_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": reply_id, "object": "text_completion", "created": created,
@@ -347,12 +373,15 @@ class _Api:
             raise ApiError(400, str(err), param=err.where) from err
         # A vision-language model's messages keep their image parts (its prompt has image
         # tokens in their places); a text model's have no images, so their text is all.
-        messages = [{"role": m.role if m.role != "developer" else "system",
-                     "content": m.text() if self.processor is None else m.content or ""}
-                    for m in body.messages]
+        messages = [_message(m, self.processor is None) for m in body.messages]
+        functions, constraint = self._tools(body)
+        native = speaks_tools(self.tokenizer.special.chat_template)
+        tools = [f.openai() for f in functions] if native else None
+        if not native:
+            messages = fallback_messages(messages, functions)
         # The images first: each one's text in the prompt depends on its size.
         prepared = await self._prepared(images, deadline)
-        prompt = await self._chat_prompt(messages, prepared, deadline)
+        prompt = await self._chat_prompt(messages, prepared, deadline, tools)
         pixels = tiles_of(prepared)
         max_tokens = body.max_completion_tokens
         if max_tokens is None:
@@ -360,7 +389,7 @@ class _Api:
         if max_tokens is None:
             max_tokens = self.engine.room(prompt)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        requests = [self._request(prompt, body, max_tokens, top, False, pixels)
+        requests = [self._request(prompt, body, max_tokens, top, False, pixels, constraint)
                     for _ in range(body.n)]
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": reply_id, "object": "chat.completion.chunk" if body.stream
@@ -371,27 +400,64 @@ class _Api:
             tickets = await self._submit_all(requests, deadline)
 
             async def chunks() -> AsyncIterator[dict]:
+                filters = [CallFilter() for _ in requests]
                 for index in range(len(requests)):
                     yield {**head, "choices": [{"index": index, "delta": {
                         "role": "assistant", "content": ""}, "logprobs": None,
                         "finish_reason": None}]}
                 async for index, event in self._merged(tickets, tally):
-                    delta = {"content": event.text} if event.text else {}
+                    text = filters[index].push(event.text) if functions else event.text
+                    delta = {"content": text} if text else {}
                     logprobs = ({"content": [self._chat_logprob(event.logprob)]}
                                 if event.logprob is not None else None)
-                    if delta or logprobs or event.finish_reason:
+                    reason = event.finish_reason
+                    if reason and functions:
+                        calls_delta, reason = _streamed_calls(filters[index], functions, reason)
+                        delta.update(calls_delta)
+                    if delta or logprobs or reason:
                         yield {**head, "choices": [{"index": index, "delta": delta,
-                               "logprobs": logprobs, "finish_reason": event.finish_reason}]}
+                               "logprobs": logprobs, "finish_reason": reason}]}
             return self._sse(chunks(), head, body, requests, tally)
         done = await self._all(requests, deadline, receive)
-        choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
+        choices = [{"index": i, **_reply(c, functions),
                     "logprobs": {"content": [self._chat_logprob(lp) for lp in c.logprobs]}
-                    if c.logprobs is not None else None, "finish_reason": c.finish_reason}
+                    if c.logprobs is not None else None}
                    for i, c in enumerate(done)]
         return {**head, "choices": choices, "usage": _usage(done)}
 
-    async def _chat_prompt(self, messages: list[dict], images: list[Prepared], deadline: float
-                           ) -> list[int]:
+    def _tools(self, body: ChatRequest) -> tuple[list[Function], Constraint | None]:
+        """The functions the reply may call, and the constraint on its output: one call when
+        a call is required, else the response format's."""
+        try:
+            functions, required = chosen(functions_of(body.tools or []), body.tool_choice)
+        except ToolError as err:
+            param = "tool_choice" if "tool_choice" in str(err) else "tools"
+            raise ApiError(400, str(err), param=param) from err
+        if not required:
+            return functions, self._constraint(body)
+        if body.response_format is not None and body.response_format.type != "text":
+            raise ApiError(400, "a required tool call and a response_format cannot both "
+                           "shape the reply: drop one", param="response_format")
+        return functions, self._checked(call_constraint(functions), "tools")
+
+    def _constraint(self, body: SamplingFields) -> Constraint | None:
+        if body.response_format is None:
+            return None
+        try:
+            constraint = body.response_format.constraint()
+        except ValueError as err:
+            raise ApiError(400, str(err), param="response_format") from err
+        return self._checked(constraint, "response_format") if constraint else None
+
+    def _checked(self, constraint: Constraint, param: str) -> Constraint:
+        try:
+            constraint.grammar()
+        except ConstraintError as err:
+            raise ApiError(400, str(err), param=param) from err
+        return constraint
+
+    async def _chat_prompt(self, messages: list[dict], images: list[Prepared], deadline: float,
+                           tools: list[dict] | None = None) -> list[int]:
         if isinstance(self.engine, Seq2SeqEngine):
             said = [m["content"] for m in messages if m["role"] == "user" and m["content"]]
             if not said:
@@ -402,7 +468,7 @@ class _Api:
             if self.processor is not None:
                 return await self._off_loop(deadline, vision_chat_prompt_ids, self.tokenizer,
                                             self.processor, messages, images)
-            return await self._off_loop(deadline, chat_prompt_ids, self.tokenizer, messages)
+            return await self._off_loop(deadline, chat_prompt_ids, self.tokenizer, messages, tools)
         except TemplateError as err:  # the template refused, or went past a limit
             raise ApiError(400, str(err), param="messages") from err
         except ApiError:
@@ -429,6 +495,37 @@ class _Api:
 
         return {**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
 
+    # --------------------------------------------------------------- embeddings
+    async def embeddings(self, body: EmbeddingRequest):
+        """Unit-length mean-pooled hidden states (lmforge.infer.embed), one per input."""
+        deadline = time.monotonic() + self.cfg.timeout
+        self._check_model(body.model)
+        try:
+            decoder = text_decoder(self.engine.model)
+        except NoEmbeddings as err:
+            raise ApiError(400, str(err), param="model") from err
+        if body.dimensions is not None and body.dimensions != decoder.cfg.d_model:
+            raise ApiError(400, f"this model's embeddings have {decoder.cfg.d_model} "
+                           f"dimensions; dimensions={body.dimensions} cannot be given",
+                           param="dimensions")
+        inputs = await self._off_loop(deadline, self._prompts, body.input)
+        limit, vocab = decoder.cfg.context_length, decoder.cfg.vocab_size
+        for i, ids in enumerate(inputs):
+            if len(ids) > limit:
+                raise ApiError(400, f"input {i} has {len(ids)} tokens; this model reads at "
+                               f"most {limit}", param="input", code="context_length_exceeded")
+            if not all(0 <= t < vocab for t in ids):
+                raise ApiError(400, f"input {i} has a token id outside the vocabulary (0 to "
+                               f"{vocab - 1})", param="input")
+        vectors = await self._off_loop(deadline, embed, self.engine.model, inputs)
+        data = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(v.numpy().astype("<f4").tobytes()).decode()
+                 if body.encoding_format == "base64" else v.tolist()}
+                for i, v in enumerate(vectors)]
+        used = sum(map(len, inputs))
+        return {"object": "list", "data": data, "model": self.cfg.model_name,
+                "usage": {"prompt_tokens": used, "total_tokens": used}}
+
     # ------------------------------------------------------------------ shared
     def _check_model(self, name: str | None) -> None:
         if name is not None and name != self.cfg.model_name:
@@ -436,8 +533,8 @@ class _Api:
                            f"{self.cfg.model_name!r}", param="model", code="model_not_found")
 
     def _request(self, prompt: list[int], body: SamplingFields, max_tokens: int,
-                 logprobs: int | None, echo: bool, images: tuple[torch.Tensor, ...] = ()
-                 ) -> EngineRequest:
+                 logprobs: int | None, echo: bool, images: tuple[torch.Tensor, ...] = (),
+                 constraint: Constraint | None = None) -> EngineRequest:
         room = self.engine.room(prompt)
         if room < 1:
             raise ApiError(400, f"the prompt has {len(prompt)} tokens, the context holds "
@@ -449,7 +546,8 @@ class _Api:
             given["top_k"] = None
         return EngineRequest(prompt, min(max_tokens, room), SamplingConfig(**given), body.seed,
                              stop=tuple(body.stop or ()), stop_ids=self.stop_ids, logprobs=logprobs,
-                             prompt_logprobs=echo and logprobs is not None, images=images)
+                             prompt_logprobs=echo and logprobs is not None, images=images,
+                             constraint=constraint)
 
     def _seeded(self, requests: list[EngineRequest]) -> list[EngineRequest]:
         # n choices from one seed must differ from each other yet repeat as a whole.
@@ -581,6 +679,44 @@ class _Api:
             return raw.decode()
         except UnicodeDecodeError:
             return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def _message(m: Message, text_only: bool) -> dict:
+    """A request message as the chat template reads it (transformers' names)."""
+    out = {"role": m.role if m.role != "developer" else "system",
+           "content": m.text() if text_only else m.content or ""}
+    if m.tool_calls:
+        out["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    if m.name is not None:
+        out["name"] = m.name
+    return out
+
+
+def _reply(c: Completion, functions: list[Function]) -> dict:
+    """A choice's message and finish reason: the model's tool calls, if it made any."""
+    content, calls = parse_calls(c.text, functions) if functions else (c.text, [])
+    if not calls:
+        return {"message": {"role": "assistant", "content": c.text},
+                "finish_reason": c.finish_reason}
+    return {"message": {"role": "assistant", "content": content, "tool_calls": calls},
+            "finish_reason": "tool_calls"}
+
+
+def _streamed_calls(held: CallFilter, functions: list[Function], reason: str
+                    ) -> tuple[dict, str]:
+    """The last delta of a streamed reply that may hold tool calls: the calls (each whole,
+    with its index), or the text held back if it was none."""
+    if not held.calling:
+        return {}, reason
+    content, calls = parse_calls(held.text[held.sent:], functions)
+    if not calls:
+        return {"content": content or ""}, reason
+    delta: dict = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
+    if content:
+        delta["content"] = content
+    return delta, "tool_calls"
 
 
 def _failure(err: Exception) -> ApiError:

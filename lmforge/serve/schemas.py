@@ -9,9 +9,11 @@ language model's images); any other part is refused rather than silently left ou
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from lmforge.infer.constrain import Constraint
 
 MAX_N = 8
 MAX_LOGPROBS = 20
@@ -34,6 +36,32 @@ SAMPLING = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequ
             "repetition_penalty")
 
 
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format` (`text`, `json_object`, `json_schema` with
+    `{"name", "schema", "strict"}`), and two lmforge extensions: `{"type": "regex", "regex":
+    "..."}` and `{"type": "grammar", "grammar": "<Lark>"}`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema", "regex", "grammar"]
+    json_schema: dict | None = None
+    regex: str | None = None
+    grammar: str | None = None
+
+    def constraint(self) -> Constraint | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_schema":
+            if not isinstance(self.json_schema, dict) or "schema" not in self.json_schema:
+                raise ValueError('a json_schema response format needs {"json_schema": '
+                                 '{"name": ..., "schema": {...}}}')
+            return Constraint("json_schema", self.json_schema["schema"])
+        spec = {"json_object": None, "regex": self.regex, "grammar": self.grammar}[self.type]
+        if self.type != "json_object" and not spec:
+            raise ValueError(f'a {self.type} response format needs its "{self.type}" field')
+        return Constraint(self.type, spec)
+
+
 class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -52,6 +80,7 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -81,11 +110,27 @@ class CompletionRequest(SamplingFields):
         return value
 
 
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict] | None = ""
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None
 
     @field_validator("content")
     @classmethod
@@ -129,6 +174,8 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict[str, Any]] | None = Field(None, max_length=128)
+    tool_choice: str | dict[str, Any] | None = None
 
     def image_urls(self) -> list[tuple[str, str]]:
         """(where, url) of each image part, in the order the prompt holds them; `where` names
@@ -136,3 +183,32 @@ class ChatRequest(SamplingFields):
         return [(f"messages[{m}].content[{p}]", _image_url(part, p))
                 for m, message in enumerate(self.messages) if isinstance(message.content, list)
                 for p, part in enumerate(message.content) if part.get("type") == "image_url"]
+
+
+MAX_EMBEDDING_INPUTS = 256
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+
+    @field_validator("input")
+    @classmethod
+    def _inputs(cls, value):
+        if isinstance(value, str):
+            return [_unicode(value, "the input")]
+        if not value:
+            raise ValueError("input is an empty list")
+        if isinstance(value[0], int):
+            return [value]
+        if len(value) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"input has {len(value)} items; at most {MAX_EMBEDDING_INPUTS} "
+                             "a request")
+        for i, text in enumerate(value):
+            if isinstance(text, str):
+                _unicode(text, f"input {i}")
+        return value
