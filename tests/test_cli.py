@@ -1,7 +1,9 @@
 """The `lmforge` command end to end, in process: train, generate, info, plot, quickstart."""
 
 import json
+import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,6 +44,21 @@ def test_generate_streams_a_continuation(trained_run, capsys):
     main(["generate", str(trained_run), "--prompt", "ROMEO:", "--max-new-tokens", "20",
           "--seed", "3"])
     assert capsys.readouterr().out == first  # seeded: the same text again
+
+
+def test_generate_under_a_constraint_and_embed(trained_run, capsys, tmp_path):
+    assert main(["generate", str(trained_run), "--prompt", "ROMEO:", "--max-new-tokens", "30",
+                 "--regex", " [a-z]{3,6}!", "--seed", "1"]) == 0
+    assert re.fullmatch(r"ROMEO: [a-z]{3,6}!\n", capsys.readouterr().out)
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "objekt"}')
+    assert main(["generate", str(trained_run), "--json-schema", str(schema)]) == 2
+    assert "objekt" in capsys.readouterr().err
+    texts = tmp_path / "lines.txt"
+    texts.write_text("To be, or not to be\n\nROMEO: hello\n")
+    assert main(["embed", str(trained_run), "--file", str(texts)]) == 0
+    vectors = np.load(tmp_path / "lines.npy")
+    assert vectors.shape[0] == 2 and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
 
 
 def test_info_and_plot(trained_run, capsys, tmp_path):
