@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 from weakref import WeakKeyDictionary
 
+import llguidance
+import llguidance.torch
 import torch
 
 from lmforge.errors import LmforgeError
@@ -53,8 +55,6 @@ class Constraint:
 
     def grammar(self) -> str:
         """The llguidance grammar, checked: a ConstraintError says why one does not compile."""
-        import llguidance
-
         if self.kind not in KINDS:
             raise ConstraintError(f"unknown constraint kind {self.kind!r}: choose from "
                                   f"{', '.join(KINDS)}")
@@ -95,8 +95,6 @@ _LOCK = threading.Lock()
 def grammar_tokenizer(tokenizer: Tokenizer, vocab_size: int):
     """llguidance's view of `tokenizer` (built once per tokenizer: about half a second for a
     50k vocabulary), its vocabulary padded to the model's `vocab_size`."""
-    import llguidance
-
     with _LOCK:
         key = (vocab_size,)
         cached = _TOKENIZERS.setdefault(tokenizer, {})
@@ -112,8 +110,6 @@ class Matcher:
 
     def __init__(self, constraint: Constraint, tokenizer: Tokenizer, vocab_size: int,
                  stop_ids: tuple[int, ...], grammar: str | None = None) -> None:
-        import llguidance
-
         self.matcher = llguidance.LLMatcher(grammar_tokenizer(tokenizer, vocab_size),
                                             grammar or constraint.grammar())
         if self.matcher.is_error():
@@ -121,6 +117,8 @@ class Matcher:
                                   f"compiled: {self.matcher.get_error()}")
         self.vocab_size = vocab_size
         self.stop_ids = torch.tensor(stop_ids, dtype=torch.long)
+        self.words = llguidance.torch.allocate_token_bitmask(1, vocab_size)
+        self.shifts = torch.arange(32, dtype=torch.int32)
 
     @property
     def done(self) -> bool:
@@ -130,20 +128,14 @@ class Matcher:
     def allowed(self) -> torch.Tensor:
         """A bool mask (vocab,) of the tokens that may come next. The grammar's own end (the
         tokenizer's end-of-text token) stands for every stop token of the request."""
-        words = torch.from_numpy(self.matcher.compute_bitmask_numpy()) \
-            if hasattr(self.matcher, "compute_bitmask_numpy") else self._bitmask()
-        bits = (words.view(-1, 1) >> torch.arange(32, dtype=torch.int32)) & 1
+        # llguidance computes the mask without holding Python's lock (this call is what
+        # lets the engine overlap it with the model's forward pass).
+        llguidance.torch.fill_next_token_bitmask(self.matcher, self.words, 0)
+        bits = (self.words.view(-1, 1) >> self.shifts) & 1
         mask = bits.view(-1)[:self.vocab_size].bool()
         if self.matcher.is_accepting() and len(self.stop_ids):
             mask[self.stop_ids] = True
         return mask
-
-    def _bitmask(self) -> torch.Tensor:
-        import llguidance.torch as lt
-
-        words = lt.allocate_token_bitmask(1, self.vocab_size)
-        lt.fill_next_token_bitmask(self.matcher, words, 0)
-        return words[0]
 
     def accept(self, token: int) -> None:
         """Move past a sampled token (stop tokens end the output, and are not fed in)."""
