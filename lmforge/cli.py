@@ -775,7 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--regex", default=None, metavar="EXPR",
                        help="the output matches this regular expression")
     shape.add_argument("--grammar", default=None, metavar="FILE",
-                       help="the output follows this Lark grammar (llguidance's dialect)")
+                       help="the output follows this grammar: Lark (llguidance's dialect) or GBNF")
     device_flags(p)
 
     p = command("embed", "text embeddings: one text a line in, a .npy of unit vectors out",

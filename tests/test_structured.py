@@ -97,17 +97,19 @@ def test_constraints_compose_with_sampling_settings(model, tokenizer):
 
 def test_regex_grammar_and_any_object(model, tokenizer):
     lark = 'start: "(" num ("," num)* ")"\nnum: /[0-9]{1,2}/'
+    gbnf = 'root ::= "<" word (" " word)? ">"\nword ::= [a-z] [a-z]? [a-z]?'
     kinds = [Constraint("regex", r"[a-c]{2,4}-[0-9]{3}"), Constraint("grammar", lark),
-             Constraint("json_object")]
-    done = Engine(model, tokenizer, max_batch=3).run(
+             Constraint("grammar", gbnf), Constraint("json_object")]
+    done = Engine(model, tokenizer, max_batch=4).run(
         [Request(prompt(tokenizer), 60, HOT, seed=1, constraint=k) for k in kinds])
     texts = [c.text for c in done]
     assert re.fullmatch(r"[a-c]{2,4}-[0-9]{3}", texts[0])
     assert re.fullmatch(r"\(\d{1,2}(,\d{1,2})*\)", texts[1])
+    assert re.fullmatch(r"<[a-z]{1,3}( [a-z]{1,3})?>", texts[2])
     # a random model's keys run on (SmolLM2 closes its objects: test_structured_smollm2)
-    assert texts[2].startswith("{")
-    if done[2].finish_reason == "stop":
-        assert isinstance(json.loads(texts[2]), dict)
+    assert texts[3].startswith("{")
+    if done[3].finish_reason == "stop":
+        assert isinstance(json.loads(texts[3]), dict)
 
 
 def test_free_requests_beside_constrained_ones_are_unchanged(model, tokenizer):

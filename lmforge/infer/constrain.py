@@ -13,7 +13,8 @@ Kinds of constraint (`Constraint.kind`):
 - ``json_object``: any JSON object.
 - ``regex``: the whole output matches a regular expression.
 - ``grammar``: a Lark grammar (llguidance's dialect: ``start: ...``, regular expressions in
-  ``/.../``, ``%json {...}`` for a JSON schema inside a larger grammar).
+  ``/.../``, ``%json {...}`` for a JSON schema inside a larger grammar), or a GBNF grammar
+  as llama.cpp writes them (``root ::= ...``).
 
 JSON is written compactly (no free white space between tokens): letting the model choose
 white space lets a sampled answer wander off into spaces and newlines until max_tokens.
@@ -68,8 +69,9 @@ class Constraint:
             grammar = llguidance.LLMatcher.grammar_from_regex(self.spec)
         else:
             if not isinstance(self.spec, str) or not self.spec.strip():
-                raise ConstraintError("a grammar constraint needs the grammar's text (Lark)")
-            grammar = llguidance.LLMatcher.grammar_from_lark(self.spec)
+                raise ConstraintError("a grammar constraint needs the grammar's text (Lark or "
+                                      "GBNF)")
+            grammar = llguidance.grammar_from("grammar", self.spec)
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
         if is_error:
             raise ConstraintError(f"the {self.kind.replace('_', ' ')} cannot be compiled: "
