@@ -23,6 +23,7 @@ from lmforge.infer.sampling import SamplingConfig
 from lmforge.infer.seq2seq import translate
 from lmforge.open import OpenedModel, open_model
 from lmforge.train.config import TrainConfig, load_recipe
+from lmforge.train.sharded import consolidate
 from lmforge.train.trainer import Trainer, TrainResult
 
 
@@ -37,5 +38,5 @@ def generate_text(opened: OpenedModel, prompt: str, max_new_tokens: int = 256,
 
 
 __all__ = ["Classifier", "Engine", "OpenedModel", "Request", "SamplingConfig", "TrainConfig",
-           "TrainResult", "Trainer", "finetune_recipe", "generate_text", "load_classifier",
+           "TrainResult", "Trainer", "consolidate", "finetune_recipe", "generate_text", "load_classifier",
            "load_recipe", "merge", "open_model", "predict", "translate"]

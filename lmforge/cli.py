@@ -46,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if result.final_metrics:
         print(", ".join(f"{k} {v:.4f}" for k, v in result.final_metrics.items()))
     print(f"checkpoint: {result.checkpoint}")
-    print(f"next: {_next_command(cfg.task, result.run_dir)}")
+    print(f"next: {_next_command(cfg, result.run_dir)}")
 
 
 # The command that puts what a run made to use, by task.
@@ -60,8 +60,13 @@ _NEXT_COMMANDS = {
 }
 
 
-def _next_command(task: str, run_dir) -> str:
-    return _NEXT_COMMANDS[task].format(run=run_dir)
+def _next_command(cfg, run_dir) -> str:
+    command = _NEXT_COMMANDS[cfg.task]
+    if cfg.parallel != "fsdp":
+        return command.format(run=run_dir)
+    model = f"{run_dir}/model"
+    return (f"lmforge export {run_dir} --format lmforge --out {model}  (its checkpoints are "
+            f"sharded), then {command.format(run=model)}")
 
 
 def _train(cfg, resume: bool):
@@ -91,7 +96,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         print(shown)
     print(f"checkpoint: {result.checkpoint}")
     kind = "adapter" if cfg.lora_rank else "model"
-    print(f"next: {_next_command(cfg.task, result.run_dir)}"
+    print(f"next: {_next_command(cfg, result.run_dir)}"
           + (f"   (or fold the {kind} in: lmforge merge {result.run_dir} --out DIR)"
              if cfg.lora_rank else ""))
 
@@ -356,21 +361,30 @@ def _model_dir(args: argparse.Namespace):
     from lmforge.errors import ConfigError
     from lmforge.modeldir import is_adapter_dir, is_model_dir, read_config
     from lmforge.open import resolve_model
+    from lmforge.train.sharded import consolidate, sharded_checkpoint
 
-    directory = resolve_model(args.model)
+    scratch = Path(tempfile.mkdtemp(prefix="lmforge-model-"))
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    if Path(args.model).exists() and sharded_checkpoint(args.model):
+        directory = consolidate(args.model, scratch / "consolidated")
+    else:
+        directory = resolve_model(args.model)
     if is_model_dir(directory) and isinstance(read_config(directory), Seq2SeqConfig):
         raise ConfigError(f"{args.model} is an encoder-decoder (seq2seq) model; {args.command} "
                           "works on decoder-only models for now")
     if not args.adapter and not is_adapter_dir(directory):
         return directory
-    scratch = Path(tempfile.mkdtemp(prefix="lmforge-merged-"))
-    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     if not args.adapter:
         return merge(directory, scratch / "model")
     return merge(args.adapter, scratch / "model", base=directory)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    if args.format == "lmforge":
+        from lmforge.api import consolidate
+
+        print(consolidate(args.model, args.out))
+        return
     directory = _model_dir(args)
     if args.format == "hf":
         from lmforge.interop.hf import export_hf
@@ -833,12 +847,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("list", "models in the cache, and the registry's names", cmd_list)
 
-    p = command("export", "write a model as a Hugging Face directory or a GGUF file",
-                cmd_export)
+    p = command("export", "write a model as a Hugging Face directory or a GGUF file, or "
+                "consolidate a sharded checkpoint", cmd_export)
     p.add_argument("model", help=model_help)
-    p.add_argument("--format", choices=["hf", "gguf"], required=True,
-                   help="a Hugging Face directory or a GGUF file")
-    p.add_argument("--out", required=True, help="output directory (hf) or .gguf path")
+    p.add_argument("--format", choices=["hf", "gguf", "lmforge"], required=True,
+                   help="a Hugging Face directory, a GGUF file, or (for a run trained with "
+                   "parallel=fsdp) an lmforge model directory made of its sharded checkpoint")
+    p.add_argument("--out", required=True, help="output directory (hf, lmforge) or .gguf path")
     p.add_argument("--dtype", dest="gguf_dtype", choices=["f32", "f16", "q8_0"], default="f32",
                    help="gguf only: the 2-D weights' type; a quantized model keeps its own "
                    "(int8 as Q8_0, int4/int3 as Q4_0 if symmetric, else Q4_1)")

@@ -38,3 +38,11 @@ class CorruptFile(LmforgeError, ValueError):
 
 class DiskFull(LmforgeError, OSError):
     """The disk filled up while lmforge was writing."""
+
+
+class ShardedCheckpoint(LmforgeError, ValueError):
+    """A sharded (FSDP) checkpoint given where a model directory is read."""
+
+
+class RankLost(LmforgeError, RuntimeError):
+    """Another process of a distributed run stopped: the run cannot go on without it."""

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lmforge.config import ModelConfig, Seq2SeqConfig, load_config
-from lmforge.errors import CheckpointMismatch, ConfigError
+from lmforge.errors import CheckpointMismatch, ConfigError, ShardedCheckpoint
 from lmforge.files import load_safetensors, read_json_object, save_safetensors
 from lmforge.images import Idefics3Preprocess, ImageProcessor
 from lmforge.models import LanguageModel, build_model
@@ -48,6 +48,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SOURCE = "source.json"  # where a pulled or converted model came from
 CHECKPOINTS = "checkpoints"  # in a run directory: checkpoints/step_NNNNNNN/
 CHECKPOINT_DONE = "trainer.json"  # written last: a directory without it is no checkpoint
+# A sharded checkpoint (parallel: fsdp) holds its model and optimizer state here, written by
+# every rank with torch.distributed.checkpoint, instead of a model directory's files.
+SHARDS = "shards"
 # How a LoRA adapter's tensors are named in a model's state dict (see lmforge.lora).
 _ADAPTER_TENSORS = (".lora_A.", ".lora_B.")
 
@@ -142,6 +145,10 @@ def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / SHARDS).is_dir()
+
+
 def resolve_model_dir(path: str | Path) -> Path:
     """A model or adapter directory for `path`: itself, or a run directory's latest
     checkpoint."""
@@ -151,8 +158,14 @@ def resolve_model_dir(path: str | Path) -> Path:
     if is_model_dir(path) or is_adapter_dir(path):
         return path
     checkpoints = checkpoint_dirs(path)
+    latest = checkpoints[-1] if checkpoints else path
+    if is_sharded_checkpoint(latest):
+        raise ShardedCheckpoint(
+            f"{latest} is a sharded checkpoint (parallel: fsdp): make a model directory of it "
+            f"first with `lmforge export {path} --format lmforge --out DIR` (it reads the run's "
+            "recipe, so the run's data and base model must be where they were)")
     if checkpoints:
-        return checkpoints[-1]
+        return latest
     raise FileNotFoundError(
         f"{path} holds neither a model ({CONFIG} + {WEIGHTS}), a LoRA adapter "
         f"({ADAPTER_CONFIG}) nor a run's {CHECKPOINTS}/"

@@ -9,6 +9,7 @@ a step count, the whole validation split, frequent evaluations.
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from lmforge.modeldir import (
 )
 from lmforge.open import adapter_base, resolve_model
 from lmforge.train.config import TrainConfig, load_recipe
+from lmforge.train.sharded import consolidate, sharded_checkpoint
 
 # Pretraining's defaults suit a model learning from scratch; these suit one adapting.
 FINETUNE_DEFAULTS: dict[str, Any] = {
@@ -53,6 +55,9 @@ def finetune_recipe(model: str, data: str, recipe: str | Path | None = None,
 def merge(adapter: str | Path, out: str | Path, base: str | Path | None = None) -> Path:
     """Fold a LoRA adapter (an adapter or run directory) into its base model and write a
     plain model directory: no adapter needed at inference, and it quantizes and exports."""
+    if Path(adapter).exists() and sharded_checkpoint(adapter):
+        with tempfile.TemporaryDirectory(prefix="lmforge-adapter-") as scratch:
+            return merge(consolidate(adapter, Path(scratch) / "adapter"), out, base)
     adapter_dir = resolve_model_dir(adapter)
     if not is_adapter_dir(adapter_dir):
         raise ConfigError(f"{adapter} holds no LoRA adapter (adapter_config.json); it is already "

@@ -32,6 +32,8 @@ from lmforge.files import disk_full_reported, read_json_object
 from lmforge.modeldir import CHECKPOINT_DONE, CHECKPOINTS, checkpoint_dirs
 
 TMP, TRASH = ".tmp-", ".trash-"
+DISK_FULL_ADVICE = ("free some space (or set keep_checkpoints lower), then continue the run "
+                    "with --resume; the last complete checkpoint is untouched")
 
 
 def save_checkpoint(run_dir: str | Path, step: int, write_model: Callable[[Path], None],
@@ -39,27 +41,46 @@ def save_checkpoint(run_dir: str | Path, step: int, write_model: Callable[[Path]
                     keep: int = 2) -> Path:
     """Write checkpoint `step` atomically (see the module docstring), keeping the newest
     `keep` (0 = all); write_model(directory) writes the model's files."""
-    root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:07d}"
-    tmp = root / f"{TMP}{final.name}"
+    tmp = start_checkpoint(run_dir, step)
+    try:
+        with disk_full_reported(tmp.parent, f"checkpoint step {step}", DISK_FULL_ADVICE):
+            write_model(tmp)
+            save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+            save_torch(rng_state(), tmp / "rng.pt")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return finish_checkpoint(tmp, trainer_state, keep)
+
+
+def start_checkpoint(run_dir: str | Path, step: int) -> Path:
+    """The empty temporary directory checkpoint `step` is written into."""
+    tmp = temporary_dir(run_dir, step)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     _remove(tmp)
     tmp.mkdir()
-    advice = ("free some space (or set keep_checkpoints lower), then continue the run with "
-              "--resume; the last complete checkpoint is untouched")
+    return tmp
+
+
+def temporary_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"{TMP}step_{step:07d}"
+
+
+def finish_checkpoint(tmp: Path, trainer_state: dict[str, Any], keep: int) -> Path:
+    """Flush a fully written temporary checkpoint, mark it complete and rename it into place;
+    then prune to the newest `keep` (0 = all)."""
+    final = tmp.with_name(tmp.name.removeprefix(TMP))
+    step = int(final.name.removeprefix("step_"))
     try:
-        with disk_full_reported(root, f"checkpoint step {step}", advice):
-            write_model(tmp)
-            _save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
-            _save_torch(rng_state(), tmp / "rng.pt")
-            _fsync_dir(tmp)
+        with disk_full_reported(tmp.parent, f"checkpoint step {step}", DISK_FULL_ADVICE):
+            _fsync_tree(tmp)
             _write_last(tmp / CHECKPOINT_DONE, json.dumps({**trainer_state, "step": step},
                                                           indent=2))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _move_into_place(tmp, final)
-    for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
+    for old in checkpoint_dirs(tmp.parent.parent)[:-keep] if keep > 0 else []:
         _remove(old)
     return final
 
@@ -88,8 +109,8 @@ def load_checkpoint(directory: str | Path, read_model: Callable[[Path], None],
     directory = Path(directory)
     read_model(directory)
     if optimizer is not None:
-        optimizer.load_state_dict(_load_torch(directory / "optimizer.pt"))
-        set_rng_state(_load_torch(directory / "rng.pt"))
+        optimizer.load_state_dict(load_torch(directory / "optimizer.pt"))
+        set_rng_state(load_torch(directory / "rng.pt"))
     return read_json_object(directory / CHECKPOINT_DONE)
 
 
@@ -106,13 +127,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_torch(obj: Any, path: Path) -> None:
+def save_torch(obj: Any, path: Path) -> None:
     # Through a Python file: given a path, torch reports a full disk only as "unexpected pos".
     with open(path, "wb") as f:
         torch.save(obj, f)
 
 
-def _load_torch(path: Path) -> Any:
+def load_torch(path: Path) -> Any:
     try:
         return torch.load(path, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
@@ -157,11 +178,14 @@ def _set_aside(path: Path) -> Path | None:
     return trash
 
 
-def _fsync_dir(path: Path) -> None:
-    """Flush a directory's files and entries so a rename survives a power cut, not just a crash."""
+def _fsync_tree(path: Path) -> None:
+    """Flush a directory's files and entries (and its subdirectories') so a rename survives a
+    power cut, not just a crash."""
     for child in path.iterdir():
         if child.is_file():
             _fsync(child)
+        elif child.is_dir():
+            _fsync_tree(child)
     _fsync(path)
 
 

@@ -108,6 +108,11 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     compile: bool = False
     progress: bool = True
+    # Under torchrun: ddp (every rank holds the whole model) or fsdp (FSDP2: parameters,
+    # gradients and optimizer state sharded across ranks, checkpoints sharded too).
+    parallel: str = "ddp"
+    cpu_offload: bool = False  # fsdp on GPUs: keep shards and optimizer state in host memory
+    async_checkpoint: bool = False  # fsdp: write checkpoints in the background while training
 
     def seq2seq_model(self) -> Any:
         """The model section for a seq2seq run: pretraining's default means the seq2seq one."""
@@ -176,6 +181,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (),
                           f"{closest_hint(cfg.schedule, list(SCHEDULES))}"
                           f"schedules are {', '.join(SCHEDULES)}")
     check_distill(cfg)
+    check_parallel(cfg)
     # Fail now, not an hour into the run, on a bad model key.
     if cfg.task == "seq2seq":
         if cfg.grad_checkpointing or cfg.lora_rank:
@@ -188,6 +194,20 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (),
     else:
         cfg.model_config()
     return cfg
+
+
+def check_parallel(cfg: TrainConfig) -> None:
+    if cfg.parallel not in ("ddp", "fsdp"):
+        raise ConfigError(f"unknown parallel={cfg.parallel!r}: "
+                          f"{closest_hint(cfg.parallel, ['ddp', 'fsdp'])}use ddp or fsdp")
+    if cfg.parallel != "fsdp":
+        stray = [key for key in ("cpu_offload", "async_checkpoint") if getattr(cfg, key)]
+        if stray:
+            raise ConfigError(f"{' and '.join(stray)} only apply to parallel=fsdp: set "
+                              "parallel=fsdp, or remove them")
+    elif cfg.optimizer == "muon":
+        raise ConfigError("optimizer=muon orthogonalises whole matrices, which fsdp splits "
+                          "across ranks: use optimizer=adamw with parallel=fsdp, or parallel=ddp")
 
 
 def check_distill(cfg: TrainConfig) -> None:

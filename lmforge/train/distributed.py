@@ -1,8 +1,9 @@
 """torchrun integration: one process is simply world size 1.
 
 Under `torchrun` the environment carries RANK, LOCAL_RANK and WORLD_SIZE; we start the
-process group (NCCL on GPUs, gloo on CPU) and wrap the model in DDP. Without them nothing
-is started and the helpers below reduce to identities.
+process group (NCCL on GPUs, gloo on CPU), and the Trainer wraps the model in DDP or shards it
+with FSDP2 (`shard_model`). Without them nothing is started and the helpers below reduce to
+identities.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,14 @@ def all_mean(value: torch.Tensor, info: Dist) -> torch.Tensor:
     return value / info.world
 
 
+def all_max(value: int, info: Dist) -> int:
+    if info.world == 1:
+        return value
+    t = torch.tensor(value)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
 def all_sum(value: torch.Tensor, info: Dist) -> torch.Tensor:
     if info.world == 1:
         return value
@@ -64,3 +75,25 @@ def barrier(info: Dist) -> None:
 def shutdown(info: Dist) -> None:
     if info.world > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def shard_model(model: nn.Module, device: torch.device, bf16: bool, offload: bool) -> None:
+    """FSDP2 in place: every block of the model (each member of a `ModuleList`: decoder,
+    encoder and vision blocks) is sharded on its own, then the root with what is left
+    (embeddings, final norm, output projection). A block's parameters are gathered just for
+    its forward and backward, so a rank holds one block in full at a time. bf16: parameters
+    are computed with in bf16, gradients reduced in fp32. offload: shards, gradients and
+    optimizer state live in host memory (GPU only)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    options = {"mesh": mesh}
+    if bf16:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                    reduce_dtype=torch.float32)
+    if offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    blocks = [block for m in model.modules() if isinstance(m, nn.ModuleList) for block in m]
+    for block in blocks:
+        fully_shard(block, **options)
+    fully_shard(model, **options)

@@ -2,9 +2,10 @@
 
 `Trainer(cfg).fit()` lets the recipe's task (`lmforge.train.task`: pretraining, chat SFT,
 classification) prepare its data and build its model, then runs optimizer steps until
-`max_steps`: gradient accumulation, DDP under torchrun, bf16 autocast on GPU, periodic
-validation (loss and the task's own figures), samples, atomic checkpoints, metrics.jsonl and
-a loss-curve PNG. A run directory can be resumed exactly (`resume=True`).
+`max_steps`: gradient accumulation, DDP or FSDP2 under torchrun, bf16 on GPU, periodic
+validation (loss and the task's own figures), samples, atomic checkpoints (sharded under
+FSDP), metrics.jsonl and a loss-curve PNG. A run directory can be resumed exactly
+(`resume=True`), a sharded one on any number of ranks.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from lmforge.errors import TrainingDiverged
-from lmforge.files import disk_full_reported
-from lmforge.modeldir import checkpoint_dirs
+from lmforge.errors import CheckpointMismatch, ConfigError, TrainingDiverged
+from lmforge.files import disk_full_reported, read_json_object
+from lmforge.modeldir import CHECKPOINT_DONE, checkpoint_dirs, is_sharded_checkpoint
 from lmforge.train import distributed as distr
 from lmforge.train.checkpoint import load_checkpoint, recover_checkpoints, save_checkpoint
 from lmforge.train.config import TrainConfig
@@ -36,6 +37,7 @@ from lmforge.train.optim import build_optimizer
 from lmforge.train.plot import plot_run, read_metrics
 from lmforge.train.schedule import lr_at
 from lmforge.train.seq2seq import Seq2SeqTask  # noqa: F401  (registers task=seq2seq)
+from lmforge.train.sharded import ShardedCheckpointer, load_sharded
 from lmforge.train.task import load_task, task_class
 
 # Dense bf16 peak FLOP/s per GPU, for MFU: the accelerators people are likely to have.
@@ -108,7 +110,19 @@ class Trainer:
         for module in self.model.modules():
             if hasattr(module, "grad_checkpointing"):
                 module.grad_checkpointing = cfg.grad_checkpointing
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        # Under FSDP every rank takes part in every forward pass (each gathers the others'
+        # shards), including validation and samples.
+        self.fsdp = cfg.parallel == "fsdp" and self.dist.world > 1
+        if self.fsdp:
+            if cfg.cpu_offload and self.device.type != "cuda":
+                raise ConfigError("cpu_offload moves GPU state to host memory; on a CPU it is "
+                                  "there already: remove cpu_offload")
+            distr.shard_model(self.model, self.device, self.bf16, cfg.cpu_offload)
         self.optimizer = build_optimizer(self.model, cfg, self.device.type)
+        self.checkpointer = ShardedCheckpointer(self.run_dir, cfg.keep_checkpoints, self.dist,
+                                                cfg.async_checkpoint) \
+            if cfg.parallel == "fsdp" else None
         self.step, self.elapsed_before, self.tokens_seen = 0, 0.0, 0
         self._t_start = time.perf_counter()
         if self.dist.is_main:
@@ -121,11 +135,10 @@ class Trainer:
                 f"{self.run_dir} already holds checkpoints: pass --resume to continue that run, "
                 "or choose another out_dir"
             )
-        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.train_model: torch.nn.Module = self.model
         if cfg.compile:
             self.train_model = torch.compile(self.model)
-        if self.dist.world > 1:
+        if self.dist.world > 1 and not self.fsdp:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
 
@@ -134,9 +147,42 @@ class Trainer:
         if not checkpoints:
             raise FileNotFoundError(f"nothing to resume: {self.run_dir} has no checkpoints yet")
         latest = checkpoints[-1]
-        state = load_checkpoint(latest, lambda d: self.task.load(d, self.model), self.optimizer)
+        if is_sharded_checkpoint(latest):
+            self._check_resumable(read_json_object(latest / CHECKPOINT_DONE), latest)
+            state = load_sharded(latest, self.model, self.optimizer, self.dist.rank)
+        elif self.fsdp:
+            raise CheckpointMismatch(f"{latest} was written by a run with parallel=ddp (or one "
+                                     "process): resume it with parallel=ddp")
+        else:
+            state = load_checkpoint(latest, lambda d: self.task.load(d, self.model),
+                                    self.optimizer)
+            self._check_resumable(state, latest)
         self.step, self.elapsed_before = state["step"], state.get("elapsed", 0.0)
         self.tokens_seen = state.get("tokens", 0)
+
+    def _check_resumable(self, state: dict[str, Any], checkpoint: Path) -> None:
+        """Refuse to continue a run on other terms than it started: another model or task
+        (which a sharded checkpoint cannot tell by itself), or another global batch."""
+        saved, cfg = state.get("recipe", {}), self.cfg
+        for key in ("task", "model", "init_from", "lora_rank", "lora_targets"):
+            if key in saved and saved[key] != getattr(cfg, key):
+                raise CheckpointMismatch(f"{checkpoint} was trained with {key}={saved[key]!r}, "
+                                         f"this recipe has {getattr(cfg, key)!r}: resume with "
+                                         "the run's own recipe")
+        if "batch_size" not in saved:
+            return
+        world = state.get("world", 1)
+        before = saved["batch_size"] * saved["grad_accum"] * world
+        now = cfg.batch_size * cfg.grad_accum * self.dist.world
+        if before != now:
+            per_step = cfg.batch_size * self.dist.world
+            fix = (f"set grad_accum={before // per_step} to keep it" if before % per_step == 0
+                   else "choose batch_size and grad_accum that make it again")
+            raise CheckpointMismatch(
+                f"{checkpoint} was trained with {before} sequences per step (batch_size "
+                f"{saved['batch_size']} x grad_accum {saved['grad_accum']} x {world} rank(s)); "
+                f"this run would take {now} ({cfg.batch_size} x {cfg.grad_accum} x "
+                f"{self.dist.world}): {fix}")
 
     # The loop ----------------------------------------------------------------------------
 
@@ -192,14 +238,16 @@ class Trainer:
             if self.step == cfg.max_steps:
                 metrics = self._evaluate(bar, t_start)
             last_saved = self._save()
+            if self.checkpointer is not None:
+                self.checkpointer.wait()
         bar.close()
         if stop.requested and d.is_main:
             print(f"interrupted: saved step {self.step} to {last_saved}; continue with --resume")
         wall = time.perf_counter() - t_start
         steps_run = max(self.step - start_step, 1)
+        if self.step == cfg.max_steps:
+            self._print_sample(None)
         if d.is_main:
-            if self.step == cfg.max_steps:
-                self._print_sample(None)
             plot_run(self.run_dir)
         distr.shutdown(d)
         return TrainResult(
@@ -222,8 +270,12 @@ class Trainer:
             tokens += self.task.tokens(batch)
             batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
             last = micro == cfg.grad_accum - 1
-            # Only the last micro-batch all-reduces gradients; the others just accumulate.
-            sync = contextlib.nullcontext() if last or d.world == 1 else self.train_model.no_sync()
+            # Only the last micro-batch reduces gradients; the others just accumulate.
+            sync = contextlib.nullcontext()
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(last)
+            elif not last and d.world > 1:
+                sync = self.train_model.no_sync()
             with sync, self._autocast():
                 loss = self.task.loss(self.train_model, batch)
                 (loss / cfg.grad_accum).backward()
@@ -250,16 +302,30 @@ class Trainer:
         n_batches = self.cfg.eval_batches if n_batches is None else n_batches
         self.model.eval()
         total = torch.zeros(2, device=self.device, dtype=torch.float64)
-        for batch in self.task.eval_batches(n_batches, self.dist.rank, self.dist.world):
+        for batch, counted in self._rank_batches(n_batches):
             with self._autocast():
                 loss = self.task.loss(self.model, tuple(t.to(self.device) for t in batch))
-            n = self.task.count(batch)
+            n = self.task.count(batch) if counted else 0
             total += torch.tensor([loss.item() * n, n], device=self.device, dtype=torch.float64)
         total = distr.all_sum(total, self.dist)
         if total[1] == 0:
             return {}
         val_loss = float(total[0] / total[1])
         return {"val_loss": val_loss, **self.task.val_metrics(self.model, val_loss, self.step)}
+
+    def _rank_batches(self, n_batches: int):
+        """This rank's validation batches, each with whether it counts. Under FSDP every rank
+        runs as many forward passes as the busiest one (the others repeat a batch, uncounted):
+        each pass gathers parameters from all ranks."""
+        batches = self.task.eval_batches(n_batches, self.dist.rank, self.dist.world)
+        if not self.fsdp:
+            yield from ((batch, True) for batch in batches)
+            return
+        batches = list(batches)
+        most = distr.all_max(len(batches), self.dist)
+        spare = batches[0] if batches else self.task.train_batch(0, 0)
+        yield from ((batch, True) for batch in batches)
+        yield from ((spare, False) for _ in range(most - len(batches)))
 
     def _evaluate(self, bar, t_start: float) -> dict[str, float]:
         metrics = self.evaluate()
@@ -270,11 +336,11 @@ class Trainer:
         return metrics
 
     def _print_sample(self, bar) -> None:
-        if not self.dist.is_main or self.cfg.sample_tokens == 0:
+        if not (self.dist.is_main or self.fsdp) or self.cfg.sample_tokens == 0:
             return
         self.model.eval()
         text = self.task.sample(self.model)
-        if text is not None:
+        if text is not None and self.dist.is_main:
             (bar.write if bar else print)(f"--- sample at step {self.step} ---\n{text}\n---")
 
     # Helpers -----------------------------------------------------------------------------
@@ -285,7 +351,9 @@ class Trainer:
                      kind=c.schedule, decay_fraction=c.decay_fraction)
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        # Under FSDP the mixed-precision policy computes in bf16 already.
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.bf16 and not self.fsdp)
 
     def _checkpoint_due(self, evaluating: bool) -> bool:
         interval = self.cfg.checkpoint_interval
@@ -295,9 +363,11 @@ class Trainer:
 
     def _save(self) -> Path | None:
         path = None
+        state = {"elapsed": self._elapsed(self._t_start), "tokens": self.tokens_seen,
+                 "world": self.dist.world, "recipe": self.cfg.to_dict()}
+        if self.checkpointer is not None:
+            return self.checkpointer.save(self.step, self.model, self.optimizer, state)
         if self.dist.is_main:
-            state = {"elapsed": self._elapsed(self._t_start), "tokens": self.tokens_seen,
-                     "recipe": self.cfg.to_dict()}
             path = save_checkpoint(self.run_dir, self.step, lambda d: self.task.save(d, self.model),
                                    self.optimizer, state, keep=self.cfg.keep_checkpoints)
         distr.barrier(self.dist)
