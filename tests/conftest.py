@@ -70,3 +70,21 @@ def tiny_llama():
                                    positions="rope", norm="rmsnorm", mlp="swiglu")).eval()
 
     return build
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory, bpe_tokenizer, tiny_llama) -> Path:
+    """A tiny Llama-style model directory to fine-tune."""
+    import torch
+
+    from lmforge.modeldir import save_model
+
+    directory = tmp_path_factory.mktemp("base")
+    model = tiny_llama(bpe_tokenizer.vocab_size, 128)
+    # A random 32-wide model's tied output weights (std 0.02) cap its logits near +-0.6, so
+    # adapters on the blocks alone could not make any prediction confident; a pretrained
+    # model's are far larger.
+    with torch.no_grad():
+        model.embed.weight.mul_(10)
+    save_model(directory, model, bpe_tokenizer)
+    return directory

@@ -14,7 +14,7 @@ from lmforge.finetune.classify import load_classifier, predict
 from lmforge.finetune.run import finetune_recipe, merge
 from lmforge.finetune.sft import encode_conversation, read_conversations
 from lmforge.lora import LoraConfig, apply_lora, lora_layers, merge_lora, save_adapter
-from lmforge.modeldir import checkpoint_dirs, save_model
+from lmforge.modeldir import checkpoint_dirs
 from lmforge.open import open_model
 from lmforge.tokenizer import SpecialTokens, Tokenizer
 from lmforge.train.trainer import Trainer
@@ -29,19 +29,6 @@ CONVERSATION = [
 # Zephyr's layout: a template unlike ChatML, ending a turn with the EOS token.
 ZEPHYR = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
           "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, bpe_tokenizer, tiny_llama):
-    directory = tmp_path_factory.mktemp("base")
-    model = tiny_llama(bpe_tokenizer.vocab_size, 128)
-    # A random 32-wide model's tied output weights (std 0.02) cap its logits near +-0.6, so
-    # adapters on the blocks alone could not make any prediction confident; a pretrained
-    # model's are far larger.
-    with torch.no_grad():
-        model.embed.weight.mul_(10)
-    save_model(directory, model, bpe_tokenizer)
-    return directory
 
 
 def scored_runs(ids, scored):

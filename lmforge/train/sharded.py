@@ -50,6 +50,8 @@ from lmforge.train.distributed import Dist, barrier
 from lmforge.train.task import load_task
 
 OPTIONS = StateDictOptions(ignore_frozen_params=True)
+# Frozen parameters stay as they are; a missing trainable tensor fails in dcp.load already.
+LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 # Loading in one process is what we mean when no process group is running.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -104,7 +106,14 @@ class ShardedCheckpointer:
 
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     model_state, optimizer_state = get_state_dict(model, optimizer, options=OPTIONS)
-    return {"model": model_state, "optimizer": optimizer_state}
+    return {"model": trainable(model, model_state), "optimizer": optimizer_state}
+
+
+def trainable(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """`state` without frozen parameters, including a frozen one's tied alias (a LoRA run's
+    output projection that is its embedding), which the library keeps."""
+    names = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return {k: v for k, v in state.items() if k in names}
 
 
 def load_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -114,7 +123,7 @@ def load_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optim
     state = training_state(model, optimizer)
     dcp.load(state, checkpoint_id=directory / SHARDS)
     set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optimizer"], options=OPTIONS)
+                   optim_state_dict=state["optimizer"], options=LOAD_OPTIONS)
     rng = directory / f"rng-{rank}.pt"
     set_rng_state(load_torch(rng if rng.is_file() else directory / "rng-0.pt"))
     return read_json_object(directory / CHECKPOINT_DONE)
@@ -143,9 +152,9 @@ def consolidate(path: str | Path, out: str | Path) -> Path:
                     where=str(checkpoint / CHECKPOINT_DONE))
     task = load_task(cfg, Dist())
     model = task.build_model(torch.device("cpu"))
-    state = {"model": get_model_state_dict(model, options=OPTIONS)}
+    state = {"model": trainable(model, get_model_state_dict(model, options=OPTIONS))}
     dcp.load(state, checkpoint_id=checkpoint / SHARDS)
-    set_model_state_dict(model, state["model"], options=OPTIONS)
+    set_model_state_dict(model, state["model"], options=LOAD_OPTIONS)
     out.mkdir(parents=True, exist_ok=True)
     task.save(out, model.eval())
     return out
