@@ -166,7 +166,8 @@ def test_a_killed_rank_ends_the_run_and_the_last_checkpoint_resumes(char_corpus,
     output, _ = proc.communicate(timeout=90)
     assert time.time() - killed < 60
     assert proc.returncode != 0
-    assert "rank 1" in output, output[-3000:]
+    assert "rank 1 stopped" in output, output[-3000:]
+    assert "--resume" in output
     last = checkpoint_dirs(run)[-1]
     step = json.loads((last / "trainer.json").read_text())["step"]
     resumed = load_recipe(None, overrides(values | {"max_steps": step + 2, "grad_accum": 2}))

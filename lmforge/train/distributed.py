@@ -9,6 +9,7 @@ identities.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -51,10 +52,17 @@ def all_mean(value: torch.Tensor, info: Dist) -> torch.Tensor:
     return value / info.world
 
 
-def all_max(value: int, info: Dist) -> int:
+def any_rank(flag: bool, info: Dist, device: torch.device) -> bool:
+    """Whether `flag` is set on any rank: ranks agree on when to stop, or some would wait
+    for the others forever."""
+    return bool(all_max(int(flag), info, device))
+
+
+def all_max(value: int, info: Dist, device: torch.device) -> int:
+    """The largest of the ranks' values (on `device`, where the backend reduces)."""
     if info.world == 1:
         return value
-    t = torch.tensor(value)
+    t = torch.tensor(value, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t)
 
@@ -65,6 +73,25 @@ def all_sum(value: torch.Tensor, info: Dist) -> torch.Tensor:
     value = value.clone()
     dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
+
+
+def lost_ranks(info: Dist, wait: float = 5.0) -> list[int] | None:
+    """After a collective operation failed: the ranks that do not answer within `wait`
+    seconds (each rank still running marks itself present in the job's key-value store,
+    which torchrun's agent keeps), or None when that store is gone too."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        # Keys of their own per attempt: torchrun may restart the job in the same store.
+        prefix = f"lmforge/present/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        store.set(prefix + str(info.rank), "1")
+        deadline = time.monotonic() + wait
+        while True:
+            missing = [r for r in range(info.world) if not store.check([prefix + str(r)])]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.1)
+    except (RuntimeError, ValueError, OSError):
+        return None
 
 
 def barrier(info: Dist) -> None:

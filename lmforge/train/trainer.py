@@ -26,7 +26,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from lmforge.errors import CheckpointMismatch, ConfigError, TrainingDiverged
+from lmforge.errors import CheckpointMismatch, ConfigError, LmforgeError, RankLost, TrainingDiverged
 from lmforge.files import disk_full_reported, read_json_object
 from lmforge.modeldir import CHECKPOINT_DONE, checkpoint_dirs, is_sharded_checkpoint
 from lmforge.train import distributed as distr
@@ -50,26 +50,31 @@ class _StopFlag:
 
 
 @contextlib.contextmanager
-def _stop_on_ctrl_c():
+def _stop_on_signals():
     """The first Ctrl-C asks the loop to stop after the current step (and save); a second
     one interrupts at once. Stopping between steps means no half-applied optimizer update
-    ever reaches a checkpoint."""
+    ever reaches a checkpoint. SIGTERM (a job scheduler's, or torchrun's when another rank
+    failed) asks the same, once: the launcher kills what is still running 30 s later."""
     flag = _StopFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
 
-    def handler(signum, frame):
+    def interrupt(signum, frame):
         if flag.requested:
             raise KeyboardInterrupt
         flag.requested = True
         print("\nstopping after this step to save a checkpoint (Ctrl-C again to abort)")
 
-    previous = signal.signal(signal.SIGINT, handler)
+    def terminate(signum, frame):
+        flag.requested = True
+
+    previous = signal.signal(signal.SIGINT, interrupt), signal.signal(signal.SIGTERM, terminate)
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
 
 
 @dataclass
@@ -187,6 +192,32 @@ class Trainer:
     # The loop ----------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
+        try:
+            return self._fit()
+        except RuntimeError as err:
+            if self.dist.world == 1 or isinstance(err, LmforgeError):
+                raise
+            raise self._lost(err) from err
+
+    def _lost(self, err: RuntimeError) -> Exception:
+        """What to tell when a collective operation failed: which ranks are gone, if any."""
+        if threading.current_thread() is threading.main_thread():
+            # torchrun stops the ranks still running when one fails: time to say why first.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        lost = distr.lost_ranks(self.dist)
+        if lost == []:
+            return err  # everyone is here: a failure of its own kind
+        who = (f"rank {', '.join(map(str, lost))} stopped (killed, crashed or unreachable)"
+               if lost else "another rank, or the launcher's store, stopped")
+        latest = checkpoint_dirs(self.run_dir)
+        where = (f"the last complete checkpoint is {latest[-1]}" if latest else
+                 "no checkpoint was written yet")
+        # gloo's and NCCL's first sentence, without the source location before it
+        reason = str(err).splitlines()[0].split("] ", 1)[-1].split(". ")[0][:200]
+        return RankLost(f"{who} at step {self.step + 1}, so rank {self.dist.rank} cannot go on "
+                        f"({reason}); {where}: start the job again with --resume")
+
+    def _fit(self) -> TrainResult:
         cfg, d = self.cfg, self.dist
         if d.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -200,9 +231,9 @@ class Trainer:
         self._t_start = t_start
         metrics: dict[str, float] = {}
         last_saved: Path | None = None
-        with _stop_on_ctrl_c() as stop:
+        with _stop_on_signals() as stop:
             last_log = (self.tokens_seen, time.perf_counter())
-            while self.step < cfg.max_steps and not stop.requested:
+            while self.step < cfg.max_steps and not distr.any_rank(stop.requested, d, self.device):
                 # A resumed run already evaluated the step it resumes from.
                 first = self.step == start_step and self.step > 0
                 if cfg.eval_interval and self.step % cfg.eval_interval == 0 and not first:
@@ -241,7 +272,7 @@ class Trainer:
             if self.checkpointer is not None:
                 self.checkpointer.wait()
         bar.close()
-        if stop.requested and d.is_main:
+        if self.step < cfg.max_steps and self.step != cfg.halt_at and d.is_main:
             print(f"interrupted: saved step {self.step} to {last_saved}; continue with --resume")
         wall = time.perf_counter() - t_start
         steps_run = max(self.step - start_step, 1)
@@ -322,7 +353,7 @@ class Trainer:
             yield from ((batch, True) for batch in batches)
             return
         batches = list(batches)
-        most = distr.all_max(len(batches), self.dist)
+        most = distr.all_max(len(batches), self.dist, self.device)
         spare = batches[0] if batches else self.task.train_batch(0, 0)
         yield from ((batch, True) for batch in batches)
         yield from ((spare, False) for _ in range(most - len(batches)))
