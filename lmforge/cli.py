@@ -449,6 +449,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         PRESETS,
         SEQ2SEQ_PRESETS,
         VLM_PRESETS,
+        ModelConfig,
         preset,
         resolve_seq2seq_config,
         resolve_vlm_config,
@@ -486,6 +487,25 @@ def cmd_info(args: argparse.Namespace) -> None:
             print(f"  {part:<14} {value:>12,}  {flops:,} per {unit}")
     if directory is not None and is_adapter_dir(directory):
         print(_adapter_line(directory))
+    if isinstance(cfg, ModelConfig):
+        _print_memory(cfg, args)
+
+
+def _print_memory(cfg, args: argparse.Namespace) -> None:
+    """Training memory per rank, by what holds it (see lmforge.train.memory)."""
+    from lmforge.train.memory import estimate_memory
+
+    kinds = [args.parallel] if args.parallel else ["ddp", "fsdp"]
+    context = args.context or cfg.context_length
+    estimates = [estimate_memory(cfg, args.world_size, kind, args.batch_size, context,
+                                 bf16=args.precision == "bf16",
+                                 grad_checkpointing=args.grad_checkpointing) for kind in kinds]
+    print(f"training memory per rank (GiB): {args.world_size} rank(s), {args.batch_size} x "
+          f"{context} tokens a micro-batch, {args.precision}, AdamW"
+          + (", gradient checkpointing" if args.grad_checkpointing else ""))
+    print(f"  {'':<24}" + "".join(f"{kind:>10}" for kind in kinds))
+    for i, (name, _) in enumerate(estimates[0].rows()):
+        print(f"  {name:<24}" + "".join(f"{e.rows()[i][1] / 2**30:>10.2f}" for e in estimates))
 
 
 def _adapter_line(directory) -> str:
@@ -892,8 +912,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--adapter", default=None, metavar="DIR", help="fold this LoRA adapter in first")
 
-    p = command("info", "parameters and FLOPs per token of a model or preset", cmd_info)
+    p = command("info", "parameters, FLOPs per token and training memory per rank of a model "
+                "or preset", cmd_info)
     p.add_argument("model", help="preset name, or " + model_help)
+    p.add_argument("--world-size", type=COUNT, default=1, help="ranks training together "
+                   "(for the memory estimate)")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], default=None,
+                   help="the memory estimate for one kind only (default: both)")
+    p.add_argument("--batch-size", type=COUNT, default=1, help="sequences per micro-batch")
+    p.add_argument("--context", type=COUNT, default=None, help="tokens per sequence "
+                   "(default: the model's context length)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                   help="bf16: computed in bf16, weights and optimizer state in fp32 (GPUs)")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute activations in backward")
 
     p = command("eval", "score a model: perplexity, multiple choice, generation, "
                 "lm-evaluation-harness tasks", cmd_eval)

@@ -219,6 +219,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                        vocab_size=50257, bias=True),
     "gpt2-xl": dict(n_layer=48, n_head=25, d_model=1600, context_length=1024,
                     vocab_size=50257, bias=True),
+    # Llama 3.2 1B's shape (1.24 B parameters), for pretraining at a 2,048-token context.
+    "llama-1b": dict(
+        n_layer=16, n_head=32, n_kv_head=8, d_model=2048, d_mlp=8192, vocab_size=128256,
+        context_length=2048, positions="rope", rope_base=500000.0, norm="rmsnorm",
+        norm_eps=1e-5, mlp="swiglu", tie_embeddings=True,
+    ),
     "smollm2-135m": dict(
         n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_mlp=1536, vocab_size=49152,
         context_length=8192, positions="rope", rope_base=100000.0, norm="rmsnorm",

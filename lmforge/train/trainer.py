@@ -145,7 +145,9 @@ class Trainer:
             self.train_model = torch.compile(self.model)
         if self.dist.world > 1 and not self.fsdp:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
+            # Gradients live in DDP's communication buckets instead of beside them.
+            self.train_model = DistributedDataParallel(self.train_model, device_ids=ids,
+                                                       gradient_as_bucket_view=True)
 
     def _resume(self) -> None:
         checkpoints = checkpoint_dirs(self.run_dir)
