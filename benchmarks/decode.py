@@ -4,6 +4,7 @@
     python benchmarks/decode.py --models smollm2,gemma3    # and Gemma 3 270M (fp32, int8, int4)
     python benchmarks/decode.py --llamacpp /path/to/venv/bin/python   # a llama.cpp column
     python benchmarks/decode.py --no-compile --no-peer     # quick: lmforge eager only
+    python benchmarks/decode.py --gpu                      # on a CUDA GPU: batch 1 and 32
 
 Each figure comes from a process of its own (so peak RSS is that engine's alone), best of
 --repeats: greedy tokens/s for 128 new tokens after "The capital of France is" (the prompt
@@ -20,6 +21,10 @@ this one if `llama_cpp` imports) the registry's GGUF for fp32's row (Q4_1 for Sm
 Q4_K_M for Gemma), and lmforge's own GGUF exports of the int8 and int4 models (Q8_0 and
 Q4_1: the same numbers as lmforge's int weights) for theirs, where lmforge writes that
 architecture (llama: SmolLM2, not Gemma).
+
+--gpu: SmolLM2-135M's shape with random weights (speed depends on the shape alone, and a GPU
+machine may have no way to fetch the model) in bf16 on the GPU, batch 1 and batch 32, eager
+and compiled (CUDA graphs), against transformers' `generate` on the same shape.
 """
 
 from __future__ import annotations
@@ -206,8 +211,12 @@ def main() -> None:
     parser.add_argument("--llamacpp", default=None,
                         help="python of an environment with llama-cpp-python (default: this "
                              "one, if it has llama_cpp)")
+    parser.add_argument("--gpu", action="store_true", help="the GPU table instead")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.gpu:
+        gpu_table(args.repeats)
+        return
     if args.worker:
         kind, target, *rest = args.worker
         figures = (lmforge_worker(target, rest[0], args.repeats) if kind == "lmforge"
@@ -245,6 +254,62 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     print_table(rows, llamacpp is not None)
+
+
+def gpu_table(repeats: int) -> None:
+    """Decoding tokens/s on the GPU, lmforge (eager, compiled) and transformers, batch 1 and 32."""
+    if not torch.cuda.is_available():
+        print("no CUDA GPU here: skipping the GPU decoding benchmark")
+        return
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmforge.config import preset
+    from lmforge.infer.engine import Engine, Request
+    from lmforge.infer.sampling import SamplingConfig
+    from lmforge.models.decoder import Decoder
+
+    cfg = preset("smollm2-135m", context_length=1024)
+    torch.manual_seed(0)
+    model = Decoder(cfg).to("cuda", torch.bfloat16).eval()
+    prompt = torch.randint(0, cfg.vocab_size, (6,)).tolist()
+    greedy = SamplingConfig(temperature=0)
+
+    def lmforge_rate(batch: int, compile: bool) -> float:
+        engine = Engine(model, None, max_batch=batch, max_len=len(prompt) + NEW_TOKENS,
+                        compile=compile)
+        requests = [Request(prompt, NEW_TOKENS, greedy) for _ in range(batch)]
+        engine.run(requests)  # warm-up (and compilation, CUDA graph capture)
+        return batch * NEW_TOKENS / best_of(repeats, lambda: (engine.run(requests),
+                                                              torch.cuda.synchronize()))
+
+    peer = LlamaForCausalLM(LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head, tie_word_embeddings=True,
+        max_position_embeddings=1024)).to("cuda", torch.bfloat16).eval()
+    peer.generation_config.eos_token_id = None
+
+    def transformers_rate(batch: int) -> float:
+        ids = torch.tensor([prompt] * batch, device="cuda")
+
+        def run():
+            peer.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                          do_sample=False, pad_token_id=0)
+            torch.cuda.synchronize()
+
+        with torch.inference_mode():
+            run()
+            return batch * NEW_TOKENS / best_of(repeats, run)
+
+    print(f"\nSmolLM2-135M's shape, bf16, {torch.cuda.get_device_name()}: greedy tokens/s, "
+          f"{NEW_TOKENS} new tokens\n")
+    print("| batch | lmforge | lmforge compiled | transformers | best / transformers |\n"
+          "|---|---|---|---|---|")
+    for batch in (1, 32):
+        eager, compiled = lmforge_rate(batch, False), lmforge_rate(batch, True)
+        theirs = transformers_rate(batch)
+        print(f"| {batch} | {eager:,.0f} | {compiled:,.0f} | {theirs:,.0f} | "
+              f"{max(eager, compiled) / theirs:.2f}x |", flush=True)
 
 
 def print_table(rows: list[dict], llamacpp: bool) -> None:
