@@ -4,10 +4,14 @@ the peak measured in real training steps, DDP and FSDP, under torchrun on this m
     python benchmarks/train_memory.py            # the default cases below (about 5 minutes)
     python benchmarks/train_memory.py --steps 3
 
-Each case runs the Trainer's optimizer steps on random tokens (fp32 on CPU, gloo) and reads
-each rank's peak resident memory (VmHWM) less what the process held before the model was
-built (Python, torch, the corpus' memory map), so that libraries and interpreter are not
-counted on either side. The table prints estimate / measured per case.
+Each case runs the Trainer's optimizer steps on random tokens (fp32 on CPU, gloo) while a
+thread reads each rank's anonymous resident memory (RssAnon: tensors and the heap, not the
+pages of libtorch's code that the first backward pass touches) every 2 ms; the peak less
+what the process held before the model was built is the measured figure. The workers'
+malloc hands every block over 64 KiB back to the system when it is freed
+(MALLOC_MMAP_THRESHOLD_), so the figure follows the tensors alive rather than what the
+allocator keeps for later (with gloo's threads, each with its own heap, that can be a
+gigabyte). The table prints estimate / measured per case.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from lmforge.config import resolve_model_config
@@ -46,17 +52,34 @@ def memory_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+class PeakMemory(threading.Thread):
+    """The largest RssAnon seen while it runs."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak, self.running = memory_kib("RssAnon"), True
+
+    def run(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, memory_kib("RssAnon"))
+            time.sleep(0.002)
+
+
 def worker(spec: dict) -> None:
     """One rank: a few optimizer steps, then its peak memory above where it started."""
     from lmforge.train.trainer import Trainer
 
     cfg = TrainConfig(**spec["cfg"])
-    before = memory_kib("VmRSS")
+    before = memory_kib("RssAnon")
+    watch = PeakMemory()
+    watch.start()
     trainer = Trainer(cfg)
     for _ in range(spec["steps"]):
         trainer._train_step()  # the loop's step itself: no validation or checkpoint around it
+    watch.running = False
+    watch.join()
     rank = int(os.environ.get("RANK", 0))
-    peak = (memory_kib("VmHWM") - before) * 1024
+    peak = (watch.peak - before) * 1024
     Path(spec["out"], f"rank{rank}.json").write_text(json.dumps({"peak": peak}))
 
 
@@ -75,7 +98,8 @@ def measure(case: tuple, corpus: Path, scratch: Path, steps: int) -> int:
         f"--nproc_per_node={world}"]
     threads = max(1, (os.cpu_count() or 1) // world)
     subprocess.run([*launcher, __file__, "--worker", spec], check=True,
-                   env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+                   env={**os.environ, "OMP_NUM_THREADS": str(threads),
+                        "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"})
     return max(json.loads(f.read_text())["peak"] for f in out.glob("rank*.json"))
 
 

@@ -503,9 +503,10 @@ def _print_memory(cfg, args: argparse.Namespace) -> None:
     print(f"training memory per rank (GiB): {args.world_size} rank(s), {args.batch_size} x "
           f"{context} tokens a micro-batch, {args.precision}, AdamW"
           + (", gradient checkpointing" if args.grad_checkpointing else ""))
-    print(f"  {'':<24}" + "".join(f"{kind:>10}" for kind in kinds))
-    for i, (name, _) in enumerate(estimates[0].rows()):
-        print(f"  {name:<24}" + "".join(f"{e.rows()[i][1] / 2**30:>10.2f}" for e in estimates))
+    print(f"  {'':<26}" + "".join(f"{kind:>10}" for kind in kinds))
+    for i, (name, value) in enumerate(estimates[0].rows()):
+        print(f"  {name:<26}" + ("" if value is None else
+                                 "".join(f"{e.rows()[i][1] / 2**30:>10.2f}" for e in estimates)))
 
 
 def _adapter_line(directory) -> str:

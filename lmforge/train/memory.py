@@ -1,21 +1,23 @@
 """How much memory one rank needs to train a decoder, before buying the machines.
 
-Per rank, at the peak of a step (the start of the backward pass, when every activation is
-still held and the optimizer state exists):
+Per rank, weights and AdamW's two moments in fp32 (4 + 8 bytes a parameter: all of them on
+every rank under DDP, 1/world under FSDP) are there throughout. Gradients are not: the loop
+drops them after each optimizer step (`zero_grad(set_to_none=True)`) and the backward pass
+makes them as it frees activations. So a step peaks at one of two moments:
 
-- weights, gradients and AdamW's two moments in fp32 (4 + 4 + 8 bytes a parameter), whole on
-  every rank under DDP, 1/world of them under FSDP;
-- gathered and transient weights: under FSDP the root's parameters (embeddings, output
-  projection, final norm: kept whole from forward to backward) with their whole gradient
-  (reduced only once the embedding's comes, last), and two blocks' parameters (the one
-  computing and the one fetched ahead); DDP under bf16 autocast keeps a bf16 copy of every
-  weight; and everywhere, the embedding's gradient arrives as a dense vocabulary x width
-  tensor before it is added to the weight's;
-- activations: what each block saves for its backward pass, counted tensor by tensor below,
-  or only each block's input with gradient checkpointing (plus one block recomputed); and
-  the logits with their float32 copy, the log-softmax, and their two gradients.
+- the end of the forward pass: every activation held, counted tensor by tensor below (or
+  only each block's input with gradient checkpointing, plus one block recomputed), with the
+  logits, their float32 copy, the log-softmax and, as backward starts, their two gradients;
+  and what is gathered for computing: under FSDP the root's parameters (embeddings, output
+  projection, final norm, kept whole from forward to backward) and two blocks' (the one
+  computing and the one fetched ahead), in the compute dtype; under DDP with bf16 autocast,
+  a bf16 copy of every weight;
+- the end of the backward pass: every gradient (1/world of them under FSDP); the embedding's
+  arriving as a dense vocabulary x width tensor, which with tied embeddings autograd adds to
+  the output projection's (held since the backward pass began) into a third; and under FSDP
+  the root's whole parameters and gradient until that last reduction.
 
-Buffers of the libraries themselves (the CUDA context, allocator fragmentation, gloo/NCCL
+Buffers of the libraries themselves (the CUDA context, allocator caching, gloo and NCCL
 buffers) are not counted.
 """
 
@@ -36,19 +38,23 @@ class MemoryEstimate:
     """Bytes per rank, by what holds them."""
 
     weights: int
-    gradients: int
     optimizer: int
-    gathered: int
-    activations: int
+    activations: int  # at the end of the forward pass
+    gathered: int  # gathered or cast weights, at the end of the forward pass
+    gradients: int  # at the end of the backward pass
+    transient: int  # whole gradients and weights not yet reduced, at the end of backward
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.gathered + self.activations
+        return self.weights + self.optimizer + max(self.activations + self.gathered,
+                                                   self.gradients + self.transient)
 
     def rows(self) -> list[tuple[str, int]]:
-        return [("weights", self.weights), ("gradients", self.gradients),
-                ("optimizer state", self.optimizer), ("gathered / cast weights", self.gathered),
-                ("activations", self.activations), ("total", self.total)]
+        return [("weights", self.weights), ("optimizer state", self.optimizer),
+                ("end of forward:", None), ("  activations", self.activations),
+                ("  gathered / cast weights", self.gathered),
+                ("end of backward:", None), ("  gradients", self.gradients),
+                ("  whole, before reducing", self.transient), ("peak", self.total)]
 
 
 def estimate_memory(cfg: ModelConfig, world: int = 1, parallel: str = "ddp",
@@ -61,20 +67,23 @@ def estimate_memory(cfg: ModelConfig, world: int = 1, parallel: str = "ddp",
     params = model.num_params()
     block = sum(p.numel() for p in model.blocks[0].parameters())
     root = params - cfg.n_layer * block
-    share = world if parallel == "fsdp" else 1
+    sharded = parallel == "fsdp" and world > 1
+    share = world if sharded else 1
     compute = 2 if bf16 else 4
-    embedding_gradient = 4 * cfg.vocab_size * cfg.d_model
-    if parallel == "fsdp" and world > 1:
-        gathered = (root + 2 * block) * compute + 4 * root
+    if sharded:
+        gathered = (root + 2 * block) * compute
     else:
         gathered = params * 2 if bf16 else 0
+    embedding_gradients = (2 if cfg.tie_embeddings else 1) * 4 * cfg.vocab_size * cfg.d_model
+    transient = embedding_gradients + ((4 + compute) * root if sharded else 0)
     tokens = batch_size * (context or cfg.context_length)
     return MemoryEstimate(
         weights=4 * params // share,
-        gradients=4 * params // share,
         optimizer=ADAMW_BYTES * params // share,
-        gathered=gathered + embedding_gradient,
         activations=activation_bytes(cfg, tokens, compute, grad_checkpointing),
+        gathered=gathered,
+        gradients=4 * params // share,
+        transient=transient,
     )
 
 
