@@ -22,7 +22,9 @@ from lmforge.modeldir import checkpoint_dirs
 from lmforge.train.config import load_recipe
 from lmforge.train.trainer import Trainer
 
-from .test_finetune import repeat_data
+from .test_finetune import repeat_data, separable_rows, write_jsonl
+from .test_seq2seq import digit_pairs
+from .test_vlm_task import colour_data
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +47,8 @@ def torchrun(args: list[str], nproc: int = 2, launcher: list[str] | None = None,
     cmd = [sys.executable, "-m", "torch.distributed.run",
            *(launcher or ["--standalone"]), f"--nproc_per_node={nproc}", "-m", "lmforge.cli",
            *args]
-    subprocess.run(cmd, check=True, env=ENV, timeout=timeout, capture_output=True)
+    done = subprocess.run(cmd, env=ENV, timeout=timeout, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
 
 
 def metrics(run: Path) -> dict[tuple[int, str], float]:
@@ -126,6 +129,39 @@ def test_lora_sft_two_ranks_equal_one(tmp_path, base_dir):
     tuned = open_model(consolidate(tmp_path / "one", tmp_path / "adapter")).model
     x = torch.randint(0, tuned.cfg.vocab_size, (2, 16))
     torch.testing.assert_close(merged(x), tuned(x), atol=1e-4, rtol=1e-4)
+
+
+def task_recipe(task: str, tmp_path: Path, char_corpus: Path, base_dir: Path) -> dict:
+    """A few steps of `task` on its own tiny data, with validation and samples."""
+    common = dict(max_steps=6, warmup_steps=2, eval_interval=3, log_interval=1,
+                  progress=False, sample_tokens=4, parallel="fsdp", batch_size=4)
+    if task == "classify":
+        data = write_jsonl(tmp_path / "labels.jsonl", separable_rows(64, 0))
+        return common | dict(task="classify", init_from=str(base_dir), data=str(data),
+                             lora_rank=0, lr=3e-3)
+    if task == "seq2seq":
+        data = digit_pairs(tmp_path / "pairs.tsv", 200, 1)
+        return common | dict(task="seq2seq", data=str(data), model="transformer-tiny",
+                             vocab_size=300, lr=1e-3, sample_tokens=0)
+    if task == "vlm":
+        return common | dict(task="vlm", data=colour_data(tmp_path, 40), model="vlm-tiny",
+                             vocab_size=300, lr=3e-3, eval_batches=0)
+    teacher = tmp_path / "teacher"
+    Trainer(load_recipe(None, overrides(pretraining(char_corpus, teacher, max_steps=4,
+                                                    parallel="ddp", eval_interval=0)))).fit()
+    return common | dict(task="distill", teacher=str(checkpoint_dirs(teacher)[-1]),
+                         data=str(char_corpus), model=TINY_MODEL | {"n_layer": 1}, lr=3e-3)
+
+
+@pytest.mark.parametrize("task", ["classify", "seq2seq", "vlm", "distill"])
+def test_every_task_trains_sharded(task, tmp_path, char_corpus, base_dir):
+    values = task_recipe(task, tmp_path, char_corpus, base_dir)
+    Trainer(load_recipe(None, overrides(values | {"out_dir": str(tmp_path / "one"),
+                                                  "grad_accum": 2}))).fit()
+    torchrun(["train", *overrides(values | {"out_dir": str(tmp_path / "two")})])
+    assert_same(metrics(tmp_path / "one"), metrics(tmp_path / "two"), 1e-5)
+    model = open_model(consolidate(tmp_path / "two", tmp_path / "model")).model
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def free_port() -> int:

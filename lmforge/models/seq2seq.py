@@ -124,7 +124,12 @@ class DecoderBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, rotary: Rotary | None, pos: Positions,
                 mask: torch.Tensor | None, cache: tuple[torch.Tensor, torch.Tensor] | None,
-                memory: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor) -> torch.Tensor:
+                memory: tuple[torch.Tensor, torch.Tensor] | torch.Tensor,
+                key_mask: torch.Tensor) -> torch.Tensor:
+        """memory: the cross-attention keys and values, or the encoder's output to make them
+        of (in training, inside the block's own call: a sharded block has its weights then)."""
+        if isinstance(memory, torch.Tensor):
+            memory = self.cross.inner.memory(memory)
         x = self.attn(x, rotary, pos, mask, cache)
         return self.mlp(self.cross(x, memory, key_mask))
 
@@ -206,11 +211,14 @@ class Seq2Seq(nn.Module):
         """Every decoder layer's cross-attention keys and values, computed once."""
         return [block.cross.inner.memory(encoded) for block in self.decoder]
 
-    def decode(self, target: torch.Tensor, memory: list[tuple[torch.Tensor, torch.Tensor]],
+    def decode(self, target: torch.Tensor,
+               memory: list[tuple[torch.Tensor, torch.Tensor]] | list[torch.Tensor],
                source_mask: torch.Tensor, cache: KVCache | None = None,
                start: int | torch.Tensor = 0) -> torch.Tensor:
         """Logits (B, T, vocab) for target ids (B, T) at positions start.. (with a cache of
-        the earlier ones when generating); `start` may be a tensor (B,), one per row."""
+        the earlier ones when generating); `start` may be a tensor (B,), one per row. memory:
+        each decoder layer's cross-attention keys and values, or the encoder's output for
+        each (see DecoderBlock)."""
         pos = Positions.of(start, target.shape[1])
         x = self._embed(target, pos, "target")
         mask, key_mask = pos.mask(target.shape[1], target.device), self.key_mask(source_mask)
@@ -230,7 +238,7 @@ class Seq2Seq(nn.Module):
         if source is not None:
             if source_mask is None:
                 source_mask = torch.ones_like(source, dtype=torch.bool)
-            memory = self.memory(self.encode(source, source_mask))
+            memory = [self.encode(source, source_mask)] * len(self.decoder)
         elif isinstance(cache, Seq2SeqCache):
             memory, source_mask = cache.sources()
         else:

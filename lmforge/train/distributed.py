@@ -8,6 +8,7 @@ identities.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -124,3 +125,23 @@ def shard_model(model: nn.Module, device: torch.device, bf16: bool, offload: boo
     for block in blocks:
         fully_shard(block, **options)
     fully_shard(model, **options)
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module):
+    """Every sharded part of `model` whole until the block ends: for work that calls a model's
+    methods besides `forward` (generation, a seq2seq model's encoder and cross-attention
+    memory), which FSDP's hooks would not gather for. Every rank must enter it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    parts = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for part in parts:
+        part.set_reshard_after_forward(False, recurse=False)
+        part.unshard()
+    try:
+        yield
+    finally:
+        for part in parts:
+            part.reshard()
+            # what fully_shard chose: the root stays whole from forward to backward
+            part.set_reshard_after_forward(part is not model, recurse=False)

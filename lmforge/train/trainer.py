@@ -344,7 +344,9 @@ class Trainer:
         if total[1] == 0:
             return {}
         val_loss = float(total[0] / total[1])
-        return {"val_loss": val_loss, **self.task.val_metrics(self.model, val_loss, self.step)}
+        with self._whole():
+            figures = self.task.val_metrics(self.model, val_loss, self.step)
+        return {"val_loss": val_loss, **figures}
 
     def _rank_batches(self, n_batches: int):
         """This rank's validation batches, each with whether it counts. Under FSDP every rank
@@ -372,7 +374,8 @@ class Trainer:
         if not (self.dist.is_main or self.fsdp) or self.cfg.sample_tokens == 0:
             return
         self.model.eval()
-        text = self.task.sample(self.model)
+        with self._whole():
+            text = self.task.sample(self.model)
         if text is not None and self.dist.is_main:
             (bar.write if bar else print)(f"--- sample at step {self.step} ---\n{text}\n---")
 
@@ -382,6 +385,10 @@ class Trainer:
         c = self.cfg
         return lr_at(step, lr=c.lr, min_lr=c.min_lr, warmup=c.warmup_steps, total=c.max_steps,
                      kind=c.schedule, decay_fraction=c.decay_fraction)
+
+    def _whole(self):
+        """The model with every shard gathered (under FSDP), for generation."""
+        return distr.gathered(self.model) if self.fsdp else contextlib.nullcontext()
 
     def _autocast(self):
         # Under FSDP the mixed-precision policy computes in bf16 already.
