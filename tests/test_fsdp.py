@@ -16,6 +16,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 
 from lmforge.api import consolidate, merge, open_model
+from lmforge.cli import main
 from lmforge.errors import CheckpointMismatch, ShardedCheckpoint
 from lmforge.finetune.run import finetune_recipe
 from lmforge.modeldir import checkpoint_dirs
@@ -105,10 +106,16 @@ def test_pretraining_two_ranks_equal_one_and_checkpoints_reshard(char_corpus, tm
     # What every other command reads: an ordinary model directory.
     with pytest.raises(ShardedCheckpoint, match="lmforge export"):
         open_model(tmp_path / "two")
-    two = open_model(consolidate(tmp_path / "two", tmp_path / "model-two")).model
+    assert main(["export", str(tmp_path / "two"), "--format", "lmforge", "--out",
+                 str(tmp_path / "model-two")]) == 0
+    two = open_model(tmp_path / "model-two").model
     one = open_model(consolidate(tmp_path / "one", tmp_path / "model-one")).model
     x = torch.randint(0, one.cfg.vocab_size, (2, 16))
     torch.testing.assert_close(two(x), one(x), atol=1e-4, rtol=1e-4)
+    # Exporting to another format consolidates on the way.
+    assert main(["export", str(tmp_path / "two"), "--format", "hf", "--out",
+                 str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
 
 
 def test_lora_sft_two_ranks_equal_one(tmp_path, base_dir):

@@ -102,9 +102,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_fsdp2_on_one_gpu_trains_like_autocast(tiny_llama, tmp_path, monkeypatch):
-    """One rank of NCCL: the bf16 parameter policy, fp32 gradient reduction, and a sharded
-    checkpoint written and read back."""
+@pytest.mark.parametrize("offload", [False, True], ids=["on-gpu", "cpu-offload"])
+def test_fsdp2_on_one_gpu_trains_like_autocast(tiny_llama, tmp_path, monkeypatch, offload):
+    """One rank of NCCL: the bf16 parameter policy, fp32 gradient reduction, optionally the
+    state in host memory, and a sharded checkpoint written and read back."""
+    if offload and DEVICE.type != "cuda":
+        pytest.skip("offloading is from a GPU")
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
@@ -118,7 +121,7 @@ def test_fsdp2_on_one_gpu_trains_like_autocast(tiny_llama, tmp_path, monkeypatch
     try:
         reference = tiny_llama(300, 128).to(DEVICE).train()
         sharded = copy.deepcopy(reference)
-        shard_model(sharded, DEVICE, bf16=True, offload=False)
+        shard_model(sharded, DEVICE, bf16=True, offload=offload)
         optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (reference, sharded)]
         g = torch.Generator().manual_seed(0)
         for _ in range(10):
@@ -138,7 +141,7 @@ def test_fsdp2_on_one_gpu_trains_like_autocast(tiny_llama, tmp_path, monkeypatch
         (tmp_path / "trainer.json").write_text(json.dumps({"step": 10}))
         torch.save({"torch": torch.get_rng_state()}, tmp_path / "rng-0.pt")
         restored = copy.deepcopy(reference)
-        shard_model(restored, DEVICE, bf16=True, offload=False)
+        shard_model(restored, DEVICE, bf16=True, offload=offload)
         optimizer = torch.optim.AdamW(restored.parameters(), lr=1e-3)
         load_sharded(tmp_path, restored, optimizer, 0)
         for a, b in zip(restored.parameters(), sharded.parameters()):
