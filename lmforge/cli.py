@@ -70,9 +70,13 @@ def _next_command(cfg, run_dir) -> str:
 
 
 def _train(cfg, resume: bool):
+    """Train; under torchrun, only rank 0 goes on to report (the others exit here)."""
     from lmforge.api import Trainer
 
-    return Trainer(cfg, resume=resume).fit()
+    result = Trainer(cfg, resume=resume).fit()
+    if result.rank:
+        sys.exit(0)
+    return result
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:

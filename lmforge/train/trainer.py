@@ -88,6 +88,7 @@ class TrainResult:
     ms_per_step: float
     checkpoint: Path | None
     final_metrics: dict[str, float] = field(default_factory=dict)
+    rank: int = 0  # this process's rank under torchrun: only rank 0 reports
 
 
 def resolve_device(name: str) -> torch.device:
@@ -288,6 +289,7 @@ class Trainer:
             final_val_bpb=metrics.get("val_bpb"), wall_seconds=wall,
             tokens_per_second=(self.tokens_seen - tokens_at_start) / wall,
             ms_per_step=1000 * wall / steps_run, checkpoint=last_saved, final_metrics=metrics,
+            rank=d.rank,
         )
 
     def _train_step(self) -> float:
