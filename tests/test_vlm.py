@@ -95,6 +95,17 @@ def test_a_convolutional_stem_keeps_the_patch_grid():
         resolve_vlm_config({"preset": "vlm-tiny", "vision": {"stem": "resnet"}})
 
 
+def test_per_image_norm_reads_a_shifted_or_fainter_image_as_the_same():
+    normed, plain = tiny(vision={"per_image_norm": True}), tiny()
+    pixels = torch.rand(2, 3, 32, 32)
+    # another background tint (a constant per channel) at 80% of the contrast
+    other = 0.8 * pixels + torch.tensor([0.3, -0.2, 0.1]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(normed.vision(other), normed.vision(pixels),
+                                   atol=1e-2, rtol=0)
+        assert not torch.allclose(plain.vision(other), plain.vision(pixels), atol=0.1)
+
+
 def test_presets_have_their_image_token_counts():
     assert resolve_vlm_config("vlm-small").image_tokens == 16
     smol = resolve_vlm_config("smolvlm-256m")
