@@ -349,8 +349,9 @@ class VisionConfig:
     stem: str = "patch"
     # Centre each image's channels and scale it to unit spread inside the encoder: a plain
     # background of any colour then reads as zero, so the first layers see edges rather than
-    # the background (from nothing, text on coloured backgrounds stayed at chance for 1,500
-    # steps without it and was being read after 600 with it).
+    # the background (from nothing, single characters at random places on tinted backgrounds
+    # stayed at chance for 1,500 steps without it, and began to be read after 600 with it).
+    # lmforge's own: Idefics3 (SmolVLM) export refuses it.
     per_image_norm: bool = False
 
     def __post_init__(self) -> None:
@@ -435,11 +436,11 @@ VLM_PRESETS: dict[str, dict[str, Any]] = {
                      text=dict(n_layer=2, n_head=2, d_model=32, context_length=128,
                                positions="rope", norm="rmsnorm", mlp="swiglu")),
     # 64 px images, 16 image tokens: a ViT of 0.8 M parameters with a convolutional stem
-    # (from nothing it learns shapes several times faster than with one patch kernel) and a
-    # 2 M-parameter decoder.
-    "vlm-small": dict(vision=dict(stem="conv", per_image_norm=True), text=dict(n_layer=4, n_head=4, d_model=192,
-                                              context_length=256, positions="rope",
-                                              norm="rmsnorm", mlp="swiglu")),
+    # (from nothing it learns shapes several times faster than with one patch kernel) that
+    # normalises each image by itself, and a 2 M-parameter decoder.
+    "vlm-small": dict(vision=dict(stem="conv", per_image_norm=True),
+                      text=dict(n_layer=4, n_head=4, d_model=192, context_length=256,
+                                positions="rope", norm="rmsnorm", mlp="swiglu")),
     # SmolVLM-256M's shape: SigLIP-B/16 at 512 px, r = 4 (64 tokens a tile), SmolLM2-135M.
     "smolvlm-256m": dict(
         vision=dict(image_size=512, patch_size=16, n_layer=12, n_head=12, d_model=768,

@@ -253,6 +253,10 @@ def test_lmforge_vlm_exports_as_idefics3(tmp_path, bpe_tokenizer):
     save_model(tmp_path / "conv", conv, tokenizer)
     with pytest.raises(UnsupportedModel, match="vision stem='conv'.*stem=patch"):
         export_hf(tmp_path / "conv", tmp_path / "hf-conv")
+    normed = VLM(replace(cfg, vision=replace(cfg.vision, per_image_norm=True)))
+    save_model(tmp_path / "normed", normed, tokenizer)
+    with pytest.raises(UnsupportedModel, match="per_image_norm=True"):
+        export_hf(tmp_path / "normed", tmp_path / "hf-normed")
 
 
 def test_settings_lmforge_does_not_compute_are_refused_by_name():

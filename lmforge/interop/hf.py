@@ -813,6 +813,9 @@ def _idefics3_export(model: VLM, tokenizer: Tokenizer
     if cfg.vision.stem != "patch":
         raise UnsupportedModel(f"vision stem={cfg.vision.stem!r}: Idefics3's vision encoder "
                                "embeds patches with one convolution (stem=patch)")
+    if cfg.vision.per_image_norm:
+        raise UnsupportedModel("vision per_image_norm=True: Idefics3's vision encoder takes the "
+                               "pixels as its processor normalised them (per_image_norm=false)")
     if _export_family(cfg.text) != "llama":
         raise UnsupportedModel("Idefics3's text model is Llama: the decoder would need "
                                f"{', '.join(f'{k}={v!r}' for k, v in _EXPORT_NEEDS['llama'].items())}")
