@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -87,15 +86,12 @@ def chat_answers(run: str, records: list[dict], folder: Path) -> list[str]:
     return replies
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def served_answers(run: str, records: list[dict], folder: Path) -> list[str]:
     """Greedy answers from `lmforge serve` through the `openai` client, 8 requests at once."""
     import openai
+
+    sys.path.insert(0, str(ROOT))
+    from tests.test_serve import free_port
 
     port = free_port()
     server = subprocess.Popen(lmforge_command("serve", run, "--port", str(port)),
