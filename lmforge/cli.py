@@ -315,9 +315,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
                       max_images=args.max_images, max_image_pixels=args.max_image_pixels,
                       allow_image_urls=args.allow_image_urls)
     app = create_app(opened.model, opened.tokenizer, opened.stop_ids, cfg, opened.processor)
-    stats = app.state.engine.stats()
-    print(f"KV cache: {stats.slots} sequences x {stats.max_len} positions, "
-          f"{stats.kv_cache_bytes / 1e9:.2f} GB", file=sys.stderr)
+    engine = app.state.engine
+    whole = engine.cache_bytes(len(engine.slots)) / 1e9
+    print(f"KV cache: {len(engine.slots)} sequences x {engine.max_len} positions, "
+          + (f"{whole:.2f} GB" if args.compile else
+             f"up to {whole:.2f} GB, allocated as the sequences reach their positions"),
+          file=sys.stderr)
     print(f"serving {name} on http://{args.host}:{args.port} (chat page at /, API at /v1)",
           file=sys.stderr)
     # Requests still running after SIGTERM get a few seconds, then are cut off.

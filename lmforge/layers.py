@@ -113,8 +113,9 @@ class Positions:
 
 
 class KVCache:
-    """Keys and values of every layer for `batch` sequence slots, preallocated once and
-    written in place as decoding goes. Each slot holds one sequence from position 0."""
+    """Keys and values of every layer for `batch` sequence slots of `length` positions,
+    written in place as decoding goes. Each slot holds one sequence from position 0; `resize`
+    reallocates (the engine grows a cache as its sequences need it)."""
 
     def __init__(self, n_layer: int, batch: int, n_kv_head: int, length: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
@@ -136,6 +137,18 @@ class KVCache:
     def nbytes(self) -> int:
         """Memory the cache holds."""
         return self.k.nbytes + self.v.nbytes
+
+    def resize(self, batch: int, length: int) -> None:
+        """Hold `batch` slots of `length` positions from now on, keeping the cached keys and
+        values that fit (views from `rows` no longer follow this cache)."""
+        old_k, old_v = self.k, self.v
+        shape = (old_k.shape[0], batch, old_k.shape[2], length, old_k.shape[4])
+        self.k, self.v = old_k.new_zeros(shape), old_v.new_zeros(shape)
+        rows, kept = min(batch, old_k.shape[1]), min(length, self.length)
+        self.k[:, :rows, :, :kept] = old_k[:, :rows, :, :kept]
+        self.v[:, :rows, :, :kept] = old_v[:, :rows, :, :kept]
+        self.length = length
+        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
 
     def rows(self, first: int, count: int = 1) -> KVCache:
         """A cache over slots first..first+count, sharing this one's memory."""

@@ -257,11 +257,37 @@ def test_any_integer_is_a_seed(id_model):
     assert len(runs[2].tokens) == 6
 
 
-def test_a_kv_cache_that_cannot_fit_is_refused_before_it_is_allocated(id_model):
+def test_a_compiled_engine_s_whole_kv_cache_is_refused_before_it_is_allocated(id_model):
     with pytest.raises(CacheTooLarge, match=r"needs .* GB .*--max-batch N --max-len N"):
-        Engine(id_model, max_batch=1 << 40)
-    engine = Engine(id_model, max_batch=3, max_len=20)
-    assert engine.cache_bytes(3) == engine.cache.nbytes == engine.stats().kv_cache_bytes
+        Engine(id_model, max_batch=1 << 40, compile=True)
+
+
+def test_the_kv_cache_grows_as_sequences_need_it_and_shrinks_when_they_end(tiny_llama):
+    model = tiny_llama(300, context_length=1024)
+    engine = Engine(model, max_batch=4)
+    idle = engine.cache_bytes(1, 256)
+    assert engine.cache.nbytes == engine.stats().kv_cache_bytes == idle  # one slot, one block
+    requests = [Request([5, 9], 4, GREEDY), Request(list(range(1, 251)), 20, GREEDY),
+                Request([7], 30, GREEDY)]
+    ids = [engine.submit(r) for r in requests]
+    shapes, done = [], {}
+    while engine.has_work():
+        done.update((e.request_id, e.completion) for e in engine.step() if e.completion)
+        shapes.append((engine.cache.batch, engine.cache.length))
+    for i, request in zip(ids, requests):
+        assert done[i].tokens == generate(model, request.prompt, request.max_new_tokens, GREEDY)
+    # three slots once all three run; past 256 positions the long one takes a second block;
+    # when it ends the third sequence, at slot 2 and short, keeps three slots of one block
+    assert max(shapes) == (3, 512) and (3, 256) in shapes[shapes.index((3, 512)):]
+    assert engine.cache.nbytes == idle < engine.cache_bytes(4)
+
+
+def test_a_cache_that_cannot_grow_fails_its_step_with_the_fix(tiny_llama, monkeypatch):
+    engine = Engine(tiny_llama(300, context_length=1024), max_batch=2)
+    engine.submit(Request(list(range(1, 300)), 4, GREEDY))
+    monkeypatch.setattr("lmforge.infer.engine.available_memory", lambda device: 10_000)
+    with pytest.raises(CacheTooLarge, match=r"1 sequences of 512 positions needs .*--max-len N"):
+        engine.step()
 
 
 def test_a_seq2seq_cache_counts_each_slot_s_source_memory():
@@ -274,5 +300,6 @@ def test_a_seq2seq_cache_counts_each_slot_s_source_memory():
     model = Seq2Seq(Seq2SeqConfig(n_encoder_layer=1, n_decoder_layer=2, n_head=2, d_model=16,
                                   d_mlp=32, vocab_size=tokenizer.vocab_size, max_length=24))
     engine = Seq2SeqEngine(model, tokenizer, max_batch=3, max_len=10)
-    memory = 2 * 2 * 3 * 24 * 16 * 4  # k and v, 2 layers, 3 slots, 24 source positions, fp32
-    assert engine.cache_bytes(3) == engine.cache.nbytes == 2 * 2 * 3 * 10 * 16 * 4 + memory
+    memory = 2 * 2 * 24 * 16 * 4  # k and v, 2 layers, 24 source positions, fp32: per slot
+    assert engine.cache_bytes(3) == 3 * (2 * 2 * 10 * 16 * 4 + memory)
+    assert engine.cache.nbytes == engine.cache_bytes(1)  # one slot until a second is used

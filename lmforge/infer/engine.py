@@ -1,10 +1,12 @@
-"""The inference engine: many requests decoding together through one preallocated KV cache.
+"""The inference engine: many requests decoding together through one KV cache.
 
 A request waits in a queue until a cache slot is free; its prompt then runs alone through
 the model (the prefill) and its sequence joins the batch, where every step feeds one new
 token per active sequence through a single forward pass, sequences at different positions
 included. A finished sequence frees its slot at once and the next waiting one takes it
-(continuous batching), so a server only has to call `step` in a loop.
+(continuous batching), so a server only has to call `step` in a loop. The cache holds the
+slots and positions its sequences reach, growing in blocks as they need more and shrinking
+when they end, so an idle server with a long context holds almost none of it.
 
 Each step returns `Event`s: the new token, the text it completes (never half a UTF-8
 character, never the start of a stop string that may still match), its log-probability and
@@ -284,11 +286,13 @@ class Engine:
     """Decodes many requests together; see the module docstring.
 
     max_batch: sequences decoding at once (cache slots). max_len: positions per slot
-    (prompt + generated), the model's context length by default; the cache holds
-    2 x layers x max_batch x kv_heads x max_len x head_dim values (`cache_bytes`).
+    (prompt + generated), the model's context length by default; the cache holds up to
+    2 x layers x max_batch x kv_heads x max_len x head_dim values (`cache_bytes`), as many
+    slots as are in use and positions as the furthest sequence reaches (at least a block).
     compile: run decode steps through `torch.compile` with static shapes (every slot, the
-    whole cache, masked): slow to start (a minute or two on a small CPU), then faster,
-    because a step no longer pays Python's cost for each of its hundreds of small ops.
+    whole cache, masked, so the cache is allocated whole up front): slow to start (a minute
+    or two on a small CPU), then faster, because a step no longer pays Python's cost for
+    each of its hundreds of small ops.
     """
 
     def __init__(self, model: LanguageModel, tokenizer: Tokenizer | None = None,
@@ -297,7 +301,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.max_len = min(max_len or model.cfg.context_length, model.cfg.context_length)
-        self.cache = self._new_cache(max_batch)
+        self.cache = self._new_cache(max_batch) if compile else \
+            model.new_cache(1, min(CACHE_BLOCK, self.max_len))
         self.slots: list[_Sequence | None] = [None] * max_batch
         self.waiting: deque[_Sequence] = deque()
         self._ids = itertools.count()
@@ -382,24 +387,59 @@ class Engine:
         self.waiting.append(seq)
         return seq.id
 
-    def cache_bytes(self, slots: int) -> int:
-        """Bytes of a cache for `slots` sequences of max_len positions, measured on caches of
-        one and two positions (a family may keep a fixed share per sequence, too)."""
+    def cache_bytes(self, slots: int, length: int | None = None) -> int:
+        """Bytes of a cache for `slots` sequences of `length` positions (max_len by default),
+        measured on caches of one and two positions (a family may keep a fixed share per
+        sequence, too)."""
         one, two = (self.model.new_cache(1, n).nbytes for n in (1, 2))
         per_position = two - one
-        return slots * (one - per_position + per_position * self.max_len)
+        return slots * (one - per_position + per_position * (length or self.max_len))
 
     def _new_cache(self, slots: int) -> KVCache:
-        """The cache, refused up front when it would not fit: allocating it would fail late
-        or push the machine into swap."""
-        needed, free = self.cache_bytes(slots), available_memory(self.device)
+        """The whole cache (a compiled step's), refused up front when it would not fit."""
+        self._check_fits(slots, self.max_len)
+        return self.model.new_cache(slots, self.max_len)
+
+    def _check_fits(self, slots: int, length: int) -> None:
+        """Refuse a cache that would not fit: allocating it would fail late or push the
+        machine into swap."""
+        needed, free = self.cache_bytes(slots, length), available_memory(self.device)
         if free is not None and needed > free:
             raise CacheTooLarge(
-                f"a KV cache for {slots} sequences of {self.max_len} positions needs "
-                f"{needed / 1e9:.2f} GB ({self.cache_bytes(1) / 1e6:.1f} MB per sequence) and "
-                f"{free / 1e9:.2f} GB is free on {self.device}: lower max_batch or max_len "
-                "(`lmforge serve --max-batch N --max-len N`)")
-        return self.model.new_cache(slots, self.max_len)
+                f"a KV cache for {slots} sequences of {length} positions needs "
+                f"{needed / 1e9:.2f} GB ({self.cache_bytes(1) / 1e6:.1f} MB per sequence of "
+                f"{self.max_len}) and {free / 1e9:.2f} GB is free on {self.device}: lower "
+                "max_batch or max_len (`lmforge serve --max-batch N --max-len N`)")
+
+    def _reserve(self, rows: int, end: int) -> None:
+        """Grow the cache to hold slots 0..rows-1 up to position `end` (a compiled step's
+        cache is whole already): by at least half its length, so that a long sequence
+        costs a few copies, in whole blocks."""
+        cache = self.cache
+        if rows <= cache.batch and end <= cache.length:
+            return
+        length = cache.length
+        if end > length:
+            length = min(self.max_len, _blocks(max(end, length + length // 2)))
+        self._resize(max(rows, cache.batch), length)
+
+    def _shrink(self) -> None:
+        """Give memory back once the sequences left reach a quarter of the cache's length or
+        use half its slots or fewer (none at all, when idle); it keeps twice the positions in
+        use, so that growing again is not the next step."""
+        active = [s for s in self.slots if s is not None]
+        rows = max((s.slot + 1 for s in active), default=1)
+        end = max((s.position + 1 for s in active), default=1)
+        cache = self.cache
+        shorter = cache.length > CACHE_BLOCK and end <= cache.length // 4
+        if shorter or rows <= cache.batch // 2:
+            self._resize(rows, _blocks(2 * end) if shorter else cache.length)
+
+    def _resize(self, rows: int, length: int) -> None:
+        if rows * length > self.cache.batch * self.cache.length:
+            self._check_fits(rows, length)
+        self.cache.resize(rows, length)
+        self._rows.clear()
 
     def cancel(self, request_id: int) -> None:
         """Forget a request (a client went away): its slot is free for the next step."""
@@ -433,6 +473,8 @@ class Engine:
         events = self._decode_active()
         while self.waiting and None in self.slots:
             events.append(self._admit(self.waiting.popleft()))
+        if self._step_model is None:
+            self._shrink()
         return events
 
     def _admit(self, seq: _Sequence) -> Event:
@@ -440,6 +482,7 @@ class Engine:
         self.slots[seq.slot] = seq
         request = seq.request
         masks = self._start_masks([seq])
+        self._reserve(seq.slot + 1, min(len(request.prompt), self.max_len))
         done = self.prefill(request, self._cache_rows(seq.slot, 1))
         seq.start(done.tokens)
         if request.prompt_logprobs:
@@ -464,6 +507,7 @@ class Engine:
         for s in active:
             tokens[s.slot, 0], starts[s.slot] = s.tokens[-1], s.position
         tokens, starts = tokens.to(self.device), starts.to(self.device)
+        self._reserve(rows, max(s.position for s in active) + 1)
         masks = self._start_masks(active)
         if self._step_model is not None:
             logits = self._step_model(tokens, cache=self.cache, start=starts)
@@ -532,6 +576,13 @@ class Engine:
                             return
         finally:
             self.cancel(request_id)
+
+
+CACHE_BLOCK = 256  # positions a growing cache takes at a time
+
+
+def _blocks(positions: int) -> int:
+    return -(-positions // CACHE_BLOCK) * CACHE_BLOCK
 
 
 def _shared_start(active: list[_Sequence], starts: torch.Tensor) -> int | torch.Tensor:

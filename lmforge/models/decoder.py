@@ -5,7 +5,7 @@ Choices, all set by `ModelConfig`:
 - learned absolute positions (GPT-2) or rotary positions with a configurable base (Llama);
 - attention through `scaled_dot_product_attention`, with grouped key/value heads, an
   optional QK-norm and an optional sliding window (a mask) on every layer or on some, those
-  with a rotary base of their own (Gemma 3); a preallocated KV cache;
+  with a rotary base of their own (Gemma 3); a KV cache;
 - MLP: GELU, SwiGLU, GeGLU or ReLU squared; optional norms on the attention and MLP outputs
   before they join the residual stream (Gemma's "sandwich");
 - input embedding tied to the output projection, or not, optionally scaled by sqrt(d_model);

@@ -67,6 +67,16 @@ class Seq2SeqCache(KVCache):
         # A free row attends to one (zero) position: attending to none would be NaN.
         self.lengths = torch.ones(batch, dtype=torch.long, device=device)
 
+    def resize(self, batch: int, length: int) -> None:
+        super().resize(batch, length)
+        rows = min(batch, self.lengths.shape[0])
+        memory_k, memory_v, lengths = self.memory_k, self.memory_v, self.lengths
+        self.memory_k = memory_k.new_zeros((memory_k.shape[0], batch, *memory_k.shape[2:]))
+        self.memory_v = memory_v.new_zeros(self.memory_k.shape)
+        self.lengths = lengths.new_ones(batch)
+        self.memory_k[:, :rows], self.memory_v[:, :rows] = memory_k[:, :rows], memory_v[:, :rows]
+        self.lengths[:rows] = lengths[:rows]
+
     def rows(self, first: int, count: int = 1) -> Seq2SeqCache:
         view = super().rows(first, count)
         view.memory_k = self.memory_k[:, first:first + count]
