@@ -29,7 +29,7 @@ from typing import Any
 from weakref import WeakKeyDictionary
 
 import llguidance
-import llguidance.torch
+import llguidance.numpy  # not llguidance.torch: importing it starts torch.compile (1.5 s)
 import torch
 
 from lmforge.errors import LmforgeError
@@ -119,7 +119,8 @@ class Matcher:
                                   f"compiled: {self.matcher.get_error()}")
         self.vocab_size = vocab_size
         self.stop_ids = torch.tensor(stop_ids, dtype=torch.long)
-        self.words = llguidance.torch.allocate_token_bitmask(1, vocab_size)
+        self.bitmask = llguidance.numpy.allocate_token_bitmask(1, vocab_size)
+        self.words = torch.from_numpy(self.bitmask)  # the same memory
         self.shifts = torch.arange(32, dtype=torch.int32)
 
     @property
@@ -132,7 +133,7 @@ class Matcher:
         tokenizer's end-of-text token) stands for every stop token of the request."""
         # llguidance computes the mask without holding Python's lock (this call is what
         # lets the engine overlap it with the model's forward pass).
-        llguidance.torch.fill_next_token_bitmask(self.matcher, self.words, 0)
+        llguidance.numpy.fill_next_token_bitmask(self.matcher, self.bitmask, 0)
         bits = (self.words.view(-1, 1) >> self.shifts) & 1
         mask = bits.view(-1)[:self.vocab_size].bool()
         if self.matcher.is_accepting() and len(self.stop_ids):
