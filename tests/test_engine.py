@@ -177,11 +177,26 @@ def test_penalised_greedy_decoding_avoids_repeats(model, tokenizer):
 
 
 @pytest.mark.slow
-def test_a_compiled_engine_decodes_the_same_tokens(model, tokenizer):
+def test_a_compiled_engine_decodes_the_same_tokens_and_answers_at_once_the_next_time(
+        model, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # nothing compiled yet
     requests = [Request(p, 8, GREEDY) for p in prompts(tokenizer)[:3]]
-    eager = Engine(model, tokenizer, max_batch=2, max_len=40).run(requests)
-    compiled = Engine(model, tokenizer, max_batch=2, max_len=40, compile=True).run(requests)
-    assert [c.tokens for c in compiled] == [c.tokens for c in eager]
+    eager = [c.tokens for c in Engine(model, tokenizer, max_batch=2, max_len=40).run(requests)]
+    torch._dynamo.reset()
+    engine = Engine(model, tokenizer, max_batch=2, max_len=40, compile=True)
+    first = engine.stream(requests[0])
+    assert next(first).token == eager[0][0] and engine.compiled  # the first step compiled
+    assert engine.cache.batch == 2 and engine.cache.length == 40
+    first.close()
+    assert [c.tokens for c in engine.run(requests)] == eager
+
+    torch._dynamo.reset()  # a new process, as far as compiling goes
+    again = Engine(model, tokenizer, max_batch=2, max_len=40, compile=True)
+    first = again.stream(requests[0])
+    assert next(first).token == eager[0][0] and not again.compiled  # eager meanwhile
+    first.close()
+    again.wait_compiled()
+    assert again.compiled and [c.tokens for c in again.run(requests)] == eager
 
 
 @pytest.mark.slow
@@ -199,6 +214,7 @@ def test_a_compiled_quantized_engine_decodes_the_same_tokens(model, tokenizer, b
     torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=False):
         compiled = Engine(quantized, tokenizer, max_batch=2, max_len=40, compile=True)
+        compiled.wait_compiled()
         assert [c.tokens for c in compiled.run(requests)] == [c.tokens for c in eager]
     with torch.no_grad():
         explained = torch._dynamo.explain(compiled.model)(

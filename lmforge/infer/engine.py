@@ -30,12 +30,19 @@ the masks of the next tokens are computed in a worker thread while the model run
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
+import sys
+import threading
+import warnings
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -280,6 +287,7 @@ class EngineStats:
     slots: int  # sequences that can decode at once
     max_len: int  # positions per sequence: prompt + generated
     kv_cache_bytes: int
+    compiled: bool = False  # decode steps run through the compiled step
 
 
 class Engine:
@@ -290,9 +298,12 @@ class Engine:
     2 x layers x max_batch x kv_heads x max_len x head_dim values (`cache_bytes`), as many
     slots as are in use and positions as the furthest sequence reaches (at least a block).
     compile: run decode steps through `torch.compile` with static shapes (every slot, the
-    whole cache, masked, so the cache is allocated whole up front): slow to start (a minute
-    or two on a small CPU), then faster, because a step no longer pays Python's cost for
-    each of its hundreds of small ops.
+    whole cache, masked, so the cache is then allocated whole): faster, because a step no
+    longer pays Python's cost for each of its hundreds of small ops. Compiling takes a minute
+    or two on a small CPU the first time, then seconds once lmforge's cache holds the
+    kernels. The first step compiles (or `start_compiling`); on a CPU, a step compiled
+    before then compiles on a thread of its own while the engine decodes eagerly, and the
+    next step after it is done switches over (`wait_compiled` waits for it).
     """
 
     def __init__(self, model: LanguageModel, tokenizer: Tokenizer | None = None,
@@ -301,17 +312,21 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.max_len = min(max_len or model.cfg.context_length, model.cfg.context_length)
-        self.cache = self._new_cache(max_batch) if compile else \
-            model.new_cache(1, min(CACHE_BLOCK, self.max_len))
+        if compile:
+            self._check_fits(max_batch, self.max_len)  # the compiled step's whole cache
+        self.cache = model.new_cache(1, min(CACHE_BLOCK, self.max_len))
         self.slots: list[_Sequence | None] = [None] * max_batch
         self.waiting: deque[_Sequence] = deque()
         self._ids = itertools.count()
         self._logprobs: dict[int, list[TokenLogprob]] = {}
         self._prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}
         self._rows: dict[tuple[int, int], KVCache] = {}
-        self._step_model = _compiled(model) if compile else None
+        self._step_model = None
+        self._compiling: Future | None = None
+        self._compile_pending = compile and self.device.type != "cuda"
         self._mask_worker: ThreadPoolExecutor | None = None
-        self.cache.static = compile
+        if compile and self.device.type == "cuda":
+            self._use_step(_compiled(model))
         # Generated, an image token would stand for an image nobody gave (and a decoder whose
         # vocabulary grew by it would no longer decode text as it did before).
         self._never = (torch.tensor([model.cfg.image_token_id], device=self.device)
@@ -395,10 +410,74 @@ class Engine:
         per_position = two - one
         return slots * (one - per_position + per_position * (length or self.max_len))
 
-    def _new_cache(self, slots: int) -> KVCache:
-        """The whole cache (a compiled step's), refused up front when it would not fit."""
-        self._check_fits(slots, self.max_len)
-        return self.model.new_cache(slots, self.max_len)
+    def start_compiling(self) -> None:
+        """Compile the decode step (compile=True, on a CPU) for as many torch threads as the
+        calling thread, the one that decodes, has; the first step does it otherwise.
+
+        A step compiled before (its kernels are in the compile cache) compiles again on a
+        thread of its own while the engine decodes eagerly. The first time, it compiles here
+        and now: compiling from nothing traces modules by patching `nn.Module.__call__` for
+        a while, and the model running on another thread meanwhile would be caught in it.
+        """
+        if not self._compile_pending:
+            return
+        self._compile_pending = False
+        threads = torch.get_num_threads()
+        marker = _compiled_marker(self.model, len(self.slots), self.max_len, threads)
+        if marker.exists():
+            self._compiling = _in_background(partial(self._compile_step, threads))
+            return
+        self._use_step(self._compile_step(threads))
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+
+    def _compile_step(self, threads: int):
+        """The compiled decode step, compiled by running it once on a whole cache of its own
+        (the engine's cache is in use meanwhile)."""
+        torch.set_num_threads(threads)  # the generated kernels use this many
+        # Importing the compiler and tracing hold Python's lock for long stretches: handing it
+        # over every 0.1 ms rather than 5 keeps the eager steps, and a server's event loop,
+        # answering meanwhile.
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-4)
+        try:
+            step, rows = _compiled(self.model), len(self.slots)
+            cache = self.model.new_cache(rows, self.max_len)
+            cache.static = True
+            zeros = torch.zeros(rows, dtype=torch.long, device=self.device)
+            with torch.inference_mode():
+                step(zeros[:, None], cache=cache, start=zeros)
+        finally:
+            sys.setswitchinterval(interval)
+        return step
+
+    def _use_step(self, step) -> None:
+        """Decode through the compiled `step` from now on, on the whole cache."""
+        self._resize(len(self.slots), self.max_len)
+        self.cache.static = True
+        self._step_model = step
+
+    def _switch_when_compiled(self, wait: bool = False) -> None:
+        if self._compiling is None or not (wait or self._compiling.done()):
+            return
+        compiling, self._compiling = self._compiling, None
+        try:
+            step = compiling.result()
+        except Exception as err:  # the eager step still works: keep it
+            warnings.warn(f"compiling the decode step failed, decoding goes on without it: "
+                          f"{type(err).__name__}: {err}", stacklevel=3)
+            return
+        self._use_step(step)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether decode steps run through the compiled step now."""
+        return self._step_model is not None
+
+    def wait_compiled(self) -> None:
+        """Wait until a compiled engine's compiled step is ready, and use it from now on."""
+        self.start_compiling()
+        self._switch_when_compiled(wait=True)
 
     def _check_fits(self, slots: int, length: int) -> None:
         """Refuse a cache that would not fit: allocating it would fail late or push the
@@ -463,13 +542,15 @@ class Engine:
 
     def stats(self) -> EngineStats:
         return EngineStats(len(self.waiting), self.active, len(self.slots), self.max_len,
-                           self.cache.nbytes)
+                           self.cache.nbytes, self.compiled)
 
     # --------------------------------------------------------------- decoding
     @torch.inference_mode()
     def step(self) -> list[Event]:
         """Admit waiting requests into free slots (running their prompts), then advance every
         other active sequence by one token in one batched forward pass."""
+        self.start_compiling()
+        self._switch_when_compiled()
         events = self._decode_active()
         while self.waiting and None in self.slots:
             events.append(self._admit(self.waiting.popleft()))
@@ -585,6 +666,21 @@ def _blocks(positions: int) -> int:
     return -(-positions // CACHE_BLOCK) * CACHE_BLOCK
 
 
+def _in_background(work: Callable[[], Any]) -> Future:
+    """`work()` on a daemon thread, which never holds up the interpreter's exit (a script
+    that is done before the compile is, ends at once)."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(work())
+        except BaseException as err:  # handed to whoever asks for the result
+            future.set_exception(err)
+
+    threading.Thread(target=run, name="lmforge-compile", daemon=True).start()
+    return future
+
+
 def _shared_start(active: list[_Sequence], starts: torch.Tensor) -> int | torch.Tensor:
     """One position for all rows when they share it (always so for a single sequence): the
     faster path; else each row's own."""
@@ -626,10 +722,25 @@ def _meminfo_available() -> int | None:
     return None
 
 
-def _compiled(model: LanguageModel):
+def _compile_cache() -> Path:
     # Compiled kernels kept in lmforge's cache rather than the temporary directory, so a
     # second start of the same model reuses them after a reboot too.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+def _compiled_marker(model: LanguageModel, slots: int, length: int, threads: int) -> Path:
+    """A file in the compile cache that says this decode step was compiled there before:
+    named by what shapes its kernels (the modules, their settings and dtypes, the cache's
+    shape, the threads, torch's version)."""
+    dtypes = sorted({str(t.dtype) for t in model.state_dict().values()})
+    key = "\n".join(map(str, (torch.__version__, model, model.cfg, dtypes, slots, length,
+                               threads, next(model.parameters()).device)))
+    return _compile_cache() / "lmforge-steps" / hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def _compiled(model: LanguageModel):
+    _compile_cache()
     if next(model.parameters()).device.type == "cuda":
         return torch.compile(model, dynamic=False, mode="reduce-overhead")
     # On a CPU the generated C++ launcher (instead of Python) is most of the gain.

@@ -90,8 +90,8 @@ class ServeConfig:
     api_key: str | None = None
     max_batch: int = 8
     max_queue: int = 64
-    # Positions per sequence, the model's context unless set: the KV cache holds max_batch x
-    # max_len positions from the start, and the engine refuses one that would not fit.
+    # Positions per sequence, the model's context unless set: the KV cache grows up to
+    # max_batch x max_len positions as sequences reach them (the whole of it with compile).
     max_len: int | None = None
     # None: 1 MB, or 20 MB for a model that reads images (base64 images are large); it also
     # bounds an image downloaded with allow_image_urls.
@@ -104,6 +104,7 @@ class ServeConfig:
     # decoded RGB takes 50 MB while it is scaled down to what the model reads.
     max_image_pixels: int = 4096 * 4096
     allow_image_urls: bool = False  # download http(s) image URLs that clients send
+    threads: int | None = None  # torch threads of the engine thread (None: torch's count)
 
 
 class ApiError(Exception):
@@ -169,7 +170,7 @@ def create_app(model: LanguageModel, tokenizer: Tokenizer, stop_ids: tuple[int, 
         engine = Seq2SeqEngine(model, tokenizer, cfg.max_batch, cfg.max_len)
     else:
         engine = Engine(model, tokenizer, cfg.max_batch, cfg.max_len, compile=cfg.compile)
-    scheduler = Scheduler(engine, cfg.max_queue)
+    scheduler = Scheduler(engine, cfg.max_queue, cfg.threads)
     metrics = Metrics()
     metrics.engine_gauges(scheduler)
     processor = processor or image_processor(model.cfg, tokenizer)
@@ -222,7 +223,8 @@ def create_app(model: LanguageModel, tokenizer: Tokenizer, stop_ids: tuple[int, 
         stats = engine.stats()
         state = {"status": "ok", "model": cfg.model_name, "modalities": modalities,
                  "active": stats.active, "waiting": stats.waiting, "slots": stats.slots,
-                 "max_len": stats.max_len, "kv_cache_mb": round(stats.kv_cache_bytes / 1e6, 1)}
+                 "max_len": stats.max_len, "kv_cache_mb": round(stats.kv_cache_bytes / 1e6, 1),
+                 "compiled": stats.compiled}
         if not scheduler.alive:
             return JSONResponse({**state, "status": "unavailable", "reason": "the engine "
                                  "thread has stopped: restart the server"}, status_code=503)

@@ -22,6 +22,8 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import torch
+
 from lmforge.infer.engine import Engine, Event, Request
 
 log = logging.getLogger("lmforge.serve")
@@ -64,9 +66,10 @@ class Ticket:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_queue: int = 64) -> None:
+    def __init__(self, engine: Engine, max_queue: int = 64, threads: int | None = None) -> None:
         self.engine = engine
         self.max_queue = max_queue
+        self.threads = threads or torch.get_num_threads()  # for torch's work on the engine thread
         self.stats = Stats()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._listeners: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -124,6 +127,8 @@ class Scheduler:
 
     # ------------------------------------------------------------- engine side
     def _run(self) -> None:
+        torch.set_num_threads(self.threads)  # a thread's own setting
+        self.engine.start_compiling()  # (with --compile) for this thread's settings
         try:
             while not self._stop:
                 self._drain_inbox()
