@@ -141,12 +141,9 @@ class KVCache:
     def resize(self, batch: int, length: int) -> None:
         """Hold `batch` slots of `length` positions from now on, keeping the cached keys and
         values that fit (views from `rows` no longer follow this cache)."""
-        old_k, old_v = self.k, self.v
-        shape = (old_k.shape[0], batch, old_k.shape[2], length, old_k.shape[4])
-        self.k, self.v = old_k.new_zeros(shape), old_v.new_zeros(shape)
-        rows, kept = min(batch, old_k.shape[1]), min(length, self.length)
-        self.k[:, :rows, :, :kept] = old_k[:, :rows, :, :kept]
-        self.v[:, :rows, :, :kept] = old_v[:, :rows, :, :kept]
+        n_layer, _, n_kv_head, _, head_dim = self.k.shape
+        shape = (n_layer, batch, n_kv_head, length, head_dim)
+        self.k, self.v = resized(self.k, shape), resized(self.v, shape)
         self.length = length
         self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
 
@@ -157,6 +154,14 @@ class KVCache:
         view.length, view.static = self.length, self.static
         view.layers = list(zip(view.k.unbind(0), view.v.unbind(0)))
         return view
+
+
+def resized(t: torch.Tensor, shape: tuple[int, ...], fill: float = 0) -> torch.Tensor:
+    """A new tensor of `shape` holding `t`'s values where the two overlap, `fill` elsewhere."""
+    out = t.new_full(shape, fill)
+    overlap = tuple(slice(0, min(a, b)) for a, b in zip(t.shape, shape))
+    out[overlap] = t[overlap]
+    return out
 
 
 def write_cache(layer: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor,

@@ -36,6 +36,7 @@ from lmforge.layers import (
     Positions,
     make_norm,
     register_rotary,
+    resized,
     sinusoidal_positions,
 )
 
@@ -69,13 +70,9 @@ class Seq2SeqCache(KVCache):
 
     def resize(self, batch: int, length: int) -> None:
         super().resize(batch, length)
-        rows = min(batch, self.lengths.shape[0])
-        memory_k, memory_v, lengths = self.memory_k, self.memory_v, self.lengths
-        self.memory_k = memory_k.new_zeros((memory_k.shape[0], batch, *memory_k.shape[2:]))
-        self.memory_v = memory_v.new_zeros(self.memory_k.shape)
-        self.lengths = lengths.new_ones(batch)
-        self.memory_k[:, :rows], self.memory_v[:, :rows] = memory_k[:, :rows], memory_v[:, :rows]
-        self.lengths[:rows] = lengths[:rows]
+        shape = (self.memory_k.shape[0], batch, *self.memory_k.shape[2:])
+        self.memory_k, self.memory_v = resized(self.memory_k, shape), resized(self.memory_v, shape)
+        self.lengths = resized(self.lengths, (batch,), fill=1)
 
     def rows(self, first: int, count: int = 1) -> Seq2SeqCache:
         view = super().rows(first, count)
