@@ -91,22 +91,25 @@ def test_quantized_weights_read_back_as_lmforge_dequantizes_them(float_dir, tmp_
     assert {kinds[f"blk.{i}.{name}.weight"] for i in range(2)
             for name in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
                          "ffn_down")} == {blocks}
-    assert kinds["output.weight"] == head
+    # The model is tied: its output projection, quantized, is also its embedding, and
+    # llama.cpp reads both from token_embd.
+    assert "output.weight" not in kinds and kinds["token_embd.weight"] == head
     assert kinds["blk.0.attn_norm.weight"] == "F32"
     assert gguf.LlamaFileType(reader.fields["general.file_type"].contents()).name == file_type
     # llama.cpp's name for GPT-2's regex (it refuses "gpt2", the tokenizer model's name).
     assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
 
     cfg, state, _, _ = read_gguf(path)
-    assert not cfg.tie_embeddings
-    # Floats (embedding, norms) come back exactly, whatever type held them.
+    assert cfg.tie_embeddings
+    # Floats (norms) come back exactly, whatever type held them.
     for name, tensor in model.state_dict().items():
         if name.endswith(".weight") and name not in layers(model):
             assert torch.equal(state[name], tensor), name
     worst = 0.0
     for name, layer in layers(model).items():
-        expected, got = layer.dequantized_weight(), state[name]
-        if kinds[_gguf_name(name)] in EXACT:
+        stored = "embed.weight" if name == "lm_head.weight" else name  # tied (above)
+        expected, got = layer.dequantized_weight(), state[stored]
+        if kinds[_gguf_name(stored)] in EXACT:
             assert torch.equal(got, expected), name
         else:
             error = (got - expected).abs()
@@ -122,9 +125,11 @@ def test_quantized_weights_read_back_as_lmforge_dequantizes_them(float_dir, tmp_
     assert generate(imported, ids, 12, sampling) == generate(model, ids, 12, sampling)
 
 
-def test_the_embedding_takes_the_smallest_type_that_holds_it_exactly(float_dir, tmp_path,
-                                                                     tokenizer):
-    model, path = exported(float_dir, tmp_path, QuantSpec(4, 32))
+def test_an_untied_embedding_takes_the_smallest_type_that_holds_it_exactly(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    cfg = ModelConfig(**TINY, vocab_size=tokenizer.vocab_size, tie_embeddings=False)
+    model = quantize(Decoder(cfg), QuantSpec(4, 32))
+    path = export_gguf(save_model(tmp_path / "int4", model, tokenizer), tmp_path / "model.gguf")
     kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
     assert kinds["token_embd.weight"] == "F32"  # random floats: nothing smaller holds them
 

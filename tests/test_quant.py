@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from lmforge.cli import main
@@ -100,7 +101,13 @@ def test_saved_quantized_model_loads_with_the_same_logits(tmp_path, spec, shape)
     reference = logits(model, x)
     quantize(model, spec)
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
-    assert model.lm_head.bits == spec.head_bits and not model.cfg.tie_embeddings
+    assert model.lm_head.bits == spec.head_bits
+    tied = model.cfg.tie_embeddings
+    # a tied embedding is the quantized output projection's rows: no float table is kept
+    assert ("embed.weight" in model.state_dict()) != tied
+    if tied:
+        tokens = torch.arange(50)
+        assert torch.equal(model.token_embeddings(tokens), model.lm_head.dequantized_weight())
     quantized = logits(model, x)
     # Rounding moves the logits by about what it moves the weights (0.4% at int8, 7% at int4).
     assert (quantized - reference).norm() < (0.02 if spec.bits == 8 else 0.15) * reference.norm()
@@ -110,6 +117,8 @@ def test_saved_quantized_model_loads_with_the_same_logits(tmp_path, spec, shape)
     again = open_model(tmp_path).model
     assert quantization_of(again) == spec
     assert torch.equal(logits(again, x), quantized)
+    assert again.cfg.tie_embeddings == tied
+    assert ("embed.weight" in load_file(tmp_path / "model.safetensors")) != tied
     weights = {name: t.dtype for name, t in again.state_dict().items() if name.endswith("weight")}
     assert weights["blocks.0.mlp.up_proj.weight"] == (torch.int8 if spec.bits == 8 else torch.uint8)
 

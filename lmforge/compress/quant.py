@@ -1,7 +1,9 @@
 """Weight-only quantization: round to nearest, int8 per output channel or int4 per group.
 
 `quantize(model, spec)` swaps every `nn.Linear` of a `Decoder` (the blocks' projections and
-the output projection) for a `QuantLinear`; the embedding and norms stay float. Decoding one
+the output projection) for a `QuantLinear`; norms stay float. An untied embedding stays float
+too; a tied one stays tied: a token's vector is its row of the quantized output projection
+(`TiedEmbedding`), so no float copy of the table is kept. Decoding one
 token reads every weight once, so its speed is bound by the bytes of weights read.
 
 Of a vision-language model only the decoder is quantized. The vision encoder and projector
@@ -328,6 +330,16 @@ class QuantLinear(nn.Module):
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if bias is None else y + bias
 
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """float32 rows `idx` of the weight, shaped (*idx.shape, in_features)."""
+        flat = idx.reshape(-1)
+        if self.bits == 8:
+            w = dequantize_int8(self.weight[flat], self.scales[flat])
+        else:
+            w = dequantize_int4(self.weight[flat], self.scales[flat], self.zeros[flat],
+                                self.group_size)
+        return w.view(*idx.shape, self.in_features)
+
     def _operands(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._kernel_operands is None or self._kernel_operands[0].device != self.weight.device:
             self._kernel_operands = (
@@ -343,6 +355,24 @@ class QuantLinear(nn.Module):
         group = f", group_size={self.group_size}" if self.bits != 8 else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bits={self.bits}{group}, bias={self.bias is not None}")
+
+
+class TiedEmbedding(nn.Module):
+    """The input embedding of a model whose output projection is the embedding, once that
+    projection is quantized: a token's vector is its row of the projection, dequantized.
+    Decoding reads one row per token, and the float table it replaces was as large as the
+    whole rest of an int4 model (113 MB of SmolLM2-135M's 208; Gemma 3 270M's, 671 MB)."""
+
+    def __init__(self, head: QuantLinear) -> None:
+        super().__init__()
+        # In a tuple, not a submodule: the projection's tensors are saved once, as lm_head's.
+        self.head = (head,)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head[0].rows(idx)
+
+    def extra_repr(self) -> str:
+        return "rows of lm_head"
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -412,11 +442,8 @@ def replace_linears(model: Decoder | VLM, spec: QuantSpec, make) -> Decoder | VL
     for name, linear in linears:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, make(linear, *spec.layer(name)))
-    # A tied output projection becomes a layer of its own and the embedding stays float:
-    # decoding is bound by reading weights, and the output projection (vocab x d_model) is a
-    # large share of them (a fifth of SmolLM2-135M's), while an embedding lookup reads one
-    # row per token.
-    model.cfg = dataclasses.replace(model.cfg, tie_embeddings=False)
+    if model.cfg.tie_embeddings:
+        model.embed = TiedEmbedding(model.lm_head)
     model.quantization = spec
     return model
 

@@ -79,10 +79,13 @@ def quantize_calibrated(model: Decoder | VLM, tokens: torch.Tensor, spec: QuantS
         for handle in handles:
             handle.remove()
     # The output projection is rounded but left as it is: it may be the embedding's weight.
+    # A tied one is rounded to nearest: its rows are the embedding too (`TiedEmbedding`), and
+    # GPTQ, which weighs errors by the projection's inputs alone, would move rounding error
+    # into what the embedding reads (int8 GPTQ came out worse than rounding on a tied model).
     head = decoder.lm_head
     bits, group_size = spec.layer("lm_head")
     rounded[head] = (gptq(head.weight, hessian(features), bits, group_size, damp, act_order,
-                          spec.symmetric) if by_gptq else
+                          spec.symmetric) if by_gptq and not decoder.cfg.tie_embeddings else
                      round_to_nearest(head.weight.detach(), bits, group_size, spec.symmetric))
     return replace_linears(model, spec, lambda linear, bits, group_size: QuantLinear.from_values(
         linear, bits, group_size, rounded[linear]))

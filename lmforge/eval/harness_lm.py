@@ -67,7 +67,7 @@ class LmforgeLM(TemplateLM):
             raise ConfigError(f"{pretrained or 'the model'} has no tokenizer.json to encode "
                               "text with")
         self.model, self.tokenizer, self.stop_ids = model.eval(), tokenizer, tuple(stop_ids)
-        self._device = model.embed.weight.device
+        self._device = model.final_norm.weight.device
         self.batch_size = _batch_size(batch_size)
         self.max_gen_toks = int(max_gen_toks)
         self.name = str(pretrained or "lmforge")

@@ -83,7 +83,7 @@ def score_continuations(model: Decoder, pairs: Sequence[tuple[list[int], list[in
         if len(continuation) > limit:
             raise ScoringError(f"a continuation of {len(continuation)} tokens does not fit in "
                                f"the model's context of {limit} tokens")
-    device = model.embed.weight.device
+    device = model.final_norm.weight.device
     order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
     results: list[tuple[float, bool] | None] = [None] * len(pairs)
     bar = tqdm(total=len(pairs), desc="scoring", unit="seq", disable=not progress)

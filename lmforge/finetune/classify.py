@@ -42,7 +42,7 @@ class Classifier(nn.Module):
     def __init__(self, decoder: Decoder, labels: list[str]) -> None:
         super().__init__()
         self.decoder, self.labels = decoder, list(labels)
-        ref = decoder.embed.weight
+        ref = decoder.final_norm.weight
         self.score = nn.Linear(decoder.cfg.d_model, len(labels), bias=False, device=ref.device,
                                dtype=ref.dtype)
         nn.init.normal_(self.score.weight, 0.0, decoder.cfg.init_std)

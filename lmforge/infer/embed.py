@@ -36,7 +36,7 @@ def embed(model: LanguageModel, token_lists: list[list[int]], batch_size: int = 
     """Unit-length embeddings (N, d_model), float32, of token lists (each cut to the
     model's context length; an empty one is an error)."""
     decoder = text_decoder(model)
-    device = decoder.embed.weight.device
+    device = decoder.final_norm.weight.device
     limit = decoder.cfg.context_length
     if any(not ids for ids in token_lists):
         raise ValueError("an input has no tokens: give non-empty texts")

@@ -793,8 +793,13 @@ def _encode_tensors(model: Decoder, weight_type: gguf.GGMLQuantizationType) -> l
     layers = {f"{name}.weight": m for name, m in model.named_modules()
               if isinstance(m, QuantLinear)}
     state = model.state_dict()
-    if cfg.tie_embeddings:
-        state.pop("lm_head.weight")  # llama.cpp reuses token_embd when output is absent
+    # llama.cpp reuses token_embd when output is absent. A quantized model's tied embedding
+    # is its output projection's rows (`TiedEmbedding`): that layer is token_embd.
+    renamed = {}
+    if cfg.tie_embeddings and "embed.weight" in state:
+        state.pop("lm_head.weight")
+    elif cfg.tie_embeddings:
+        renamed = {"lm_head.weight": "embed.weight"}
     tensors = []
     for ours, tensor in state.items():
         if not ours.endswith(".weight"):
@@ -817,7 +822,7 @@ def _encode_tensors(model: Decoder, weight_type: gguf.GGMLQuantizationType) -> l
             data = _halves_to_pairs(data, cfg.n_head)
         elif ours.endswith("k_proj.weight"):
             data = _halves_to_pairs(data, cfg.n_kv_head)
-        tensors.append(_Tensor(_gguf_name(ours), data, kind, size))
+        tensors.append(_Tensor(_gguf_name(renamed.get(ours, ours)), data, kind, size))
     return tensors
 
 

@@ -74,13 +74,14 @@ class Decoder(nn.Module):
         self.reset_parameters()
 
     def tie_weights(self) -> None:
-        if self.cfg.tie_embeddings:
+        # (a quantized model's tied embedding reads the output projection's rows itself)
+        if self.cfg.tie_embeddings and isinstance(self.embed, nn.Embedding):
             self.lm_head.weight = self.embed.weight
 
     def reset_buffers(self) -> None:
         """Rotary tables: derived from the config, never saved (so they are rebuilt after
         a model is materialised from the meta device)."""
-        cfg, device = self.cfg, self.embed.weight.device
+        cfg, device = self.cfg, self.final_norm.weight.device
         if cfg.positions == "rope":
             register_rotary(self, cfg.head_dim, cfg.context_length, cfg.rope_base, device)
             if self.local_rotary:
@@ -137,7 +138,7 @@ class Decoder(nn.Module):
     def token_embeddings(self, idx: torch.Tensor) -> torch.Tensor:
         """The input vectors of tokens idx: their embeddings, times sqrt(d_model) for a model
         trained that way (Gemma)."""
-        x = self.embed(idx)
+        x = self.embed(idx).to(self.final_norm.weight.dtype)
         if self.cfg.embed_scale:
             # In the embeddings' dtype, as the reference implementation rounds it.
             x = x * torch.tensor(self.cfg.d_model ** 0.5, dtype=x.dtype)
@@ -176,7 +177,7 @@ class Decoder(nn.Module):
     def new_cache(self, batch: int, length: int | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:
         """An empty KV cache for `batch` sequences of up to `length` positions."""
-        cfg, ref = self.cfg, self.embed.weight
+        cfg, ref = self.cfg, self.final_norm.weight
         return KVCache(cfg.n_layer, batch, cfg.n_kv_head, length or cfg.context_length,
                        cfg.head_dim, dtype or ref.dtype, ref.device)
 
@@ -184,7 +185,7 @@ class Decoder(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops(self) -> FlopsReport:
-        embedding = self.embed.weight.numel()
+        embedding = self.cfg.vocab_size * self.cfg.d_model
         if self.pos_embed is not None:
             embedding += self.pos_embed.weight.numel()
         if not self.cfg.tie_embeddings:
