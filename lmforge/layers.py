@@ -6,6 +6,7 @@ Everything here is shape-generic and knows nothing about training or files; the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -178,6 +179,14 @@ def write_cache(layer: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: to
     return cache_k[:, :, :pos.end], cache_v[:, :, :pos.end]
 
 
+def project(x: torch.Tensor, layers: tuple[nn.Module, ...], fused: Callable | None
+            ) -> tuple[torch.Tensor, ...]:
+    """Each of `layers` applied to x: in one call through `fused` where it takes this input
+    (it returns None where it does not), else one by one."""
+    out = fused(x, layers) if fused is not None else None
+    return out if out is not None else tuple(layer(x) for layer in layers)
+
+
 class Attention(nn.Module):
     """Self-attention with grouped key/value heads (MHA, GQA, MQA) through SDPA: causal, or
     over every position (`causal=False`, a vision encoder's patches)."""
@@ -193,6 +202,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias)
+        # One call for q, k and v (a quantized model's `KernelGroup`), where one is set.
+        self.fused: Callable | None = None
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
@@ -201,9 +212,10 @@ class Attention(nn.Module):
                 pos: Positions, mask: torch.Tensor | None,
                 cache: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), self.fused)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
@@ -264,13 +276,17 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.bias)
         self.gate_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.bias) if cfg.mlp in GATED else None
         self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.bias)
+        self.fused: Callable | None = None  # one call for gate and up, as in `Attention`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.up_proj(x)
+        if self.gate_proj is not None:
+            gate, h = project(x, (self.gate_proj, self.up_proj), self.fused)
+        else:
+            h = self.up_proj(x)
         if self.kind == "swiglu":
-            h = F.silu(self.gate_proj(x)) * h
+            h = F.silu(gate) * h
         elif self.kind == "geglu":
-            h = F.gelu(self.gate_proj(x), approximate="tanh") * h
+            h = F.gelu(gate, approximate="tanh") * h
         elif self.kind == "relu2":
             h = F.relu(h).square()
         elif self.kind == "relu":

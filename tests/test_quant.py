@@ -3,6 +3,7 @@ quantized model directories, `lmforge quantize`, and SmolLM2's perplexity budget
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -13,6 +14,7 @@ from torch import nn
 
 from lmforge.cli import main
 from lmforge.compress.quant import (
+    KernelGroup,
     QuantizationError,
     QuantLinear,
     QuantSpec,
@@ -124,6 +126,44 @@ def test_saved_quantized_model_loads_with_the_same_logits(tmp_path, spec, shape)
 
     save_model(tmp_path, tiny(), None)  # a float model over a quantized one
     assert quantization_of(open_model(tmp_path).model) is None
+
+
+def unfused(model: Decoder) -> Decoder:
+    for block in model.blocks:
+        block.attn.fused = block.mlp.fused = None
+    return model
+
+
+@pytest.mark.parametrize("spec", SPECS[:2], ids=QuantSpec.describe)
+def test_qkv_and_gate_up_run_as_one_kernel_call_with_each_layers_outputs(spec):
+    model = quantize(tiny(**LLAMA, qkv_bias=True), spec)
+    attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
+    assert isinstance(attn.fused, KernelGroup) and isinstance(mlp.fused, KernelGroup)
+    x = torch.randn(3, 2, 64)
+    with torch.no_grad():
+        together = attn.fused(x, (attn.q_proj, attn.k_proj, attn.v_proj))
+        assert [y.shape[-1] for y in together] == [64, 32, 32]
+        for y, layer in zip(together, (attn.q_proj, attn.k_proj, attn.v_proj)):
+            assert torch.equal(y, layer(x))  # each output row is computed alike
+        tokens = torch.randint(0, 50, (1, 8))
+        assert torch.equal(model(tokens), unfused(copy.deepcopy(model))(tokens))
+        # a long prompt (dequantized weights) goes layer by layer
+        assert attn.fused(torch.randn(1, 65, 64), (attn.q_proj, attn.k_proj, attn.v_proj)) is None
+
+
+def test_a_kernel_group_follows_new_weights_and_replaced_layers():
+    model = quantize(tiny(**LLAMA), QuantSpec(4, 32))
+    other = quantize(tiny(**LLAMA, init_std=0.2), QuantSpec(4, 32))
+    tokens = torch.randint(0, 50, (1, 8))
+    with torch.no_grad():
+        before = model(tokens)
+        model.load_state_dict(other.state_dict())  # in place: the same tensors, new values
+        assert torch.equal(model(tokens), other(tokens))
+        assert not torch.equal(model(tokens), before)
+        attn = model.blocks[0].attn
+        attn.v_proj = copy.deepcopy(other.blocks[1].attn.v_proj)  # no longer the group's
+        assert attn.fused(torch.randn(1, 1, 64), (attn.q_proj, attn.k_proj, attn.v_proj)) is None
+        assert torch.equal(model(tokens), unfused(copy.deepcopy(model))(tokens))
 
 
 @pytest.mark.parametrize("spec", SPECS[:2], ids=QuantSpec.describe)

@@ -282,6 +282,7 @@ class QuantLinear(nn.Module):
         # The CPU kernels' operands, made on first use. Not buffers: `.to()` leaves them
         # behind, and they are remade on another device or after new weights are loaded.
         self._kernel_operands: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.version = 0  # counts the weights loaded into it, for the operands made from them
         self.register_load_state_dict_post_hook(QuantLinear._forget_kernel_operands)
 
     @classmethod
@@ -316,17 +317,7 @@ class QuantLinear(nn.Module):
         x2d = x.reshape(-1, self.in_features)
         if x.device.type != "cpu" or x2d.shape[0] > KERNEL_MAX_ROWS:
             return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
-        weight, scales = self._operands()
-        # a fresh copy: the kernels need 64-byte aligned operands (see `_aligned`), and new
-        # tensors are; a compiled step cannot check an address
-        x2d = x2d.to(SCALE_DTYPE, copy=True)
-        if self.bits == 8:
-            y = torch._weight_int8pack_mm(x2d, weight, scales)
-        else:
-            # The kernel wants whole groups: a short last group is padded with zero inputs.
-            x2d = F.pad(x2d, (0, -self.in_features % self.group_size))
-            y = torch._weight_int4pack_mm_for_cpu(x2d, weight, self.group_size, scales)
-            y = y[:, :self.out_features]  # rows padded for the kernel
+        y = kernel_matmul(x2d, self._operands(), self.bits, self.group_size, self.out_features)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if bias is None else y + bias
 
@@ -342,14 +333,12 @@ class QuantLinear(nn.Module):
 
     def _operands(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._kernel_operands is None or self._kernel_operands[0].device != self.weight.device:
-            self._kernel_operands = (
-                (_aligned(self.weight), _aligned(self.scales.to(SCALE_DTYPE))) if self.bits == 8
-                else _int4_kernel_operands(self.weight, self.scales, self.zeros,
-                                           self.group_size))
+            self._kernel_operands = kernel_operands([self])
         return self._kernel_operands
 
     def _forget_kernel_operands(self, _incompatible_keys) -> None:
         self._kernel_operands = None
+        self.version += 1
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits != 8 else ""
@@ -373,6 +362,78 @@ class TiedEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return "rows of lm_head"
+
+
+class KernelGroup:
+    """Layers that read the same input (q, k and v; gate and up) run as one int kernel call:
+    their weights side by side, packed for the kernel once. Like a layer's own kernel
+    operands it is a cache: the layers, and what is saved, stay as they are, and what is not
+    a small step on a CPU (a long prompt, another device, a compiled step, layers since
+    replaced, e.g. wrapped by LoRA) goes layer by layer. One call instead of three and two
+    saves their casts to bfloat16 and back: SmolLM2 decodes 11% faster at int4, 5-9% at int8."""
+
+    def __init__(self, layers: list[QuantLinear]) -> None:
+        self.layers = tuple(layers)
+        self.sizes = [layer.out_features for layer in layers]
+        self._operands: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._made_from: list[tuple[int, torch.device]] = []
+
+    @classmethod
+    def of(cls, layers: list[nn.Module]) -> KernelGroup | None:
+        """A group of `layers`, if they are quantized alike (None otherwise)."""
+        if not all(type(layer) is QuantLinear for layer in layers):
+            return None
+        if len({(layer.bits, layer.group_size, layer.in_features) for layer in layers}) > 1:
+            return None
+        return cls(layers)
+
+    def __call__(self, x: torch.Tensor, layers: tuple[nn.Module, ...]
+                 ) -> tuple[torch.Tensor, ...] | None:
+        """Each layer's output for `x`, or None where the layers must run one by one."""
+        first = self.layers[0]
+        if (x.device.type != "cpu" or x.numel() > KERNEL_MAX_ROWS * first.in_features
+                or torch.compiler.is_compiling()
+                or any(a is not b for a, b in zip(layers, self.layers))):
+            return None
+        made_from = [(layer.version, layer.weight.device) for layer in self.layers]
+        if self._operands is None or made_from != self._made_from:
+            self._operands, self._made_from = kernel_operands(list(self.layers)), made_from
+        y = kernel_matmul(x.reshape(-1, first.in_features), self._operands, first.bits,
+                          first.group_size, sum(self.sizes)).to(x.dtype)
+        y = y.view(*x.shape[:-1], y.shape[-1]).split(self.sizes, dim=-1)
+        return tuple(out if layer.bias is None else out + layer.bias.to(x.dtype)
+                     for out, layer in zip(y, self.layers))
+
+
+def kernel_operands(layers: list[QuantLinear]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU kernel's weight and scales for `layers` (quantized alike) side by side: the
+    output features of the first, then the second's, and so on."""
+    def joined(name: str) -> torch.Tensor:
+        tensors = [getattr(layer, name) for layer in layers]
+        return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+    if layers[0].bits == 8:
+        return _aligned(joined("weight")), _aligned(joined("scales").to(SCALE_DTYPE))
+    return _int4_kernel_operands(joined("weight"), joined("scales"), joined("zeros"),
+                                 layers[0].group_size)
+
+
+def kernel_matmul(x2d: torch.Tensor, operands: tuple[torch.Tensor, torch.Tensor], bits: int,
+                  group_size: int | None, out_features: int) -> torch.Tensor:
+    """x2d (M, K) times the weight the operands hold, by PyTorch's CPU int kernels, in
+    bfloat16 (M, out_features)."""
+    weight, scales = operands
+    # a fresh copy: the kernels need 64-byte aligned operands (see `_aligned`), and new
+    # tensors are; a compiled step cannot check an address
+    x2d = x2d.to(SCALE_DTYPE, copy=True)
+    if bits == 8:
+        return torch._weight_int8pack_mm(x2d, weight, scales)
+    # The kernel wants whole groups: a short last group is padded with zero inputs. (Skipping
+    # this and the slice below when they do nothing: int4 SmolLM2 decodes 10% faster.)
+    if x2d.shape[1] % group_size:
+        x2d = F.pad(x2d, (0, -x2d.shape[1] % group_size))
+    y = torch._weight_int4pack_mm_for_cpu(x2d, weight, group_size, scales)
+    return y if y.shape[1] == out_features else y[:, :out_features]  # rows padded for the kernel
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -444,6 +505,11 @@ def replace_linears(model: Decoder | VLM, spec: QuantSpec, make) -> Decoder | VL
         setattr(model.get_submodule(parent), child, make(linear, *spec.layer(name)))
     if model.cfg.tie_embeddings:
         model.embed = TiedEmbedding(model.lm_head)
+    for block in model.blocks:
+        attn, mlp = block.attn, block.mlp
+        attn.fused = KernelGroup.of([attn.q_proj, attn.k_proj, attn.v_proj])
+        if mlp.gate_proj is not None:
+            mlp.fused = KernelGroup.of([mlp.gate_proj, mlp.up_proj])
     model.quantization = spec
     return model
 
