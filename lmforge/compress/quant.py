@@ -3,8 +3,8 @@
 `quantize(model, spec)` swaps every `nn.Linear` of a `Decoder` (the blocks' projections and
 the output projection) for a `QuantLinear`; norms stay float. An untied embedding stays float
 too; a tied one stays tied: a token's vector is its row of the quantized output projection
-(`TiedEmbedding`), so no float copy of the table is kept. Decoding one
-token reads every weight once, so its speed is bound by the bytes of weights read.
+(`TiedEmbedding`), so no float copy of the table is kept. Decoding one token reads every
+weight once, so its speed is bound by the bytes of weights read.
 
 Of a vision-language model only the decoder is quantized. The vision encoder and projector
 stay float: they run once per image, not per generated token, so they are no part of what
@@ -308,9 +308,7 @@ class QuantLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """float32 (out_features, in_features)."""
-        if self.bits == 8:
-            return dequantize_int8(self.weight, self.scales)
-        return dequantize_int4(self.weight, self.scales, self.zeros, self.group_size)
+        return self._dequantized(slice(None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -323,13 +321,13 @@ class QuantLinear(nn.Module):
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """float32 rows `idx` of the weight, shaped (*idx.shape, in_features)."""
-        flat = idx.reshape(-1)
+        return self._dequantized(idx.reshape(-1)).view(*idx.shape, self.in_features)
+
+    def _dequantized(self, rows: slice | torch.Tensor) -> torch.Tensor:
         if self.bits == 8:
-            w = dequantize_int8(self.weight[flat], self.scales[flat])
-        else:
-            w = dequantize_int4(self.weight[flat], self.scales[flat], self.zeros[flat],
-                                self.group_size)
-        return w.view(*idx.shape, self.in_features)
+            return dequantize_int8(self.weight[rows], self.scales[rows])
+        return dequantize_int4(self.weight[rows], self.scales[rows], self.zeros[rows],
+                               self.group_size)
 
     def _operands(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._kernel_operands is None or self._kernel_operands[0].device != self.weight.device:
