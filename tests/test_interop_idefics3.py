@@ -316,7 +316,7 @@ def test_training_an_imported_model_sees_images_as_transformers(hf, ours, tmp_pa
     # The row ends with the end of the answer (<end_of_utterance>, then the template's "\n"),
     # and its inputs are all tokens but the last.
     assert x == theirs["input_ids"][0].tolist()[:-2]
-    _, _, _, pixels = trainer.task.collate(trainer.task.examples[:1])
+    pixels = trainer.task.collate(trainer.task.examples[:1])[3]
     assert torch.equal(pixels, theirs["pixel_values"][0])
     trainer.fit()
     again = open_model(checkpoint_dirs(tmp_path / "run")[-1], "cpu", "fp32")

@@ -42,14 +42,29 @@ def test_images_replace_their_tokens_in_order():
     model = tiny()
     tokens = torch.tensor([[5, *[IMAGE] * 4, 6, *[IMAGE] * 4, 7]])
     images = torch.randn(2, 3, 32, 32)
-    embeds = model.embed(tokens, images)
-    features = model.image_features(images)  # (8, width): first image, then the second
+    features = model.image_features(images).flatten(0, 1)  # (8, width): first image, then the second
+    embeds = model.embed(tokens, model.image_features(images))
     assert torch.equal(embeds[0, 1:5], features[:4]) and torch.equal(embeds[0, 6:10], features[4:])
     text = model.text.embed(tokens)
     for i in (0, 5, 10):
         assert torch.equal(embeds[0, i], text[0, i])
     with pytest.raises(ImageTokenMismatch, match="8 image tokens and 1 image"):
-        model.embed(tokens, images[:1])
+        model.embed(tokens, model.image_features(images[:1]))
+
+
+@torch.no_grad()
+def test_image_words_read_the_output_head_from_the_images_own_features():
+    model = tiny()
+    tokens = torch.tensor([[5, *[IMAGE] * 4, 6, *[IMAGE] * 4, 7]])
+    images = torch.randn(2, 3, 32, 32)
+    logits, words = model(tokens, images=images, image_words=True)
+    torch.testing.assert_close(logits, model(tokens, images=images), rtol=0, atol=0)
+    features = model.image_features(images)  # (2, 4, width)
+    expected = model.text.lm_head(model.text.final_norm(features.amax(1)))
+    torch.testing.assert_close(words, expected)
+    assert words.shape == (2, model.cfg.vocab_size)
+    with pytest.raises(ValueError, match="image_words needs images"):
+        model(tokens, image_words=True)
 
 
 @torch.no_grad()

@@ -115,6 +115,39 @@ def test_generate_and_chat_read_images_with_a_trained_vlm(tmp_path, capsys):
     assert "exact_match  1.0000  3 examples" in capsys.readouterr().out
 
 
+def test_vision_aux_has_each_lone_image_name_its_answer(tmp_path):
+    """`vision_aux`: in training, an image alone in its conversation is also scored on naming
+    its answer's tokens straight from its features; the images of a two-image question are
+    not, and validation scores the answers alone."""
+    data = colour_data(tmp_path, 6)
+    two = {"images": ["images/0.png", "images/1.png"], "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                     {"type": "text", "text": "Which one is red?"}]},
+        {"role": "assistant", "content": "the first"}]}
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(open(data).read() + json.dumps(two) + "\n")
+    cfg = load_recipe(None, ["task=vlm", f"data={mixed}", f"val_data={mixed}", "model=vlm-tiny",
+                             "vocab_size=300", f"out_dir={tmp_path / 'run'}", "vision_aux=0.5",
+                             "progress=false"])
+    trainer = Trainer(cfg)
+    task, model = trainer.task, trainer.model
+    batch = task.collate(task.examples)
+    x, y, _, pixels, named = batch
+    assert named.shape == (8, task.model_cfg.vocab_size)
+    for row in range(6):
+        answer = set(task.tokenizer.encode(list(COLOURS)[row % 3]))
+        assert set(named[row].nonzero().flatten().tolist()) == answer
+        assert named[row].sum().item() == pytest.approx(1.0)
+    assert not named[6:].any()
+
+    scored = y != -100
+    logits, words = model(x, select=scored, images=pixels, image_words=True)
+    lone = -(named[:6] * torch.log_softmax(words[:6], -1)).sum(-1).mean()
+    answers = torch.nn.functional.cross_entropy(logits, y[scored])
+    torch.testing.assert_close(task.loss(model.train(), batch), answers + 0.5 * lone)
+    torch.testing.assert_close(task.loss(model.eval(), batch), answers)
+
+
 # LoRA on a vision-language model made from a pretrained decoder ------------------------------
 
 

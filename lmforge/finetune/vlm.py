@@ -302,14 +302,38 @@ class VisionChatTask(ExampleBatches):
         pixels = torch.cat([torch.zeros(0, 3, size, size)]
                            + [self.prepared(p).pixels for _, _, paths in rows for p in paths])
         return (pad_rows([x for x, _, _ in rows], self.pad_id),
-                pad_rows([y for _, y, _ in rows], IGNORE), lengths, pixels)
+                pad_rows([y for _, y, _ in rows], IGNORE), lengths, pixels,
+                self.named_tokens(rows, len(pixels)))
 
-    @staticmethod
-    def loss(model: nn.Module, batch) -> torch.Tensor:
-        x, y, _, pixels = batch
+    def named_tokens(self, rows, images: int) -> torch.Tensor:
+        """For `vision_aux`: per image, its answer's tokens as a distribution (each equally
+        likely); zeros for an image that shares its conversation with others (a question
+        about two images answers neither alone) or with no `vision_aux`."""
+        if not self.cfg.vision_aux:
+            return torch.zeros(images, 0)
+        target = torch.zeros(images, self.model_cfg.text.vocab_size)
+        at = 0
+        for _, y, paths in rows:
+            ids = [t for t in y if t != IGNORE and t not in self.stop_ids]
+            if len(paths) == 1 and ids:
+                target[at, ids] = 1.0 / len(ids)
+            at += len(paths)
+        return target
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        x, y, _, pixels, named = batch
         scored = y != IGNORE
-        logits = model(x, select=scored, images=pixels if len(pixels) else None)
-        return F.cross_entropy(logits.float(), y[scored])
+        if not len(pixels):
+            return F.cross_entropy(model(x, select=scored).float(), y[scored])
+        if not (model.training and named.shape[1]):
+            logits = model(x, select=scored, images=pixels)
+            return F.cross_entropy(logits.float(), y[scored])
+        logits, words = model(x, select=scored, images=pixels, image_words=True)
+        named = named.to(words.device)
+        alone = named.sum(-1) > 0
+        aux = -(named[alone] * F.log_softmax(words[alone].float(), -1)).sum(-1).mean() \
+            if alone.any() else words.sum() * 0
+        return F.cross_entropy(logits.float(), y[scored]) + self.cfg.vision_aux * aux
 
     count = staticmethod(ChatTask.count)
     tokens = staticmethod(ChatTask.tokens)

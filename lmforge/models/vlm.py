@@ -131,32 +131,46 @@ class VLM(nn.Module):
         self.text.reset_buffers()
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Features (N * image_tokens, text width) of images (N, 3, size, size), in order."""
-        return self.projector(self.vision(images)).flatten(0, 1)
+        """Features (N, image_tokens, text width) of images (N, 3, size, size)."""
+        return self.projector(self.vision(images))
 
-    def embed(self, tokens: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Token embeddings (B, T, width) with the image tokens' replaced by the images'
-        features: the first image fills the first image_tokens image tokens, and so on."""
+        `features` (N, image_tokens, width): the first image fills the first image_tokens
+        image tokens, and so on."""
         slots = tokens == self.cfg.image_token_id
         wanted = int(slots.sum())
-        given = images.shape[0] * self.cfg.image_tokens
+        given = features.shape[0] * self.cfg.image_tokens
         if wanted != given:
             raise ImageTokenMismatch(
-                f"the prompt has {wanted} image tokens and {images.shape[0]} image(s) were given, "
-                f"which take {given} ({self.cfg.image_tokens} each): give one image per "
+                f"the prompt has {wanted} image tokens and {features.shape[0]} image(s) were "
+                f"given, which take {given} ({self.cfg.image_tokens} each): give one image per "
                 "image placeholder")
         x = self.text.token_embeddings(tokens)
-        features = self.image_features(images.to(x.dtype)).to(x.dtype)
-        return x.masked_scatter(slots.unsqueeze(-1), features)
+        return x.masked_scatter(slots.unsqueeze(-1), features.to(x.dtype))
+
+    def image_words(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits (N, vocab) of the tokens each image calls up: the decoder's output head on
+        the largest value of each feature over the image's tokens. Trained to name the tokens
+        of the answers about an image (`vision_aux`), the encoder learns to see what the
+        answers speak of before the decoder has learned where to look (SuperClass's
+        objective, with the head the decoder already has)."""
+        return self.text.lm_head(self.text.final_norm(features.amax(1)))
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
                 start: int | torch.Tensor = 0, last_only: bool = False,
-                select: torch.Tensor | None = None,
-                images: torch.Tensor | None = None) -> torch.Tensor:
+                select: torch.Tensor | None = None, images: torch.Tensor | None = None,
+                image_words: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, vocab) for tokens (B, T), with `images` (N, 3, size, size) in place of
-        the image tokens (see `embed`); the decoder's arguments otherwise."""
-        embeds = self.embed(tokens, images) if images is not None else None
-        return self.text(tokens, cache, start, last_only, select, embeds)
+        the image tokens (see `embed`); the decoder's arguments otherwise. `image_words` also
+        returns the images' `image_words` logits, from the same features."""
+        if images is None:
+            if image_words:
+                raise ValueError("image_words needs images")
+            return self.text(tokens, cache, start, last_only, select)
+        features = self.image_features(images.to(self.text.final_norm.weight.dtype))
+        logits = self.text(tokens, cache, start, last_only, select, self.embed(tokens, features))
+        return (logits, self.image_words(features)) if image_words else logits
 
     def new_cache(self, batch: int, length: int | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:

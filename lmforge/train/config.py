@@ -62,6 +62,10 @@ class TrainConfig:
     freeze: list[str] = dataclasses.field(default_factory=list)  # vlm: vision, projector, text
     lr_scales: dict[str, float] = dataclasses.field(default_factory=dict)  # part -> lr multiplier
     vision_from: str = ""  # vlm: take the vision encoder of this vision-language model
+    # vlm: weight of a second loss that has each image (of a one-image conversation) name the
+    # tokens of its answer straight from the encoder (`VLM.image_words`): from nothing, it
+    # teaches the encoder small details such as letters, which the answers alone do not.
+    vision_aux: float = 0.0
     teacher: str = ""  # distill: the frozen model to learn from (any model name or path)
     # distill: the student is the teacher with only these blocks (e.g. [0, 2, 4]), copied
     # from it; else the student is `init_from` or `model`.
