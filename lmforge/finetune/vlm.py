@@ -18,6 +18,9 @@ The model is one of:
 
 `freeze: [vision, text]` keeps parts as they are; `lr_scales: {projector: 10}` gives a part
 its own learning rate (a fresh projector learns faster than the backbones around it).
+`vision_aux: 1.0` adds a second loss in training: each image alone in its conversation names
+its answer's tokens straight from its features (`VLM.image_words`), which gives a fresh
+encoder a direct signal for what the answers speak of.
 
 `lora_rank > 0` (with a pretrained model: `init_from`) keeps the decoder's weights as they are
 and trains LoRA adapters on its linear layers, and on the projector's when `lora_targets`
