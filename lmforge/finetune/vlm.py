@@ -326,17 +326,13 @@ class VisionChatTask(ExampleBatches):
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         x, y, _, pixels, named = batch
         scored = y != IGNORE
-        if not len(pixels):
-            return F.cross_entropy(model(x, select=scored).float(), y[scored])
-        if not (model.training and named.shape[1]):
-            logits = model(x, select=scored, images=pixels)
-            return F.cross_entropy(logits.float(), y[scored])
-        logits, words = model(x, select=scored, images=pixels, image_words=True)
-        named = named.to(words.device)
-        alone = named.sum(-1) > 0
-        aux = -(named[alone] * F.log_softmax(words[alone].float(), -1)).sum(-1).mean() \
-            if alone.any() else words.sum() * 0
-        return F.cross_entropy(logits.float(), y[scored]) + self.cfg.vision_aux * aux
+        images = pixels if len(pixels) else None
+        alone = named.sum(-1) > 0  # the images that `vision_aux` scores
+        if not (model.training and images is not None and alone.any()):
+            return F.cross_entropy(model(x, select=scored, images=images).float(), y[scored])
+        logits, words = model(x, select=scored, images=images, image_words=True)
+        naming = -(named[alone] * F.log_softmax(words[alone].float(), -1)).sum(-1).mean()
+        return F.cross_entropy(logits.float(), y[scored]) + self.cfg.vision_aux * naming
 
     count = staticmethod(ChatTask.count)
     tokens = staticmethod(ChatTask.tokens)
