@@ -34,11 +34,13 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.compress import kernels
 from lmforge.config import from_dict
 from lmforge.errors import LmforgeError, UnsupportedModel
 from lmforge.files import read_json_object
@@ -281,7 +283,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.empty(out_features) if bias else None)
         # The CPU kernels' operands, made on first use. Not buffers: `.to()` leaves them
         # behind, and they are remade on another device or after new weights are loaded.
-        self._kernel_operands: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._kernel_operands: Operands | None = None
         self.version = 0  # counts the weights loaded into it, for the operands made from them
         self.register_load_state_dict_post_hook(QuantLinear._forget_kernel_operands)
 
@@ -329,8 +331,9 @@ class QuantLinear(nn.Module):
         return dequantize_int4(self.weight[rows], self.scales[rows], self.zeros[rows],
                                self.group_size)
 
-    def _operands(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._kernel_operands is None or self._kernel_operands[0].device != self.weight.device:
+    def _operands(self) -> Operands:
+        if (self._kernel_operands is None
+                or self._kernel_operands.tensors[0].device != self.weight.device):
             self._kernel_operands = kernel_operands([self])
         return self._kernel_operands
 
@@ -373,7 +376,7 @@ class KernelGroup:
     def __init__(self, layers: list[QuantLinear]) -> None:
         self.layers = tuple(layers)
         self.sizes = [layer.out_features for layer in layers]
-        self._operands: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._operands: Operands | None = None
         self._made_from: list[tuple[int, torch.device]] = []
 
     @classmethod
@@ -403,26 +406,46 @@ class KernelGroup:
                      for out, layer in zip(y, self.layers))
 
 
-def kernel_operands(layers: list[QuantLinear]) -> tuple[torch.Tensor, torch.Tensor]:
+class Operands(NamedTuple):
+    """Layers' weights as a CPU kernel takes them: lmforge's kernels (`ours`, see
+    `lmforge.compress.kernels`) or PyTorch's."""
+
+    ours: bool
+    tensors: tuple[torch.Tensor, ...]
+
+
+def kernel_operands(layers: list[QuantLinear]) -> Operands:
     """The CPU kernel's weight and scales for `layers` (quantized alike) side by side: the
     output features of the first, then the second's, and so on."""
     def joined(name: str) -> torch.Tensor:
         tensors = [getattr(layer, name) for layer in layers]
         return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
-    if layers[0].bits == 8:
-        return _aligned(joined("weight")), _aligned(joined("scales").to(SCALE_DTYPE))
-    return _int4_kernel_operands(joined("weight"), joined("scales"), joined("zeros"),
-                                 layers[0].group_size)
+    first = layers[0]
+    ours = first.weight.device.type == "cpu" and kernels.supports(first.in_features,
+                                                                   first.group_size)
+    if first.bits == 8:
+        if ours:
+            return Operands(True, kernels.int8_operands(joined("weight"), joined("scales")))
+        return Operands(False, (_aligned(joined("weight")),
+                                _aligned(joined("scales").to(SCALE_DTYPE))))
+    if ours:
+        return Operands(True, kernels.int4_operands(unpack_int4(joined("weight")),
+                                                    joined("scales"), joined("zeros"),
+                                                    first.group_size))
+    return Operands(False, _int4_kernel_operands(joined("weight"), joined("scales"),
+                                                 joined("zeros"), first.group_size))
 
 
-def kernel_matmul(x2d: torch.Tensor, operands: tuple[torch.Tensor, torch.Tensor], bits: int,
-                  group_size: int | None, out_features: int) -> torch.Tensor:
-    """x2d (M, K) times the weight the operands hold, by PyTorch's CPU int kernels, in
-    bfloat16 (M, out_features)."""
-    weight, scales = operands
-    # a fresh copy: the kernels need 64-byte aligned operands (see `_aligned`), and new
-    # tensors are; a compiled step cannot check an address
+def kernel_matmul(x2d: torch.Tensor, operands: Operands, bits: int, group_size: int | None,
+                  out_features: int) -> torch.Tensor:
+    """x2d (M, K) times the weight the operands hold (M, out_features): by lmforge's kernels
+    in float32, or by PyTorch's in bfloat16."""
+    if operands.ours:
+        return kernels.matmul(x2d, operands.tensors)
+    weight, scales = operands.tensors
+    # a fresh copy: PyTorch's kernels need 64-byte aligned operands (see `_aligned`), and
+    # new tensors are; a compiled step cannot check an address
     x2d = x2d.to(SCALE_DTYPE, copy=True)
     if bits == 8:
         return torch._weight_int8pack_mm(x2d, weight, scales)

@@ -1,0 +1,255 @@
+// lmforge's CPU kernels for decoding with int8 and int4 weights: y = x W^T for a few rows of
+// activations (decoding steps), bound by the bytes of weights read.
+//
+// Each row of x is quantized to int8 in blocks of 32 values (one float scale a block, the
+// way llama.cpp's Q8 activations are), so the dot products run on the CPU's integer
+// multiply-add (AVX-512 VNNI: 64 byte pairs an instruction) and each weight is read once for
+// all rows. Rows are quantized alone, so a row's result does not depend on the others.
+//
+// Weights come in a kernel layout made once from lmforge's (`lmforge/compress/kernels.py`):
+// chunks of 64 values, two blocks of 32, permuted so that the 32-bit lanes of an
+// accumulator alternate between the two blocks (lane j holds bytes 4j..4j+3, of block j % 2);
+// one broadcast pair of scales then scales all 16 lanes. x is permuted the same way.
+//   int8: w (N, K) int8; scale (N,) float: W = w * scale.
+//   int4: w (N, K/2) uint8, the chunk's value at lane byte p in the low nibble of byte p and
+//         the one at p + 32 in the high nibble; meta (N, K/64, 4) float per chunk
+//         {scale_a, scale_b, zero_a, zero_b}: W = q * scale + zero, q in 0..15.
+
+#include <immintrin.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace {
+
+constexpr int CHUNK = 64;  // values a step: two blocks of 32
+constexpr int MAX_ROWS = 8;  // rows of x done together (accumulators kept in registers)
+
+// Position in a chunk of the value that lane byte p holds: lanes alternate between the
+// chunk's two blocks of 32.
+inline int source_of(int p) {
+  int lane = p / 4, block = lane % 2;
+  return block * 32 + (lane / 2) * 4 + p % 4;
+}
+
+// One row of activations, quantized: int8 values, and their magnitudes and signs (for the
+// int8 kernel, whose VNNI instruction wants one unsigned operand), in kernel order; a scale
+// per block, and the sum of each block (for int4's zero points).
+void quantize_row(const float* x, int64_t K, int8_t* q, uint8_t* magnitude, uint64_t* negative,
+                  float* scales, float* sums) {
+  for (int64_t c = 0; c < K / CHUNK; ++c) {
+    const float* xc = x + c * CHUNK;
+    float inverse[2];
+    for (int b = 0; b < 2; ++b) {
+      float largest = 0.f;
+      for (int i = 0; i < 32; ++i) largest = std::fmax(largest, std::fabs(xc[b * 32 + i]));
+      scales[2 * c + b] = largest / 127.f;
+      inverse[b] = largest > 0.f ? 127.f / largest : 0.f;
+    }
+    uint64_t signs = 0;
+    int block_sums[2] = {0, 0};
+    for (int p = 0; p < CHUNK; ++p) {
+      int s = source_of(p);
+      int v = static_cast<int>(std::nearbyint(xc[s] * inverse[s / 32]));
+      q[c * CHUNK + p] = static_cast<int8_t>(v);
+      magnitude[c * CHUNK + p] = static_cast<uint8_t>(v < 0 ? -v : v);
+      if (v < 0) signs |= uint64_t{1} << p;
+      block_sums[s / 32] += v;
+    }
+    negative[c] = signs;
+    // of the quantized values, so that int4's zero points see the same x as its products
+    for (int b = 0; b < 2; ++b) sums[2 * c + b] = block_sums[b] * scales[2 * c + b];
+  }
+}
+
+inline float sum_lanes(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+// Two floats (a, b) as 16 lanes a, b, a, b, ...
+inline __m512 pair(const float* ab) {
+  return _mm512_castpd_ps(_mm512_set1_pd(*reinterpret_cast<const double*>(ab)));
+}
+
+struct Activations {
+  at::Tensor q, magnitude, negative, scales, sums;
+};
+
+Activations quantize(const at::Tensor& x) {
+  int64_t M = x.size(0), K = x.size(1);
+  Activations a{at::empty({M, K}, x.options().dtype(at::kChar)),
+                at::empty({M, K}, x.options().dtype(at::kByte)),
+                at::empty({M, K / CHUNK}, x.options().dtype(at::kLong)),
+                at::empty({M, K / 32}, x.options()),
+                at::empty({M, K / 32}, x.options())};
+  const float* xp = x.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    quantize_row(xp + m * K, K, a.q.data_ptr<int8_t>() + m * K,
+                 a.magnitude.data_ptr<uint8_t>() + m * K,
+                 reinterpret_cast<uint64_t*>(a.negative.data_ptr<int64_t>()) + m * (K / CHUNK),
+                 a.scales.data_ptr<float>() + m * (K / 32),
+                 a.sums.data_ptr<float>() + m * (K / 32));
+  }
+  return a;
+}
+
+void check(const at::Tensor& x, int64_t K, const char* what) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              what, ": x must be a contiguous float32 matrix");
+  TORCH_CHECK(x.size(1) == K && K % CHUNK == 0, what, ": x has ", x.size(1),
+              " columns; the weight has ", K, " (a multiple of 64)");
+}
+
+// Rows n0..n1 of y for M rows of x, R weight rows at a time (R independent accumulator
+// chains hide the instructions' latency; x's loads are shared by the R rows).
+template <int M, int R>
+void int8_rows(const Activations& a, const int8_t* w, const float* scale, float* y,
+               int64_t K, int64_t N, int64_t m0, int64_t n0, int64_t n1) {
+  const int64_t chunks = K / CHUNK;
+  const uint8_t* mag = a.magnitude.data_ptr<uint8_t>() + m0 * K;
+  const uint64_t* neg = reinterpret_cast<const uint64_t*>(a.negative.data_ptr<int64_t>()) + m0 * chunks;
+  const float* xs = a.scales.data_ptr<float>() + m0 * (K / 32);
+  for (int64_t n = n0; n + R <= n1; n += R) {
+    __m512 acc[M][R];
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      __m512i wc[R];
+      for (int r = 0; r < R; ++r) wc[r] = _mm512_loadu_si512(w + (n + r) * K + c * CHUNK);
+      for (int m = 0; m < M; ++m) {
+        // |x| * (w with the sign of x): VNNI multiplies unsigned bytes by signed ones
+        __mmask64 sign = neg[m * chunks + c];
+        __m512i xm = _mm512_loadu_si512(mag + m * K + c * CHUNK);
+        __m512 xscale = pair(xs + m * (K / 32) + 2 * c);
+        for (int r = 0; r < R; ++r) {
+          __m512i ws = _mm512_mask_sub_epi8(wc[r], sign, _mm512_setzero_si512(), wc[r]);
+          __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), xm, ws);
+          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), xscale, acc[m][r]);
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) y[(m0 + m) * N + n + r] = sum_lanes(acc[m][r]) * scale[n + r];
+  }
+}
+
+template <int M, int R>
+void int4_rows(const Activations& a, const uint8_t* w, const float* scales, const float* zeros,
+               float* y, int64_t K, int64_t N, int64_t m0, int64_t n0, int64_t n1) {
+  const int64_t chunks = K / CHUNK, blocks = K / 32;
+  const int8_t* xq = a.q.data_ptr<int8_t>() + m0 * K;
+  const float* xs = a.scales.data_ptr<float>() + m0 * blocks;
+  const float* sums = a.sums.data_ptr<float>() + m0 * blocks;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  // the upper 256 bits take the high nibbles
+  const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+  for (int64_t n = n0; n + R <= n1; n += R) {
+    __m512 acc[M][R];
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      __m512i q[R];
+      __m512 ws[R];
+      for (int r = 0; r < R; ++r) {
+        __m256i packed = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(w + (n + r) * (K / 2) + c * 32));
+        __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(packed), packed, 1);
+        q[r] = _mm512_and_si512(_mm512_srlv_epi16(both, shifts), low);
+        ws[r] = pair(scales + (n + r) * blocks + 2 * c);
+      }
+      for (int m = 0; m < M; ++m) {
+        __m512i xm = _mm512_loadu_si512(xq + m * K + c * CHUNK);
+        __m512 xscale = pair(xs + m * blocks + 2 * c);
+        for (int r = 0; r < R; ++r) {
+          __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[r], xm);
+          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws[r], xscale),
+                                      acc[m][r]);
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) {
+        const float* z = zeros + (n + r) * blocks;
+        const float* sm = sums + m * blocks;
+        float zero_term = 0.f;
+        for (int64_t b = 0; b < blocks; ++b) zero_term += z[b] * sm[b];
+        y[(m0 + m) * N + n + r] = sum_lanes(acc[m][r]) + zero_term;
+      }
+  }
+}
+
+template <typename Rows>
+void over_rows(int64_t M, int64_t N, Rows rows) {
+  // Each thread takes a range of output features, for all rows of x at once (8 at a time).
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) rows(m0, std::min<int64_t>(MAX_ROWS, M - m0), n0, n1);
+  });
+}
+
+// R = 4 weight rows at a time for up to 2 rows of x, else one (registers run out); the
+// rows left over at the end of a thread's range go one at a time.
+#define DISPATCH_ROWS(KERNEL, count, n0, n1, ...)                                      \
+  switch (count) {                                                                     \
+    case 1: KERNEL<1, 4>(__VA_ARGS__, n0, n1); KERNEL<1, 1>(__VA_ARGS__, n1 - (n1 - n0) % 4, n1); break; \
+    case 2: KERNEL<2, 4>(__VA_ARGS__, n0, n1); KERNEL<2, 1>(__VA_ARGS__, n1 - (n1 - n0) % 4, n1); break; \
+    case 3: KERNEL<3, 1>(__VA_ARGS__, n0, n1); break;                                   \
+    case 4: KERNEL<4, 1>(__VA_ARGS__, n0, n1); break;                                   \
+    case 5: KERNEL<5, 1>(__VA_ARGS__, n0, n1); break;                                   \
+    case 6: KERNEL<6, 1>(__VA_ARGS__, n0, n1); break;                                   \
+    case 7: KERNEL<7, 1>(__VA_ARGS__, n0, n1); break;                                   \
+    default: KERNEL<8, 1>(__VA_ARGS__, n0, n1); break;                                  \
+  }
+
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+  int64_t M = x.size(0), N = w.size(0), K = w.size(1);
+  check(x, K, "int8_mm");
+  Activations a = quantize(x);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  over_rows(M, N, [&](int64_t m0, int64_t rows, int64_t n0, int64_t n1) {
+    DISPATCH_ROWS(int8_rows, rows, n0, n1, a, wp, sp, yp, K, N, m0)
+  });
+  return y;
+}
+
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                   const at::Tensor& zeros) {
+  int64_t M = x.size(0), N = w.size(0), K = w.size(1) * 2;
+  check(x, K, "int4_mm");
+  Activations a = quantize(x);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const float* zp = zeros.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  over_rows(M, N, [&](int64_t m0, int64_t rows, int64_t n0, int64_t n1) {
+    DISPATCH_ROWS(int4_rows, rows, n0, n1, a, wp, sp, zp, yp, K, N, m0)
+  });
+  return y;
+}
+
+at::Tensor lane_order() {
+  at::Tensor order = at::empty({CHUNK}, at::kLong);
+  for (int p = 0; p < CHUNK; ++p) order[p] = source_of(p);
+  return order;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lmforge_kernels, m) {
+  m.def("int8_mm(Tensor x, Tensor w, Tensor scale) -> Tensor");
+  m.def("int4_mm(Tensor x, Tensor w, Tensor scales, Tensor zeros) -> Tensor");
+  m.def("lane_order() -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lmforge_kernels, CPU, m) {
+  m.impl("int8_mm", &int8_mm);
+  m.impl("int4_mm", &int4_mm);
+}
+
+TORCH_LIBRARY_IMPL(lmforge_kernels, CompositeExplicitAutograd, m) {
+  m.impl("lane_order", &lane_order);
+}

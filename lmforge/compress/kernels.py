@@ -1,0 +1,128 @@
+"""lmforge's own CPU kernels for decoding with int8 and int4 weights (`int_kernels.cpp`).
+
+PyTorch's int kernels multiply bfloat16 activations by weights they widen one by one; these
+quantize each row of activations to int8 in blocks of 32 (a scale a block, as llama.cpp
+does) and multiply on the CPU's integer dot-product instructions (AVX-512 VNNI), so a
+decoding step is bound by the bytes of weights it reads. Each row is quantized alone: a
+sequence's result does not depend on what it is batched with.
+
+They are compiled on first use for this CPU (about 15 seconds, with the C++ compiler
+PyTorch's extensions use) into lmforge's cache, and loaded from there after. Where they cannot
+be built (no compiler, a CPU without VNNI), or `LMFORGE_INT_KERNELS=0`, decoding uses
+PyTorch's kernels, as before: the weights on disk are the same either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import warnings
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from lmforge.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("int_kernels.cpp")
+CHUNK = 64  # the kernels take in_features in whole chunks of two blocks of 32
+BLOCK = 32
+
+
+@cache
+def available() -> bool:
+    """Whether the kernels are built and loaded (building them the first time)."""
+    if os.environ.get("LMFORGE_INT_KERNELS", "1") == "0":
+        return False
+    try:
+        _load()
+    except Exception as error:  # no compiler, no VNNI, a failed build: PyTorch's kernels do
+        log.warning("lmforge's int8/int4 CPU kernels are not available (%s); decoding uses "
+                    "PyTorch's int kernels", str(error).strip().splitlines()[-1][:300])
+        return False
+    return True
+
+
+def _load() -> None:
+    from torch.utils import cpp_extension
+
+    if "avx512" not in torch.backends.cpu.get_cpu_capability().lower():
+        raise RuntimeError("this CPU has no AVX-512")
+    # One build per source, PyTorch version and CPU: it is compiled for the CPU it runs on.
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()
+                         + _cpu_flags().encode()).hexdigest()[:16]
+    directory = cache_dir() / "kernels" / key
+    directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / "lmforge_kernels.so").exists():
+        log.warning("compiling lmforge's int8/int4 CPU kernels for this CPU (once, about 15 s)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cpp_extension.load(name="lmforge_kernels", sources=[str(SOURCE)],
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                           extra_ldflags=["-fopenmp"], build_directory=str(directory),
+                           is_python_module=False)
+    # shapes for torch.compile, which calls the kernels as they are
+    for name in ("int8_mm", "int4_mm"):
+        torch.library.register_fake(f"lmforge_kernels::{name}")(_out_like)
+
+
+def _out_like(x: torch.Tensor, w: torch.Tensor, *_scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def supports(in_features: int, group_size: int | None) -> bool:
+    """Whether a layer's shape suits the kernels (and they are available)."""
+    return (in_features % CHUNK == 0 and (group_size is None or group_size % BLOCK == 0)
+            and available())
+
+
+@cache
+def _lane_order() -> torch.Tensor:
+    return torch.ops.lmforge_kernels.lane_order()
+
+
+def _lanes(values: torch.Tensor) -> torch.Tensor:
+    """(N, K) in the kernels' order: each chunk of 64 permuted (see `int_kernels.cpp`)."""
+    N, K = values.shape
+    return values.view(N, K // CHUNK, CHUNK)[:, :, _lane_order()].reshape(N, K)
+
+
+def int8_operands(weight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """From lmforge's int8 layout: weight int8 (N, K), scales (N,)."""
+    return _lanes(weight).contiguous(), scales.float().contiguous()
+
+
+def int4_operands(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                  group_size: int) -> tuple[torch.Tensor, ...]:
+    """From lmforge's int4 layout, unpacked: values 0..15 uint8 (N, K), scales and zeros
+    (N, groups), W = (q - 8) * scale + zero: the packed values, and a scale and a zero per
+    block of 32 (W = q * scale + zero)."""
+    N, K = values.shape
+    group = torch.arange(K // BLOCK, device=values.device) * BLOCK // group_size
+    scales = scales.float()
+    lanes = _lanes(values).view(N, K // CHUNK, CHUNK)
+    packed = lanes[..., :CHUNK // 2] | (lanes[..., CHUNK // 2:] << 4)
+    return (packed.reshape(N, K // 2).contiguous(), scales[:, group].contiguous(),
+            (zeros.float() - 8 * scales)[:, group].contiguous())
+
+
+def matmul(x2d: torch.Tensor, operands: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """x2d (M, K) times the weight of `operands` (made by `int8_operands` or
+    `int4_operands`): float32 (M, N)."""
+    x2d = x2d.float().contiguous()
+    if len(operands) == 2:
+        return torch.ops.lmforge_kernels.int8_mm(x2d, *operands)
+    return torch.ops.lmforge_kernels.int4_mm(x2d, *operands)

@@ -1,0 +1,71 @@
+"""lmforge's int8/int4 CPU kernels against the float matmul of the same quantized weights."""
+
+import pytest
+import torch
+from torch import nn
+
+from lmforge.compress import kernels
+from lmforge.compress.quant import QuantLinear, QuantSpec, kernel_operands, quantize
+from lmforge.config import ModelConfig
+from lmforge.models.decoder import Decoder
+
+pytestmark = pytest.mark.skipif(not kernels.available(),
+                                reason="lmforge's int kernels need AVX-512 VNNI and a C++ compiler")
+
+
+def layer(in_features: int, out_features: int, bits: int, group_size: int | None,
+          seed: int = 0) -> QuantLinear:
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=True)
+    return QuantLinear.from_linear(linear, bits, group_size)
+
+
+def quantized_inputs(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels see it: rounded to int8 in blocks of 32, a scale a block."""
+    blocks = x.view(x.shape[0], -1, 32)
+    scales = blocks.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(blocks / scales) * scales).view_as(x)
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, None), (4, 32), (4, 64), (4, 128)])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 13])
+def test_kernel_is_the_matmul_of_its_rounded_inputs(bits, group_size, rows):
+    # 576 is 4.5 groups of 128: the last group is short; 100 outputs is not a multiple of 4
+    q = layer(576, 100, bits, group_size)
+    operands = kernel_operands([q])
+    assert operands.ours
+    x = torch.randn(rows, 576)
+    y = q(x)
+    expected = quantized_inputs(x).double() @ q.dequantized_weight().double().t() + q.bias
+    torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)
+    # and close to the float inputs' product: int8 activations cost well under 1%
+    exact = x @ q.dequantized_weight().t() + q.bias
+    assert (y - exact).norm() / exact.norm() < 0.01
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, None), (4, 32)])
+def test_a_row_does_not_depend_on_its_batch(bits, group_size):
+    q = layer(128, 40, bits, group_size)
+    x = torch.randn(11, 128)
+    together = q(x)
+    for i in range(11):
+        assert torch.equal(q(x[i:i + 1]), together[i:i + 1])
+
+
+def test_layers_of_other_widths_use_pytorchs_kernels():
+    assert not kernel_operands([layer(96, 16, 8, None)]).ours  # 96 is no multiple of 64
+    assert kernel_operands([layer(128, 16, 4, 32)]).ours
+
+
+def test_a_quantized_model_decodes_the_same_step_by_step_and_whole():
+    cfg = ModelConfig(n_layer=2, n_head=2, d_model=128, vocab_size=256, context_length=64,
+                      positions="rope", norm="rmsnorm", mlp="swiglu")
+    torch.manual_seed(0)
+    model = quantize(Decoder(cfg).eval(), QuantSpec(bits=4, group_size=32))
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        whole = model(ids)
+        cache = model.new_cache(1, 12)
+        steps = torch.cat([model(ids[:, i:i + 1], cache=cache, start=i) for i in range(12)], 1)
+    # each step's rows are quantized alone, as the whole prompt's are
+    torch.testing.assert_close(steps, whole, rtol=1e-4, atol=1e-4)
