@@ -12,8 +12,8 @@
 // one broadcast pair of scales then scales all 16 lanes. x is permuted the same way.
 //   int8: w (N, K) int8; scale (N,) float: W = w * scale.
 //   int4: w (N, K/2) uint8, the chunk's value at lane byte p in the low nibble of byte p and
-//         the one at p + 32 in the high nibble; meta (N, K/64, 4) float per chunk
-//         {scale_a, scale_b, zero_a, zero_b}: W = q * scale + zero, q in 0..15.
+//         the one at p + 32 in the high nibble; scales, zeros (N, K/32) bfloat16, one a block:
+//         W = (q - 8) * scale + zero, q in 0..15.
 
 #include <immintrin.h>
 #include <torch/library.h>
@@ -22,6 +22,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
 namespace {
 
@@ -35,35 +37,17 @@ inline int source_of(int p) {
   return block * 32 + (lane / 2) * 4 + p % 4;
 }
 
-// One row of activations, quantized: int8 values, and their magnitudes and signs (for the
+// Rows of activations, quantized: int8 values, and their magnitudes and signs (for the
 // int8 kernel, whose VNNI instruction wants one unsigned operand), in kernel order; a scale
-// per block, and the sum of each block (for int4's zero points).
-void quantize_row(const float* x, int64_t K, int8_t* q, uint8_t* magnitude, uint64_t* negative,
-                  float* scales, float* sums) {
-  for (int64_t c = 0; c < K / CHUNK; ++c) {
-    const float* xc = x + c * CHUNK;
-    float inverse[2];
-    for (int b = 0; b < 2; ++b) {
-      float largest = 0.f;
-      for (int i = 0; i < 32; ++i) largest = std::fmax(largest, std::fabs(xc[b * 32 + i]));
-      scales[2 * c + b] = largest / 127.f;
-      inverse[b] = largest > 0.f ? 127.f / largest : 0.f;
-    }
-    uint64_t signs = 0;
-    int block_sums[2] = {0, 0};
-    for (int p = 0; p < CHUNK; ++p) {
-      int s = source_of(p);
-      int v = static_cast<int>(std::nearbyint(xc[s] * inverse[s / 32]));
-      q[c * CHUNK + p] = static_cast<int8_t>(v);
-      magnitude[c * CHUNK + p] = static_cast<uint8_t>(v < 0 ? -v : v);
-      if (v < 0) signs |= uint64_t{1} << p;
-      block_sums[s / 32] += v;
-    }
-    negative[c] = signs;
-    // of the quantized values, so that int4's zero points see the same x as its products
-    for (int b = 0; b < 2; ++b) sums[2 * c + b] = block_sums[b] * scales[2 * c + b];
-  }
-}
+// per block, and the sum of each block (for int4's zero points). Kept in a buffer of the
+// calling thread, reused from call to call: a decoding step makes hundreds of calls.
+struct Activations {
+  int8_t* q;
+  uint8_t* magnitude;
+  uint64_t* negative;
+  float* scales;
+  float* sums;
+};
 
 inline float sum_lanes(__m512 v) { return _mm512_reduce_add_ps(v); }
 
@@ -72,25 +56,49 @@ inline __m512 pair(const float* ab) {
   return _mm512_castpd_ps(_mm512_set1_pd(*reinterpret_cast<const double*>(ab)));
 }
 
-struct Activations {
-  at::Tensor q, magnitude, negative, scales, sums;
-};
+// 32 floats rounded on the grid of their largest magnitude: 32 int8 values, and the scale.
+inline __m256i quantize_block(const float* x, float* scale, float* sum) {
+  __m512 lo = _mm512_loadu_ps(x), hi = _mm512_loadu_ps(x + 16);
+  float largest = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+  *scale = largest / 127.f;
+  __m512 inverse = _mm512_set1_ps(largest > 0.f ? 127.f / largest : 0.f);
+  // rounded to nearest, ties to even (the default rounding mode)
+  __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse));
+  __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));
+  *sum = static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi))) * *scale;
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_cvtsepi32_epi8(qlo)),
+                                 _mm512_cvtsepi32_epi8(qhi), 1);
+}
+
+void quantize_row(const float* x, int64_t K, const Activations& a, int64_t m) {
+  // dword j of a chunk: block j % 2's dword j / 2
+  const __m512i interleave = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+  const int64_t blocks = K / 32;
+  for (int64_t c = 0; c < K / CHUNK; ++c) {
+    int64_t b = m * blocks + 2 * c;
+    __m256i first = quantize_block(x + c * CHUNK, a.scales + b, a.sums + b);
+    __m256i second = quantize_block(x + c * CHUNK + 32, a.scales + b + 1, a.sums + b + 1);
+    __m512i v = _mm512_permutexvar_epi32(
+        interleave, _mm512_inserti64x4(_mm512_castsi256_si512(first), second, 1));
+    _mm512_storeu_si512(a.q + m * K + c * CHUNK, v);
+    _mm512_storeu_si512(a.magnitude + m * K + c * CHUNK, _mm512_abs_epi8(v));
+    a.negative[m * (K / CHUNK) + c] = _mm512_movepi8_mask(v);
+  }
+}
 
 Activations quantize(const at::Tensor& x) {
   int64_t M = x.size(0), K = x.size(1);
-  Activations a{at::empty({M, K}, x.options().dtype(at::kChar)),
-                at::empty({M, K}, x.options().dtype(at::kByte)),
-                at::empty({M, K / CHUNK}, x.options().dtype(at::kLong)),
-                at::empty({M, K / 32}, x.options()),
-                at::empty({M, K / 32}, x.options())};
+  thread_local std::vector<uint8_t> buffer;
+  size_t values = M * K, chunks = M * (K / CHUNK), blocks = M * (K / 32);
+  buffer.resize(2 * values + 8 * chunks + 8 * blocks + 64);
+  uint8_t* start = buffer.data();
+  start += (64 - reinterpret_cast<uintptr_t>(start) % 64) % 64;
+  Activations a{reinterpret_cast<int8_t*>(start), start + values,
+                reinterpret_cast<uint64_t*>(start + 2 * values),
+                reinterpret_cast<float*>(start + 2 * values + 8 * chunks),
+                reinterpret_cast<float*>(start + 2 * values + 8 * chunks + 4 * blocks)};
   const float* xp = x.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-    quantize_row(xp + m * K, K, a.q.data_ptr<int8_t>() + m * K,
-                 a.magnitude.data_ptr<uint8_t>() + m * K,
-                 reinterpret_cast<uint64_t*>(a.negative.data_ptr<int64_t>()) + m * (K / CHUNK),
-                 a.scales.data_ptr<float>() + m * (K / 32),
-                 a.sums.data_ptr<float>() + m * (K / 32));
-  }
+  for (int64_t m = 0; m < M; ++m) quantize_row(xp + m * K, K, a, m);
   return a;
 }
 
@@ -107,9 +115,9 @@ template <int M, int R>
 void int8_rows(const Activations& a, const int8_t* w, const float* scale, float* y,
                int64_t K, int64_t N, int64_t m0, int64_t n0, int64_t n1) {
   const int64_t chunks = K / CHUNK;
-  const uint8_t* mag = a.magnitude.data_ptr<uint8_t>() + m0 * K;
-  const uint64_t* neg = reinterpret_cast<const uint64_t*>(a.negative.data_ptr<int64_t>()) + m0 * chunks;
-  const float* xs = a.scales.data_ptr<float>() + m0 * (K / 32);
+  const uint8_t* mag = a.magnitude + m0 * K;
+  const uint64_t* neg = a.negative + m0 * chunks;
+  const float* xs = a.scales + m0 * (K / 32);
   for (int64_t n = n0; n + R <= n1; n += R) {
     __m512 acc[M][R];
     for (int m = 0; m < M; ++m)
@@ -134,13 +142,27 @@ void int8_rows(const Activations& a, const int8_t* w, const float* scale, float*
   }
 }
 
+// Two bfloat16 values (a, b) as 16 float lanes a, b, a, b, ...
+inline __m512 bf16_pair(const uint16_t* ab) {
+  __m512i both = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(ab));
+  return _mm512_castsi512_ps(_mm512_mask_blend_epi32(
+      0xAAAA, _mm512_slli_epi32(both, 16), _mm512_and_si512(both, _mm512_set1_epi32(0xFFFF0000))));
+}
+
+inline float bf16_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
 template <int M, int R>
-void int4_rows(const Activations& a, const uint8_t* w, const float* scales, const float* zeros,
+void int4_rows(const Activations& a, const uint8_t* w, const uint16_t* scales, const uint16_t* zeros,
                float* y, int64_t K, int64_t N, int64_t m0, int64_t n0, int64_t n1) {
   const int64_t chunks = K / CHUNK, blocks = K / 32;
-  const int8_t* xq = a.q.data_ptr<int8_t>() + m0 * K;
-  const float* xs = a.scales.data_ptr<float>() + m0 * blocks;
-  const float* sums = a.sums.data_ptr<float>() + m0 * blocks;
+  const int8_t* xq = a.q + m0 * K;
+  const float* xs = a.scales + m0 * blocks;
+  const float* sums = a.sums + m0 * blocks;
   const __m512i low = _mm512_set1_epi8(0x0F);
   // the upper 256 bits take the high nibbles
   const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
@@ -156,7 +178,7 @@ void int4_rows(const Activations& a, const uint8_t* w, const float* scales, cons
             reinterpret_cast<const __m256i*>(w + (n + r) * (K / 2) + c * 32));
         __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(packed), packed, 1);
         q[r] = _mm512_and_si512(_mm512_srlv_epi16(both, shifts), low);
-        ws[r] = pair(scales + (n + r) * blocks + 2 * c);
+        ws[r] = bf16_pair(scales + (n + r) * blocks + 2 * c);
       }
       for (int m = 0; m < M; ++m) {
         __m512i xm = _mm512_loadu_si512(xq + m * K + c * CHUNK);
@@ -170,10 +192,12 @@ void int4_rows(const Activations& a, const uint8_t* w, const float* scales, cons
     }
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) {
-        const float* z = zeros + (n + r) * blocks;
+        const uint16_t* z = zeros + (n + r) * blocks;
         const float* sm = sums + m * blocks;
         float zero_term = 0.f;
-        for (int64_t b = 0; b < blocks; ++b) zero_term += z[b] * sm[b];
+        const uint16_t* sc = scales + (n + r) * blocks;
+        for (int64_t b = 0; b < blocks; ++b)
+          zero_term += (bf16_float(z[b]) - 8.f * bf16_float(sc[b])) * sm[b];
         y[(m0 + m) * N + n + r] = sum_lanes(acc[m][r]) + zero_term;
       }
   }
@@ -222,8 +246,10 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   Activations a = quantize(x);
   at::Tensor y = at::empty({M, N}, x.options());
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  const float* sp = scales.data_ptr<float>();
-  const float* zp = zeros.data_ptr<float>();
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && zeros.scalar_type() == at::kBFloat16,
+              "int4_mm: scales and zeros must be bfloat16");
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr());
+  const uint16_t* zp = reinterpret_cast<const uint16_t*>(zeros.data_ptr());
   float* yp = y.data_ptr<float>();
   over_rows(M, N, [&](int64_t m0, int64_t rows, int64_t n0, int64_t n1) {
     DISPATCH_ROWS(int4_rows, rows, n0, n1, a, wp, sp, zp, yp, K, N, m0)

@@ -347,6 +347,14 @@ class QuantLinear(nn.Module):
                 f"bits={self.bits}{group}, bias={self.bias is not None}")
 
 
+def make_kernel_operands(model: nn.Module) -> None:
+    """Make each quantized layer's CPU kernel operands now, as a compiled step, which calls
+    the layers one by one, needs them: made while tracing, they would be made at every step."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module.weight.device.type == "cpu":
+            module._operands()
+
+
 class TiedEmbedding(nn.Module):
     """The input embedding of a model whose output projection is the embedding, once that
     projection is quantized: a token's vector is its row of the projection, dequantized.

@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from lmforge.compress.quant import make_kernel_operands
 from lmforge.config import MAX_NEW_TOKENS, VLMConfig
 from lmforge.errors import LmforgeError
 from lmforge.infer.constrain import Constraint, Matcher
@@ -444,8 +445,11 @@ class Engine:
             step, rows = _compiled(self.model), len(self.slots)
             cache = self.model.new_cache(rows, self.max_len)
             cache.static = True
-            zeros = torch.zeros(rows, dtype=torch.long, device=self.device)
             with torch.inference_mode():
+                # made here, as `step` makes its inputs: a tensor made outside inference mode
+                # fails the compiled step's guards there, and the first step compiles again
+                zeros = torch.zeros(rows, dtype=torch.long, device=self.device)
+                make_kernel_operands(self.model)  # made in the step, they would be made each time
                 step(zeros[:, None], cache=cache, start=zeros)
         finally:
             sys.setswitchinterval(interval)
