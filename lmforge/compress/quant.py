@@ -22,10 +22,12 @@ scales and zeros are bfloat16):
   W = (q - 8) * scale + zero, the convention of PyTorch's int4 kernels. When G does not
   divide K the last group is shorter (SmolLM2's width, 576, is 4.5 groups of 128). A
   symmetric grid has every zero 0 (W = (q - 8) * scale, GGUF's Q4_0).
-On the CPU, decoding steps run in PyTorch's int8/int4 kernels, with activations cast to
-bfloat16 (their fast path) and back. The int4 kernel wants the weight in its own packed
-layout, which depends on the CPU build: it is made at first use and never saved. Long prompts,
-and other devices, multiply by the dequantized weight.
+On the CPU, decoding steps (up to KERNEL_MAX_ROWS rows) run in lmforge's own int kernels
+where the CPU has AVX-512 VNNI and the layer's width is a multiple of 64
+(`lmforge.compress.kernels`: activations rounded to int8 in blocks of 32, integer dot
+products), else in PyTorch's, with activations cast to bfloat16 (their fast path) and back.
+Either wants the weight in its own layout: made at first use, never saved. Long prompts, and
+other devices, multiply by the dequantized weight.
 """
 
 from __future__ import annotations
