@@ -69,3 +69,25 @@ def test_a_quantized_model_decodes_the_same_step_by_step_and_whole():
         steps = torch.cat([model(ids[:, i:i + 1], cache=cache, start=i) for i in range(12)], 1)
     # each step's rows are quantized alone, as the whole prompt's are
     torch.testing.assert_close(steps, whole, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_compiled_step_calls_the_kernels_grouped_and_decodes_as_the_eager_one():
+    from lmforge.infer.engine import Engine, Request
+    from lmforge.infer.sampling import SamplingConfig
+
+    cfg = ModelConfig(n_layer=2, n_head=2, d_model=128, vocab_size=256, context_length=64,
+                      positions="rope", norm="rmsnorm", mlp="swiglu")
+    torch.manual_seed(0)
+    model = quantize(Decoder(cfg).eval(), QuantSpec(bits=4, group_size=32))
+    greedy = SamplingConfig(temperature=0)
+    requests = [Request(torch.randint(0, 256, (n,)).tolist(), 8, greedy) for n in (3, 9, 5)]
+    eager = Engine(model, max_batch=2, max_len=32).run(requests)
+    torch._dynamo.reset()
+    compiled = Engine(model, max_batch=2, max_len=32, compile=True)
+    compiled.wait_compiled()
+    assert [c.tokens for c in compiled.run(requests)] == [c.tokens for c in eager]
+    # q, k and v, gate and up: one call each, on operands made before the step was traced
+    attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
+    assert attn.fused._operands.ours and mlp.fused._operands.ours
+    assert attn.q_proj._kernel_operands is None and model.blocks[0].attn.o_proj._kernel_operands

@@ -350,10 +350,17 @@ class QuantLinear(nn.Module):
 
 
 def make_kernel_operands(model: nn.Module) -> None:
-    """Make each quantized layer's CPU kernel operands now, as a compiled step, which calls
-    the layers one by one, needs them: made while tracing, they would be made at every step."""
+    """Make the CPU kernel operands of each quantized layer or group of layers now, for a
+    compiled step: made while tracing, they would be made again at every step."""
+    grouped = set()
     for module in model.modules():
-        if isinstance(module, QuantLinear) and module.weight.device.type == "cpu":
+        group = getattr(module, "fused", None)
+        if isinstance(group, KernelGroup) and group.layers[0].weight.device.type == "cpu":
+            if group.operands().ours:  # the compiled step calls lmforge's kernels grouped
+                grouped.update(map(id, group.layers))
+    for module in model.modules():
+        if (isinstance(module, QuantLinear) and module.weight.device.type == "cpu"
+                and id(module) not in grouped):
             module._operands()
 
 
@@ -379,8 +386,8 @@ class KernelGroup:
     """Layers that read the same input (q, k and v; gate and up) run as one int kernel call:
     their weights side by side, packed for the kernel once. Like a layer's own kernel
     operands it is a cache: the layers, and what is saved, stay as they are, and what is not
-    a small step on a CPU (a long prompt, another device, a compiled step, a layer since
-    replaced by another) goes layer by layer. One call instead of three and two
+    a small step on a CPU (a long prompt, another device, a layer since replaced by another,
+    a compiled step on PyTorch's kernels) goes layer by layer. One call instead of three and two
     saves their casts to bfloat16 and back: SmolLM2 decodes 11% faster at int4, 5-9% at int8."""
 
     def __init__(self, layers: list[QuantLinear]) -> None:
@@ -403,17 +410,27 @@ class KernelGroup:
         """Each layer's output for `x`, or None where the layers must run one by one."""
         first = self.layers[0]
         if (x.device.type != "cpu" or x.numel() > KERNEL_MAX_ROWS * first.in_features
-                or torch.compiler.is_compiling()
                 or any(a is not b for a, b in zip(layers, self.layers))):
             return None
-        made_from = [(layer.version, layer.weight.device) for layer in self.layers]
-        if self._operands is None or made_from != self._made_from:
-            self._operands, self._made_from = kernel_operands(list(self.layers)), made_from
+        if torch.compiler.is_compiling():
+            # a compiled step calls lmforge's kernels on operands made before (see
+            # `make_kernel_operands`); PyTorch's kernels are left to the compiler layer by layer
+            if self._operands is None or not self._operands.ours:
+                return None
+        else:
+            self.operands()
         y = kernel_matmul(x.reshape(-1, first.in_features), self._operands, first.bits,
                           first.group_size, sum(self.sizes)).to(x.dtype)
         y = y.view(*x.shape[:-1], y.shape[-1]).split(self.sizes, dim=-1)
         return tuple(out if layer.bias is None else out + layer.bias.to(x.dtype)
                      for out, layer in zip(y, self.layers))
+
+    def operands(self) -> Operands:
+        """The group's kernel operands, remade when a layer's weights have changed."""
+        made_from = [(layer.version, layer.weight.device) for layer in self.layers]
+        if self._operands is None or made_from != self._made_from:
+            self._operands, self._made_from = kernel_operands(list(self.layers)), made_from
+        return self._operands
 
 
 class Operands(NamedTuple):

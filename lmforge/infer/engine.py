@@ -595,7 +595,10 @@ class Engine:
         self._reserve(rows, max(s.position for s in active) + 1)
         masks = self._start_masks(active)
         if self._step_model is not None:
-            logits = self._step_model(tokens, cache=self.cache, start=starts)
+            # One compiled graph, for fixed shapes: checking all of its guards each step cost
+            # 1.6 ms of a 13 ms int4 SmolLM2 step, and none of them can fail here.
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                logits = self._step_model(tokens, cache=self.cache, start=starts)
         else:
             logits = self.model(tokens, cache=self._cache_rows(0, rows),
                                 start=_shared_start(active, starts))
