@@ -211,18 +211,21 @@ void over_rows(int64_t M, int64_t N, Rows rows) {
   });
 }
 
-// R = 4 weight rows at a time for up to 2 rows of x, else one (registers run out); the
-// rows left over at the end of a thread's range go one at a time.
-#define DISPATCH_ROWS(KERNEL, count, n0, n1, ...)                                      \
-  switch (count) {                                                                     \
-    case 1: KERNEL<1, 4>(__VA_ARGS__, n0, n1); KERNEL<1, 1>(__VA_ARGS__, n1 - (n1 - n0) % 4, n1); break; \
-    case 2: KERNEL<2, 4>(__VA_ARGS__, n0, n1); KERNEL<2, 1>(__VA_ARGS__, n1 - (n1 - n0) % 4, n1); break; \
-    case 3: KERNEL<3, 1>(__VA_ARGS__, n0, n1); break;                                   \
-    case 4: KERNEL<4, 1>(__VA_ARGS__, n0, n1); break;                                   \
-    case 5: KERNEL<5, 1>(__VA_ARGS__, n0, n1); break;                                   \
-    case 6: KERNEL<6, 1>(__VA_ARGS__, n0, n1); break;                                   \
-    case 7: KERNEL<7, 1>(__VA_ARGS__, n0, n1); break;                                   \
-    default: KERNEL<8, 1>(__VA_ARGS__, n0, n1); break;                                  \
+// R weight rows at a time: 4 for up to 2 rows of x, else 2 (registers run out); the rows
+// left over at the end of a thread's range go one at a time.
+#define WITH_R(KERNEL, M, R, n0, n1, ...) \
+  KERNEL<M, R>(__VA_ARGS__, n0, n1);      \
+  KERNEL<M, 1>(__VA_ARGS__, n1 - (n1 - n0) % R, n1);
+#define DISPATCH_ROWS(KERNEL, count, n0, n1, ...)                  \
+  switch (count) {                                                 \
+    case 1: WITH_R(KERNEL, 1, 4, n0, n1, __VA_ARGS__) break;       \
+    case 2: WITH_R(KERNEL, 2, 4, n0, n1, __VA_ARGS__) break;       \
+    case 3: WITH_R(KERNEL, 3, 2, n0, n1, __VA_ARGS__) break;       \
+    case 4: WITH_R(KERNEL, 4, 2, n0, n1, __VA_ARGS__) break;       \
+    case 5: WITH_R(KERNEL, 5, 2, n0, n1, __VA_ARGS__) break;       \
+    case 6: WITH_R(KERNEL, 6, 2, n0, n1, __VA_ARGS__) break;       \
+    case 7: WITH_R(KERNEL, 7, 2, n0, n1, __VA_ARGS__) break;       \
+    default: WITH_R(KERNEL, 8, 2, n0, n1, __VA_ARGS__) break;      \
   }
 
 at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
