@@ -3,13 +3,15 @@
 //
 // Each row of x is quantized to int8 in blocks of 32 values (one float scale a block, the
 // way llama.cpp's Q8 activations are), so the dot products run on the CPU's integer
-// multiply-add (AVX-512 VNNI: 64 byte pairs an instruction) and each weight is read once for
-// all rows. Rows are quantized alone, so a row's result does not depend on the others.
+// multiply-add (AVX-512 VNNI: 64 byte pairs an instruction; AVX2: 32, in two instructions)
+// and each weight is read once for all rows. Rows are quantized alone, so a row's result does
+// not depend on the others. The instruction set is chosen when the file is compiled (for the
+// CPU it runs on); below, the few operations that differ come first, then the kernels.
 //
 // Weights come in a kernel layout made once from lmforge's (`lmforge/compress/kernels.py`):
 // chunks of 64 values, two blocks of 32, permuted so that the 32-bit lanes of an
 // accumulator alternate between the two blocks (lane j holds bytes 4j..4j+3, of block j % 2);
-// one broadcast pair of scales then scales all 16 lanes. x is permuted the same way.
+// one broadcast pair of scales then scales all lanes. x is permuted the same way.
 //   int8: w (N, K) int8; scale (N,) float: W = w * scale.
 //   int4: w (N, K/2) uint8, the chunk's value at lane byte p in the low nibble of byte p and
 //         the one at p + 32 in the high nibble; scales, zeros (N, K/32) bfloat16, one a block:
@@ -37,10 +39,10 @@ inline int source_of(int p) {
   return block * 32 + (lane / 2) * 4 + p % 4;
 }
 
-// Rows of activations, quantized: int8 values, and their magnitudes and signs (for the
-// int8 kernel, whose VNNI instruction wants one unsigned operand), in kernel order; a scale
-// per block, and the sum of each block (for int4's zero points). Kept in a buffer of the
-// calling thread, reused from call to call: a decoding step makes hundreds of calls.
+// Rows of activations, quantized: int8 values in kernel order (and, for AVX-512's int8
+// kernel, whose VNNI instruction wants one unsigned operand, their magnitudes and signs); a
+// scale per block, and the sum of each block (for int4's zero points). Kept in a buffer of
+// the calling thread, reused from call to call: a decoding step makes hundreds of calls.
 struct Activations {
   int8_t* q;
   uint8_t* magnitude;
@@ -49,12 +51,63 @@ struct Activations {
   float* sums;
 };
 
-inline float sum_lanes(__m512 v) { return _mm512_reduce_add_ps(v); }
+inline float bf16_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
 
-// Two floats (a, b) as 16 lanes a, b, a, b, ...
-inline __m512 pair(const float* ab) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+
+using Floats = __m512;  // an accumulator: lanes alternate between a chunk's two blocks
+using Ints = __m512i;   // a chunk's dot products, the same lanes
+using W8 = __m512i;     // a chunk of int8 weights
+using W4 = __m512i;     // a chunk of int4 weights, as bytes 0..15
+using X4 = __m512i;     // a chunk of activations, int8
+struct X8 {             // a chunk of activations for the int8 kernel
+  __m512i magnitude;
+  __mmask64 negative;
+};
+
+inline Floats zero_floats() { return _mm512_setzero_ps(); }
+inline float sum_lanes(Floats v) { return _mm512_reduce_add_ps(v); }
+inline Floats multiply(Floats a, Floats b) { return _mm512_mul_ps(a, b); }
+inline Floats scaled_add(Ints dot, Floats scale, Floats acc) {
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc);
+}
+
+// Two floats (a, b) as lanes a, b, a, b, ...
+inline Floats pair(const float* ab) {
   return _mm512_castpd_ps(_mm512_set1_pd(*reinterpret_cast<const double*>(ab)));
 }
+
+// Two bfloat16 values (a, b) as float lanes a, b, a, b, ...
+inline Floats bf16_pair(const uint16_t* ab) {
+  __m512i both = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(ab));
+  return _mm512_castsi512_ps(_mm512_mask_blend_epi32(
+      0xAAAA, _mm512_slli_epi32(both, 16), _mm512_and_si512(both, _mm512_set1_epi32(0xFFFF0000))));
+}
+
+inline W8 load_w8(const int8_t* p) { return _mm512_loadu_si512(p); }
+inline X8 load_x8(const Activations& a, int64_t at, int64_t chunk) {
+  return {_mm512_loadu_si512(a.magnitude + at), a.negative[chunk]};
+}
+// |x| * (w with the sign of x): VNNI multiplies unsigned bytes by signed ones
+inline Ints dot8(const X8& x, W8 w) {
+  __m512i signed_w = _mm512_mask_sub_epi8(w, x.negative, _mm512_setzero_si512(), w);
+  return _mm512_dpbusd_epi32(_mm512_setzero_si512(), x.magnitude, signed_w);
+}
+
+// 32 bytes of nibbles: the low ones are the chunk's bytes 0..31, the high ones 32..63
+inline W4 load_w4(const uint8_t* p) {
+  const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+  __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(packed), packed, 1);
+  return _mm512_and_si512(_mm512_srlv_epi16(both, shifts), _mm512_set1_epi8(0x0F));
+}
+inline X4 load_x4(const int8_t* p) { return _mm512_loadu_si512(p); }
+inline Ints dot4(W4 q, X4 x) { return _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, x); }
 
 // 32 floats rounded on the grid of their largest magnitude: 32 int8 values, and the scale.
 inline __m256i quantize_block(const float* x, float* scale, float* sum) {
@@ -70,19 +123,118 @@ inline __m256i quantize_block(const float* x, float* scale, float* sum) {
                                  _mm512_cvtsepi32_epi8(qhi), 1);
 }
 
-void quantize_row(const float* x, int64_t K, const Activations& a, int64_t m) {
-  // dword j of a chunk: block j % 2's dword j / 2
+// A chunk's two quantized blocks in kernel order: dword j from block j % 2's dword j / 2.
+inline void store_chunk(__m256i first, __m256i second, const Activations& a, int64_t at,
+                        int64_t chunk) {
   const __m512i interleave = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+  __m512i v = _mm512_permutexvar_epi32(
+      interleave, _mm512_inserti64x4(_mm512_castsi256_si512(first), second, 1));
+  _mm512_storeu_si512(a.q + at, v);
+  _mm512_storeu_si512(a.magnitude + at, _mm512_abs_epi8(v));
+  a.negative[chunk] = _mm512_movepi8_mask(v);
+}
+
+#elif defined(__AVX2__) && defined(__FMA__)
+
+using Floats = __m256;  // lanes alternate between a chunk's two blocks, as with AVX-512
+using Ints = __m256i;   // the dot products of a chunk's two halves, summed (same lanes)
+struct W8 {
+  __m256i lo, hi;
+};
+using W4 = W8;
+using X4 = W8;
+using X8 = W8;
+
+inline Floats zero_floats() { return _mm256_setzero_ps(); }
+inline float sum_lanes(Floats v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+inline Floats multiply(Floats a, Floats b) { return _mm256_mul_ps(a, b); }
+inline Floats scaled_add(Ints dot, Floats scale, Floats acc) {
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc);
+}
+inline Floats pair(const float* ab) {
+  return _mm256_castpd_ps(_mm256_set1_pd(*reinterpret_cast<const double*>(ab)));
+}
+inline Floats bf16_pair(const uint16_t* ab) {
+  __m256i both = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(ab));
+  return _mm256_castsi256_ps(_mm256_blend_epi32(
+      _mm256_slli_epi32(both, 16), _mm256_and_si256(both, _mm256_set1_epi32(0xFFFF0000)), 0xAA));
+}
+
+inline W8 load_pair(const void* p) {
+  const __m256i* v = reinterpret_cast<const __m256i*>(p);
+  return {_mm256_loadu_si256(v), _mm256_loadu_si256(v + 1)};
+}
+inline W8 load_w8(const int8_t* p) { return load_pair(p); }
+inline X8 load_x8(const Activations& a, int64_t at, int64_t) { return load_pair(a.q + at); }
+inline X4 load_x4(const int8_t* p) { return load_pair(p); }
+// unsigned bytes times signed ones, pairs summed to int16 (at most 2 * 127 * 127: no
+// saturation), then to int32 lanes
+inline __m256i dot_bytes(__m256i u, __m256i s) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+// |x| * (w with the sign of x), as llama.cpp does
+inline Ints dot8(const X8& x, const W8& w) {
+  return _mm256_add_epi32(
+      dot_bytes(_mm256_sign_epi8(x.lo, x.lo), _mm256_sign_epi8(w.lo, x.lo)),
+      dot_bytes(_mm256_sign_epi8(x.hi, x.hi), _mm256_sign_epi8(w.hi, x.hi)));
+}
+inline W4 load_w4(const uint8_t* p) {
+  __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  return {_mm256_and_si256(packed, low), _mm256_and_si256(_mm256_srli_epi16(packed, 4), low)};
+}
+inline Ints dot4(const W4& q, const X4& x) {
+  return _mm256_add_epi32(dot_bytes(q.lo, x.lo), dot_bytes(q.hi, x.hi));
+}
+
+inline __m256i quantize_block(const float* x, float* scale, float* sum) {
+  __m256 v[4];
+  __m256 largest = _mm256_setzero_ps();
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    largest = _mm256_max_ps(largest, _mm256_and_ps(v[i], magnitude));
+  }
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(largest), _mm256_extractf128_ps(largest, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  float top = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+  *scale = top / 127.f;
+  __m256 inverse = _mm256_set1_ps(top > 0.f ? 127.f / top : 0.f);
+  __m256i q[4];
+  for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inverse));
+  __m256i total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+  *sum = static_cast<float>(_mm_cvtsi128_si32(t)) * *scale;
+  // packing works within 128-bit lanes; the permutation puts the dwords back in order
+  __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+inline void store_chunk(__m256i first, __m256i second, const Activations& a, int64_t at,
+                        int64_t) {
+  __m256i lo = _mm256_unpacklo_epi32(first, second), hi = _mm256_unpackhi_epi32(first, second);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.q + at), _mm256_permute2x128_si256(lo, hi, 0x20));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.q + at + 32),
+                      _mm256_permute2x128_si256(lo, hi, 0x31));
+}
+
+#else
+#error "lmforge's int kernels need AVX2 and FMA, or AVX-512 with VNNI"
+#endif
+
+void quantize_row(const float* x, int64_t K, const Activations& a, int64_t m) {
   const int64_t blocks = K / 32;
   for (int64_t c = 0; c < K / CHUNK; ++c) {
     int64_t b = m * blocks + 2 * c;
     __m256i first = quantize_block(x + c * CHUNK, a.scales + b, a.sums + b);
     __m256i second = quantize_block(x + c * CHUNK + 32, a.scales + b + 1, a.sums + b + 1);
-    __m512i v = _mm512_permutexvar_epi32(
-        interleave, _mm512_inserti64x4(_mm512_castsi256_si512(first), second, 1));
-    _mm512_storeu_si512(a.q + m * K + c * CHUNK, v);
-    _mm512_storeu_si512(a.magnitude + m * K + c * CHUNK, _mm512_abs_epi8(v));
-    a.negative[m * (K / CHUNK) + c] = _mm512_movepi8_mask(v);
+    store_chunk(first, second, a, m * K + c * CHUNK, m * (K / CHUNK) + c);
   }
 }
 
@@ -114,27 +266,18 @@ void check(const at::Tensor& x, int64_t K, const char* what) {
 template <int M, int R>
 void int8_rows(const Activations& a, const int8_t* w, const float* scale, float* y,
                int64_t K, int64_t N, int64_t m0, int64_t n0, int64_t n1) {
-  const int64_t chunks = K / CHUNK;
-  const uint8_t* mag = a.magnitude + m0 * K;
-  const uint64_t* neg = a.negative + m0 * chunks;
-  const float* xs = a.scales + m0 * (K / 32);
+  const int64_t chunks = K / CHUNK, blocks = K / 32;
   for (int64_t n = n0; n + R <= n1; n += R) {
-    __m512 acc[M][R];
+    Floats acc[M][R];
     for (int m = 0; m < M; ++m)
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+      for (int r = 0; r < R; ++r) acc[m][r] = zero_floats();
     for (int64_t c = 0; c < chunks; ++c) {
-      __m512i wc[R];
-      for (int r = 0; r < R; ++r) wc[r] = _mm512_loadu_si512(w + (n + r) * K + c * CHUNK);
+      W8 wc[R];
+      for (int r = 0; r < R; ++r) wc[r] = load_w8(w + (n + r) * K + c * CHUNK);
       for (int m = 0; m < M; ++m) {
-        // |x| * (w with the sign of x): VNNI multiplies unsigned bytes by signed ones
-        __mmask64 sign = neg[m * chunks + c];
-        __m512i xm = _mm512_loadu_si512(mag + m * K + c * CHUNK);
-        __m512 xscale = pair(xs + m * (K / 32) + 2 * c);
-        for (int r = 0; r < R; ++r) {
-          __m512i ws = _mm512_mask_sub_epi8(wc[r], sign, _mm512_setzero_si512(), wc[r]);
-          __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), xm, ws);
-          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), xscale, acc[m][r]);
-        }
+        X8 x = load_x8(a, (m0 + m) * K + c * CHUNK, (m0 + m) * chunks + c);
+        Floats xscale = pair(a.scales + (m0 + m) * blocks + 2 * c);
+        for (int r = 0; r < R; ++r) acc[m][r] = scaled_add(dot8(x, wc[r]), xscale, acc[m][r]);
       }
     }
     for (int m = 0; m < M; ++m)
@@ -142,60 +285,34 @@ void int8_rows(const Activations& a, const int8_t* w, const float* scale, float*
   }
 }
 
-// Two bfloat16 values (a, b) as 16 float lanes a, b, a, b, ...
-inline __m512 bf16_pair(const uint16_t* ab) {
-  __m512i both = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(ab));
-  return _mm512_castsi512_ps(_mm512_mask_blend_epi32(
-      0xAAAA, _mm512_slli_epi32(both, 16), _mm512_and_si512(both, _mm512_set1_epi32(0xFFFF0000))));
-}
-
-inline float bf16_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
 template <int M, int R>
 void int4_rows(const Activations& a, const uint8_t* w, const uint16_t* scales, const uint16_t* zeros,
                float* y, int64_t K, int64_t N, int64_t m0, int64_t n0, int64_t n1) {
   const int64_t chunks = K / CHUNK, blocks = K / 32;
-  const int8_t* xq = a.q + m0 * K;
-  const float* xs = a.scales + m0 * blocks;
-  const float* sums = a.sums + m0 * blocks;
-  const __m512i low = _mm512_set1_epi8(0x0F);
-  // the upper 256 bits take the high nibbles
-  const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
   for (int64_t n = n0; n + R <= n1; n += R) {
-    __m512 acc[M][R];
+    Floats acc[M][R];
     for (int m = 0; m < M; ++m)
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+      for (int r = 0; r < R; ++r) acc[m][r] = zero_floats();
     for (int64_t c = 0; c < chunks; ++c) {
-      __m512i q[R];
-      __m512 ws[R];
+      W4 q[R];
+      Floats ws[R];
       for (int r = 0; r < R; ++r) {
-        __m256i packed = _mm256_loadu_si256(
-            reinterpret_cast<const __m256i*>(w + (n + r) * (K / 2) + c * 32));
-        __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(packed), packed, 1);
-        q[r] = _mm512_and_si512(_mm512_srlv_epi16(both, shifts), low);
+        q[r] = load_w4(w + (n + r) * (K / 2) + c * 32);
         ws[r] = bf16_pair(scales + (n + r) * blocks + 2 * c);
       }
       for (int m = 0; m < M; ++m) {
-        __m512i xm = _mm512_loadu_si512(xq + m * K + c * CHUNK);
-        __m512 xscale = pair(xs + m * blocks + 2 * c);
-        for (int r = 0; r < R; ++r) {
-          __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[r], xm);
-          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws[r], xscale),
-                                      acc[m][r]);
-        }
+        X4 x = load_x4(a.q + (m0 + m) * K + c * CHUNK);
+        Floats xscale = pair(a.scales + (m0 + m) * blocks + 2 * c);
+        for (int r = 0; r < R; ++r)
+          acc[m][r] = scaled_add(dot4(q[r], x), multiply(ws[r], xscale), acc[m][r]);
       }
     }
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) {
         const uint16_t* z = zeros + (n + r) * blocks;
-        const float* sm = sums + m * blocks;
-        float zero_term = 0.f;
         const uint16_t* sc = scales + (n + r) * blocks;
+        const float* sm = a.sums + (m0 + m) * blocks;
+        float zero_term = 0.f;
         for (int64_t b = 0; b < blocks; ++b)
           zero_term += (bf16_float(z[b]) - 8.f * bf16_float(sc[b])) * sm[b];
         y[(m0 + m) * N + n + r] = sum_lanes(acc[m][r]) + zero_term;

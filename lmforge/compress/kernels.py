@@ -2,14 +2,15 @@
 
 PyTorch's int kernels multiply bfloat16 activations by weights they widen one by one; these
 quantize each row of activations to int8 in blocks of 32 (a scale a block, as llama.cpp
-does) and multiply on the CPU's integer dot-product instructions (AVX-512 VNNI), so a
-decoding step is bound by the bytes of weights it reads. Each row is quantized alone: a
+does) and multiply on the CPU's integer dot-product instructions (AVX-512 VNNI, or AVX2), so
+a decoding step is bound by the bytes of weights it reads. Each row is quantized alone: a
 sequence's result does not depend on what it is batched with.
 
 They are compiled on first use for this CPU (about 15 seconds, with the C++ compiler
 PyTorch's extensions use) into lmforge's cache, and loaded from there after. Where they cannot
-be built (no compiler, a CPU without VNNI), or `LMFORGE_INT_KERNELS=0`, decoding uses
+be built (no compiler, a CPU without AVX2), or with `LMFORGE_INT_KERNELS=0`, decoding uses
 PyTorch's kernels, as before: the weights on disk are the same either way.
+`LMFORGE_INT_KERNELS=avx2` builds the AVX2 kernels on a CPU that has AVX-512 too.
 """
 
 from __future__ import annotations
@@ -35,33 +36,35 @@ BLOCK = 32
 @cache
 def available() -> bool:
     """Whether the kernels are built and loaded (building them the first time)."""
-    if os.environ.get("LMFORGE_INT_KERNELS", "1") == "0":
+    choice = os.environ.get("LMFORGE_INT_KERNELS", "auto").lower()
+    if choice == "0":
         return False
     try:
-        _load()
-    except Exception as error:  # no compiler, no VNNI, a failed build: PyTorch's kernels do
+        _load(force_avx2=choice == "avx2")
+    except Exception as error:  # no compiler, no AVX2, a failed build: PyTorch's kernels do
         log.warning("lmforge's int8/int4 CPU kernels are not available (%s); decoding uses "
                     "PyTorch's int kernels", str(error).strip().splitlines()[-1][:300])
         return False
     return True
 
 
-def _load() -> None:
+def _load(force_avx2: bool = False) -> None:
     from torch.utils import cpp_extension
 
-    if "avx512" not in torch.backends.cpu.get_cpu_capability().lower():
-        raise RuntimeError("this CPU has no AVX-512")
-    # One build per source, PyTorch version and CPU: it is compiled for the CPU it runs on.
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()
-                         + _cpu_flags().encode()).hexdigest()[:16]
+    if torch.backends.cpu.get_cpu_capability().lower() not in ("avx2", "avx512"):
+        raise RuntimeError("this CPU has neither AVX2 nor AVX-512")
+    flags = ["-O3", "-march=native", "-fopenmp"] + (["-mno-avx512f"] if force_avx2 else [])
+    # One build per source, flags, PyTorch version and CPU: it is compiled for the CPU it
+    # runs on.
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()
+                         + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
     directory = cache_dir() / "kernels" / key
     directory.mkdir(parents=True, exist_ok=True)
     if not (directory / "lmforge_kernels.so").exists():
         log.warning("compiling lmforge's int8/int4 CPU kernels for this CPU (once, about 15 s)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cpp_extension.load(name="lmforge_kernels", sources=[str(SOURCE)],
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        cpp_extension.load(name="lmforge_kernels", sources=[str(SOURCE)], extra_cflags=flags,
                            extra_ldflags=["-fopenmp"], build_directory=str(directory),
                            is_python_module=False)
     # shapes for torch.compile, which calls the kernels as they are
