@@ -14,8 +14,10 @@
 // one broadcast pair of scales then scales all lanes. x is permuted the same way.
 //   int8: w (N, K) int8; scale (N,) float: W = w * scale.
 //   int4: w (N, K/2) uint8, the chunk's value at lane byte p in the low nibble of byte p and
-//         the one at p + 32 in the high nibble; scales, zeros (N, K/32) bfloat16, one a block:
-//         W = (q - 8) * scale + zero, q in 0..15.
+//         the one at p + 32 in the high nibble; scales (N, K/32) bfloat16 and offsets (N, K/32)
+//         float, one a block: W = q * scale + offset, q in 0..15. A block's offset times the
+//         sum of x over the block is its share of the result: a few vector multiply-adds a
+//         row, after the dot products.
 
 #include <immintrin.h>
 #include <torch/library.h>
@@ -24,7 +26,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 namespace {
@@ -51,13 +52,6 @@ struct Activations {
   float* sums;
 };
 
-inline float bf16_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 
 using Floats = __m512;  // an accumulator: lanes alternate between a chunk's two blocks
@@ -70,11 +64,15 @@ struct X8 {             // a chunk of activations for the int8 kernel
   __mmask64 negative;
 };
 
+constexpr int LANES = 16;
 inline Floats zero_floats() { return _mm512_setzero_ps(); }
 inline float sum_lanes(Floats v) { return _mm512_reduce_add_ps(v); }
 inline Floats multiply(Floats a, Floats b) { return _mm512_mul_ps(a, b); }
-inline Floats scaled_add(Ints dot, Floats scale, Floats acc) {
-  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc);
+inline Floats multiply_add(Floats a, Floats b, Floats acc) { return _mm512_fmadd_ps(a, b, acc); }
+inline Floats to_floats(Ints v) { return _mm512_cvtepi32_ps(v); }
+// `count` (1..LANES) floats, zeros in the lanes after them
+inline Floats load_floats(const float* p, int64_t count) {
+  return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), p);
 }
 
 // Two floats (a, b) as lanes a, b, a, b, ...
@@ -82,11 +80,12 @@ inline Floats pair(const float* ab) {
   return _mm512_castpd_ps(_mm512_set1_pd(*reinterpret_cast<const double*>(ab)));
 }
 
-// Two bfloat16 values (a, b) as float lanes a, b, a, b, ...
+// Two bfloat16 values (a, b) as float lanes a, b, a, b, ...: each lane's two bytes moved to
+// the top of the lane (a float is a bfloat16 with 16 more bits of zeros)
 inline Floats bf16_pair(const uint16_t* ab) {
-  __m512i both = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(ab));
-  return _mm512_castsi512_ps(_mm512_mask_blend_epi32(
-      0xAAAA, _mm512_slli_epi32(both, 16), _mm512_and_si512(both, _mm512_set1_epi32(0xFFFF0000))));
+  const __m512i to_top = _mm512_set1_epi64(0x03028080'01008080);
+  return _mm512_castsi512_ps(_mm512_shuffle_epi8(
+      _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(ab)), to_top));
 }
 
 inline W8 load_w8(const int8_t* p) { return _mm512_loadu_si512(p); }
@@ -145,6 +144,7 @@ using W4 = W8;
 using X4 = W8;
 using X8 = W8;
 
+constexpr int LANES = 8;
 inline Floats zero_floats() { return _mm256_setzero_ps(); }
 inline float sum_lanes(Floats v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -152,16 +152,20 @@ inline float sum_lanes(Floats v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
 }
 inline Floats multiply(Floats a, Floats b) { return _mm256_mul_ps(a, b); }
-inline Floats scaled_add(Ints dot, Floats scale, Floats acc) {
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc);
+inline Floats multiply_add(Floats a, Floats b, Floats acc) { return _mm256_fmadd_ps(a, b, acc); }
+inline Floats to_floats(Ints v) { return _mm256_cvtepi32_ps(v); }
+inline Floats load_floats(const float* p, int64_t count) {
+  __m256i first = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
+                                     _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_maskload_ps(p, first);
 }
 inline Floats pair(const float* ab) {
   return _mm256_castpd_ps(_mm256_set1_pd(*reinterpret_cast<const double*>(ab)));
 }
 inline Floats bf16_pair(const uint16_t* ab) {
-  __m256i both = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(ab));
-  return _mm256_castsi256_ps(_mm256_blend_epi32(
-      _mm256_slli_epi32(both, 16), _mm256_and_si256(both, _mm256_set1_epi32(0xFFFF0000)), 0xAA));
+  const __m256i to_top = _mm256_set1_epi64x(0x03028080'01008080);
+  return _mm256_castsi256_ps(_mm256_shuffle_epi8(
+      _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(ab)), to_top));
 }
 
 inline W8 load_pair(const void* p) {
@@ -277,7 +281,8 @@ void int8_rows(const Activations& a, const int8_t* w, const float* scale, float*
       for (int m = 0; m < M; ++m) {
         X8 x = load_x8(a, (m0 + m) * K + c * CHUNK, (m0 + m) * chunks + c);
         Floats xscale = pair(a.scales + (m0 + m) * blocks + 2 * c);
-        for (int r = 0; r < R; ++r) acc[m][r] = scaled_add(dot8(x, wc[r]), xscale, acc[m][r]);
+        for (int r = 0; r < R; ++r)
+          acc[m][r] = multiply_add(to_floats(dot8(x, wc[r])), xscale, acc[m][r]);
       }
     }
     for (int m = 0; m < M; ++m)
@@ -286,7 +291,7 @@ void int8_rows(const Activations& a, const int8_t* w, const float* scale, float*
 }
 
 template <int M, int R>
-void int4_rows(const Activations& a, const uint8_t* w, const uint16_t* scales, const uint16_t* zeros,
+void int4_rows(const Activations& a, const uint8_t* w, const uint16_t* scales, const float* offsets,
                float* y, int64_t K, int64_t N, int64_t m0, int64_t n0, int64_t n1) {
   const int64_t chunks = K / CHUNK, blocks = K / 32;
   for (int64_t n = n0; n + R <= n1; n += R) {
@@ -304,19 +309,21 @@ void int4_rows(const Activations& a, const uint8_t* w, const uint16_t* scales, c
         X4 x = load_x4(a.q + (m0 + m) * K + c * CHUNK);
         Floats xscale = pair(a.scales + (m0 + m) * blocks + 2 * c);
         for (int r = 0; r < R; ++r)
-          acc[m][r] = scaled_add(dot4(q[r], x), multiply(ws[r], xscale), acc[m][r]);
+          acc[m][r] = multiply_add(to_floats(dot4(q[r], x)), multiply(ws[r], xscale), acc[m][r]);
       }
     }
-    for (int m = 0; m < M; ++m)
-      for (int r = 0; r < R; ++r) {
-        const uint16_t* z = zeros + (n + r) * blocks;
-        const uint16_t* sc = scales + (n + r) * blocks;
-        const float* sm = a.sums + (m0 + m) * blocks;
-        float zero_term = 0.f;
-        for (int64_t b = 0; b < blocks; ++b)
-          zero_term += (bf16_float(z[b]) - 8.f * bf16_float(sc[b])) * sm[b];
-        y[(m0 + m) * N + n + r] = sum_lanes(acc[m][r]) + zero_term;
+    for (int r = 0; r < R; ++r) {
+      const float* offset = offsets + (n + r) * blocks;
+      for (int m = 0; m < M; ++m) {
+        const float* sum = a.sums + (m0 + m) * blocks;
+        Floats total = acc[m][r];
+        for (int64_t b = 0; b < blocks; b += LANES) {
+          int64_t count = std::min<int64_t>(LANES, blocks - b);
+          total = multiply_add(load_floats(offset + b, count), load_floats(sum + b, count), total);
+        }
+        y[(m0 + m) * N + n + r] = sum_lanes(total);
       }
+    }
   }
 }
 
@@ -360,16 +367,16 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 }
 
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                   const at::Tensor& zeros) {
+                   const at::Tensor& offsets) {
   int64_t M = x.size(0), N = w.size(0), K = w.size(1) * 2;
   check(x, K, "int4_mm");
   Activations a = quantize(x);
   at::Tensor y = at::empty({M, N}, x.options());
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && zeros.scalar_type() == at::kBFloat16,
-              "int4_mm: scales and zeros must be bfloat16");
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && offsets.scalar_type() == at::kFloat,
+              "int4_mm: scales must be bfloat16 and offsets float32");
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr());
-  const uint16_t* zp = reinterpret_cast<const uint16_t*>(zeros.data_ptr());
+  const float* zp = offsets.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   over_rows(M, N, [&](int64_t m0, int64_t rows, int64_t n0, int64_t n1) {
     DISPATCH_ROWS(int4_rows, rows, n0, n1, a, wp, sp, zp, yp, K, N, m0)
@@ -387,7 +394,7 @@ at::Tensor lane_order() {
 
 TORCH_LIBRARY(lmforge_kernels, m) {
   m.def("int8_mm(Tensor x, Tensor w, Tensor scale) -> Tensor");
-  m.def("int4_mm(Tensor x, Tensor w, Tensor scales, Tensor zeros) -> Tensor");
+  m.def("int4_mm(Tensor x, Tensor w, Tensor scales, Tensor offsets) -> Tensor");
   m.def("lane_order() -> Tensor");
 }
 

@@ -111,16 +111,16 @@ def int8_operands(weight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Ten
 def int4_operands(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                   group_size: int) -> tuple[torch.Tensor, ...]:
     """From lmforge's int4 layout, unpacked: values 0..15 uint8 (N, K), scales and zeros
-    (N, groups), W = (q - 8) * scale + zero: the packed values, and the scale and zero of
-    each block of 32."""
+    (N, groups), W = (q - 8) * scale + zero: the packed values, and the scale and offset of
+    each block of 32, W = q * scale + offset (the same numbers)."""
     N, K = values.shape
     group = torch.arange(K // BLOCK, device=values.device) * BLOCK // group_size
     lanes = _lanes(values).view(N, K // CHUNK, CHUNK)
     packed = lanes[..., :CHUNK // 2] | (lanes[..., CHUNK // 2:] << 4)
-    # bfloat16, as stored: 0.625 bytes a weight in all, as GGUF's Q4_1
-    return (packed.reshape(N, K // 2).contiguous(),
-            scales[:, group].to(torch.bfloat16).contiguous(),
-            zeros[:, group].to(torch.bfloat16).contiguous())
+    # bfloat16 scales, as stored; the offsets in float32 hold zero - 8 * scale exactly
+    scales = scales[:, group].to(torch.bfloat16)
+    offsets = zeros[:, group].to(torch.bfloat16).float() - 8 * scales.float()
+    return packed.reshape(N, K // 2).contiguous(), scales.contiguous(), offsets.contiguous()
 
 
 def matmul(x2d: torch.Tensor, operands: tuple[torch.Tensor, ...]) -> torch.Tensor:
