@@ -10,8 +10,9 @@ Each figure comes from a process of its own (so peak RSS is that engine's alone)
 --repeats: greedy tokens/s for 128 new tokens after "The capital of France is" (the prompt
 after BOS, for a model that wants one), batch 1, eager and compiled (`compile=True`, the
 first start compiles: its time is reported, later starts reuse the cache); total tokens/s of
-8 sequences decoding together (eager); prefill tokens/s for a 512-token prompt (last logits
-only); peak RSS after loading and decoding one answer.
+8 sequences decoding together, eager and compiled (and its ratio to batch 1 in the same
+mode); prefill tokens/s for a 512-token prompt (last logits only); peak RSS after loading and
+decoding one answer.
 
 Weights: the registry's GGUF dequantized to fp32 (`lmforge pull`), and `lmforge quantize`
 of it: int8 per channel and int4 in groups of 32, whose output projection is int8. The
@@ -87,20 +88,32 @@ def lmforge_worker(directory: str, mode: str, repeats: int) -> dict:
         figures["compile_s"] = time.perf_counter() - start
         request = Request(prompt, NEW_TOKENS, greedy)
         figures["decode"] = NEW_TOKENS / best_of(repeats, lambda: engine.run([request]))
+        figures["batch"] = batch_rate(Engine(model, tokenizer, max_batch=BATCH,
+                                             max_len=len(prompt) + NEW_TOKENS, compile=True),
+                                      prompt, repeats)
     else:
         generate(model, prompt, 8, greedy)  # warm-up: the int kernels' operands
         figures["decode"] = NEW_TOKENS / best_of(
             repeats, lambda: generate(model, prompt, NEW_TOKENS, greedy))
         figures["rss_mb"] = peak_rss_mb()  # loading and decoding one answer, no more
-        batch = [Request(prompt, NEW_TOKENS, greedy) for _ in range(BATCH)]
-        engine = Engine(model, tokenizer, max_batch=BATCH, max_len=len(prompt) + NEW_TOKENS)
-        engine.run(batch[:1])
-        figures["batch"] = BATCH * NEW_TOKENS / best_of(repeats, lambda: engine.run(batch))
+        figures["batch"] = batch_rate(Engine(model, tokenizer, max_batch=BATCH,
+                                             max_len=len(prompt) + NEW_TOKENS), prompt, repeats)
         long = torch.tensor([tokenizer.encode(SHAKESPEARE.read_text()[:20_000])[:PREFILL]])
         with torch.inference_mode():
             figures["prefill"] = PREFILL / best_of(repeats, lambda: model(long, last_only=True))
     figures.setdefault("rss_mb", peak_rss_mb())
     return figures
+
+
+def batch_rate(engine, prompt: list[int], repeats: int) -> float:
+    """Total tokens/s of BATCH greedy sequences decoding together on `engine`."""
+    from lmforge.infer.engine import Request
+    from lmforge.infer.sampling import SamplingConfig
+
+    engine.wait_compiled()
+    batch = [Request(prompt, NEW_TOKENS, SamplingConfig(temperature=0)) for _ in range(BATCH)]
+    engine.run(batch[:1])
+    return BATCH * NEW_TOKENS / best_of(repeats, lambda: engine.run(batch))
 
 
 def transformers_worker(gguf_path: str, repeats: int) -> dict:
@@ -315,7 +328,8 @@ def gpu_table(repeats: int) -> None:
 def print_table(rows: list[dict], llamacpp: bool) -> None:
     print(f"\ngreedy decoding, {NEW_TOKENS} new tokens, {torch.get_num_threads()} threads; "
           "tokens/s (peak RSS)\n")
-    head = ["model", "weights", "lmforge", "compiled", f"batch {BATCH}", "prefill 512",
+    head = ["model", "weights", "lmforge", "compiled", f"batch {BATCH} (x batch 1)",
+            f"compiled batch {BATCH}", "prefill 512",
             "transformers", "llama.cpp", "best / transformers", "best / llama.cpp"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -327,6 +341,8 @@ def print_table(rows: list[dict], llamacpp: bool) -> None:
                  f"{compiled['decode']:.1f} (ready in {compiled['compile_s']:.0f} s)"
                  if compiled else "-",
                  f"{eager['batch']:.1f} ({eager['batch'] / eager['decode']:.1f}x)",
+                 f"{compiled['batch']:.1f} ({compiled['batch'] / compiled['decode']:.1f}x)"
+                 if compiled else "-",
                  f"{eager['prefill']:.0f}"]
         peers = [row.get("transformers"), row.get("llama.cpp")]
         cells += [f"{fig['decode']:.1f} ({fig['rss_mb']:.0f} MB)" if fig else "-" for fig in peers]

@@ -7,12 +7,14 @@ Everything here is shape-generic and knows nothing about training or files; the 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.compress import kernels
 from lmforge.config import ModelConfig
 
 
@@ -70,12 +72,14 @@ class Positions:
     Either every row starts at the same `start` (training, a prompt, one sequence decoding),
     or each row has its own positions in `index` (B, T): sequences of different lengths
     decoding together. `end` is one past the furthest position, so attention reads the
-    first `end` cached positions.
+    first `end` cached positions. `slots`: where the positions go in a paged cache, their
+    blocks and places in them (each B * T, row by row), found once for all layers.
     """
 
     start: int
     end: int
     index: torch.Tensor | None = None
+    slots: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def of(cls, start: int | torch.Tensor, length: int, end: int | None = None) -> Positions:
@@ -85,6 +89,17 @@ class Positions:
             return cls(start, start + length)
         index = start.view(-1, 1) + torch.arange(length, device=start.device)
         return cls(0, int(index.max()) + 1 if end is None else end, index)
+
+    def rows(self, batch: int) -> torch.Tensor:
+        """Each row's positions (batch, T)."""
+        if self.index is not None:
+            return self.index
+        return torch.arange(self.start, self.end).expand(batch, self.end - self.start)
+
+    def lengths(self) -> torch.Tensor:
+        """How many positions each row's last query sees (causally): one per row, or none
+        when all rows see all `end`."""
+        return kernels.NOTHING if self.index is None else self.index[:, -1] + 1
 
     def rotary(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.index is None:
@@ -157,6 +172,107 @@ class KVCache:
         return view
 
 
+class PagedLayer(NamedTuple):
+    """One layer of a `PagedKVCache`: its blocks of keys and values (blocks, block, Hkv, D)
+    and the block table (rows, blocks a row) they share with the other layers."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    table: torch.Tensor
+
+
+class PagedKVCache:
+    """Keys and values of every layer in blocks of `block` positions, taken from one pool as
+    sequences grow and given back when they end (paged attention, Kwon et al. 2023): the
+    memory follows the positions in use, not slots x length. Row r's j-th block is
+    `table[r, j]`. Block 0 is never handed out: the rows of free slots point there, so that a
+    step over every slot (a compiled one) writes their unused positions somewhere harmless.
+    `length`: the most positions a row may reach."""
+
+    def __init__(self, n_layer: int, slots: int, n_kv_head: int, length: int, head_dim: int,
+                 block: int, dtype: torch.dtype, device: torch.device | str,
+                 blocks: int = 0) -> None:
+        self.block, self.length, self.static = block, length, False
+        self.table = torch.zeros(slots, -(-length // block), dtype=torch.long, device=device)
+        # a position's heads side by side: storing a step's keys is one indexed copy a layer
+        shape = (n_layer, 1 + blocks, block, n_kv_head, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.owned: list[list[int]] = [[] for _ in range(slots)]
+        self.free = list(range(blocks, 0, -1))  # popped from the end: lowest ids first
+        self._layers()
+
+    def _layers(self) -> None:
+        self.layers = [PagedLayer(k, v, self.table)
+                       for k, v in zip(self.k.unbind(0), self.v.unbind(0))]
+
+    @property
+    def batch(self) -> int:
+        return self.table.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes + self.table.nbytes
+
+    @property
+    def block_bytes(self) -> int:
+        return 2 * self.k[:, :1].nbytes
+
+    def place(self, pos: Positions, batch: int) -> Positions:
+        """`pos` with the `slots` its positions take in this cache's blocks."""
+        rows = pos.rows(batch).to(self.table.device)
+        blocks = self.table.gather(1, rows // self.block)
+        return replace(pos, slots=(blocks.reshape(-1), (rows % self.block).reshape(-1)))
+
+    def missing(self, slot: int, end: int) -> int:
+        """Blocks row `slot` still needs to hold positions 0..end-1."""
+        return max(0, -(-end // self.block) - len(self.owned[slot]))
+
+    def reserve(self, slot: int, end: int) -> None:
+        """Give row `slot` the blocks it needs to hold positions 0..end-1, growing the pool
+        by half (at least) when it runs out."""
+        needed = self.missing(slot, end)
+        if needed > len(self.free):
+            self.grow(max(needed - len(self.free), self.k.shape[1] // 2))
+        owned = self.owned[slot]
+        new = [self.free.pop() for _ in range(needed)]
+        if new:
+            self.table[slot, len(owned):len(owned) + needed] = torch.tensor(new)
+            owned += new
+
+    def release(self, slot: int) -> None:
+        """Row `slot`'s blocks back to the pool (the row points to block 0 again)."""
+        if self.owned[slot]:
+            self.free += reversed(self.owned[slot])
+            self.owned[slot] = []
+            self.table[slot] = 0
+
+    def grow(self, blocks: int) -> None:
+        """`blocks` more blocks in the pool (views from `rows` no longer follow this cache)."""
+        n_layer, total, *rest = self.k.shape
+        shape = (n_layer, total + blocks, *rest)
+        self.k, self.v = resized(self.k, shape), resized(self.v, shape)
+        self.free = list(range(total + blocks - 1, total - 1, -1)) + self.free
+        self._layers()
+
+    def empty(self) -> None:
+        """Give all memory back but block 0 (every row must have been released)."""
+        if any(self.owned):
+            raise RuntimeError("rows still hold blocks")
+        self.k, self.v = self.k[:, :1].clone(), self.v[:, :1].clone()
+        self.free = []
+        self._layers()
+
+    def rows(self, first: int, count: int = 1) -> PagedKVCache:
+        """A cache over rows first..first+count, sharing this one's blocks and table."""
+        view = object.__new__(type(self))
+        view.block, view.length, view.static = self.block, self.length, self.static
+        view.k, view.v, view.table = self.k, self.v, self.table[first:first + count]
+        view.owned, view.free = self.owned[first:first + count], self.free
+        view._layers()
+        return view
+
+
 def resized(t: torch.Tensor, shape: tuple[int, ...], fill: float = 0) -> torch.Tensor:
     """A new tensor of `shape` holding `t`'s values where the two overlap, `fill` elsewhere."""
     out = t.new_full(shape, fill)
@@ -165,9 +281,12 @@ def resized(t: torch.Tensor, shape: tuple[int, ...], fill: float = 0) -> torch.T
     return out
 
 
-def write_cache(layer: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor,
-                pos: Positions) -> tuple[torch.Tensor, torch.Tensor]:
+def write_cache(layer: tuple[torch.Tensor, torch.Tensor] | PagedLayer, k: torch.Tensor,
+                v: torch.Tensor, pos: Positions) -> tuple[torch.Tensor, torch.Tensor]:
     """Store k, v (B, Hkv, T, D) at their positions; return the first pos.end cached ones."""
+    if isinstance(layer, PagedLayer):
+        store_paged(layer, k, v, pos)
+        return read_paged(layer.k, layer.table, pos.end), read_paged(layer.v, layer.table, pos.end)
     cache_k, cache_v = layer
     if pos.index is None:
         cache_k[:, :, pos.start:pos.end] = k
@@ -177,6 +296,37 @@ def write_cache(layer: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: to
         cache_k[rows, :, pos.index] = k.transpose(1, 2)
         cache_v[rows, :, pos.index] = v.transpose(1, 2)
     return cache_k[:, :, :pos.end], cache_v[:, :, :pos.end]
+
+
+def store_paged(layer: PagedLayer, k: torch.Tensor, v: torch.Tensor, pos: Positions) -> None:
+    """Store k, v (B, Hkv, T, D) in their rows' blocks, at `pos.slots`."""
+    B, heads, T, dim = k.shape
+    # into the layer's tensor itself: a compiled step writes through a view of it by copying
+    # the whole pool back
+    layer.k.index_put_(pos.slots, k.transpose(1, 2).reshape(B * T, heads, dim))
+    layer.v.index_put_(pos.slots, v.transpose(1, 2).reshape(B * T, heads, dim))
+
+
+def read_paged(blocks: torch.Tensor, table: torch.Tensor, end: int) -> torch.Tensor:
+    """Each row's first `end` positions (B, Hkv, end, D) from its blocks (a copy)."""
+    size, heads, dim = blocks.shape[1:]
+    n = -(-end // size)
+    rows = blocks[table[:, :n]]  # (B, n, block, Hkv, D)
+    return rows.reshape(-1, n * size, heads, dim)[:, :end].transpose(1, 2)
+
+
+def decode_cached(layer: tuple[torch.Tensor, torch.Tensor] | PagedLayer, q: torch.Tensor,
+                  k: torch.Tensor, v: torch.Tensor, pos: Positions, scale: float | None,
+                  window: int | None) -> torch.Tensor:
+    """A decoding step's attention (B, H, 1, D) on lmforge's CPU kernel: k, v stored at
+    their positions, q attending over each row's own."""
+    if isinstance(layer, PagedLayer):
+        store_paged(layer, k, v, pos)
+        return kernels.decode_attention(q, layer.k.transpose(1, 2), layer.v.transpose(1, 2),
+                                        pos.lengths(), layer.table, pos.end, scale, window)
+    k, v = write_cache(layer, k, v, pos)
+    return kernels.decode_attention(q, k, v, pos.lengths(), end=pos.end, scale=scale,
+                                    window=window)
 
 
 def project(x: torch.Tensor, layers: tuple[nn.Module, ...], fused: Callable | None
@@ -189,11 +339,13 @@ def project(x: torch.Tensor, layers: tuple[nn.Module, ...], fused: Callable | No
 
 class Attention(nn.Module):
     """Self-attention with grouped key/value heads (MHA, GQA, MQA) through SDPA: causal, or
-    over every position (`causal=False`, a vision encoder's patches)."""
+    over every position (`causal=False`, a vision encoder's patches). `window`: the layer's
+    sliding window, which its mask carries; a decoding step on the CPU reads it here, as it
+    attends through lmforge's kernel (`kernels.decode_attention`) rather than SDPA and a mask."""
 
-    def __init__(self, cfg: ModelConfig, causal: bool = True) -> None:
+    def __init__(self, cfg: ModelConfig, causal: bool = True, window: int | None = None) -> None:
         super().__init__()
-        self.causal = causal
+        self.causal, self.window = causal, window
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.scale = cfg.attn_scale
         q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
@@ -220,6 +372,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if cache is not None and T == 1 and decodes_on_kernel(q, cache[0]):
+            y = decode_cached(cache, q, k, v, pos, self.scale, self.window)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         if cache is not None:
             k, v = write_cache(cache, k, v, pos)
         y = F.scaled_dot_product_attention(
@@ -231,6 +386,13 @@ class Attention(nn.Module):
             enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def decodes_on_kernel(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether a decoding step's attention runs on lmforge's CPU kernel: float32 on the CPU,
+    no gradient asked for, the kernels built."""
+    return (q.device.type == "cpu" and q.dtype == k.dtype == torch.float32
+            and not q.requires_grad and kernels.available())
 
 
 class CrossAttention(nn.Module):

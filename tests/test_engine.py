@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lmforge.infer.engine import (
+    PAGE,
     CacheTooLarge,
     Detokenizer,
     Engine,
@@ -278,31 +279,38 @@ def test_a_compiled_engine_s_whole_kv_cache_is_refused_before_it_is_allocated(id
         Engine(id_model, max_batch=1 << 40, compile=True)
 
 
-def test_the_kv_cache_grows_as_sequences_need_it_and_shrinks_when_they_end(tiny_llama):
+def test_the_paged_kv_cache_holds_the_blocks_of_the_tokens_in_use(tiny_llama):
     model = tiny_llama(300, context_length=1024)
     engine = Engine(model, max_batch=4)
-    idle = engine.cache_bytes(1, 256)
-    assert engine.cache.nbytes == engine.stats().kv_cache_bytes == idle  # one slot, one block
+    idle = engine.cache.nbytes
+    assert engine.stats().kv_cache_bytes == idle and engine.cache.k.shape[1] == 1  # block 0 only
     requests = [Request([5, 9], 4, GREEDY), Request(list(range(1, 251)), 20, GREEDY),
                 Request([7], 30, GREEDY)]
     ids = [engine.submit(r) for r in requests]
-    shapes, done = [], {}
+    pool, done = [], {}
     while engine.has_work():
         done.update((e.request_id, e.completion) for e in engine.step() if e.completion)
-        shapes.append((engine.cache.batch, engine.cache.length))
+        for s in filter(None, engine.slots):
+            # each sequence holds the fewest blocks its cached positions fit in
+            assert len(engine.cache.owned[s.slot]) in (-(-s.position // PAGE),
+                                                       -(-(s.position + 1) // PAGE))
+        pool.append(engine.cache.k.shape[1])
     for i, request in zip(ids, requests):
         assert done[i].tokens == generate(model, request.prompt, request.max_new_tokens, GREEDY)
-    # three slots once all three run; past 256 positions the long one takes a second block;
-    # when it ends the third sequence, at slot 2 and short, keeps three slots of one block
-    assert max(shapes) == (3, 512) and (3, 256) in shapes[shapes.index((3, 512)):]
-    assert engine.cache.nbytes == idle < engine.cache_bytes(4)
+    # at most 1 + 17 + 2 blocks in use at once (270, 6 and 31 positions): the pool, grown by
+    # half at a time, stays near that, far from 4 slots x 1024 positions
+    assert 20 <= max(pool) <= 2 * 20 < 4 * 1024 // PAGE
+    assert engine.cache.nbytes == idle  # all given back once idle
+    # a finished sequence's blocks go to the next one at once
+    engine.run([Request([5, 9], 40, GREEDY)])
+    assert engine.cache.nbytes == idle
 
 
 def test_a_cache_that_cannot_grow_fails_its_step_with_the_fix(tiny_llama, monkeypatch):
     engine = Engine(tiny_llama(300, context_length=1024), max_batch=2)
     engine.submit(Request(list(range(1, 300)), 4, GREEDY))
     monkeypatch.setattr("lmforge.infer.engine.available_memory", lambda device: 10_000)
-    with pytest.raises(CacheTooLarge, match=r"1 sequences of 512 positions needs .*--max-len N"):
+    with pytest.raises(CacheTooLarge, match=r"KV cache needs .* GB .*--max-len N"):
         engine.step()
 
 

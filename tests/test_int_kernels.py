@@ -1,12 +1,15 @@
-"""lmforge's int8/int4 CPU kernels against the float matmul of the same quantized weights."""
+"""lmforge's CPU decoding kernels: int8/int4 matmuls against the float matmul of the same
+quantized weights, decoding attention against PyTorch's."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmforge.compress import kernels
 from lmforge.compress.quant import QuantLinear, QuantSpec, kernel_operands, quantize
 from lmforge.config import ModelConfig
+from lmforge.layers import decodes_on_kernel
 from lmforge.models.decoder import Decoder
 
 pytestmark = pytest.mark.skipif(not kernels.available(),
@@ -91,3 +94,45 @@ def test_a_compiled_step_calls_the_kernels_grouped_and_decodes_as_the_eager_one(
     attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
     assert attn.fused._operands.ours and mlp.fused._operands.ours
     assert attn.q_proj._kernel_operands is None and model.blocks[0].attn.o_proj._kernel_operands
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,window", [
+    (4, 4, 64, None), (6, 2, 40, None), (9, 3, 64, 5), (2, 1, 128, 16), (3, 3, 8, None)])
+def test_decode_attention_is_sdpa_over_each_rows_own_positions(heads, kv_heads, head_dim,
+                                                               window):
+    torch.manual_seed(0)
+    B, L = 4, 37  # 37: no multiple of the vector width; 40 and 8 leave short vectors too
+    q = torch.randn(B, heads, 1, head_dim)
+    k, v = torch.randn(2, B, kv_heads, L, head_dim).unbind(0)
+    lengths = torch.tensor([1, 37, 20, 6])
+    keys = torch.arange(L)
+    mask = keys < lengths[:, None]
+    if window is not None:
+        mask &= keys >= lengths[:, None] - window
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None],
+                                              enable_gqa=True, scale=0.3)
+    got = kernels.decode_attention(q, k, v, lengths, scale=0.3, window=window)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # no lengths: every row sees all L positions
+    everything = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    torch.testing.assert_close(kernels.decode_attention(q, k[:, :, :L], v), everything,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_reads_the_caches_own_views_and_large_scores():
+    torch.manual_seed(1)
+    cache = torch.randn(2, 3, 2, 50, 32)  # (layers, slots, heads, positions, dim)
+    k, v = cache[1, 1:3], cache[0, 1:3]  # strided views, as a cache's rows are
+    q = torch.randn(2, 4, 1, 32) * 40  # scores in the hundreds: the softmax must not overflow
+    lengths = torch.tensor([50, 9])
+    mask = (torch.arange(50) < lengths[:, None])[:, None, None]
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(kernels.decode_attention(q, k, v, lengths), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_steps_attend_on_the_kernel_only_where_it_applies():
+    q = torch.randn(1, 2, 1, 64)
+    assert decodes_on_kernel(q, q)
+    assert not decodes_on_kernel(q.bfloat16(), q.bfloat16())
+    assert not decodes_on_kernel(q.requires_grad_(), q)

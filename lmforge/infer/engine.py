@@ -4,9 +4,12 @@ A request waits in a queue until a cache slot is free; its prompt then runs alon
 the model (the prefill) and its sequence joins the batch, where every step feeds one new
 token per active sequence through a single forward pass, sequences at different positions
 included. A finished sequence frees its slot at once and the next waiting one takes it
-(continuous batching), so a server only has to call `step` in a loop. The cache holds the
-slots and positions its sequences reach, growing in blocks as they need more and shrinking
-when they end, so an idle server with a long context holds almost none of it.
+(continuous batching), so a server only has to call `step` in a loop. The KV cache is paged
+(for the families whose attention reads one: decoder-only and vision-language models): each
+sequence takes blocks of `PAGE` positions from a shared pool as it grows and gives them back
+when it ends, so the memory held follows the tokens in use, not slots x context, and an idle
+engine holds almost none (a compiled step's pool is whole from the start: its shapes are
+fixed). Other families' caches hold the slots and positions in use, grown in blocks.
 
 Each step returns `Event`s: the new token, the text it completes (never half a UTF-8
 character, never the start of a stop string that may still match), its log-probability and
@@ -315,7 +318,9 @@ class Engine:
         self.max_len = min(max_len or model.cfg.context_length, model.cfg.context_length)
         if compile:
             self._check_fits(max_batch, self.max_len)  # the compiled step's whole cache
-        self.cache = model.new_cache(1, min(CACHE_BLOCK, self.max_len))
+        self.paged = hasattr(model, "new_paged_cache")
+        self.cache = (model.new_paged_cache(max_batch, self.max_len, PAGE) if self.paged
+                      else model.new_cache(1, min(CACHE_BLOCK, self.max_len)))
         self.slots: list[_Sequence | None] = [None] * max_batch
         self.waiting: deque[_Sequence] = deque()
         self._ids = itertools.count()
@@ -444,7 +449,8 @@ class Engine:
         sys.setswitchinterval(1e-4)
         try:
             step, rows = _compiled(self.model), len(self.slots)
-            cache = self.model.new_cache(rows, self.max_len)
+            cache = (self.model.new_paged_cache(rows, self.max_len, PAGE, self._all_blocks() - 1)
+                     if self.paged else self.model.new_cache(rows, self.max_len))
             cache.static = True
             with torch.inference_mode():
                 # made here, as `step` makes its inputs: a tensor made outside inference mode
@@ -458,7 +464,12 @@ class Engine:
 
     def _use_step(self, step) -> None:
         """Decode through the compiled `step` from now on, on the whole cache."""
-        self._resize(len(self.slots), self.max_len)
+        if self.paged:
+            self._check_fits(len(self.slots), self.max_len)
+            self.cache.grow(self._all_blocks() - self.cache.k.shape[1])
+            self._rows.clear()
+        else:
+            self._resize(len(self.slots), self.max_len)
         self.cache.static = True
         self._step_model = step
 
@@ -495,6 +506,31 @@ class Engine:
                 f"{self.max_len}) and {free / 1e9:.2f} GB is free on {self.device}: lower "
                 "max_batch or max_len (`lmforge serve --max-batch N --max-len N`)")
 
+    def _all_blocks(self) -> int:
+        """Blocks of a paged cache whose every slot is full (and the free slots' block)."""
+        return 1 + self.cache.table.numel()
+
+    def _reserve_pages(self, slot: int, end: int) -> None:
+        """Blocks for `slot` up to position `end`; the pool grows when it runs out."""
+        cache = self.cache
+        short = cache.missing(slot, end) - len(cache.free)
+        if short > 0:
+            more = min(max(short, cache.k.shape[1] // 2), self._all_blocks() - cache.k.shape[1])
+            needed, free = cache.nbytes + more * cache.block_bytes, available_memory(self.device)
+            if free is not None and more * cache.block_bytes > free:
+                raise CacheTooLarge(
+                    f"the KV cache needs {needed / 1e9:.2f} GB for the sequences decoding and "
+                    f"{free / 1e9:.2f} GB is free on {self.device}: lower max_batch or max_len "
+                    "(`lmforge serve --max-batch N --max-len N`)")
+            cache.grow(more)
+            self._rows.clear()
+        cache.reserve(slot, end)
+
+    def _free_slot(self, slot: int) -> None:
+        self.slots[slot] = None
+        if self.paged:
+            self.cache.release(slot)
+
     def _reserve(self, rows: int, end: int) -> None:
         """Grow the cache to hold slots 0..rows-1 up to position `end` (a compiled step's
         cache is whole already): by at least half its length, so that a long sequence
@@ -512,6 +548,11 @@ class Engine:
         use half its slots or fewer (none at all, when idle); it keeps twice the positions in
         use, so that growing again is not the next step."""
         active = [s for s in self.slots if s is not None]
+        if self.paged:
+            if not active and self.cache.k.shape[1] > 1:
+                self.cache.empty()
+                self._rows.clear()
+            return
         rows = max((s.slot + 1 for s in active), default=1)
         end = max((s.position + 1 for s in active), default=1)
         cache = self.cache
@@ -530,7 +571,7 @@ class Engine:
         self.waiting = deque(s for s in self.waiting if s.id != request_id)
         for i, seq in enumerate(self.slots):
             if seq is not None and seq.id == request_id:
-                self.slots[i] = None
+                self._free_slot(i)
         self._logprobs.pop(request_id, None)
         self._prompt_logprobs.pop(request_id, None)
 
@@ -568,7 +609,10 @@ class Engine:
         self.slots[seq.slot] = seq
         request = seq.request
         masks = self._start_masks([seq])
-        self._reserve(seq.slot + 1, min(len(request.prompt), self.max_len))
+        if self.paged:
+            self._reserve_pages(seq.slot, len(request.prompt))
+        else:
+            self._reserve(seq.slot + 1, min(len(request.prompt), self.max_len))
         done = self.prefill(request, self._cache_rows(seq.slot, 1))
         seq.start(done.tokens)
         if request.prompt_logprobs:
@@ -593,7 +637,11 @@ class Engine:
         for s in active:
             tokens[s.slot, 0], starts[s.slot] = s.tokens[-1], s.position
         tokens, starts = tokens.to(self.device), starts.to(self.device)
-        self._reserve(rows, max(s.position for s in active) + 1)
+        if self.paged:
+            for s in active:
+                self._reserve_pages(s.slot, s.position + 1)
+        else:
+            self._reserve(rows, max(s.position for s in active) + 1)
         masks = self._start_masks(active)
         if self._step_model is not None:
             # Fixed shapes: checking all of the graph's guards each step cost 1.6 ms of a 13 ms
@@ -639,7 +687,7 @@ class Engine:
         if event.logprob is not None:
             self._logprobs[seq.id].append(event.logprob)
         if event.finish_reason is not None:
-            self.slots[seq.slot] = None
+            self._free_slot(seq.slot)
             event.completion = seq.completion(
                 event.finish_reason, self._logprobs.pop(seq.id, None),
                 self._prompt_logprobs.pop(seq.id, None))
@@ -669,7 +717,8 @@ class Engine:
             self.cancel(request_id)
 
 
-CACHE_BLOCK = 256  # positions a growing cache takes at a time
+CACHE_BLOCK = 256  # positions a growing (not paged) cache takes at a time
+PAGE = 16  # positions in a block of a paged cache
 
 
 def _blocks(positions: int) -> int:

@@ -60,7 +60,8 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
            ) -> torch.Tensor:
     """Next token ids (B,) from last-position logits (B, vocab)."""
     if cfg.greedy:
-        return logits.argmax(dim=-1)
+        # max's indices are argmax's (the first largest), found several times faster on a CPU
+        return logits.max(dim=-1).indices
     probs = torch.softmax(filtered_logits(logits, cfg), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 

@@ -28,7 +28,9 @@ class LanguageModel(Protocol):
     cache holds), `vocab_size` and `tie_embeddings`.
     new_cache(batch, length): an empty cache for `batch` sequences of up to `length` positions
     (`length` defaults to the context). A family keeps in it whatever its decoding reads (a
-    seq2seq model also keeps each row's encoded source).
+    seq2seq model also keeps each row's encoded source). A family whose attention reads
+    paged caches also has new_paged_cache(slots, length, block, blocks), which the engine
+    then uses (`lmforge.layers.PagedKVCache`: the decoder-only and vision-language ones).
     forward(tokens, cache, start, last_only): logits (B, T, vocab) of tokens (B, T) at
     positions start.. (an int, or a (B,) tensor of each row's own), reading and writing
     earlier positions in `cache`; with last_only, only the last position's.

@@ -24,14 +24,22 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import FlopsReport, ModelConfig, count_flops
-from lmforge.layers import MLP, Attention, KVCache, Positions, make_norm, register_rotary
+from lmforge.layers import (
+    MLP,
+    Attention,
+    KVCache,
+    PagedKVCache,
+    Positions,
+    make_norm,
+    register_rotary,
+)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, causal: bool = True) -> None:
+    def __init__(self, cfg: ModelConfig, causal: bool = True, window: int | None = None) -> None:
         super().__init__()
         self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-        self.attn = Attention(cfg, causal)
+        self.attn = Attention(cfg, causal, window)
         self.mlp_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.mlp = MLP(cfg)
         post = cfg.post_norms
@@ -60,7 +68,9 @@ class Decoder(nn.Module):
             nn.Embedding(cfg.context_length, cfg.d_model) if cfg.positions == "learned" else None
         )
         self.dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(
+            Block(cfg, window=cfg.sliding_window if cfg.windowed(i) else None)
+            for i in range(cfg.n_layer))
         self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.grad_checkpointing = False  # trade compute for activation memory when training
@@ -157,6 +167,8 @@ class Decoder(nn.Module):
         if cache is not None and pos.end > cache.length:
             raise ValueError(f"sequence reaches position {pos.end}, past the KV cache's "
                              f"{cache.length} positions")
+        if isinstance(cache, PagedKVCache):
+            pos = cache.place(pos, idx.shape[0])
         cfg = self.cfg
         x = self.token_embeddings(idx) if embeds is None else embeds
         rotary = local_rotary = None
@@ -180,6 +192,14 @@ class Decoder(nn.Module):
         cfg, ref = self.cfg, self.final_norm.weight
         return KVCache(cfg.n_layer, batch, cfg.n_kv_head, length or cfg.context_length,
                        cfg.head_dim, dtype or ref.dtype, ref.device)
+
+    def new_paged_cache(self, slots: int, length: int, block: int, blocks: int = 0,
+                        dtype: torch.dtype | None = None) -> PagedKVCache:
+        """An empty paged KV cache: `slots` rows of up to `length` positions in blocks of
+        `block`, `blocks` of them allocated (it grows as rows take them)."""
+        cfg, ref = self.cfg, self.final_norm.weight
+        return PagedKVCache(cfg.n_layer, slots, cfg.n_kv_head, length, cfg.head_dim, block,
+                            dtype or ref.dtype, ref.device, blocks)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from lmforge.config import FlopsReport, VisionConfig, VLMConfig
 from lmforge.errors import LmforgeError
-from lmforge.layers import KVCache, Positions, make_norm
+from lmforge.layers import KVCache, PagedKVCache, Positions, make_norm
 from lmforge.models.decoder import Block, Decoder
 
 
@@ -175,6 +175,10 @@ class VLM(nn.Module):
     def new_cache(self, batch: int, length: int | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:
         return self.text.new_cache(batch, length, dtype)
+
+    def new_paged_cache(self, slots: int, length: int, block: int, blocks: int = 0,
+                        dtype: torch.dtype | None = None) -> PagedKVCache:
+        return self.text.new_paged_cache(slots, length, block, blocks, dtype)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

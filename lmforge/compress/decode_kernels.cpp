@@ -1,5 +1,6 @@
-// lmforge's CPU kernels for decoding with int8 and int4 weights: y = x W^T for a few rows of
-// activations (decoding steps), bound by the bytes of weights read.
+// lmforge's CPU kernels for decoding steps: y = x W^T with int8 and int4 weights for a few rows
+// of activations, bound by the bytes of weights read; and attention of one new token per
+// sequence over its cached keys and values (see `decode_attention` at the end).
 //
 // Each row of x is quantized to int8 in blocks of 32 values (one float scale a block, the
 // way llama.cpp's Q8 activations are), so the dot products run on the CPU's integer
@@ -24,6 +25,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -69,10 +71,33 @@ inline Floats zero_floats() { return _mm512_setzero_ps(); }
 inline float sum_lanes(Floats v) { return _mm512_reduce_add_ps(v); }
 inline Floats multiply(Floats a, Floats b) { return _mm512_mul_ps(a, b); }
 inline Floats multiply_add(Floats a, Floats b, Floats acc) { return _mm512_fmadd_ps(a, b, acc); }
+inline Floats add(Floats a, Floats b) { return _mm512_add_ps(a, b); }
+inline Floats maximum(Floats a, Floats b) { return _mm512_max_ps(a, b); }
+inline float max_lanes(Floats v) { return _mm512_reduce_max_ps(v); }
+inline Floats broadcast(float a) { return _mm512_set1_ps(a); }
 inline Floats to_floats(Ints v) { return _mm512_cvtepi32_ps(v); }
 // `count` (1..LANES) floats, zeros in the lanes after them
 inline Floats load_floats(const float* p, int64_t count) {
   return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), p);
+}
+// the same, with `fill`'s lanes after them
+inline Floats load_floats(const float* p, int64_t count, Floats fill) {
+  return _mm512_mask_loadu_ps(fill, static_cast<__mmask16>((1u << count) - 1), p);
+}
+inline void store_floats(float* p, Floats v, int64_t count) {
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << count) - 1), v);
+}
+// e^x for x <= 0 (softmax's exponents): 2^n e^r, n = round(x / ln 2), |r| <= ln 2 / 2, e^r by
+// its Taylor polynomial of degree 6 (relative error under 1e-7)
+inline Floats exp_nonpositive(Floats x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
 }
 
 // Two floats (a, b) as lanes a, b, a, b, ...
@@ -153,11 +178,40 @@ inline float sum_lanes(Floats v) {
 }
 inline Floats multiply(Floats a, Floats b) { return _mm256_mul_ps(a, b); }
 inline Floats multiply_add(Floats a, Floats b, Floats acc) { return _mm256_fmadd_ps(a, b, acc); }
+inline Floats add(Floats a, Floats b) { return _mm256_add_ps(a, b); }
+inline Floats maximum(Floats a, Floats b) { return _mm256_max_ps(a, b); }
+inline float max_lanes(Floats v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+inline Floats broadcast(float a) { return _mm256_set1_ps(a); }
 inline Floats to_floats(Ints v) { return _mm256_cvtepi32_ps(v); }
+inline __m256i first_lanes(int64_t count) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
 inline Floats load_floats(const float* p, int64_t count) {
-  __m256i first = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
-                                     _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  return _mm256_maskload_ps(p, first);
+  return _mm256_maskload_ps(p, first_lanes(count));
+}
+inline Floats load_floats(const float* p, int64_t count, Floats fill) {
+  __m256i lanes = first_lanes(count);
+  return _mm256_blendv_ps(fill, _mm256_maskload_ps(p, lanes), _mm256_castsi256_ps(lanes));
+}
+inline void store_floats(float* p, Floats v, int64_t count) {
+  _mm256_maskstore_ps(p, first_lanes(count), v);
+}
+inline Floats exp_nonpositive(Floats x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720);
+  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  // times 2^n: n added to the float's exponent
+  __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
 }
 inline Floats pair(const float* ab) {
   return _mm256_castpd_ps(_mm256_set1_pd(*reinterpret_cast<const double*>(ab)));
@@ -384,6 +438,112 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   return y;
 }
 
+// Attention of one query per sequence (a decoding step) over its first `length` cached keys
+// and values, or with a sliding `window` the last `window` of them: for each sequence and
+// key/value head, the scores of its group of query heads, their softmax, and the weighted
+// sum of the values, each key and value read once for the group. q (B, H, 1, D). k, v (NB, Hkv,
+// BS, D), unit stride along D: blocks of BS positions, row b's j-th block being k[table[b, j]]
+// (a paged cache); with an empty table, row b's positions are all of block b (a cache of one
+// block a row). lengths (B,), or empty: `end` for every row.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& lengths, const at::Tensor& table, int64_t end,
+                            double scale, int64_t window) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), BS = k.size(2);
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
+                  v.scalar_type() == at::kFloat, "decode_attention: float32 tensors only");
+  TORCH_CHECK(q.size(2) == 1 && H % Hkv == 0 && k.sizes() == v.sizes() && k.size(3) == D &&
+                  q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+              "decode_attention: q (B, H, 1, D) and k, v (blocks, Hkv, BS, D), unit stride along D");
+  TORCH_CHECK(lengths.numel() == 0 || (lengths.scalar_type() == at::kLong && lengths.numel() == B),
+              "decode_attention: lengths must be B int64 values or empty");
+  const bool paged = table.numel() > 0;
+  TORCH_CHECK(paged ? table.scalar_type() == at::kLong && table.dim() == 2 && table.size(0) == B &&
+                          table.stride(1) == 1
+                    : k.size(0) == B,
+              "decode_attention: table must be (B, blocks) int64, or empty with one block a row");
+  const int64_t L = paged ? table.size(1) * BS : BS;  // positions a row can hold
+  const int64_t* tp = paged ? table.data_ptr<int64_t>() : nullptr;
+  const int64_t ts = paged ? table.stride(0) : 0, NB = k.size(0);
+  const int64_t group = H / Hkv;
+  // strides read once: the tensors' accessors are calls
+  const int64_t qb = q.stride(0), qh = q.stride(1), kb = k.stride(0), kh = k.stride(1),
+                kl = k.stride(2), vb = v.stride(0), vh = v.stride(1), vl = v.stride(2);
+  at::Tensor out = at::empty({B, H, 1, D}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const int64_t* lp = lengths.numel() ? lengths.data_ptr<int64_t>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const float fscale = static_cast<float>(scale);
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
+    thread_local std::vector<float> buffer;
+    thread_local std::vector<int64_t> offsets;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / Hkv, h = i % Hkv;
+      const int64_t length = lp ? lp[b] : end;
+      TORCH_CHECK(length >= 1 && length <= L, "decode_attention: length ", length, " outside 1..", L);
+      const int64_t first = window > 0 ? std::max<int64_t>(0, length - window) : 0, n = length - first;
+      // where position `first + j` of this row is in k and in v, found once for all heads' loops
+      offsets.resize(2 * n);
+      int64_t *key_at = offsets.data(), *value_at = offsets.data() + n;
+      for (int64_t j = 0; j < n; ++j) {
+        int64_t p = first + j, block = paged ? tp[b * ts + p / BS] : b, in_block = paged ? p % BS : p;
+        TORCH_CHECK(block >= 0 && block < NB, "decode_attention: block ", block, " outside the cache");
+        key_at[j] = block * kb + in_block * kl;
+        value_at[j] = block * vb + in_block * vl;
+      }
+      const float* keys = kp + h * kh;
+      const float* values = vp + h * vh;
+      const float* queries = qp + b * qb + h * group * qh;
+      buffer.resize(group * n);
+      float* scores = buffer.data();
+      for (int64_t j = 0; j < n; ++j) {
+        const float* key = keys + key_at[j];
+        for (int64_t g = 0; g < group; ++g) {
+          const float* query = queries + g * qh;
+          Floats dot = zero_floats();
+          for (int64_t d = 0; d < D; d += LANES) {
+            int64_t count = std::min<int64_t>(LANES, D - d);
+            dot = multiply_add(load_floats(query + d, count), load_floats(key + d, count), dot);
+          }
+          scores[g * n + j] = sum_lanes(dot) * fscale;
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {  // softmax, in place
+        float* s = scores + g * n;
+        Floats largest = broadcast(s[0]);
+        for (int64_t j = 0; j < n; j += LANES)
+          largest = maximum(largest, load_floats(s + j, std::min<int64_t>(LANES, n - j), largest));
+        const float top = max_lanes(largest);
+        Floats total = zero_floats();
+        for (int64_t j = 0; j < n; j += LANES) {
+          int64_t count = std::min<int64_t>(LANES, n - j);
+          store_floats(s + j, exp_nonpositive(add(load_floats(s + j, count), broadcast(-top))), count);
+          total = add(total, load_floats(s + j, count));
+        }
+        const float inverse = 1.f / sum_lanes(total);
+        for (int64_t j = 0; j < n; ++j) s[j] *= inverse;
+      }
+      for (int64_t g = 0; g < group; ++g) {  // the weighted sum of the values, a vector at a time
+        const float* p = scores + g * n;
+        float* o = op + (b * H + h * group + g) * D;
+        for (int64_t d = 0; d < D; d += LANES) {
+          int64_t count = std::min<int64_t>(LANES, D - d);
+          // two sums, of the even and the odd positions: two chains of multiply-adds at once
+          const float* value = values + d;
+          Floats even = zero_floats(), odd = zero_floats();
+          int64_t j = 0;
+          for (; j + 2 <= n; j += 2) {
+            even = multiply_add(broadcast(p[j]), load_floats(value + value_at[j], count), even);
+            odd = multiply_add(broadcast(p[j + 1]), load_floats(value + value_at[j + 1], count), odd);
+          }
+          if (j < n) even = multiply_add(broadcast(p[j]), load_floats(value + value_at[j], count), even);
+          store_floats(o + d, add(even, odd), count);
+        }
+      }
+    }
+  });
+  return out;
+}
+
 at::Tensor lane_order() {
   at::Tensor order = at::empty({CHUNK}, at::kLong);
   for (int p = 0; p < CHUNK; ++p) order[p] = source_of(p);
@@ -396,11 +556,14 @@ TORCH_LIBRARY(lmforge_kernels, m) {
   m.def("int8_mm(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("int4_mm(Tensor x, Tensor w, Tensor scales, Tensor offsets) -> Tensor");
   m.def("lane_order() -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, Tensor table, int end, "
+        "float scale, int window) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmforge_kernels, CPU, m) {
   m.impl("int8_mm", &int8_mm);
   m.impl("int4_mm", &int4_mm);
+  m.impl("decode_attention", &decode_attention);
 }
 
 TORCH_LIBRARY_IMPL(lmforge_kernels, CompositeExplicitAutograd, m) {
