@@ -38,14 +38,20 @@ CHUNK = 64  # the kernels take in_features in whole chunks of two blocks of 32
 BLOCK = 32
 
 
-@torch.compiler.assume_constant_result  # a compiled step asks too: the answer, not the build
+_built: bool | None = None  # whether the kernels are loaded, once known
+
+
 def available() -> bool:
-    """Whether the kernels are built and loaded (building them the first time)."""
-    return _built()
+    """Whether the kernels are built and loaded (building them the first time). A compiled
+    step that asks reads the answer known when it was traced (ask before tracing: Dynamo
+    cannot trace the build)."""
+    global _built
+    if _built is None:
+        _built = _build()
+    return _built
 
 
-@cache
-def _built() -> bool:
+def _build() -> bool:
     choice = os.environ.get("LMFORGE_INT_KERNELS", "auto").lower()
     if choice == "0":
         return False

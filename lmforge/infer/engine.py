@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from lmforge.compress import kernels
 from lmforge.compress.quant import make_kernel_operands
 from lmforge.config import MAX_NEW_TOKENS, VLMConfig
 from lmforge.errors import LmforgeError
@@ -457,6 +458,7 @@ class Engine:
                 # fails the compiled step's guards there, and the first step compiles again
                 zeros = torch.zeros(rows, dtype=torch.long, device=self.device)
                 make_kernel_operands(self.model)  # made in the step, they would be made each time
+                kernels.available()  # known before tracing: the step's attention asks
                 step(zeros[:, None], cache=cache, start=zeros)
         finally:
             sys.setswitchinterval(interval)
