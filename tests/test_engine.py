@@ -327,3 +327,14 @@ def test_a_seq2seq_cache_counts_each_slot_s_source_memory():
     memory = 2 * 2 * 24 * 16 * 4  # k and v, 2 layers, 24 source positions, fp32: per slot
     assert engine.cache_bytes(3) == 3 * (2 * 2 * 10 * 16 * 4 + memory)
     assert engine.cache.nbytes == engine.cache_bytes(1)  # one slot until a second is used
+
+
+def test_a_compiled_step_of_other_code_is_not_taken_for_one_compiled_before(id_model, monkeypatch):
+    # a step compiled before compiles again in the background; one of edited (or upgraded)
+    # code compiles from nothing, which must happen in the foreground
+    from lmforge.infer import engine as engine_module
+
+    before = engine_module._compiled_marker(id_model, 2, 64, 2)
+    assert engine_module._compiled_marker(id_model, 2, 64, 2) == before
+    monkeypatch.setattr(engine_module, "_source_digest", lambda: "edited")
+    assert engine_module._compiled_marker(id_model, 2, 64, 2) != before

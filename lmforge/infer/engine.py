@@ -43,7 +43,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -793,11 +793,23 @@ def _compile_cache() -> Path:
 def _compiled_marker(model: LanguageModel, slots: int, length: int, threads: int) -> Path:
     """A file in the compile cache that says this decode step was compiled there before:
     named by what shapes its kernels (the modules, their settings and dtypes, the cache's
-    shape, the threads, torch's version)."""
+    shape, the threads, torch's version, lmforge's code)."""
     dtypes = sorted({str(t.dtype) for t in model.state_dict().values()})
-    key = "\n".join(map(str, (torch.__version__, model, model.cfg, dtypes, slots, length,
-                               threads, next(model.parameters()).device)))
+    key = "\n".join(map(str, (torch.__version__, _source_digest(), model, model.cfg, dtypes,
+                               slots, length, threads, next(model.parameters()).device)))
     return _compile_cache() / "lmforge-steps" / hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+@cache
+def _source_digest() -> str:
+    """A digest of lmforge's source: another version of the code traces another step, which
+    must compile from nothing (in the foreground, see `start_compiling`), not in the background."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*")):
+        if path.suffix in (".py", ".cpp"):
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def _compiled(model: LanguageModel):
