@@ -1,4 +1,5 @@
-"""Prompt-lookup speculative decoding on SmolLM2-135M-Instruct: plain vs speculative greedy.
+"""Prompt-lookup speculative decoding in the engine on SmolLM2-135M-Instruct: plain vs
+speculative greedy.
 
     python benchmarks/speculative.py                 # up to 200 new tokens, best of 3
     python benchmarks/speculative.py --max-draft 4 --ngram 2
@@ -6,7 +7,8 @@
 The tasks are grounded in their input, where drafting from the prompt pays: the chat
 template around a request to correct the mistakes in a ~150-word paragraph, or to repeat it
 with one word changed, so much of the answer is copied (how much is up to the model: the
-first task's answer rewords more). fp32, batch 1, greedy, up to the end-of-turn token.
+first task's answer rewords more). fp32, greedy, up to the end-of-turn token: each task alone
+(batch 1), then both in one batch.
 Speculative decoding must give the very tokens plain decoding gives; the table says whether
 it did. Timings: the best of --repeats runs of each, plain and speculative alternating.
 """
@@ -19,9 +21,9 @@ import time
 import torch
 
 from lmforge.chat import chat_prompt_ids
-from lmforge.infer.engine import generate
+from lmforge.infer.engine import Engine, Request
 from lmforge.infer.sampling import SamplingConfig
-from lmforge.infer.speculative import SpeculativeStats, speculative_stream
+from lmforge.infer.speculative import SpeculativeStats
 from lmforge.interop.hub import resolve_model
 from lmforge.modeldir import stop_token_ids
 from lmforge.open import open_model
@@ -54,26 +56,30 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def run_task(model, tokenizer, stop: tuple[int, ...], request: str,
-             args: argparse.Namespace) -> dict:
-    prompt = chat_prompt_ids(tokenizer, [{"role": "user", "content": request}])
-    greedy = SamplingConfig(temperature=0)
+def decode(model, tokenizer, requests: list[Request], draft: int, ngram: int
+           ) -> tuple[list[list[int]], SpeculativeStats]:
+    engine = Engine(model, tokenizer, max_batch=len(requests), draft=draft, ngram=ngram)
+    return [c.tokens for c in engine.run(requests)], engine.speculation
+
+
+def run_requests(model, tokenizer, requests: list[Request], args: argparse.Namespace) -> dict:
     stats = SpeculativeStats()  # summed over the repeats, which all make the same tokens
     plain_s = spec_s = float("inf")
     # Plain and speculative runs alternate, so both meet the same load on a shared machine.
     for _ in range(args.repeats):
-        seconds, plain = timed(lambda: generate(model, prompt, args.new_tokens, greedy,
-                                                stop_ids=stop))
+        seconds, (plain, _) = timed(lambda: decode(model, tokenizer, requests, 0, args.ngram))
         plain_s = min(plain_s, seconds)
-        seconds, spec = timed(lambda: list(speculative_stream(
-            model, prompt, args.new_tokens, greedy, stop_ids=stop, ngram=args.ngram,
-            max_draft=args.max_draft, stats=stats)))
+        seconds, (spec, run) = timed(lambda: decode(model, tokenizer, requests, args.max_draft,
+                                                    args.ngram))
         spec_s = min(spec_s, seconds)
-    return {"prompt": len(prompt), "tokens": len(spec), "plain": len(plain) / plain_s,
-            "speculative": len(spec) / spec_s, "speedup": plain_s / spec_s,
-            "acceptance": stats.acceptance,
-            "per_forward": len(spec) * args.repeats / stats.forwards,
-            "identical": spec == plain, "text": tokenizer.decode(spec)}
+        for name in ("forwards", "drafted", "accepted"):
+            setattr(stats, name, getattr(stats, name) + getattr(run, name))
+    tokens = sum(map(len, spec))
+    return {"prompt": sum(len(r.prompt) for r in requests), "tokens": tokens,
+            "plain": sum(map(len, plain)) / plain_s, "speculative": tokens / spec_s,
+            "speedup": plain_s / spec_s, "acceptance": stats.acceptance,
+            "per_forward": tokens * args.repeats / stats.forwards,
+            "identical": spec == plain, "text": tokenizer.decode(spec[0])}
 
 
 def main() -> None:
@@ -87,12 +93,18 @@ def main() -> None:
     opened = open_model(directory)
     model, tokenizer = opened.model, opened.tokenizer
     stop = stop_token_ids(directory, tokenizer)
-    generate(model, tokenizer.encode(PARAGRAPH), 8, SamplingConfig(temperature=0))  # warm-up
+    greedy = SamplingConfig(temperature=0)
+    requests = {task: Request(chat_prompt_ids(tokenizer, [{"role": "user", "content":
+                                                           f"{instruction}\n\n{PARAGRAPH}"}]),
+                              args.new_tokens, greedy, stop_ids=stop)
+                for task, instruction in TASKS.items()}
+    decode(model, tokenizer, [Request(tokenizer.encode(PARAGRAPH), 8, greedy)], 0, 1)  # warm-up
     rows = {}
-    for task, instruction in TASKS.items():
-        rows[task] = run_task(model, tokenizer, stop, f"{instruction}\n\n{PARAGRAPH}", args)
+    for task, request in requests.items():
+        rows[task] = run_requests(model, tokenizer, [request], args)
         print(f"{task}: {rows[task]['text']}\n")
-    print(f"SmolLM2-135M-Instruct, fp32, batch 1, greedy, {torch.get_num_threads()} threads, "
+    rows["both, in one batch"] = run_requests(model, tokenizer, list(requests.values()), args)
+    print(f"SmolLM2-135M-Instruct, fp32, greedy, {torch.get_num_threads()} threads, "
           f"ngram {args.ngram}, max draft {args.max_draft}, best of {args.repeats}\n")
     print("| task | prompt / new tokens | plain | speculative | speedup | acceptance "
           "| tokens per forward | identical |")

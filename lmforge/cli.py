@@ -13,7 +13,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from lmforge.config import MAX_NEW_TOKENS, PERPLEXITY_WINDOW, SamplingConfig
+from lmforge.config import (
+    MAX_NEW_TOKENS,
+    PERPLEXITY_WINDOW,
+    PREFILL_CHUNK,
+    SPECULATIVE_DRAFT,
+    SamplingConfig,
+)
 from lmforge.errors import LmforgeError
 
 SAMPLING = SamplingConfig()  # the defaults every command shares (see lmforge.infer.sampling)
@@ -217,31 +223,20 @@ def _sampling(args: argparse.Namespace) -> SamplingConfig:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from lmforge.chat import prompt_with_images
-    from lmforge.errors import ConfigError
     from lmforge.infer.engine import Request, stream_one
 
     opened = _language_model(args.model, args)
     model, tokenizer = opened.model, opened.tokenizer
-    if args.speculative and args.image:
-        raise ConfigError("--speculative drafts from the prompt's text: use it without --image")
     prompt, images = prompt_with_images(opened.processor, tokenizer, args.prompt, args.image,
                                         args.chat)
     request = Request(prompt, args.max_new_tokens, _sampling(args), args.seed,
                       stop=tuple(args.stop), stop_ids=opened.stop_ids, images=images,
                       constraint=_constraint(args))
-    if args.speculative and request.constraint:
-        raise ConfigError("--speculative drafts tokens no grammar has checked: use it without "
-                          "--json-schema, --regex or --grammar")
     if not args.chat:
         sys.stdout.write(args.prompt)
-    if args.speculative:
-        from lmforge.infer.speculative import speculative_text
-
-        pieces = speculative_text(model, tokenizer, request)
-    else:
-        pieces = (event.text for event in stream_one(model, tokenizer, request))
-    for piece in pieces:
-        sys.stdout.write(piece)
+    draft = SPECULATIVE_DRAFT if args.speculative else 0
+    for event in stream_one(model, tokenizer, request, draft):
+        sys.stdout.write(event.text)
         sys.stdout.flush()
     print()
 
@@ -320,7 +315,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     cfg = ServeConfig(name, args.api_key, args.max_batch, args.max_queue, args.max_len,
                       max_body_bytes=body_bytes, timeout=args.timeout,
                       cors_origins=args.cors_origin, compile=args.compile,
-                      max_images=args.max_images, max_image_pixels=args.max_image_pixels,
+                      prefill_chunk=args.prefill_chunk,
+                      draft=SPECULATIVE_DRAFT if args.speculative else 0, max_images=args.max_images, max_image_pixels=args.max_image_pixels,
                       allow_image_urls=args.allow_image_urls, threads=threads)
     app = create_app(opened.model, opened.tokenizer, opened.stop_ids, cfg, opened.processor)
     engine = app.state.engine
@@ -812,8 +808,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end the text just before TEXT (repeatable)")
     p.add_argument("--speculative", action="store_true",
-                   help="draft tokens by copying from the prompt and check them in one pass: "
-                        "faster when the output repeats the input; greedy output is unchanged")
+                   help=f"draft up to {SPECULATIVE_DRAFT} tokens a step by copying from the "
+                        "text so far and check them in one pass: faster when the output "
+                        "repeats the input; greedy output is unchanged")
     p.add_argument("--image", action="append", default=[], metavar="FILE",
                    help="an image before the prompt, for a vision-language model (repeatable)")
     p.add_argument("--chat", action="store_true",
@@ -863,6 +860,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow browser pages from ORIGIN to call the API (repeatable)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (slow start, faster decoding)")
+    p.add_argument("--speculative", action="store_true",
+                   help=f"each sequence drafts up to {SPECULATIVE_DRAFT} tokens a step by copying "
+                        "from its text and the model checks them in the same pass: faster "
+                        "when answers repeat their prompts (decode steps then run eagerly)")
+    p.add_argument("--prefill-chunk", type=AMOUNT, default=PREFILL_CHUNK,
+                   help="prompt tokens read in one step; a longer prompt is read over several "
+                        "steps so that the answers already streaming do not stall (0: whole)")
     p.add_argument("--max-body-mb", type=_number(float, 0, 1024, low_open=True,
                                                  what="in (0, 1024]"), default=None,
                    help="largest request body in MiB (default: 1, or 20 for a model that reads "

@@ -496,6 +496,11 @@ def count_flops(cfg: ModelConfig, params: int, embedding_params: int) -> FlopsRe
 
 # How many tokens a request generates unless it says: generate, chat and the Python API.
 MAX_NEW_TOKENS = 256
+# Prompt tokens the engine reads in one step (a longer prompt takes several, between the
+# decode steps of the sequences already running); `lmforge serve --prefill-chunk` sets it.
+PREFILL_CHUNK = 512
+# Tokens a sequence drafts per step with speculative decoding (`--speculative`).
+SPECULATIVE_DRAFT = 8
 # Perplexity windows: at most this many tokens per forward pass unless asked, as the logits
 # of a window take window x vocabulary floats (SmolLM2's 8,192-token context: 1.6 GB a row).
 PERPLEXITY_WINDOW = 1024

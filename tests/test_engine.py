@@ -53,6 +53,41 @@ def test_batched_and_continuous_decoding_match_decoding_each_alone(model, tokeni
         assert completion.usage["completion_tokens"] == request.max_new_tokens
 
 
+def test_a_prompt_read_in_chunks_decodes_as_one_read_whole(model, tokenizer):
+    """Prompts go into the cache a few tokens a step, beside sequences already decoding
+    (in slots before and after theirs): the same tokens, log-probabilities and prompt
+    log-probabilities as prompts read whole."""
+    texts = prompts(tokenizer) + [tokenizer.encode("Now is the winter of our discontent "
+                                                   "made glorious summer by this sun of York")]
+    requests = [Request(p, 5 + 2 * i, GREEDY, logprobs=2, prompt_logprobs=True)
+                for i, p in enumerate(texts)]
+    whole = Engine(model, tokenizer, max_batch=3, prefill_chunk=0).run(requests)
+    chunked = Engine(model, tokenizer, max_batch=3, prefill_chunk=3).run(requests)
+    for a, b in zip(whole, chunked):
+        assert a.tokens == b.tokens
+        for first, second in ((a.logprobs, b.logprobs), (a.prompt_logprobs[1:], b.prompt_logprobs[1:])):
+            torch.testing.assert_close(torch.tensor([lp.logprob for lp in first]),
+                                       torch.tensor([lp.logprob for lp in second]),
+                                       atol=1e-5, rtol=0)
+
+
+def test_a_long_prompt_does_not_stall_the_sequences_decoding(id_model):
+    """With prefill_chunk=4, a 40-token prompt takes 10 steps to go in, and the sequence
+    already decoding gets a token in every one of them."""
+    engine = Engine(id_model, max_batch=2, prefill_chunk=4)
+    running = engine.submit(Request([5, 9], 30, GREEDY))
+    assert [e.request_id for e in engine.step()] == [running]
+    long = engine.submit(Request(list(range(1, 41)), 3, GREEDY))
+    steps = [engine.step()]
+    while long not in [e.request_id for e in steps[-1]]:
+        steps.append(engine.step())
+    assert len(steps) == 10
+    assert all(running in [e.request_id for e in step] for step in steps)
+    assert not engine.filling
+    with pytest.raises(ValueError, match="prefill_chunk must be >= 0"):
+        Engine(id_model, prefill_chunk=-1)
+
+
 def test_streamed_text_concatenates_to_the_full_text(model, tokenizer):
     engine = Engine(model, tokenizer, max_batch=2)
     request = Request(tokenizer.encode("Café 😀"), max_new_tokens=40,
@@ -198,6 +233,8 @@ def test_a_compiled_engine_decodes_the_same_tokens_and_answers_at_once_the_next_
     first.close()
     again.wait_compiled()
     assert again.compiled and [c.tokens for c in again.run(requests)] == eager
+    again.prefill_chunk = 2  # prompts going in beside the compiled step's rows
+    assert [c.tokens for c in again.run(requests)] == eager
 
 
 @pytest.mark.slow

@@ -95,6 +95,21 @@ def test_completion_is_the_engine_s_greedy_text(client, model, tokenizer):
     assert reply.usage.prompt_tokens == len(tokenizer.encode("ROMEO:"))
 
 
+def test_a_speculative_server_streams_the_plain_greedy_text(model, tokenizer):
+    """`serve --speculative`: answers that repeat their prompt are drafted from it, and the
+    text, whole or streamed, is plain greedy decoding's."""
+    prompt = "To be, or not to be, that is the question. To be, or not to be,"
+    expected = direct(model, tokenizer, prompt, 24)
+    with running(model, tokenizer, draft=8) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        reply = client.completions.create(model=NAME, prompt=prompt, max_tokens=24,
+                                          temperature=0)
+        stream = client.completions.create(model=NAME, prompt=prompt, max_tokens=24,
+                                           temperature=0, stream=True)
+        assert reply.choices[0].text == expected
+        assert "".join(chunk.choices[0].text for chunk in stream) == expected
+
+
 def test_several_prompts_and_n_choices(client):
     reply = client.completions.create(model=NAME, prompt=["To be", "or not"], max_tokens=5,
                                       n=2, temperature=1.0, seed=4)

@@ -1,5 +1,6 @@
-"""Prompt-lookup speculative decoding: drafts, greedy identity with plain decoding, the
-sampled distribution, limits; and the same greedy identity on the real SmolLM2 (slow)."""
+"""Prompt-lookup speculative decoding in the engine: drafts, greedy identity with plain
+decoding (batched, with penalties, stop strings and limits), the sampled distribution; and
+the same greedy identity on the real SmolLM2 (slow)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,9 @@ import torch
 
 from lmforge.cli import main
 from lmforge.config import ModelConfig
-from lmforge.infer.engine import PromptTooLong, Request, generate
+from lmforge.infer.engine import Engine, PromptTooLong, Request, generate
 from lmforge.infer.sampling import SamplingConfig, filtered_logits
-from lmforge.infer.speculative import (
-    SpeculativeStats,
-    propose,
-    speculative_stream,
-    speculative_text,
-)
+from lmforge.infer.speculative import SpeculativeStats, propose
 from lmforge.modeldir import save_model
 from lmforge.models.decoder import Decoder
 from lmforge.tokenizer import train_char
@@ -66,9 +62,16 @@ def successor(vocab_size: int, sharpness: float) -> Decoder:
     return model
 
 
-def speculative(model: Decoder, prompt: list[int], n: int, sampling=GREEDY, **kwargs
+def speculative(model: Decoder, prompt: list[int], n: int, sampling=GREEDY, ngram: int = 3,
+                max_draft: int = 8, stats: SpeculativeStats | None = None, **request
                 ) -> list[int]:
-    return list(speculative_stream(model, prompt, n, sampling, **kwargs))
+    """The tokens of one request through an engine that drafts; `stats` adds its counts."""
+    engine = Engine(model, draft=max_draft, ngram=ngram)
+    tokens = engine.run([Request(prompt, n, sampling, **request)])[0].tokens
+    if stats is not None:
+        for name in ("forwards", "drafted", "accepted"):
+            setattr(stats, name, getattr(stats, name) + getattr(engine.speculation, name))
+    return tokens
 
 
 def test_propose_copies_what_followed_the_latest_occurrence_of_the_longest_suffix():
@@ -117,8 +120,9 @@ def test_drafts_the_model_agrees_with_are_all_accepted():
     stats = SpeculativeStats()
     out = speculative(model, prompt, 12, max_draft=4, stats=stats)
     assert out == generate(model, prompt, 12, GREEDY) == list(range(2, 14))
-    # Prompt minus its last token, then [last token] + 4 drafted per forward: 12 in 3.
-    assert (stats.forwards, stats.drafted, stats.accepted) == (4, 9, 9)
+    # The first token from the prompt's pass, then [last token] + 4 drafted per step: 5
+    # tokens a step, and a last step with no room left to draft.
+    assert (stats.forwards, stats.drafted, stats.accepted) == (3, 8, 8)
     assert stats.acceptance == 1.0
 
 
@@ -145,12 +149,23 @@ def test_generation_stops_at_the_context_end_like_plain_decoding():
         speculative(model, long, 100)
 
 
-def test_refusals_say_what_to_change():
+def test_sequences_drafting_together_decode_as_each_alone_with_penalties():
+    """A batch of drafting sequences, some penalised: every one gets plain decoding's tokens;
+    the penalties count each kept draft token before the next is checked."""
     model = tiny()
-    with pytest.raises(ValueError, match="prompt is empty"):
-        speculative(model, [], 5)
-    with pytest.raises(ValueError, match="penalties"):
-        speculative(model, [1, 2], 5, SamplingConfig(repetition_penalty=1.2))
+    prompts = [[5, 6, 7, 8, 5, 6, 7, 9, 5, 6], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], [7],
+               [9, 8, 9, 8, 9, 8]]
+    settings = [GREEDY, SamplingConfig(temperature=0, repetition_penalty=1.3),
+                SamplingConfig(temperature=0, presence_penalty=0.5, frequency_penalty=0.4),
+                GREEDY]
+    requests = [Request(p, 16 + i, cfg) for i, (p, cfg) in enumerate(zip(prompts, settings))]
+    engine = Engine(model, max_batch=3, draft=6)
+    done = engine.run(requests)
+    alone = Engine(model, max_batch=3).run(requests)
+    assert [c.tokens for c in done] == [c.tokens for c in alone]
+    assert engine.speculation.accepted > 0
+    with pytest.raises(ValueError, match="draft must be >= 0"):
+        Engine(model, draft=-1)
 
 
 def exact_distribution(model: Decoder, prompt: list[int], n: int, cfg: SamplingConfig
@@ -208,16 +223,17 @@ def test_sampled_tokens_follow_the_plain_sampling_distribution():
                                                                      seed=3)
 
 
-def test_text_and_the_cli_flag_match_plain_generation(tmp_path, capsys):
+def test_stop_strings_and_the_cli_flag_match_plain_generation(tmp_path, capsys):
     tokenizer = train_char("abcdefgh ")
     model = tiny(vocab_size=tokenizer.vocab_size)
     prompt = "abc defg abc de"
     ids = tokenizer.encode(prompt)
     plain = generate(model, ids, 12, GREEDY)
-    stop = plain[5]
-    request = Request(ids, 12, GREEDY, stop_ids=(stop,))
-    text = "".join(speculative_text(model, tokenizer, request))
-    assert text == tokenizer.decode(plain[:plain.index(stop)])  # the stop token is not shown
+    stop = tokenizer.decode(plain[4:6])
+    requests = [Request(ids, 12, GREEDY, stop=(stop,)), Request(ids, 12, GREEDY)]
+    drafted = Engine(model, tokenizer, draft=8).run(requests)
+    assert [c.text for c in drafted] == [c.text for c in Engine(model, tokenizer).run(requests)]
+    assert drafted[0].finish_reason == "stop" and stop not in drafted[0].text
     save_model(tmp_path, model, tokenizer)
     args = ["generate", str(tmp_path), "--prompt", prompt, "--temperature", "0",
             "--max-new-tokens", "12"]
@@ -225,8 +241,6 @@ def test_text_and_the_cli_flag_match_plain_generation(tmp_path, capsys):
     expected = capsys.readouterr().out
     assert main([*args, "--speculative"]) == 0
     assert capsys.readouterr().out == expected == prompt + tokenizer.decode(plain) + "\n"
-    assert main([*args, "--speculative", "--stop", "x"]) == 2
-    assert "stop strings" in capsys.readouterr().err
 
 
 CORRECTION_REQUEST = (

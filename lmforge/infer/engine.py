@@ -1,9 +1,10 @@
 """The inference engine: many requests decoding together through one KV cache.
 
 A request waits in a queue until a cache slot is free; its prompt then runs alone through
-the model (the prefill) and its sequence joins the batch, where every step feeds one new
-token per active sequence through a single forward pass, sequences at different positions
-included. A finished sequence frees its slot at once and the next waiting one takes it
+the model (the prefill, a long prompt a chunk a step between the decode steps of the others)
+and its sequence joins the batch, where every step feeds one new token per active sequence
+through a single forward pass, sequences at different positions included (with `draft`, also
+tokens guessed from each sequence's own text, kept where the model agrees). A finished sequence frees its slot at once and the next waiting one takes it
 (continuous batching), so a server only has to call `step` in a loop. The KV cache is paged
 (for the families whose attention reads one: decoder-only and vision-language models): each
 sequence takes blocks of `PAGE` positions from a shared pool as it grows and gives them back
@@ -51,10 +52,11 @@ import torch
 
 from lmforge.compress import kernels
 from lmforge.compress.quant import make_kernel_operands
-from lmforge.config import MAX_NEW_TOKENS, VLMConfig
+from lmforge.config import MAX_NEW_TOKENS, PREFILL_CHUNK, VLMConfig
 from lmforge.errors import LmforgeError
 from lmforge.infer.constrain import Constraint, Matcher
-from lmforge.infer.sampling import SamplingConfig, apply_penalties, sample
+from lmforge.infer.sampling import SamplingConfig, apply_penalties, filtered_logits, sample
+from lmforge.infer.speculative import SpeculativeStats, propose
 from lmforge.layers import KVCache
 from lmforge.models import LanguageModel
 from lmforge.paths import cache_dir
@@ -173,6 +175,11 @@ class _Sequence:
         self.sent = 0  # characters of `text` already released
         self.seen = self.counts = None
         self.matcher: Matcher | None = None
+        # While its prompt goes into the cache a chunk a step: how much of it is there, and
+        # the logits of those positions when the prompt is scored.
+        self.filling = False
+        self.filled = 0
+        self.prompt_logits: list[torch.Tensor] = []
         if request.sampling.penalised:
             self.counts = torch.zeros(vocab_size, device=device)
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
@@ -189,12 +196,22 @@ class _Sequence:
         """Where the next token fed to the model sits."""
         return len(self.tokens) - 1
 
-    def next_token(self, logits: torch.Tensor) -> torch.Tensor:
-        """Sample from this sequence's last logits (vocab,)."""
+    def next_token(self, logits: torch.Tensor, draft: int | None = None) -> torch.Tensor:
+        """Sample from this sequence's last logits (vocab,); with a `draft` token guessed for
+        this position, keep it with its probability, else draw from the others (renormalised):
+        the token then follows the same distribution as without a draft (greedy: the same
+        token)."""
         cfg = self.request.sampling
         if self.counts is not None:
             logits = apply_penalties(logits, cfg, self.seen, self.counts)
-        return sample(logits.view(1, -1), cfg, self.generator)[0]
+        if draft is None or cfg.greedy:
+            return sample(logits.view(1, -1), cfg, self.generator)[0]
+        probs = torch.softmax(filtered_logits(logits.view(1, -1), cfg), dim=-1)[0]
+        coin = torch.rand((), generator=self.generator, device=probs.device)
+        if coin < probs[draft]:
+            return torch.tensor(draft)
+        probs[draft] = 0
+        return torch.multinomial(probs, 1, generator=self.generator)[0]
 
     def accept(self, token: int, logits: torch.Tensor) -> Event:
         """Record a sampled token and describe it; finishes the sequence when it should."""
@@ -309,10 +326,29 @@ class Engine:
     kernels. The first step compiles (or `start_compiling`); on a CPU, a step compiled
     before then compiles on a thread of its own while the engine decodes eagerly, and the
     next step after it is done switches over (`wait_compiled` waits for it).
+    prefill_chunk: the most prompt tokens a step runs into the cache (0: no limit). A longer
+    prompt goes in over several steps, each after the decode step of the sequences already
+    running, so that they keep producing tokens while it is read (chunked prefill). Prompts
+    with images, and families without a paged cache, are read whole.
+    draft: speculative decoding, off at 0: each step, a sequence may feed up to this many
+    tokens more, guessed from its own text (the tokens after the latest earlier occurrence of
+    its last `ngram` ones: `propose`), and keep those the model then agrees with, all in the
+    same forward pass, which reads the weights once (on a CPU a step of a few tokens costs
+    little more than one of a single token). Greedy output is plain decoding's (up to float
+    rounding at near-ties); sampled output follows the same distribution; penalties, stop
+    strings and limits apply token by token as in plain decoding. Constrained sequences do
+    not draft; steps with drafts run eagerly. `speculation` counts steps and tokens.
     """
 
     def __init__(self, model: LanguageModel, tokenizer: Tokenizer | None = None,
-                 max_batch: int = 8, max_len: int | None = None, compile: bool = False) -> None:
+                 max_batch: int = 8, max_len: int | None = None, compile: bool = False,
+                 prefill_chunk: int = PREFILL_CHUNK, draft: int = 0, ngram: int = 3) -> None:
+        if prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be >= 0 (0: no limit), got {prefill_chunk}")
+        if draft < 0 or ngram < 1:
+            raise ValueError(f"draft must be >= 0 and ngram >= 1, got {draft} and {ngram}")
+        self.draft, self.ngram = draft, ngram
+        self.speculation = SpeculativeStats()
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -324,6 +360,8 @@ class Engine:
                       else model.new_cache(1, min(CACHE_BLOCK, self.max_len)))
         self.slots: list[_Sequence | None] = [None] * max_batch
         self.waiting: deque[_Sequence] = deque()
+        self.filling: deque[_Sequence] = deque()  # in a slot, the prompt partly in the cache
+        self.prefill_chunk = prefill_chunk
         self._ids = itertools.count()
         self._logprobs: dict[int, list[TokenLogprob]] = {}
         self._prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}
@@ -368,13 +406,16 @@ class Engine:
         """Most tokens a sequence with this prompt can generate."""
         return self.max_len - len(prompt)
 
-    def prefill(self, request: Request, cache: KVCache) -> Prefilled:
+    def prefill(self, request: Request, cache: KVCache, begin: int = 0,
+                end: int | None = None) -> Prefilled:
         """Run a new sequence's prompt (and images) into `cache`, its slot's one row; a
-        request that scores its prompt gets the logits of every prompt position."""
-        ids = torch.tensor([request.prompt], device=self.device)
+        request that scores its prompt gets the logits of every prompt position. `begin` and
+        `end`: only those positions of the prompt, the ones before being in the cache already
+        (a chunk of a long prompt; asked of families with a paged cache only)."""
+        ids = torch.tensor([request.prompt[begin:end]], device=self.device)
         images = {"images": torch.stack(request.images).to(self.device)} if request.images else {}
-        logits = self.model(ids, cache=cache, start=0, last_only=not request.prompt_logprobs,
-                            **images)
+        logits = self.model(ids, cache=cache, start=begin,
+                            last_only=not request.prompt_logprobs, **images)
         return Prefilled(request.prompt, logits[0])
 
     def _check_images(self, request: Request) -> None:
@@ -571,6 +612,7 @@ class Engine:
     def cancel(self, request_id: int) -> None:
         """Forget a request (a client went away): its slot is free for the next step."""
         self.waiting = deque(s for s in self.waiting if s.id != request_id)
+        self.filling = deque(s for s in self.filling if s.id != request_id)
         for i, seq in enumerate(self.slots):
             if seq is not None and seq.id == request_id:
                 self._free_slot(i)
@@ -595,57 +637,100 @@ class Engine:
     # --------------------------------------------------------------- decoding
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        """Admit waiting requests into free slots (running their prompts), then advance every
-        other active sequence by one token in one batched forward pass."""
+        """Advance every decoding sequence by one token in one batched forward pass, then
+        give waiting requests the free slots and run their prompts into the cache (up to
+        `prefill_chunk` tokens of them; the sequences whose prompt is all in produce their
+        first token)."""
         self.start_compiling()
         self._switch_when_compiled()
         events = self._decode_active()
         while self.waiting and None in self.slots:
-            events.append(self._admit(self.waiting.popleft()))
+            seq = self.waiting.popleft()
+            seq.slot, seq.filling = self.slots.index(None), True
+            self.slots[seq.slot] = seq
+            self.filling.append(seq)
+        events += self._fill()
         if self._step_model is None:
             self._shrink()
         return events
 
-    def _admit(self, seq: _Sequence) -> Event:
-        seq.slot = self.slots.index(None)
-        self.slots[seq.slot] = seq
+    def _fill(self) -> list[Event]:
+        """Run the prompts of the sequences in `filling` into their slots, in order, up to
+        `prefill_chunk` tokens in all (at least one chunk); a prompt that cannot be split
+        goes in whole."""
+        events, budget = [], self.prefill_chunk or self.max_len
+        while self.filling and budget > 0:
+            seq = self.filling[0]
+            request = seq.request
+            whole = len(request.prompt)
+            split = self.paged and not request.images
+            end = min(whole, seq.filled + budget) if split else whole
+            masks = self._start_masks([seq]) if end == whole else None
+            if self.paged:
+                self._reserve_pages(seq.slot, end)
+            else:
+                self._reserve(seq.slot + 1, min(end, self.max_len))
+            rows = self._cache_rows(seq.slot, 1)
+            done = (self.prefill(request, rows, seq.filled, end) if split
+                    else self.prefill(request, rows))
+            budget -= end - seq.filled
+            seq.filled = end
+            if request.prompt_logprobs:
+                seq.prompt_logits.append(done.logits)
+            if end == whole:
+                self.filling.popleft()
+                seq.filling = False
+                events.append(self._start(seq, done.tokens, done.logits[-1], masks))
+        return events
+
+    def _start(self, seq: _Sequence, tokens: list[int], logits: torch.Tensor,
+               masks: Future | None) -> Event:
+        """A sequence whose prompt is in the cache: its first token, from `logits`."""
         request = seq.request
-        masks = self._start_masks([seq])
-        if self.paged:
-            self._reserve_pages(seq.slot, len(request.prompt))
-        else:
-            self._reserve(seq.slot + 1, min(len(request.prompt), self.max_len))
-        done = self.prefill(request, self._cache_rows(seq.slot, 1))
-        seq.start(done.tokens)
+        seq.start(tokens)
         if request.prompt_logprobs:
             self._prompt_logprobs[seq.id] = [None] + token_logprobs(
-                done.logits[:-1], request.prompt[1:], request.logprobs or 0)
+                torch.cat(seq.prompt_logits)[:-1], request.prompt[1:], request.logprobs or 0)
+            seq.prompt_logits = []
         if request.logprobs is not None:
             self._logprobs[seq.id] = []
         if seq.limit == 0:
             return self._record(seq, seq.finish(None, None, "length"))
-        return self._emit(seq, done.logits[-1], masks)
+        return self._emit(seq, logits, masks)
 
     def _decode_active(self) -> list[Event]:
-        active = [s for s in self.slots if s is not None]
+        active = [s for s in self.slots if s is not None and not s.filling]
         if not active:
             return []
+        drafts = {s.slot: self._guess(s) for s in active}
+        width = 1 + max(map(len, drafts.values()))
+        compiled = self._step_model is not None and width == 1
         # A compiled step always takes every slot; otherwise free slots past the last
         # active one are left out.
-        rows = len(self.slots) if self._step_model is not None else \
-            max(s.slot for s in active) + 1
-        tokens = torch.zeros(rows, 1, dtype=torch.long)
+        rows = len(self.slots) if compiled else max(s.slot for s in active) + 1
+        at = {s.slot: s.position for s in active}
+        # A row whose prompt is still going in is fed tokens too, where its next chunk will
+        # write: nothing it holds is overwritten.
+        at.update((s.slot, s.filled) for s in self.filling if s.slot < rows)
+        # Every row is fed `width` tokens (drafts padded): all must fit in the context.
+        width = min(width, self.max_len - max(at.values()))
+        tokens = torch.zeros(rows, width, dtype=torch.long)
         starts = torch.zeros(rows, dtype=torch.long)
         for s in active:
-            tokens[s.slot, 0], starts[s.slot] = s.tokens[-1], s.position
+            drafts[s.slot] = drafts[s.slot][:width - 1]
+            fed = [s.tokens[-1], *drafts[s.slot]]
+            tokens[s.slot, :len(fed)] = torch.tensor(fed)
+        for slot, position in at.items():
+            starts[slot] = position
         tokens, starts = tokens.to(self.device), starts.to(self.device)
         if self.paged:
-            for s in active:
-                self._reserve_pages(s.slot, s.position + 1)
+            for slot, position in at.items():
+                self._reserve_pages(slot, position + width)
         else:
-            self._reserve(rows, max(s.position for s in active) + 1)
+            self._reserve(rows, max(at.values()) + width)
         masks = self._start_masks(active)
-        if self._step_model is not None:
+        self.speculation.forwards += 1
+        if compiled:
             # Fixed shapes: checking all of the graph's guards each step cost 1.6 ms of a 13 ms
             # int4 SmolLM2 step. The first step checks them, as it may compile once more (a
             # step compiled on another thread, as a server's is, does), the others do not.
@@ -653,9 +738,38 @@ class Engine:
                 logits = self._step_model(tokens, cache=self.cache, start=starts)
             self._guards_checked = True
         else:
+            shared = set(at.values())  # one start for all rows: the faster path
             logits = self.model(tokens, cache=self._cache_rows(0, rows),
-                                start=_shared_start(active, starts))
-        return [self._emit(s, logits[s.slot, -1], masks) for s in active]
+                                start=shared.pop() if len(shared) == 1 else starts)
+        return [e for s in active for e in self._emit_drafted(s, logits[s.slot], drafts[s.slot],
+                                                              masks)]
+
+    def _guess(self, seq: _Sequence) -> list[int]:
+        """Tokens to feed after a sequence's last one, which it may keep (see `draft`): as
+        many as leave room for the model's own token within its limit."""
+        if not self.draft or seq.matcher is not None:
+            return []
+        guess = propose(seq.tokens, self.ngram,
+                        min(self.draft, seq.limit - len(seq.generated) - 1))
+        if self._never is not None and int(self._never) in guess:
+            guess = guess[:guess.index(int(self._never))]
+        return guess
+
+    def _emit_drafted(self, seq: _Sequence, logits: torch.Tensor, draft: list[int],
+                      masks: Future | None) -> list[Event]:
+        """A sequence's events from a step that fed it its last token and `draft` (logits
+        (T, vocab), row i predicting draft[i]): token by token as plain decoding would take
+        them, until one differs from the draft or the sequence ends."""
+        events = []
+        for i in range(len(draft) + 1):
+            guess = draft[i] if i < len(draft) else None
+            events.append(self._emit(seq, logits[i], masks, guess))
+            if guess is None or events[-1].finish_reason is not None \
+                    or events[-1].token != guess:
+                break
+        self.speculation.drafted += len(draft)
+        self.speculation.accepted += len(events) - 1
+        return events
 
     def _cache_rows(self, first: int, count: int) -> KVCache:
         # Views are cheap but not free; a decode step should not rebuild 2 x layers of them.
@@ -675,14 +789,15 @@ class Engine:
             self._mask_worker = ThreadPoolExecutor(1, thread_name_prefix="lmforge-masks")
         return self._mask_worker.submit(lambda: {s.id: s.matcher.allowed() for s in constrained})
 
-    def _emit(self, seq: _Sequence, logits: torch.Tensor, masks: Future | None = None) -> Event:
+    def _emit(self, seq: _Sequence, logits: torch.Tensor, masks: Future | None = None,
+              draft: int | None = None) -> Event:
         if self._never is not None:
             logits = logits.index_fill(-1, self._never, float("-inf"))
         allowed = logits
         if seq.matcher is not None:
             mask = masks.result()[seq.id].to(logits.device)
             allowed = logits.masked_fill(~mask, float("-inf"))
-        token = int(seq.next_token(allowed))
+        token = int(seq.next_token(allowed, draft))
         return self._record(seq, seq.accept(token, logits))
 
     def _record(self, seq: _Sequence, event: Event) -> Event:
@@ -740,13 +855,6 @@ def _in_background(work: Callable[[], Any]) -> Future:
 
     threading.Thread(target=run, name="lmforge-compile", daemon=True).start()
     return future
-
-
-def _shared_start(active: list[_Sequence], starts: torch.Tensor) -> int | torch.Tensor:
-    """One position for all rows when they share it (always so for a single sequence): the
-    faster path; else each row's own."""
-    positions = {s.position for s in active}
-    return positions.pop() if len(positions) == 1 else starts
 
 
 def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -820,11 +928,13 @@ def _compiled(model: LanguageModel):
     return torch.compile(model, dynamic=False, options={"cpp_wrapper": True})
 
 
-def stream_one(model: LanguageModel, tokenizer: Tokenizer | None, request: Request) -> Iterator[Event]:
-    """Events of a single request, through an engine with a cache just big enough for it."""
+def stream_one(model: LanguageModel, tokenizer: Tokenizer | None, request: Request,
+               draft: int = 0) -> Iterator[Event]:
+    """Events of a single request, through an engine with a cache just big enough for it
+    (`draft`: speculative decoding, see `Engine`)."""
     needed = len(request.prompt) + max(request.max_new_tokens, 1)
     engine = Engine(model, tokenizer, max_batch=1,
-                    max_len=min(needed, model.cfg.context_length))
+                    max_len=min(needed, model.cfg.context_length), draft=draft)
     yield from engine.stream(request)
 
 

@@ -45,6 +45,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import Receive
 
 from lmforge.chat import TemplateError, chat_prompt_ids, vision_chat_prompt_ids
+from lmforge.config import PREFILL_CHUNK
 from lmforge.images import ImageProcessor, Prepared, image_processor, tiles_of
 from lmforge.infer.constrain import Constraint, ConstraintError
 from lmforge.infer.embed import NoEmbeddings, embed, text_decoder
@@ -99,6 +100,10 @@ class ServeConfig:
     timeout: float = 600.0  # seconds a request may take, queueing included
     cors_origins: list[str] = field(default_factory=list)
     compile: bool = False
+    # Prompt tokens a step reads: a longer prompt goes in over several steps, between those
+    # of the sequences decoding (0: whole prompts, which stall them while they are read).
+    prefill_chunk: int = PREFILL_CHUNK
+    draft: int = 0  # speculative decoding: tokens a sequence drafts per step (0: off)
     max_images: int = 8  # per request
     # Per image, checked from its header before it is decoded: 4096 x 4096 passes, and its
     # decoded RGB takes 50 MB while it is scaled down to what the model reads.
@@ -169,7 +174,8 @@ def create_app(model: LanguageModel, tokenizer: Tokenizer, stop_ids: tuple[int, 
                              "without it")
         engine = Seq2SeqEngine(model, tokenizer, cfg.max_batch, cfg.max_len)
     else:
-        engine = Engine(model, tokenizer, cfg.max_batch, cfg.max_len, compile=cfg.compile)
+        engine = Engine(model, tokenizer, cfg.max_batch, cfg.max_len, compile=cfg.compile,
+                        prefill_chunk=cfg.prefill_chunk, draft=cfg.draft)
     scheduler = Scheduler(engine, cfg.max_queue, cfg.threads)
     metrics = Metrics()
     metrics.engine_gauges(scheduler)
