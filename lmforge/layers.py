@@ -337,6 +337,22 @@ def project(x: torch.Tensor, layers: tuple[nn.Module, ...], fused: Callable | No
     return out if out is not None else tuple(layer(x) for layer in layers)
 
 
+class Linear(nn.Linear):
+    """`nn.Linear` whose product for the few rows of a decoding step (float32, on a CPU, no
+    gradient asked for) runs on lmforge's kernel, which reads each weight once for up to 8
+    rows where PyTorch's product slows down past two: SmolLM2 decoding 8 sequences at once
+    steps 1.4x faster (`kernels.float_matmul`). Saved, loaded and adapted as `nn.Linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, self.in_features)
+        if (x2d.shape[0] > kernels.MAX_ROWS or x.device.type != "cpu" or torch.is_grad_enabled()
+                or x.dtype != torch.float32 or self.weight.dtype != torch.float32
+                or not self.weight.is_contiguous() or not kernels.available()):
+            return F.linear(x, self.weight, self.bias)
+        y = kernels.float_matmul(x2d, self.weight).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
 class Attention(nn.Module):
     """Self-attention with grouped key/value heads (MHA, GQA, MQA) through SDPA: causal, or
     over every position (`causal=False`, a vision encoder's patches). `window`: the layer's
@@ -350,10 +366,10 @@ class Attention(nn.Module):
         self.scale = cfg.attn_scale
         q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
         qkv_bias = cfg.bias or cfg.qkv_bias
-        self.q_proj = nn.Linear(cfg.d_model, q_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias)
+        self.q_proj = Linear(cfg.d_model, q_dim, bias=qkv_bias)
+        self.k_proj = Linear(cfg.d_model, kv_dim, bias=qkv_bias)
+        self.v_proj = Linear(cfg.d_model, kv_dim, bias=qkv_bias)
+        self.o_proj = Linear(q_dim, cfg.d_model, bias=cfg.bias)
         # One call for q, k and v (a quantized model's `KernelGroup`), where one is set.
         self.fused: Callable | None = None
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
@@ -402,10 +418,10 @@ class CrossAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.q_proj = Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.k_proj = Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.v_proj = Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.o_proj = Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -435,9 +451,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.kind = cfg.mlp
-        self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.bias)
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.bias) if cfg.mlp in GATED else None
-        self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.bias)
+        self.up_proj = Linear(cfg.d_model, cfg.d_mlp, bias=cfg.bias)
+        self.gate_proj = Linear(cfg.d_model, cfg.d_mlp, bias=cfg.bias) if cfg.mlp in GATED else None
+        self.down_proj = Linear(cfg.d_mlp, cfg.d_model, bias=cfg.bias)
         self.fused: Callable | None = None  # one call for gate and up, as in `Attention`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

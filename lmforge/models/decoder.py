@@ -28,6 +28,7 @@ from lmforge.layers import (
     MLP,
     Attention,
     KVCache,
+    Linear,
     PagedKVCache,
     Positions,
     make_norm,
@@ -72,7 +73,7 @@ class Decoder(nn.Module):
             Block(cfg, window=cfg.sliding_window if cfg.windowed(i) else None)
             for i in range(cfg.n_layer))
         self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.grad_checkpointing = False  # trade compute for activation memory when training
         # Which layers slide the window, and whether those turn by a rotary base of their own:
         # fixed by the config, read at every forward pass.

@@ -33,6 +33,7 @@ from lmforge.layers import (
     Attention,
     CrossAttention,
     KVCache,
+    Linear,
     Positions,
     make_norm,
     register_rotary,
@@ -158,7 +159,7 @@ class Seq2Seq(nn.Module):
             if cfg.norm_first else nn.Identity()
         self.decoder_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) \
             if cfg.norm_first else nn.Identity()
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()
         self.tie_weights()
 
