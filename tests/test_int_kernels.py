@@ -9,7 +9,7 @@ from torch import nn
 from lmforge.compress import kernels
 from lmforge.compress.quant import QuantLinear, QuantSpec, kernel_operands, quantize
 from lmforge.config import ModelConfig
-from lmforge.layers import decodes_on_kernel
+from lmforge.layers import Linear, decodes_on_kernel
 from lmforge.models.decoder import Decoder
 
 pytestmark = pytest.mark.skipif(not kernels.available(),
@@ -136,3 +136,29 @@ def test_decoding_steps_attend_on_the_kernel_only_where_it_applies():
     assert decodes_on_kernel(q, q)
     assert not decodes_on_kernel(q.bfloat16(), q.bfloat16())
     assert not decodes_on_kernel(q.requires_grad_(), q)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+@pytest.mark.parametrize("in_features,out_features", [(64, 48), (100, 37), (576, 1536)])
+def test_the_float_kernel_is_pytorchs_product(rows, in_features, out_features):
+    """Any width (a last partial vector of x and w, an odd count of weight rows)."""
+    x, w = torch.randn(rows, in_features), torch.randn(out_features, in_features)
+    torch.testing.assert_close(kernels.float_matmul(x, w), x @ w.T, rtol=1e-5, atol=1e-4)
+
+
+def test_linear_layers_take_the_float_kernel_for_a_decoding_step_only(monkeypatch):
+    layer = Linear(96, 40)
+    calls = []
+    product = kernels.float_matmul
+    monkeypatch.setattr(kernels, "float_matmul", lambda *a: calls.append(1) or product(*a))
+    x = torch.randn(2, 4, 96)  # 8 rows
+    expected = F.linear(x, layer.weight, layer.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+        assert len(calls) == 1
+        layer(torch.randn(3, 3, 96))  # 9 rows: a prefill's
+        layer(x[:, :1])  # 2 rows
+        assert len(calls) == 2
+        Linear(96, 40).bfloat16()(x.bfloat16())  # PyTorch's product for other types
+    torch.testing.assert_close(layer(x), expected)  # and when training
+    assert len(calls) == 2

@@ -332,7 +332,10 @@ void int8_rows(const Activations& a, const int8_t* w, const float* scale, float*
       for (int r = 0; r < R; ++r) acc[m][r] = zero_floats();
     for (int64_t c = 0; c < chunks; ++c) {
       W8 wc[R];
-      for (int r = 0; r < R; ++r) wc[r] = load_w8(w + (n + r) * K + c * CHUNK);
+      for (int r = 0; r < R; ++r) {
+        wc[r] = load_w8(w + (n + r) * K + c * CHUNK);
+        _mm_prefetch(reinterpret_cast<const char*>(w + (n + R + r) * K + c * CHUNK), _MM_HINT_T0);
+      }
       for (int m = 0; m < M; ++m) {
         X8 x = load_x8(a, (m0 + m) * K + c * CHUNK, (m0 + m) * chunks + c);
         Floats xscale = pair(a.scales + (m0 + m) * blocks + 2 * c);
@@ -358,6 +361,7 @@ void int4_rows(const Activations& a, const uint8_t* w, const uint16_t* scales, c
       Floats ws[R];
       for (int r = 0; r < R; ++r) {
         q[r] = load_w4(w + (n + r) * (K / 2) + c * 32);
+        _mm_prefetch(reinterpret_cast<const char*>(w + (n + R + r) * (K / 2) + c * 32), _MM_HINT_T0);
         ws[r] = bf16_pair(scales + (n + r) * blocks + 2 * c);
       }
       for (int m = 0; m < M; ++m) {
