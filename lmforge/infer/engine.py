@@ -4,8 +4,9 @@ A request waits in a queue until a cache slot is free; its prompt then runs alon
 the model (the prefill, a long prompt a chunk a step between the decode steps of the others)
 and its sequence joins the batch, where every step feeds one new token per active sequence
 through a single forward pass, sequences at different positions included (with `draft`, also
-tokens guessed from each sequence's own text, kept where the model agrees). A finished sequence frees its slot at once and the next waiting one takes it
-(continuous batching), so a server only has to call `step` in a loop. The KV cache is paged
+tokens guessed from each sequence's own text, kept where the model agrees). A finished
+sequence frees its slot at once and the next waiting one takes it (continuous batching), so
+a server only has to call `step` in a loop. The KV cache is paged
 (for the families whose attention reads one: decoder-only and vision-language models): each
 sequence takes blocks of `PAGE` positions from a shared pool as it grows and gives them back
 when it ends, so the memory held follows the tokens in use, not slots x context, and an idle
@@ -637,10 +638,10 @@ class Engine:
     # --------------------------------------------------------------- decoding
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        """Advance every decoding sequence by one token in one batched forward pass, then
-        give waiting requests the free slots and run their prompts into the cache (up to
-        `prefill_chunk` tokens of them; the sequences whose prompt is all in produce their
-        first token)."""
+        """Advance every decoding sequence by a token (more where drafts are kept) in one
+        batched forward pass, then give waiting requests the free slots and run their prompts
+        into the cache (up to `prefill_chunk` tokens of them; the sequences whose prompt is
+        all in produce their first token)."""
         self.start_compiling()
         self._switch_when_compiled()
         events = self._decode_active()
