@@ -150,6 +150,14 @@ def test_the_engine_decodes_image_and_text_requests_together_as_alone():
         logits = model(torch.tensor([tokens]), images=image[None])
         tokens.append(int(logits[0, -1].argmax()))
     assert together[0].tokens == tokens[len(with_image.prompt):]
+    # Drafting from a prompt of image tokens: never a draft of the image token, same tokens.
+    repeats = Request([*[IMAGE] * 4, 7, 8, 7, 8, 7], 12, greedy, images=(image,))
+    after_image = Request([5, *[IMAGE] * 4, 5], 12, greedy, images=(image,))  # "5" drafts images
+    requests = [repeats, after_image, text_only]
+    drafting = Engine(model, max_batch=3, draft=4)
+    assert ([c.tokens for c in drafting.run(requests)]
+            == [c.tokens for c in Engine(model, max_batch=3).run(requests)])
+    assert drafting.speculation.drafted > 0
 
 
 def test_the_engine_refuses_images_it_cannot_place():
