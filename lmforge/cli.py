@@ -316,7 +316,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                       max_body_bytes=body_bytes, timeout=args.timeout,
                       cors_origins=args.cors_origin, compile=args.compile,
                       prefill_chunk=args.prefill_chunk,
-                      draft=SPECULATIVE_DRAFT if args.speculative else 0, max_images=args.max_images, max_image_pixels=args.max_image_pixels,
+                      draft=SPECULATIVE_DRAFT if args.speculative else 0,
+                      max_images=args.max_images, max_image_pixels=args.max_image_pixels,
                       allow_image_urls=args.allow_image_urls, threads=threads)
     app = create_app(opened.model, opened.tokenizer, opened.stop_ids, cfg, opened.processor)
     engine = app.state.engine
