@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import os
 import sys
 import threading
@@ -659,7 +660,7 @@ class Engine:
         """Run the prompts of the sequences in `filling` into their slots, in order, up to
         `prefill_chunk` tokens in all (at least one chunk); a prompt that cannot be split
         goes in whole."""
-        events, budget = [], self.prefill_chunk or self.max_len
+        events, budget = [], self.prefill_chunk or math.inf
         while self.filling and budget > 0:
             seq = self.filling[0]
             request = seq.request
