@@ -19,6 +19,7 @@ from torch import nn
 
 # Registers the hook that reads quantized weights (see lmforge.modeldir.DirectoryHook).
 import lmforge.compress.quant  # noqa: E402, F401, I001
+from lmforge.allocator import keep_freed_memory
 from lmforge.errors import CheckpointMismatch, ConfigError
 from lmforge.images import ImageProcessor, image_processor
 from lmforge.interop.hub import resolve_model
@@ -94,6 +95,8 @@ def open_model(spec: str | Path, device: str | torch.device | None = None,
     adapter=False: without any adapter, even the one `spec` holds (its base model alone)."""
     device = torch.device(device) if device is not None else default_device()
     dtype = resolve_dtype(dtype, device)
+    if device.type == "cpu":
+        keep_freed_memory()  # a CPU forward pass reuses its freed activations' pages
     directory = resolve_model(spec, progress)
     if adapter is False:
         adapter_dir = None

@@ -1,0 +1,49 @@
+"""The allocator setting that keeps a forward pass's freed activations for reuse."""
+
+import subprocess
+import sys
+
+import pytest
+
+from lmforge.allocator import keep_freed_memory
+
+# Page faults of one 512-token forward pass (after two to warm up) in a fresh process.
+PREFILL_FAULTS = """
+import resource, sys, torch
+from lmforge.allocator import keep_freed_memory
+from lmforge.config import ModelConfig
+from lmforge.models import build_model
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+torch.manual_seed(0)
+model = build_model(ModelConfig(n_layer=2, n_head=4, d_model=256, d_mlp=1024, vocab_size=64,
+                                context_length=512, positions="rope", norm="rmsnorm",
+                                mlp="swiglu")).eval()
+tokens = torch.randint(0, 64, (1, 512))
+with torch.inference_mode():
+    model(tokens, last_only=True), model(tokens, last_only=True)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    model(tokens, last_only=True)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def prefill_faults(mode: str) -> int:
+    run = subprocess.run([sys.executable, "-c", PREFILL_FAULTS, mode], capture_output=True,
+                         text=True, check=True)
+    return int(run.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_a_forward_pass_reuses_freed_pages():
+    # glibc's default gives each layer's megabytes of activations fresh pages on every pass.
+    default, keep = prefill_faults("default"), prefill_faults("keep")
+    assert default > 1000 and keep < default / 10, (default, keep)
+
+
+def test_opening_a_model_on_the_cpu_keeps_freed_memory(base_dir):
+    from lmforge.open import open_model
+
+    keep_freed_memory.cache_clear()
+    open_model(base_dir, device="cpu")
+    assert keep_freed_memory.cache_info().currsize == 1
