@@ -117,8 +117,11 @@ def test_lines_have_the_chat_shape(drawn):
         for line in read_jsonl(drawn / f"{split}.jsonl"):
             assert list(line) == ["images", "messages", "task", "answer"]
             user, assistant = line["messages"]
-            assert user["role"] == "user" and assistant == {"role": "assistant",
-                                                            "content": line["answer"]}
+            assert user["role"] == "user" and assistant["role"] == "assistant"
+            if line["task"] == "compare":  # what each image shows, then the answer
+                assert assistant["content"].endswith(f": {line['answer']}")
+            else:
+                assert assistant["content"] == line["answer"]
             *images, question = user["content"]
             assert images == [{"type": "image"}] * len(line["images"])
             assert question["type"] == "text" and question["text"].endswith(("?", "."))
@@ -182,17 +185,27 @@ def test_count_is_the_number_of_separate_shapes(drawn):
 def test_compare_answer_points_at_the_image_asked_about(drawn):
     for line in lines_of(drawn, "compare"):
         question = line["messages"][0]["content"][-1]["text"]
+        reply = line["messages"][1]["content"]
         masks = [ink(pixels(drawn, name)) for name in line["images"]]
         if "more" in question:
             counts = [components(mask) for mask in masks]
             found = [counts[0] > counts[1], counts[1] > counts[0]]
+            assert reply == f"first {counts[0]}, second {counts[1]}: {line['answer']}"
         elif kind := next((s for s in SHAPES if s in question), None):
-            found = [shape_kind(mask) == kind for mask in masks]
+            kinds = [shape_kind(mask) for mask in masks]
+            found = [k == kind for k in kinds]
+            names, asked = kinds, kind
         else:
             colour = next(c for c in PALETTE if re.search(rf"\b{c}\b", question))
-            found = [PALETTE[colour] in {tuple(rgb) for rgb in pixels(drawn, name)[mask]}
+            shown = [next(c for c, rgb in PALETTE.items()
+                          if rgb in {tuple(p) for p in pixels(drawn, name)[mask]})
                      for name, mask in zip(line["images"], masks)]
+            found = [c == colour for c in shown]
+            names, asked = shown, colour
         assert found == [line["answer"] == "first", line["answer"] == "second"], question
+        if "more" not in question:
+            assert reply == (f"the {names[0]} first, the {names[1]} second; "
+                             f"{asked}: {line['answer']}")
 
 
 def test_ocr_text_is_whole_inside_the_image(drawn):
@@ -278,5 +291,9 @@ def test_score():
     assert score(predictions, records) == {"colour": 0.5, "count": 1.0, "ocr": 0.5,
                                            "ocr_cer": 1 / 7}
     assert edit_distance("kitten", "sitting") == 3 and edit_distance("", "abc") == 3
+    # A reply that says what it sees first answers after its last colon.
+    compare = [{"task": "compare", "answer": "second"}] * 2
+    assert score(["the red first, the blue second; blue: second", "first 2, second 3: first"],
+                 compare) == {"compare": 0.5}
     with pytest.raises(ValueError, match="2 predictions for 5 records"):
         score(predictions[:2], records)

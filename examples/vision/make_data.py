@@ -91,7 +91,7 @@ def record(job: Job, example: Example) -> dict:
     content = [{"type": "image"} for _ in job.images] + [{"type": "text", "text": example.question}]
     return {"images": list(job.images),
             "messages": [{"role": "user", "content": content},
-                         {"role": "assistant", "content": example.answer}],
+                         {"role": "assistant", "content": example.reply or example.answer}],
             "task": job.task, "answer": example.answer}
 
 

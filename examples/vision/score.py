@@ -4,7 +4,9 @@
     score(predictions, records)  # records: the JSONL lines, predictions: the model's replies
 
 Every task is scored by exact match after trimming: surrounding white space and a final full
-stop are dropped and case is ignored, so "Red." counts for "red" but "a red one" does not.
+stop are dropped and case is ignored, so "Red." counts for "red" but "a red one" does not. A
+reply that reasons first ("first blue, second red: second") answers with what follows its
+last colon; no answer of these tasks holds one.
 The ocr task also reports its character error rate ("ocr_cer"): the edit distance between
 the answer and the gold string, summed over examples, over the gold strings' total length.
 """
@@ -15,7 +17,7 @@ from collections import defaultdict
 
 
 def normalise(text: str) -> str:
-    return text.strip().removesuffix(".").strip().casefold()
+    return text.rpartition(":")[2].strip().removesuffix(".").strip().casefold()
 
 
 def edit_distance(a: str, b: str) -> int:
