@@ -53,18 +53,42 @@ def test_images_replace_their_tokens_in_order():
 
 
 @torch.no_grad()
+def test_image_columns_read_each_patchs_share_of_its_image_token():
+    """A column's features are the largest, over its rows, of each patch's share of its image
+    token: the projector's weight columns that read that patch (pixel_shuffle's order)."""
+    model = tiny()
+    images = torch.randn(2, 3, 32, 32)
+    patches = model.vision(images)  # (2, 16, d): a 4 x 4 grid of patches
+    n, side, d, r = 2, 4, patches.shape[-1], model.cfg.scale_factor
+    weight = model.projector.proj.weight
+    shares = torch.empty(n, side, side, weight.shape[0])
+    for i in range(side):
+        for j in range(side):
+            at = ((i % r) * r + j % r) * d
+            shares[:, i, j] = patches[:, i * side + j] @ weight[:, at:at + d].T
+    # each image token is the sum of its r x r patches' shares
+    tokens = shares.view(n, side // r, r, side // r, r, -1).sum((2, 4)).flatten(1, 2)
+    torch.testing.assert_close(tokens, model.projector(patches))
+    expected = model.text.lm_head(model.text.final_norm(shares.amax(1)))
+    torch.testing.assert_close(model.image_columns(patches), expected)
+    assert expected.shape == (n, side, model.cfg.vocab_size)
+    with pytest.raises(ConfigError, match="linear projector"):
+        tiny(projector="mlp").image_columns(patches)
+
+
+@torch.no_grad()
 def test_image_words_read_the_output_head_from_the_images_own_features():
     model = tiny()
     tokens = torch.tensor([[5, *[IMAGE] * 4, 6, *[IMAGE] * 4, 7]])
     images = torch.randn(2, 3, 32, 32)
-    logits, words = model(tokens, images=images, image_words=True)
+    logits, words = model(tokens, images=images, image_words="pooled")
     torch.testing.assert_close(logits, model(tokens, images=images), rtol=0, atol=0)
     features = model.image_features(images)  # (2, 4, width)
     expected = model.text.lm_head(model.text.final_norm(features.amax(1)))
     torch.testing.assert_close(words, expected)
     assert words.shape == (2, model.cfg.vocab_size)
     with pytest.raises(ValueError, match="image_words needs images"):
-        model(tokens, image_words=True)
+        model(tokens, image_words="pooled")
 
 
 @torch.no_grad()

@@ -133,19 +133,48 @@ def test_vision_aux_has_each_lone_image_name_its_answer(tmp_path):
     task, model = trainer.task, trainer.model
     batch = task.collate(task.examples)
     x, y, _, pixels, named = batch
-    assert named.shape == (8, task.model_cfg.vocab_size)
+    assert named.shape[0] == 8
+    bags = torch.zeros(6, task.model_cfg.vocab_size)
     for row in range(6):
-        answer = set(task.tokenizer.encode(list(COLOURS)[row % 3]))
-        assert set(named[row].nonzero().flatten().tolist()) == answer
-        assert named[row].sum().item() == pytest.approx(1.0)
-    assert not named[6:].any()
+        answer = task.tokenizer.encode(list(COLOURS)[row % 3])
+        assert named[row].tolist() == answer + [-1] * (named.shape[1] - len(answer))
+        bags[row, answer] = 1 / len(set(answer))
+    assert (named[6:] == -1).all()
 
     scored = y != -100
-    logits, words = model(x, select=scored, images=pixels, image_words=True)
-    lone = -(named[:6] * torch.log_softmax(words[:6], -1)).sum(-1).mean()
+    logits, words = model(x, select=scored, images=pixels, image_words="pooled")
+    lone = -(bags * torch.log_softmax(words[:6], -1)).sum(-1).mean()
     answers = torch.nn.functional.cross_entropy(logits, y[scored])
     torch.testing.assert_close(task.loss(model.train(), batch), answers + 0.5 * lone)
     torch.testing.assert_close(task.loss(model.eval(), batch), answers)
+
+
+def test_vision_aux_columns_read_the_answer_in_order_across_the_image(tmp_path):
+    """`vision_aux_columns`: the lone images name their answer's tokens left to right over
+    their columns of patches (CTC, the image token as the blank); it needs vision_aux and a
+    linear projector, and says so."""
+    data = colour_data(tmp_path, 6)
+    base = ["task=vlm", f"data={data}", f"val_data={data}", "model=vlm-tiny", "vocab_size=300",
+            f"out_dir={tmp_path / 'run'}", "progress=false", "vision_aux_columns=true"]
+    trainer = Trainer(load_recipe(None, base + ["vision_aux=0.5"]))
+    task, model = trainer.task, trainer.model
+    batch = task.collate(task.examples)
+    x, y, _, pixels, named = batch
+    scored = y != -100
+    logits, columns = model(x, select=scored, images=pixels, image_words="columns")
+    assert columns.shape == (6, 4, task.model_cfg.vocab_size)  # 32 px: 4 columns of patches
+    steps = torch.log_softmax(columns, -1).transpose(0, 1)
+    targets = [task.tokenizer.encode(list(COLOURS)[row % 3]) for row in range(6)]
+    reading = torch.nn.functional.ctc_loss(
+        steps, torch.tensor([t for answer in targets for t in answer]), torch.full((6,), 4),
+        torch.tensor([len(answer) for answer in targets]), blank=task.model_cfg.image_token_id)
+    answers = torch.nn.functional.cross_entropy(logits, y[scored])
+    torch.testing.assert_close(task.loss(model.train(), batch), answers + 0.5 * reading)
+
+    with pytest.raises(ConfigError, match="set vision_aux > 0"):
+        Trainer(load_recipe(None, base))
+    with pytest.raises(ConfigError, match="model.projector: linear"):
+        Trainer(load_recipe(None, base + ["vision_aux=1", "model.projector=mlp"]))
 
 
 # LoRA on a vision-language model made from a pretrained decoder ------------------------------

@@ -20,7 +20,9 @@ The model is one of:
 its own learning rate (a fresh projector learns faster than the backbones around it).
 `vision_aux: 1.0` adds a second loss in training: each image alone in its conversation names
 its answer's tokens straight from its features (`VLM.image_words`), which gives a fresh
-encoder a direct signal for what the answers speak of.
+encoder a direct signal for what the answers speak of. With `vision_aux_columns: true` it
+names them in order, column by column from the left (`VLM.image_columns`, a CTC loss with the
+image token as the blank), for images of text: the characters, and where each one is.
 
 `lora_rank > 0` (with a pretrained model: `init_from`) keeps the decoder's weights as they are
 and trains LoRA adapters on its linear layers, and on the projector's when `lora_targets`
@@ -203,6 +205,11 @@ class VisionChatTask(ExampleBatches):
             i for i in (self.tokenizer.eos_id, self.tokenizer.token_id("<|im_end|>"))
             if i is not None)
         self.model_cfg = self._model_config()
+        if cfg.vision_aux_columns and not (cfg.vision_aux and self.model_cfg.projector == "linear"):
+            raise ConfigError("vision_aux_columns reads the columns through a linear projector's "
+                              "weights, with vision_aux as its weight: set vision_aux > 0 and "
+                              f"model.projector: linear (not {self.model_cfg.projector}), or "
+                              "remove vision_aux_columns")
         self.context = min(cfg.context_length or self.model_cfg.context_length,
                            self.model_cfg.context_length)
         # An imported model sees images its own way (Idefics3 tiles); a new one, or one of
@@ -309,29 +316,29 @@ class VisionChatTask(ExampleBatches):
                 self.named_tokens(rows, len(pixels)))
 
     def named_tokens(self, rows, images: int) -> torch.Tensor:
-        """For `vision_aux`: per image, its answer's tokens as a distribution (each equally
-        likely); zeros for an image that shares its conversation with others (a question
-        about two images answers neither alone) or with no `vision_aux`."""
-        if not self.cfg.vision_aux:
-            return torch.zeros(images, 0)
-        target = torch.zeros(images, self.model_cfg.text.vocab_size)
+        """For `vision_aux`: per image, its answer's tokens in order, padded with -1; none
+        for an image that shares its conversation with others (a question about two images
+        answers neither alone) or with no `vision_aux`."""
+        named = [[] for _ in range(images)]
         at = 0
         for _, y, paths in rows:
-            ids = [t for t in y if t != IGNORE and t not in self.stop_ids]
-            if len(paths) == 1 and ids:
-                target[at, ids] = 1.0 / len(ids)
+            if self.cfg.vision_aux and len(paths) == 1:
+                named[at] = [t for t in y if t != IGNORE and t not in self.stop_ids]
             at += len(paths)
-        return target
+        return pad_rows(named, -1) if images else torch.zeros(0, 0, dtype=torch.long)
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         x, y, _, pixels, named = batch
         scored = y != IGNORE
         images = pixels if len(pixels) else None
-        alone = named.sum(-1) > 0  # the images that `vision_aux` scores
+        alone = (named >= 0).any(-1)  # the images that `vision_aux` scores
         if not (model.training and images is not None and alone.any()):
             return F.cross_entropy(model(x, select=scored, images=images).float(), y[scored])
-        logits, words = model(x, select=scored, images=images, image_words=True)
-        naming = -(named[alone] * F.log_softmax(words[alone].float(), -1)).sum(-1).mean()
+        mode = "columns" if self.cfg.vision_aux_columns else "pooled"
+        logits, words = model(x, select=scored, images=images, image_words=mode)
+        named, words = named[alone], words[alone].float()
+        naming = column_naming(words, named, self.model_cfg.image_token_id) \
+            if self.cfg.vision_aux_columns else pooled_naming(words, named)
         return F.cross_entropy(logits.float(), y[scored]) + self.cfg.vision_aux * naming
 
     count = staticmethod(ChatTask.count)
@@ -398,6 +405,24 @@ class VisionChatTask(ExampleBatches):
     def describe(self) -> dict[str, Any]:
         return {"examples": len(self.examples), "val_examples": len(self.val_examples),
                 "skipped_too_long": self.skipped, "image_tokens": self.model_cfg.image_tokens}
+
+
+def pooled_naming(words: torch.Tensor, named: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of `image_words` logits (N, vocab) against each image's answer tokens
+    (`named`, N x longest, padded with -1) taken as a bag, each distinct token equally likely."""
+    target = torch.zeros_like(words).scatter_(1, named.clamp(min=0), (named >= 0).to(words.dtype))
+    target = target / target.sum(-1, keepdim=True)
+    return -(target * F.log_softmax(words, -1)).sum(-1).mean()
+
+
+def column_naming(columns: torch.Tensor, named: torch.Tensor, blank: int) -> torch.Tensor:
+    """CTC loss of `image_columns` logits (N, columns, vocab) against each image's answer
+    tokens in order (`named`, padded with -1), `blank` (the image token) between them. An
+    answer longer than the columns can hold counts for nothing (zero_infinity)."""
+    steps = F.log_softmax(columns, -1).transpose(0, 1)  # (columns, N, vocab), as ctc_loss reads
+    lengths = (named >= 0).sum(-1)
+    return F.ctc_loss(steps, named.clamp(min=0), torch.full_like(lengths, len(steps)), lengths,
+                      blank=blank, zero_infinity=True)
 
 
 def _expanded(pieces: list[tuple[str, bool]], image_token: str, texts: list[str]

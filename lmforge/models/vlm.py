@@ -15,12 +15,14 @@ The model returns logits; images arrive as pixel tensors (see `lmforge.images`).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from lmforge.config import FlopsReport, VisionConfig, VLMConfig
-from lmforge.errors import LmforgeError
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.layers import KVCache, PagedKVCache, Positions, make_norm
 from lmforge.models.decoder import Block, Decoder
 
@@ -157,19 +159,41 @@ class VLM(nn.Module):
         objective, with the head the decoder already has)."""
         return self.text.lm_head(self.text.final_norm(features.amax(1)))
 
+    def image_columns(self, patches: torch.Tensor) -> torch.Tensor:
+        """Logits (N, columns, vocab) of the tokens each column of an image's patches calls
+        up, left to right: the decoder's output head on the largest value of each feature
+        over the column, where a patch's feature is its share of its image token's (the
+        projector's columns that read it; a linear projector only)."""
+        if self.projector.up is not None:
+            raise ConfigError("vision_aux_columns needs a linear projector, not an mlp one")
+        r, (n, seq, d) = self.cfg.scale_factor, patches.shape
+        side = math.isqrt(seq)
+        groups = patches.view(n, side // r, r, side // r, r, d)
+        weight = self.projector.proj.weight.view(-1, r, r, d)  # pixel_shuffle's order
+        shares = torch.einsum("nIaJbd,eabd->nIaJbe", groups, weight)
+        columns = shares.reshape(n, side, side, -1).amax(1)
+        return self.text.lm_head(self.text.final_norm(columns))
+
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
                 start: int | torch.Tensor = 0, last_only: bool = False,
                 select: torch.Tensor | None = None, images: torch.Tensor | None = None,
-                image_words: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                image_words: str | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, vocab) for tokens (B, T), with `images` (N, 3, size, size) in place of
         the image tokens (see `embed`); the decoder's arguments otherwise. `image_words` also
-        returns the images' `image_words` logits, from the same features."""
+        returns, from the same features, the images' `image_words` logits ("pooled") or
+        their `image_columns` logits ("columns")."""
+        if image_words not in (None, "pooled", "columns"):
+            raise ValueError(f"image_words is 'pooled' or 'columns', not {image_words!r}")
         if images is None:
             if image_words:
                 raise ValueError("image_words needs images")
             return self.text(tokens, cache, start, last_only, select)
-        features = self.image_features(images.to(self.text.final_norm.weight.dtype))
+        patches = self.vision(images.to(self.text.final_norm.weight.dtype))
+        features = self.projector(patches)
         logits = self.text(tokens, cache, start, last_only, select, self.embed(tokens, features))
+        if image_words == "columns":
+            return logits, self.image_columns(patches)
         return (logits, self.image_words(features)) if image_words else logits
 
     def new_cache(self, batch: int, length: int | None = None,

@@ -66,6 +66,10 @@ class TrainConfig:
     # tokens of its answer straight from the encoder (`VLM.image_words`): from nothing, it
     # teaches the encoder small details such as letters, which the answers alone do not.
     vision_aux: float = 0.0
+    # vlm: vision_aux names the answer's tokens in order, column by column from the left of the
+    # image (a CTC loss), for reading text: on the reading task alone, 1,500 steps reached a
+    # character error rate of 24% against 50% with the tokens named as a bag.
+    vision_aux_columns: bool = False
     teacher: str = ""  # distill: the frozen model to learn from (any model name or path)
     # distill: the student is the teacher with only these blocks (e.g. [0, 2, 4]), copied
     # from it; else the student is `init_from` or `model`.
