@@ -225,7 +225,10 @@ def compare_task(rng: random.Random, size: int) -> Example:
     colour or shape of each nearly always; written this way, the answer is the word that
     follows the asked one in the reply (a copy), and the count is a comparison of numbers."""
     first = rng.random() < 0.5
-    asked = rng.choice(("colour", "shape", "count"))
+    # colours drawn twice as often: eight of them, where the question's one must be copied
+    # (a run of a second seed named each image's colour right, then answered about the
+    # first colour named rather than the asked one: 19 of 52)
+    asked = rng.choices(("colour", "shape", "count"), weights=(2, 1, 1))[0]
     if asked == "colour":
         colour, other = rng.sample(list(PALETTE), 2)
         kinds = [rng.choice(SHAPES) for _ in range(2)]
