@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "visio
 from score import score  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-# The longest reply, a comparison naming both images, is 11 tokens of vlm-small's vocabulary.
+# The longest reply, a comparison naming both images, is 10 tokens of vlm-small's vocabulary.
 MAX_TOKENS = 24
 
 

@@ -127,7 +127,8 @@ def test_lines_have_the_chat_shape(drawn):
             assert question["type"] == "text" and question["text"].endswith(("?", "."))
             assert len(line["images"]) == (2 if line["task"] == "compare" else 1)
             assert all((drawn / name).is_file() for name in line["images"])
-            assert re.fullmatch(r"[a-z]+|[0-9A-Z]{1,6}", line["answer"])
+            assert re.fullmatch(r"([a-z]+ )?(first|second)" if line["task"] == "compare"
+                                else r"[a-z]+|[0-9A-Z]{1,6}", line["answer"])
 
 
 def test_every_task_in_equal_shares(drawn):
@@ -202,10 +203,11 @@ def test_compare_answer_points_at_the_image_asked_about(drawn):
                      for name, mask in zip(line["images"], masks)]
             found = [c == colour for c in shown]
             names, asked = shown, colour
-        assert found == [line["answer"] == "first", line["answer"] == "second"], question
-        if "more" not in question:
-            assert reply == (f"the {names[0]} first, the {names[1]} second; "
-                             f"{asked}: {line['answer']}")
+        which = line["answer"].split()[-1]
+        assert found == [which == "first", which == "second"], question
+        if "more" not in question:  # the thing asked about, then the word after it above
+            assert line["answer"] == f"{asked} {which}"
+            assert reply == f"the {names[0]} first, the {names[1]} second: {line['answer']}"
 
 
 def test_ocr_text_is_whole_inside_the_image(drawn):
@@ -292,8 +294,9 @@ def test_score():
                                            "ocr_cer": 1 / 7}
     assert edit_distance("kitten", "sitting") == 3 and edit_distance("", "abc") == 3
     # A reply that says what it sees first answers after its last colon.
-    compare = [{"task": "compare", "answer": "second"}] * 2
-    assert score(["the red first, the blue second; blue: second", "first 2, second 3: first"],
+    compare = [{"task": "compare", "answer": "blue second"},
+               {"task": "compare", "answer": "second"}]
+    assert score(["the red first, the blue second: blue second", "first 2, second 3: first"],
                  compare) == {"compare": 0.5}
     with pytest.raises(ValueError, match="2 predictions for 5 records"):
         score(predictions[:2], records)

@@ -220,14 +220,13 @@ def ocr_task(rng: random.Random, size: int) -> Example:
 def compare_task(rng: random.Random, size: int) -> Example:
     """Two images, one of which has what the question asks about: a colour, a shape, or more
     shapes than the other. The reply says what each image shows, then answers after a colon:
-    "the blue first, the red second; red: second", "first 3, second 5: second". A 20-minute run
+    "the blue first, the red second: red second", "first 3, second 5: second". A 20-minute run
     matched a question's colour to one of two images no better than chance, yet names the
-    colour or shape of each nearly always; written this way, the answer is the word that
-    follows the asked one in the reply (a copy), and the count is a comparison of numbers."""
+    colour or shape of each nearly always; written this way, the answer names the thing asked
+    about and then copies the word that followed it in the reply, and the count is a
+    comparison of numbers."""
     first = rng.random() < 0.5
-    # colours drawn twice as often: eight of them, where the question's one must be copied
-    # (a run of a second seed named each image's colour right, then answered about the
-    # first colour named rather than the asked one: 19 of 52)
+    # colours drawn twice as often: eight of them to find in the reply, against three shapes
     asked = rng.choices(("colour", "shape", "count"), weights=(2, 1, 1))[0]
     if asked == "colour":
         colour, other = rng.sample(list(PALETTE), 2)
@@ -246,13 +245,16 @@ def compare_task(rng: random.Random, size: int) -> Example:
         images.reverse()
         seen.reverse()
     question = rng.choice(QUESTIONS[f"compare-{asked}"]).format(**fields)
-    answer = "first" if first else "second"
+    which = "first" if first else "second"
     if asked == "count":
-        return Example(images, question, answer, f"first {seen[0]}, second {seen[1]}: {answer}")
-    wanted = seen[0] if first else seen[1]
-    # "the" puts a space before each name, so that all three are one and the same token
+        return Example(images, question, which, f"first {seen[0]}, second {seen[1]}: {which}")
+    # The ordinal right after the name, as in the description before it: the word that
+    # followed the name there is the answer, a plain copy (with a colon between the name and
+    # the ordinal instead, one seed answered 68.5% of the comparisons and another 100%).
+    # "the" puts a space before each name, so that all three are one and the same token.
+    answer = f"{seen[0] if first else seen[1]} {which}"
     return Example(images, question, answer,
-                   f"the {seen[0]} first, the {seen[1]} second; {wanted}: {answer}")
+                   f"the {seen[0]} first, the {seen[1]} second: {answer}")
 
 
 TASKS = {"colour": colour_task, "shape": shape_task, "position": position_task,
