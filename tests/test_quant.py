@@ -94,6 +94,18 @@ def test_int4_rounds_each_weight_to_the_nearest_step_of_its_group(group_size):
     assert error.pow(2).mean().sqrt() < 0.12 * w.pow(2).mean().sqrt()
 
 
+@pytest.mark.parametrize("in_features,group_size", [(96, 32), (100, 32), (64, 128)])
+def test_int4_dequantizes_each_nibble_with_its_group_scale_and_zero(in_features, group_size):
+    # written out weight by weight, short last groups (100 = 3 x 32 + 4; 64 < 128) included
+    torch.manual_seed(0)
+    packed, scales, zeros = quantize_int4(torch.randn(5, in_features), group_size)
+    q = unpack_int4(packed)
+    expected = torch.tensor([[(q[n, k].item() - 8) * scales[n, k // group_size].item()
+                              + zeros[n, k // group_size].item() for k in range(in_features)]
+                             for n in range(5)])
+    torch.testing.assert_close(dequantize_int4(packed, scales, zeros, group_size), expected)
+
+
 @pytest.mark.parametrize("spec,shape", zip(SPECS, [
     dict(), dict(**LLAMA, tie_embeddings=False), dict(**LLAMA, bias=True), dict(**LLAMA),
 ]), ids=["int8-gpt2-tied", "int4-g32-llama", "int4-g64-bias", "int4-head-llama-tied"])
