@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lmforge.cli import main
+from lmforge.compress import quant
 from lmforge.compress.quant import (
     KernelGroup,
     QuantizationError,
@@ -67,6 +68,22 @@ def test_layer_matches_a_matmul_by_its_dequantized_weight(spec, bias, dtype, row
     assert got.shape == (*rows, 40) and got.dtype == dtype
     # The kernels take bfloat16 activations: about 3 significant digits.
     torch.testing.assert_close(got.float(), expected, atol=0.01 * expected.abs().max(), rtol=0)
+
+
+@pytest.mark.parametrize("hardware", [True, False], ids=["bf16-cpu", "other-cpu"])
+def test_long_prompts_multiply_in_bfloat16_where_the_cpu_does(monkeypatch, hardware):
+    monkeypatch.setattr(quant, "bf16_products", lambda: hardware)
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(nn.Linear(128, 40), 4, 32)
+    x = torch.randn(2, quant.KERNEL_MAX_ROWS, 128)
+    w = layer.dequantized_weight()
+    low = torch.bfloat16 if hardware else torch.float32
+    with torch.no_grad():
+        got = layer(x)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, F.linear(x.to(low), w.to(low)).float() + layer.bias)
+    # a gradient asked for (training through the layer): float32 whatever the CPU
+    assert torch.equal(layer(x), F.linear(x, w) + layer.bias)
 
 
 def test_int8_rounds_each_weight_to_the_nearest_step():
