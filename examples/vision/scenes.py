@@ -32,6 +32,7 @@ TINT = 12  # how far a background's channels may stray from grey
 # O and I read as 0 and 1 in the default font; the digits keep those shapes.
 OCR_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ0123456789"
 MIN_SIZE = 48  # below this, five characters of text are no longer legible
+OCR_MAX_LENGTH = 5
 
 QUESTIONS = {
     "colour": ["What colour is the shape?", "What is the colour of the shape?",
@@ -192,28 +193,29 @@ def font(size: int) -> ImageFont.FreeTypeFont:
 
 
 def text_image(rng: random.Random, size: int, text: str) -> Image.Image:
-    """`text` on one line, as large as fits in 90% of the width (up to a random cap, for
-    variety), at a random place where all of it shows. Characters are at least about 11
-    pixels wide in a 64-pixel image, more than one 8-pixel patch: smaller ones were not
-    learned at all in a 20-minute run."""
+    """`text` on the middle line (give or take the margin), from the left edge, each
+    character centred in a cell of its own, a fifth of the usable width (12 pixels in a
+    64-pixel image), as a fixed-width font sets it. The n-th character is then at the same
+    place in every image, and reading is naming what each cell holds: text at a random place
+    and size, a proportional font's glyphs packed together, was not learned in a 20-minute
+    run (character error rate 97%), nor text in cells at a random height (94% after 600
+    steps of reading alone, against 49% on the middle line)."""
     background = random_background(rng)
     image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
-    font_size = int(rng.uniform(0.32, 0.42) * size)
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font(font_size))
-    while right - left > 0.9 * size:
-        font_size -= 1
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font(font_size))
     margin = max(2, size // 32)
-    x = rng.randint(margin, size - margin - (right - left)) - left
-    y = rng.randint(margin, size - margin - (bottom - top)) - top
+    cell = (size - 2 * margin) // OCR_MAX_LENGTH
+    glyphs = font(cell + 2)  # W, the widest glyph, as wide as the size: a pixel over each side
+    _, top, _, bottom = draw.textbbox((0, 0), OCR_ALPHABET, font=glyphs)
+    y = (size - (bottom - top)) // 2 + rng.randint(-margin, margin) - top
     colour = PALETTE[rng.choice(visible_colours(background))]
-    draw.text((x, y), text, font=font(font_size), fill=colour)
+    for i, char in enumerate(text):
+        draw.text((margin + (i + 0.5) * cell, y), char, font=glyphs, fill=colour, anchor="ma")
     return image
 
 
 def ocr_task(rng: random.Random, size: int) -> Example:
-    text = "".join(rng.choices(OCR_ALPHABET, k=rng.randint(3, 5)))
+    text = "".join(rng.choices(OCR_ALPHABET, k=rng.randint(3, OCR_MAX_LENGTH)))
     return Example([text_image(rng, size, text)], rng.choice(QUESTIONS["ocr"]), text)
 
 
