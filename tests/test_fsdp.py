@@ -23,6 +23,7 @@ from lmforge.modeldir import checkpoint_dirs
 from lmforge.train.config import load_recipe
 from lmforge.train.trainer import Trainer
 
+from .launch import ENV, torchrun
 from .test_finetune import repeat_data, separable_rows, write_jsonl
 from .test_seq2seq import digit_pairs
 from .test_vlm_task import colour_data
@@ -30,7 +31,6 @@ from .test_vlm_task import colour_data
 pytestmark = pytest.mark.slow
 
 TINY_MODEL = {"preset": "shakespeare-char", "n_layer": 2, "d_model": 64, "context_length": 32}
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def pretraining(corpus: Path, out: Path, **extra) -> dict:
@@ -41,15 +41,6 @@ def pretraining(corpus: Path, out: Path, **extra) -> dict:
 
 def overrides(values: dict) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in values.items()]
-
-
-def torchrun(args: list[str], nproc: int = 2, launcher: list[str] | None = None,
-             timeout: float = 240) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run",
-           *(launcher or ["--standalone"]), f"--nproc_per_node={nproc}", "-m", "lmforge.cli",
-           *args]
-    done = subprocess.run(cmd, env=ENV, timeout=timeout, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-4000:]
 
 
 def metrics(run: Path) -> dict[tuple[int, str], float]:

@@ -25,6 +25,7 @@ from lmforge.train.plot import read_metrics
 from lmforge.train.trainer import Trainer
 
 from .cli_errors import one_line_error
+from .launch import torchrun
 
 TINY_MODEL = {"preset": "shakespeare-char", "n_layer": 2, "d_model": 64, "context_length": 32}
 
@@ -151,10 +152,7 @@ def test_ddp_two_processes_match_one_process_with_accumulation(char_corpus, tmp_
         data=str(char_corpus), out_dir=str(tmp_path / "ddp"), model=TINY_MODEL, batch_size=4,
         warmup_steps=5, lr=3e-3, log_interval=1, progress=False, sample_tokens=8,
         **common).items()]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "lmforge.cli", "train", *overrides]
-    subprocess.run(cmd, check=True, env=env, timeout=240)
+    torchrun(["train", *overrides])
     one, two = train_losses(tmp_path / "single"), train_losses(tmp_path / "ddp")
     assert sorted(one) == sorted(two) == list(range(1, 9))
     for step in one:
