@@ -23,7 +23,7 @@ sys.path.insert(0, str(VISION))
 
 import make_data  # noqa: E402
 import mnist  # noqa: E402
-from scenes import OCR_MAX_LENGTH, PALETTE, SHAPES, THIRDS  # noqa: E402
+from scenes import OCR_COLUMNS, OCR_MAX_LENGTH, PALETTE, SHAPES, THIRDS  # noqa: E402
 from score import edit_distance, score  # noqa: E402
 
 SIZE = 64
@@ -218,15 +218,20 @@ def test_ocr_text_is_whole_inside_the_image(drawn):
         assert np.ptp(xs) > SIZE / 5  # big enough to read, not a speck
 
 
-def test_ocr_characters_sit_one_to_a_cell_from_the_left_on_the_middle_line(drawn):
-    cell = (SIZE - 4) // OCR_MAX_LENGTH  # a margin of 2 pixels each side
+def test_ocr_characters_sit_one_to_a_cell_on_the_middle_rows_in_reading_order(drawn):
+    cell = SIZE // OCR_COLUMNS
+    lengths = set()
     for line in lines_of(drawn, "ocr"):
-        ys, xs = np.nonzero(ink(pixels(drawn, line["images"][0])))
-        n = len(line["answer"])
-        # each character's ink starts in its own cell; W and M reach a pixel into the next
-        starts = [xs[(xs >= 2 + k * cell) & (xs < 3 + (k + 1) * cell)] for k in range(n)]
-        assert all(len(s) for s in starts) and xs.max() <= 4 + n * cell
-        assert abs((ys.min() + ys.max()) / 2 - SIZE / 2) <= 6
+        mask = ink(pixels(drawn, line["images"][0]))
+        allowed = np.zeros_like(mask)
+        lengths.add(len(line["answer"]))
+        for k in range(len(line["answer"])):
+            row, column = divmod(k, OCR_COLUMNS)
+            top, left = (OCR_COLUMNS // 2 - 1 + row) * cell, column * cell
+            assert mask[top + 4:top + cell - 4, left + 4:left + cell - 4].any(), (line, k)
+            allowed[top:top + cell, left:left + cell] = True  # no glyph leaves its cell
+        assert not (mask & ~allowed).any(), line
+    assert lengths <= set(range(3, OCR_MAX_LENGTH + 1)) and max(lengths) > OCR_COLUMNS
 
 
 def test_no_image_is_in_two_splits(drawn):
