@@ -212,6 +212,21 @@ def test_penalised_greedy_decoding_avoids_repeats(model, tokenizer):
     assert len(set(penalised)) > len(set(plain))
 
 
+def test_an_engine_compiling_after_its_first_answer_gives_that_answer_eagerly(
+        model, tokenizer, monkeypatch):
+    # a server's engine: compiling beside its first request would hold that answer up
+    requests = [Request(p, 8, GREEDY) for p in prompts(tokenizer)[:2]]
+    eager = [c.tokens for c in Engine(model, tokenizer, max_batch=2, max_len=40).run(requests)]
+    engine = Engine(model, tokenizer, max_batch=2, max_len=40, compile=True, compile_after=1)
+    started = []  # when compiling would start: after how many answers
+    monkeypatch.setattr(engine, "start_compiling", lambda: started.append(engine.answered))
+    engine.compile_if_due()  # a server's engine thread, idle before any request
+    assert [c.tokens for c in engine.run(requests[:1])] == eager[:1] and started == []
+    engine.compile_if_due()  # idle again, one request answered
+    assert started == [1]
+    assert [c.tokens for c in engine.run(requests[1:])] == eager[1:] and set(started) == {1}
+
+
 @pytest.mark.slow
 def test_a_compiled_engine_decodes_the_same_tokens_and_answers_at_once_the_next_time(
         model, tokenizer, tmp_path, monkeypatch):

@@ -328,6 +328,9 @@ class Engine:
     kernels. The first step compiles (or `start_compiling`); on a CPU, a step compiled
     before then compiles on a thread of its own while the engine decodes eagerly, and the
     next step after it is done switches over (`wait_compiled` waits for it).
+    compile_after: requests to answer before compiling starts. A server answers its first
+    request eagerly (1) rather than beside the compile: on a CPU, tracing holds Python's lock
+    for seconds, and an eager step running beside it takes several times as long.
     prefill_chunk: the most prompt tokens a step runs into the cache (0: no limit). A longer
     prompt goes in over several steps, each after the decode step of the sequences already
     running, so that they keep producing tokens while it is read (chunked prefill). Prompts
@@ -344,7 +347,8 @@ class Engine:
 
     def __init__(self, model: LanguageModel, tokenizer: Tokenizer | None = None,
                  max_batch: int = 8, max_len: int | None = None, compile: bool = False,
-                 prefill_chunk: int = PREFILL_CHUNK, draft: int = 0, ngram: int = 3) -> None:
+                 prefill_chunk: int = PREFILL_CHUNK, draft: int = 0, ngram: int = 3,
+                 compile_after: int = 0) -> None:
         if prefill_chunk < 0:
             raise ValueError(f"prefill_chunk must be >= 0 (0: no limit), got {prefill_chunk}")
         if draft < 0 or ngram < 1:
@@ -372,6 +376,8 @@ class Engine:
         self._guards_checked = False  # by a compiled step, in this thread
         self._compiling: Future | None = None
         self._compile_pending = compile and self.device.type != "cuda"
+        self.compile_after = compile_after
+        self.answered = 0  # requests finished, for `compile_after`
         self._mask_worker: ThreadPoolExecutor | None = None
         if compile and self.device.type == "cuda":
             self._use_step(_compiled(model))
@@ -481,6 +487,11 @@ class Engine:
         self._use_step(self._compile_step(threads))
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
+
+    def compile_if_due(self) -> None:
+        """`start_compiling`, once `compile_after` requests have been answered."""
+        if self.answered >= self.compile_after:
+            self.start_compiling()
 
     def _compile_step(self, threads: int):
         """The compiled decode step, compiled by running it once on a whole cache of its own
@@ -643,7 +654,7 @@ class Engine:
         batched forward pass, then give waiting requests the free slots and run their prompts
         into the cache (up to `prefill_chunk` tokens of them; the sequences whose prompt is
         all in produce their first token)."""
-        self.start_compiling()
+        self.compile_if_due()
         self._switch_when_compiled()
         events = self._decode_active()
         while self.waiting and None in self.slots:
@@ -652,6 +663,7 @@ class Engine:
             self.slots[seq.slot] = seq
             self.filling.append(seq)
         events += self._fill()
+        self.answered += sum(event.finish_reason is not None for event in events)
         if self._step_model is None:
             self._shrink()
         return events

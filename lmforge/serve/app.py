@@ -175,7 +175,7 @@ def create_app(model: LanguageModel, tokenizer: Tokenizer, stop_ids: tuple[int, 
         engine = Seq2SeqEngine(model, tokenizer, cfg.max_batch, cfg.max_len)
     else:
         engine = Engine(model, tokenizer, cfg.max_batch, cfg.max_len, compile=cfg.compile,
-                        prefill_chunk=cfg.prefill_chunk, draft=cfg.draft)
+                        prefill_chunk=cfg.prefill_chunk, draft=cfg.draft, compile_after=1)
     scheduler = Scheduler(engine, cfg.max_queue, cfg.threads)
     metrics = Metrics()
     metrics.engine_gauges(scheduler)

@@ -128,11 +128,12 @@ class Scheduler:
     # ------------------------------------------------------------- engine side
     def _run(self) -> None:
         torch.set_num_threads(self.threads)  # a thread's own setting
-        self.engine.start_compiling()  # (with --compile) for this thread's settings
         try:
             while not self._stop:
                 self._drain_inbox()
                 if not self.engine.has_work():
+                    # (with --compile) on this thread, for its settings, while nothing waits
+                    self.engine.compile_if_due()
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                     continue
