@@ -1008,6 +1008,26 @@ def _misspelt_command(parser: argparse.ArgumentParser, argv: list[str]) -> str |
     return f"lmforge: error: no command {argv[0]!r}: {hint}\n"
 
 
+def _command_parser(parser: argparse.ArgumentParser,
+                    args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the command `args` are for (the top one where there is none)."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices.get(getattr(args, "command", None), parser)
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extra: list[str]) -> str:
+    """An error for arguments `parser` does not take, with the closest option of each
+    misspelt one (`--max-tokens`: did you mean --max-new-tokens?)."""
+    options = [o for action in parser._actions for o in action.option_strings]
+    hints = []
+    for arg in extra:
+        name = arg.split("=", 1)[0]
+        match = difflib.get_close_matches(name, options, n=1) if name.startswith("-") else []
+        if match:
+            hints.append(f"{name}: did you mean {match[0]}?")
+    return f"unrecognized arguments: {' '.join(extra)}" + "".join(f"; {h}" for h in hints)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -1022,7 +1042,8 @@ def main(argv: list[str] | None = None) -> int:
                                                         for e in extra):
             args.overrides = [*args.overrides, *extra]
         elif extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            command = _command_parser(parser, args)
+            command.error(_unrecognized(command, extra))
     except SystemExit as stopped:
         return stopped.code
     try:

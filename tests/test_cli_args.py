@@ -53,6 +53,17 @@ def test_a_misspelt_command_suggests_the_closest(capsys):
     assert err == "lmforge: error: no command 'genrate': did you mean `lmforge generate`?\n"
 
 
+def test_a_misspelt_option_names_the_command_s_closest_one(capsys):
+    assert main(["generate", "smollm2-135m-instruct", "--max-tokens", "40"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("lmforge generate: error: unrecognized arguments: --max-tokens 40; "
+                   "--max-tokens: did you mean --max-new-tokens? "
+                   "(see lmforge generate --help)\n")
+    assert main(["generate", "m", "--zzzz"]) == 2  # nothing close: no guess
+    assert capsys.readouterr().err == ("lmforge generate: error: unrecognized arguments: "
+                                       "--zzzz (see lmforge generate --help)\n")
+
+
 def test_a_misspelt_key_names_the_close_match_without_listing_every_key(capsys):
     assert main(["train", "max_step=5"]) == 2
     err = capsys.readouterr().err
