@@ -1000,7 +1000,7 @@ def _misspelt_command(parser: argparse.ArgumentParser, argv: list[str]) -> str |
     """An error for a first argument that is no command, with the closest one."""
     if not argv or argv[0].startswith("-"):
         return None
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    commands = _commands(parser)
     if argv[0] in commands.choices:
         return None
     match = difflib.get_close_matches(argv[0], list(commands.choices), n=1)
@@ -1011,8 +1011,11 @@ def _misspelt_command(parser: argparse.ArgumentParser, argv: list[str]) -> str |
 def _command_parser(parser: argparse.ArgumentParser,
                     args: argparse.Namespace) -> argparse.ArgumentParser:
     """The parser of the command `args` are for (the top one where there is none)."""
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return commands.choices.get(getattr(args, "command", None), parser)
+    return _commands(parser).choices.get(getattr(args, "command", None), parser)
+
+
+def _commands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
 
 
 def _unrecognized(parser: argparse.ArgumentParser, extra: list[str]) -> str:
