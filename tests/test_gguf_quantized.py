@@ -120,9 +120,12 @@ def test_quantized_weights_read_back_as_lmforge_dequantizes_them(float_dir, tmp_
         print(f"\n{spec.describe()}: Q4_1 weights within {worst:.2e} of a step of lmforge's")
 
     imported = open_model(import_gguf(path, tmp_path / "imported")).model
-    ids = prompt(tokenizer)
-    sampling = SamplingConfig(temperature=0)
-    assert generate(imported, ids, 12, sampling) == generate(model, ids, 12, sampling)
+    ids = torch.tensor([prompt(tokenizer)])
+    with torch.inference_mode():
+        got, expected = imported(ids), model(ids)
+    # The same weights. lmforge's int kernels round each layer's input to int8, which moves
+    # this random model's logits by about 2% (a wrong norm, rotary or tie: by their size).
+    assert (got - expected).norm() / expected.norm() < 0.05
 
 
 def test_an_untied_embedding_takes_the_smallest_type_that_holds_it_exactly(tmp_path, tokenizer):

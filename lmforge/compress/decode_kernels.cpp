@@ -10,16 +10,19 @@
 // not depend on the others. The instruction set is chosen when the file is compiled (for the
 // CPU it runs on); below, the few operations that differ come first, then the kernels.
 //
-// Weights come in a kernel layout made once from lmforge's (`lmforge/compress/kernels.py`):
-// chunks of 64 values, two blocks of 32, permuted so that the 32-bit lanes of an
-// accumulator alternate between the two blocks (lane j holds bytes 4j..4j+3, of block j % 2);
-// one broadcast pair of scales then scales all lanes. x is permuted the same way.
-//   int8: w (N, K) int8; scale (N,) float: W = w * scale.
-//   int4: w (N, K/2) uint8, the chunk's value at lane byte p in the low nibble of byte p and
-//         the one at p + 32 in the high nibble; scales (N, K/32) bfloat16 and offsets (N, K/32)
-//         float, one a block: W = q * scale + offset, q in 0..15. A block's offset times the
-//         sum of x over the block is its share of the result: a few vector multiply-adds a
-//         row, after the dot products.
+// Weights come in kernel layouts made once from lmforge's (`lmforge/compress/kernels.py`):
+// tiles of 16 outputs by one block of 32 values, in parts of 64 bytes that hold 4 values of
+// each output (4 bytes a lane, output i in lane i), so that one integer multiply-add of a part
+// by 4 values of x broadcast gives 16 outputs' partial sums: no sums across lanes, and each
+// part is multiplied by every row of x once loaded. Outputs are padded to whole tiles.
+//   int8: 8 parts a tile (512 bytes), part j holding values 4j..4j+3 as w + 128 (VNNI
+//         multiplies unsigned bytes by signed ones); w (N, K) uint8 holds the tiles in the order
+//         (outputs / 16, blocks); scale (N,) float: W = w * scale.
+//   int4: 4 parts a tile (256 bytes), part j holding values 4j..4j+3 in its low nibbles and
+//         4j+16..4j+19 in its high ones; w (N, K/2) uint8, the tiles in the same order; scales
+//         and zeros (N, K/32) bfloat16, a tile's 16 values each, in the same order:
+//         W = (q - 8) * scale + zero, q in 0..15.
+// x stays in its order.
 
 #include <immintrin.h>
 #include <torch/library.h>
@@ -33,39 +36,25 @@
 
 namespace {
 
-constexpr int CHUNK = 64;  // values a step: two blocks of 32
+constexpr int BLOCK = 32;  // values of x that share a scale
+constexpr int TILE = 16;   // outputs of a weight tile
 constexpr int MAX_ROWS = 8;  // rows of x done together (accumulators kept in registers)
 
-// Position in a chunk of the value that lane byte p holds: lanes alternate between the
-// chunk's two blocks of 32.
-inline int source_of(int p) {
-  int lane = p / 4, block = lane % 2;
-  return block * 32 + (lane / 2) * 4 + p % 4;
-}
-
-// Rows of activations, quantized: int8 values in kernel order (and, for AVX-512's int8
-// kernel, whose VNNI instruction wants one unsigned operand, their magnitudes and signs); a
-// scale per block, and the sum of each block (for int4's zero points). Kept in a buffer of
-// the calling thread, reused from call to call: a decoding step makes hundreds of calls.
+// Rows of activations, quantized: int8 values; a scale per block, and the sum of each block's
+// values, as integers and scaled (for the int8 weights' offset of 128 and int4's zero points).
+// Kept in a buffer of the calling thread, reused from call to call: a decoding step makes
+// hundreds of calls.
 struct Activations {
   int8_t* q;
-  uint8_t* magnitude;
-  uint64_t* negative;
   float* scales;
   float* sums;
+  int32_t* int_sums;
 };
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 
-using Floats = __m512;  // an accumulator: lanes alternate between a chunk's two blocks
-using Ints = __m512i;   // a chunk's dot products, the same lanes
-using W8 = __m512i;     // a chunk of int8 weights
-using W4 = __m512i;     // a chunk of int4 weights, as bytes 0..15
-using X4 = __m512i;     // a chunk of activations, int8
-struct X8 {             // a chunk of activations for the int8 kernel
-  __m512i magnitude;
-  __mmask64 negative;
-};
+using Floats = __m512;  // an accumulator, a lane per output
+using Ints = __m512i;   // integer partial sums, a lane per output
 
 constexpr int LANES = 16;
 inline Floats zero_floats() { return _mm512_setzero_ps(); }
@@ -101,41 +90,30 @@ inline Floats exp_nonpositive(Floats x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// Two floats (a, b) as lanes a, b, a, b, ...
-inline Floats pair(const float* ab) {
-  return _mm512_castpd_ps(_mm512_set1_pd(*reinterpret_cast<const double*>(ab)));
+inline Ints zero_ints() { return _mm512_setzero_si512(); }
+inline Ints load_ints(const uint8_t* p) { return _mm512_loadu_si512(p); }
+// A part of an int4 tile (LANES outputs): its low nibbles and its high ones, as bytes 0..15
+inline void load_nibbles(const uint8_t* p, Ints* low, Ints* high) {
+  const __m512i packed = load_ints(p), mask = _mm512_set1_epi8(0x0F);
+  *low = _mm512_and_si512(packed, mask);
+  *high = _mm512_and_si512(_mm512_srli_epi16(packed, 4), mask);
 }
-
-// Two bfloat16 values (a, b) as float lanes a, b, a, b, ...: each lane's two bytes moved to
-// the top of the lane (a float is a bfloat16 with 16 more bits of zeros)
-inline Floats bf16_pair(const uint16_t* ab) {
-  const __m512i to_top = _mm512_set1_epi64(0x03028080'01008080);
-  return _mm512_castsi512_ps(_mm512_shuffle_epi8(
-      _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(ab)), to_top));
+// acc + each lane's 4 unsigned bytes of w times the 4 signed bytes at x
+inline Ints dot_quad(Ints acc, Ints w, const int8_t* x) {
+  return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x)));
 }
-
-inline W8 load_w8(const int8_t* p) { return _mm512_loadu_si512(p); }
-inline X8 load_x8(const Activations& a, int64_t at, int64_t chunk) {
-  return {_mm512_loadu_si512(a.magnitude + at), a.negative[chunk]};
+// The int8 kernel's sums: of the bytes w + 128 times x, started at -128 times the sum of
+// the block of x, which leaves the sum of w times x
+inline Ints int8_start(int32_t int_sum) { return _mm512_set1_epi32(-128 * int_sum); }
+inline Ints dot_quad_int8(Ints acc, Ints w, const int8_t* x) { return dot_quad(acc, w, x); }
+// LANES bfloat16 values as floats (a float is a bfloat16 with 16 more bits of zeros)
+inline Floats load_bf16(const uint16_t* p) {
+  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
-// |x| * (w with the sign of x): VNNI multiplies unsigned bytes by signed ones
-inline Ints dot8(const X8& x, W8 w) {
-  __m512i signed_w = _mm512_mask_sub_epi8(w, x.negative, _mm512_setzero_si512(), w);
-  return _mm512_dpbusd_epi32(_mm512_setzero_si512(), x.magnitude, signed_w);
-}
-
-// 32 bytes of nibbles: the low ones are the chunk's bytes 0..31, the high ones 32..63
-inline W4 load_w4(const uint8_t* p) {
-  const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
-  __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(packed), packed, 1);
-  return _mm512_and_si512(_mm512_srlv_epi16(both, shifts), _mm512_set1_epi8(0x0F));
-}
-inline X4 load_x4(const int8_t* p) { return _mm512_loadu_si512(p); }
-inline Ints dot4(W4 q, X4 x) { return _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, x); }
 
 // 32 floats rounded on the grid of their largest magnitude: 32 int8 values, and the scale.
-inline __m256i quantize_block(const float* x, float* scale, float* sum) {
+inline __m256i quantize_block(const float* x, float* scale, float* sum, int32_t* int_sum) {
   __m512 lo = _mm512_loadu_ps(x), hi = _mm512_loadu_ps(x + 16);
   float largest = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
   *scale = largest / 127.f;
@@ -143,32 +121,16 @@ inline __m256i quantize_block(const float* x, float* scale, float* sum) {
   // rounded to nearest, ties to even (the default rounding mode)
   __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse));
   __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));
-  *sum = static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi))) * *scale;
+  *int_sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+  *sum = static_cast<float>(*int_sum) * *scale;
   return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_cvtsepi32_epi8(qlo)),
                                  _mm512_cvtsepi32_epi8(qhi), 1);
 }
 
-// A chunk's two quantized blocks in kernel order: dword j from block j % 2's dword j / 2.
-inline void store_chunk(__m256i first, __m256i second, const Activations& a, int64_t at,
-                        int64_t chunk) {
-  const __m512i interleave = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
-  __m512i v = _mm512_permutexvar_epi32(
-      interleave, _mm512_inserti64x4(_mm512_castsi256_si512(first), second, 1));
-  _mm512_storeu_si512(a.q + at, v);
-  _mm512_storeu_si512(a.magnitude + at, _mm512_abs_epi8(v));
-  a.negative[chunk] = _mm512_movepi8_mask(v);
-}
-
 #elif defined(__AVX2__) && defined(__FMA__)
 
-using Floats = __m256;  // lanes alternate between a chunk's two blocks, as with AVX-512
-using Ints = __m256i;   // the dot products of a chunk's two halves, summed (same lanes)
-struct W8 {
-  __m256i lo, hi;
-};
-using W4 = W8;
-using X4 = W8;
-using X8 = W8;
+using Floats = __m256;
+using Ints = __m256i;
 
 constexpr int LANES = 8;
 inline Floats zero_floats() { return _mm256_setzero_ps(); }
@@ -214,43 +176,38 @@ inline Floats exp_nonpositive(Floats x) {
   __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
 }
-inline Floats pair(const float* ab) {
-  return _mm256_castpd_ps(_mm256_set1_pd(*reinterpret_cast<const double*>(ab)));
-}
-inline Floats bf16_pair(const uint16_t* ab) {
-  const __m256i to_top = _mm256_set1_epi64x(0x03028080'01008080);
-  return _mm256_castsi256_ps(_mm256_shuffle_epi8(
-      _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(ab)), to_top));
-}
 
-inline W8 load_pair(const void* p) {
-  const __m256i* v = reinterpret_cast<const __m256i*>(p);
-  return {_mm256_loadu_si256(v), _mm256_loadu_si256(v + 1)};
-}
-inline W8 load_w8(const int8_t* p) { return load_pair(p); }
-inline X8 load_x8(const Activations& a, int64_t at, int64_t) { return load_pair(a.q + at); }
-inline X4 load_x4(const int8_t* p) { return load_pair(p); }
-// unsigned bytes times signed ones, pairs summed to int16 (at most 2 * 127 * 127: no
-// saturation), then to int32 lanes
+// unsigned bytes times signed ones, pairs summed to int16, then to int32 lanes
 inline __m256i dot_bytes(__m256i u, __m256i s) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
-// |x| * (w with the sign of x), as llama.cpp does
-inline Ints dot8(const X8& x, const W8& w) {
+inline Ints zero_ints() { return _mm256_setzero_si256(); }
+inline Ints load_ints(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline void load_nibbles(const uint8_t* p, Ints* low, Ints* high) {
+  const __m256i packed = load_ints(p), mask = _mm256_set1_epi8(0x0F);
+  *low = _mm256_and_si256(packed, mask);
+  *high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
+}
+// at most 2 * 15 * 127 in a pair's int16 sum: no saturation
+inline Ints dot_quad(Ints acc, Ints w, const int8_t* x) {
   return _mm256_add_epi32(
-      dot_bytes(_mm256_sign_epi8(x.lo, x.lo), _mm256_sign_epi8(w.lo, x.lo)),
-      dot_bytes(_mm256_sign_epi8(x.hi, x.hi), _mm256_sign_epi8(w.hi, x.hi)));
+      acc, dot_bytes(w, _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(x))));
 }
-inline W4 load_w4(const uint8_t* p) {
-  __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  const __m256i low = _mm256_set1_epi8(0x0F);
-  return {_mm256_and_si256(packed, low), _mm256_and_si256(_mm256_srli_epi16(packed, 4), low)};
+// (w + 128) * x would overflow the int16 pairs: w's bytes are made signed again, and |x|
+// times w with the sign of x summed instead (at most 2 * 127 * 127: no saturation), as
+// llama.cpp does
+inline Ints int8_start(int32_t) { return zero_ints(); }
+inline Ints dot_quad_int8(Ints acc, Ints w, const int8_t* x) {
+  const __m256i xs = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(x));
+  const __m256i signed_w = _mm256_xor_si256(w, _mm256_set1_epi8(static_cast<char>(0x80)));
+  return _mm256_add_epi32(acc, dot_bytes(_mm256_sign_epi8(xs, xs), _mm256_sign_epi8(signed_w, xs)));
 }
-inline Ints dot4(const W4& q, const X4& x) {
-  return _mm256_add_epi32(dot_bytes(q.lo, x.lo), dot_bytes(q.hi, x.hi));
+inline Floats load_bf16(const uint16_t* p) {
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
 }
 
-inline __m256i quantize_block(const float* x, float* scale, float* sum) {
+inline __m256i quantize_block(const float* x, float* scale, float* sum, int32_t* int_sum) {
   __m256 v[4];
   __m256 largest = _mm256_setzero_ps();
   const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
@@ -269,121 +226,130 @@ inline __m256i quantize_block(const float* x, float* scale, float* sum) {
   __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
   t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
   t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
-  *sum = static_cast<float>(_mm_cvtsi128_si32(t)) * *scale;
+  *int_sum = _mm_cvtsi128_si32(t);
+  *sum = static_cast<float>(*int_sum) * *scale;
   // packing works within 128-bit lanes; the permutation puts the dwords back in order
   __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
   return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-}
-
-inline void store_chunk(__m256i first, __m256i second, const Activations& a, int64_t at,
-                        int64_t) {
-  __m256i lo = _mm256_unpacklo_epi32(first, second), hi = _mm256_unpackhi_epi32(first, second);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.q + at), _mm256_permute2x128_si256(lo, hi, 0x20));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.q + at + 32),
-                      _mm256_permute2x128_si256(lo, hi, 0x31));
 }
 
 #else
 #error "lmforge's int kernels need AVX2 and FMA, or AVX-512 with VNNI"
 #endif
 
-void quantize_row(const float* x, int64_t K, const Activations& a, int64_t m) {
-  const int64_t blocks = K / 32;
-  for (int64_t c = 0; c < K / CHUNK; ++c) {
-    int64_t b = m * blocks + 2 * c;
-    __m256i first = quantize_block(x + c * CHUNK, a.scales + b, a.sums + b);
-    __m256i second = quantize_block(x + c * CHUNK + 32, a.scales + b + 1, a.sums + b + 1);
-    store_chunk(first, second, a, m * K + c * CHUNK, m * (K / CHUNK) + c);
-  }
-}
-
 Activations quantize(const at::Tensor& x) {
-  int64_t M = x.size(0), K = x.size(1);
+  int64_t M = x.size(0), K = x.size(1), blocks = M * (K / BLOCK);
   thread_local std::vector<uint8_t> buffer;
-  size_t values = M * K, chunks = M * (K / CHUNK), blocks = M * (K / 32);
-  buffer.resize(2 * values + 8 * chunks + 8 * blocks + 64);
+  buffer.resize(M * K + 12 * blocks + 64);
   uint8_t* start = buffer.data();
   start += (64 - reinterpret_cast<uintptr_t>(start) % 64) % 64;
-  Activations a{reinterpret_cast<int8_t*>(start), start + values,
-                reinterpret_cast<uint64_t*>(start + 2 * values),
-                reinterpret_cast<float*>(start + 2 * values + 8 * chunks),
-                reinterpret_cast<float*>(start + 2 * values + 8 * chunks + 4 * blocks)};
+  Activations a{reinterpret_cast<int8_t*>(start), reinterpret_cast<float*>(start + M * K),
+                reinterpret_cast<float*>(start + M * K + 4 * blocks),
+                reinterpret_cast<int32_t*>(start + M * K + 8 * blocks)};
   const float* xp = x.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) quantize_row(xp + m * K, K, a, m);
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256i q = quantize_block(xp + b * BLOCK, a.scales + b, a.sums + b, a.int_sums + b);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.q + b * BLOCK), q);
+  }
   return a;
 }
 
 void check(const at::Tensor& x, int64_t K, const char* what) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               what, ": x must be a contiguous float32 matrix");
-  TORCH_CHECK(x.size(1) == K && K % CHUNK == 0, what, ": x has ", x.size(1),
-              " columns; the weight has ", K, " (a multiple of 64)");
+  TORCH_CHECK(x.size(1) == K && K % BLOCK == 0, what, ": x has ", x.size(1),
+              " columns; the weight has ", K, " (a multiple of 32)");
 }
 
-// Rows n0..n1 of y for M rows of x, R weight rows at a time (R independent accumulator
-// chains hide the instructions' latency; x's loads are shared by the R rows).
-template <int M, int R>
-void int8_rows(const Activations& a, const int8_t* w, const float* scale, float* y,
-               int64_t K, int64_t N, int64_t m0, int64_t n0, int64_t n1) {
-  const int64_t chunks = K / CHUNK, blocks = K / 32;
-  for (int64_t n = n0; n + R <= n1; n += R) {
-    Floats acc[M][R];
-    for (int m = 0; m < M; ++m)
-      for (int r = 0; r < R; ++r) acc[m][r] = zero_floats();
-    for (int64_t c = 0; c < chunks; ++c) {
-      W8 wc[R];
-      for (int r = 0; r < R; ++r) {
-        wc[r] = load_w8(w + (n + r) * K + c * CHUNK);
-        _mm_prefetch(reinterpret_cast<const char*>(w + (n + R + r) * K + c * CHUNK), _MM_HINT_T0);
-      }
-      for (int m = 0; m < M; ++m) {
-        X8 x = load_x8(a, (m0 + m) * K + c * CHUNK, (m0 + m) * chunks + c);
-        Floats xscale = pair(a.scales + (m0 + m) * blocks + 2 * c);
-        for (int r = 0; r < R; ++r)
-          acc[m][r] = multiply_add(to_floats(dot8(x, wc[r])), xscale, acc[m][r]);
-      }
-    }
-    for (int m = 0; m < M; ++m)
-      for (int r = 0; r < R; ++r) y[(m0 + m) * N + n + r] = sum_lanes(acc[m][r]) * scale[n + r];
-  }
-}
+// Int weights in their kernel layout (see the top of this file): int8's `row_scales`, or
+// int4's `scales` and `zeros`.
+struct IntWeights {
+  const uint8_t* values;
+  const float* row_scales;
+  const uint16_t* scales;
+  const uint16_t* zeros;
+};
 
-template <int M, int R>
-void int4_rows(const Activations& a, const uint8_t* w, const uint16_t* scales, const float* offsets,
-               float* y, int64_t K, int64_t N, int64_t m0, int64_t n0, int64_t n1) {
-  const int64_t chunks = K / CHUNK, blocks = K / 32;
-  for (int64_t n = n0; n + R <= n1; n += R) {
-    Floats acc[M][R];
+// Columns c0..c1 of y (LANES outputs each: a tile holds TILE / LANES of them) for M rows of
+// x, G columns at a time, from int8 (BITS 8) or int4 weights. A block's partial sums stay
+// integers until its 32 values are done.
+template <int BITS, int M, int G>
+void int_columns(const Activations& a, const IntWeights& w, float* y, int64_t K, int64_t N,
+                 int64_t m0, int64_t c0, int64_t c1) {
+  constexpr int PER_TILE = TILE / LANES, TILE_BYTES = TILE * BLOCK * BITS / 8;
+  constexpr int AHEAD = 4;  // blocks of weights prefetched ahead of those multiplied
+  const int64_t blocks = K / BLOCK;
+  for (int64_t c = c0; c + G <= c1; c += G) {
+    Floats acc[M][G];
     for (int m = 0; m < M; ++m)
-      for (int r = 0; r < R; ++r) acc[m][r] = zero_floats();
-    for (int64_t c = 0; c < chunks; ++c) {
-      W4 q[R];
-      Floats ws[R];
-      for (int r = 0; r < R; ++r) {
-        q[r] = load_w4(w + (n + r) * (K / 2) + c * 32);
-        _mm_prefetch(reinterpret_cast<const char*>(w + (n + R + r) * (K / 2) + c * 32), _MM_HINT_T0);
-        ws[r] = bf16_pair(scales + (n + r) * blocks + 2 * c);
-      }
-      for (int m = 0; m < M; ++m) {
-        X4 x = load_x4(a.q + (m0 + m) * K + c * CHUNK);
-        Floats xscale = pair(a.scales + (m0 + m) * blocks + 2 * c);
-        for (int r = 0; r < R; ++r)
-          acc[m][r] = multiply_add(to_floats(dot4(q[r], x)), multiply(ws[r], xscale), acc[m][r]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      const float* offset = offsets + (n + r) * blocks;
-      for (int m = 0; m < M; ++m) {
-        const float* sum = a.sums + (m0 + m) * blocks;
-        Floats total = acc[m][r];
-        for (int64_t b = 0; b < blocks; b += LANES) {
-          int64_t count = std::min<int64_t>(LANES, blocks - b);
-          total = multiply_add(load_floats(offset + b, count), load_floats(sum + b, count), total);
+      for (int g = 0; g < G; ++g) acc[m][g] = zero_floats();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* part[G];  // column c + g's lanes of its tile's first part
+      Floats scale[G], offset[G];
+      for (int g = 0; g < G; ++g) {
+        const int64_t tile = (c + g) / PER_TILE * blocks + b;
+        const int lane0 = (c + g) % PER_TILE * LANES;
+        part[g] = w.values + tile * TILE_BYTES + lane0 * 4;
+        for (int line = 0; line < TILE_BYTES; line += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(part[g] + AHEAD * TILE_BYTES + line), _MM_HINT_T0);
+        if constexpr (BITS == 4) {
+          scale[g] = load_bf16(w.scales + tile * TILE + lane0);
+          offset[g] = multiply_add(broadcast(-8.f), scale[g], load_bf16(w.zeros + tile * TILE + lane0));
         }
-        y[(m0 + m) * N + n + r] = sum_lanes(total);
+      }
+      Ints dot[M][G];
+      for (int m = 0; m < M; ++m) {
+        const Ints start = BITS == 8 ? int8_start(a.int_sums[(m0 + m) * blocks + b]) : zero_ints();
+        for (int g = 0; g < G; ++g) dot[m][g] = start;
+      }
+      const int8_t* x = a.q + m0 * K + b * BLOCK;
+      if constexpr (BITS == 8) {
+        for (int j = 0; j < 8; ++j)
+          for (int g = 0; g < G; ++g) {
+            const Ints u = load_ints(part[g] + 64 * j);
+            for (int m = 0; m < M; ++m) dot[m][g] = dot_quad_int8(dot[m][g], u, x + m * K + 4 * j);
+          }
+      } else {
+        for (int j = 0; j < 4; ++j)
+          for (int g = 0; g < G; ++g) {
+            Ints low, high;
+            load_nibbles(part[g] + 64 * j, &low, &high);
+            for (int m = 0; m < M; ++m)
+              dot[m][g] = dot_quad(dot_quad(dot[m][g], low, x + m * K + 4 * j), high, x + m * K + 4 * j + 16);
+          }
+      }
+      for (int m = 0; m < M; ++m) {
+        const Floats xscale = broadcast(a.scales[(m0 + m) * blocks + b]);
+        for (int g = 0; g < G; ++g) {
+          if constexpr (BITS == 8) {
+            acc[m][g] = multiply_add(to_floats(dot[m][g]), xscale, acc[m][g]);
+          } else {
+            acc[m][g] = multiply_add(to_floats(dot[m][g]), multiply(scale[g], xscale), acc[m][g]);
+            acc[m][g] = multiply_add(offset[g], broadcast(a.sums[(m0 + m) * blocks + b]), acc[m][g]);
+          }
+        }
       }
     }
+    for (int m = 0; m < M; ++m)
+      for (int g = 0; g < G; ++g) {
+        Floats out = acc[m][g];
+        if constexpr (BITS == 8) out = multiply(out, load_floats(w.row_scales + (c + g) * LANES, LANES));
+        store_floats(y + (m0 + m) * N + (c + g) * LANES, out, LANES);
+      }
   }
+}
+
+// Columns a step: as many as the registers hold accumulators for (AVX2 has half as many)
+constexpr int columns_for(int M) {
+  return LANES == 16 ? (M <= 2 ? 4 : M <= 4 ? 2 : 1) : (M == 1 ? 2 : 1);
+}
+
+template <int BITS, int M>
+void int_rows(const Activations& a, const IntWeights& w, float* y, int64_t K, int64_t N,
+              int64_t m0, int64_t c0, int64_t c1) {
+  constexpr int G = columns_for(M);
+  int_columns<BITS, M, G>(a, w, y, K, N, m0, c0, c1);
+  if (G > 1) int_columns<BITS, M, 1>(a, w, y, K, N, m0, c1 - (c1 - c0) % G, c1);
 }
 
 template <typename Rows>
@@ -452,36 +418,50 @@ at::Tensor float_mm(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
-at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
-  int64_t M = x.size(0), N = w.size(0), K = w.size(1);
-  check(x, K, "int8_mm");
+template <int BITS>
+at::Tensor int_mm(const at::Tensor& x, const IntWeights& w, int64_t N) {
+  const int64_t M = x.size(0), K = x.size(1);
   Activations a = quantize(x);
   at::Tensor y = at::empty({M, N}, x.options());
-  const int8_t* wp = w.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  over_rows(M, N, [&](int64_t m0, int64_t rows, int64_t n0, int64_t n1) {
-    DISPATCH_ROWS(int8_rows, rows, n0, n1, a, wp, sp, yp, K, N, m0)
+  over_rows(M, N / LANES, [&](int64_t m0, int64_t rows, int64_t c0, int64_t c1) {
+    switch (rows) {
+      case 1: int_rows<BITS, 1>(a, w, yp, K, N, m0, c0, c1); break;
+      case 2: int_rows<BITS, 2>(a, w, yp, K, N, m0, c0, c1); break;
+      case 3: int_rows<BITS, 3>(a, w, yp, K, N, m0, c0, c1); break;
+      case 4: int_rows<BITS, 4>(a, w, yp, K, N, m0, c0, c1); break;
+      case 5: int_rows<BITS, 5>(a, w, yp, K, N, m0, c0, c1); break;
+      case 6: int_rows<BITS, 6>(a, w, yp, K, N, m0, c0, c1); break;
+      case 7: int_rows<BITS, 7>(a, w, yp, K, N, m0, c0, c1); break;
+      default: int_rows<BITS, 8>(a, w, yp, K, N, m0, c0, c1); break;
+    }
   });
   return y;
 }
 
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+  const int64_t N = w.size(0), K = w.size(1);
+  check(x, K, "int8_mm");
+  TORCH_CHECK(N % TILE == 0 && w.scalar_type() == at::kByte && w.is_contiguous(),
+              "int8_mm: w must hold whole tiles of 16 outputs, as uint8");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == N && scale.is_contiguous(),
+              "int8_mm: scale must be (N,) float32");
+  return int_mm<8>(x, {w.data_ptr<uint8_t>(), scale.data_ptr<float>(), nullptr, nullptr}, N);
+}
+
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-                   const at::Tensor& offsets) {
-  int64_t M = x.size(0), N = w.size(0), K = w.size(1) * 2;
+                   const at::Tensor& zeros) {
+  const int64_t N = w.size(0), K = w.size(1) * 2;
   check(x, K, "int4_mm");
-  Activations a = quantize(x);
-  at::Tensor y = at::empty({M, N}, x.options());
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && offsets.scalar_type() == at::kFloat,
-              "int4_mm: scales must be bfloat16 and offsets float32");
-  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr());
-  const float* zp = offsets.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  over_rows(M, N, [&](int64_t m0, int64_t rows, int64_t n0, int64_t n1) {
-    DISPATCH_ROWS(int4_rows, rows, n0, n1, a, wp, sp, zp, yp, K, N, m0)
-  });
-  return y;
+  TORCH_CHECK(N % TILE == 0 && w.scalar_type() == at::kByte && w.is_contiguous(),
+              "int4_mm: w must hold whole tiles of 16 outputs, as uint8");
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && zeros.scalar_type() == at::kBFloat16 &&
+                  scales.numel() == N * (K / BLOCK) && zeros.numel() == N * (K / BLOCK) &&
+                  scales.is_contiguous() && zeros.is_contiguous(),
+              "int4_mm: scales and zeros must be (N, K / 32) bfloat16");
+  return int_mm<4>(x, {w.data_ptr<uint8_t>(), nullptr,
+                       reinterpret_cast<const uint16_t*>(scales.data_ptr()),
+                       reinterpret_cast<const uint16_t*>(zeros.data_ptr())}, N);
 }
 
 // Attention of one query per sequence (a decoding step) over its first `length` cached keys
@@ -535,6 +515,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
         TORCH_CHECK(block >= 0 && block < NB, "decode_attention: block ", block, " outside the cache");
         key_at[j] = block * kb + in_block * kl;
         value_at[j] = block * vb + in_block * vl;
+        // asked for now, read in the loops below: a cache's positions are scattered over its
+        // blocks, out of the hardware prefetcher's reach
+        for (int64_t d = 0; d < D; d += 16) {
+          _mm_prefetch(reinterpret_cast<const char*>(kp + h * kh + key_at[j] + d), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(vp + h * vh + value_at[j] + d), _MM_HINT_T1);
+        }
       }
       const float* keys = kp + h * kh;
       const float* values = vp + h * vh;
@@ -568,21 +554,25 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
         const float inverse = 1.f / sum_lanes(total);
         for (int64_t j = 0; j < n; ++j) s[j] *= inverse;
       }
-      for (int64_t g = 0; g < group; ++g) {  // the weighted sum of the values, a vector at a time
+      for (int64_t g = 0; g < group; ++g) {  // the weighted sum of the values, 4 vectors at a time
         const float* p = scores + g * n;
         float* o = op + (b * H + h * group + g) * D;
-        for (int64_t d = 0; d < D; d += LANES) {
-          int64_t count = std::min<int64_t>(LANES, D - d);
-          // two sums, of the even and the odd positions: two chains of multiply-adds at once
+        for (int64_t d = 0; d < D; d += 4 * LANES) {
           const float* value = values + d;
-          Floats even = zero_floats(), odd = zero_floats();
-          int64_t j = 0;
-          for (; j + 2 <= n; j += 2) {
-            even = multiply_add(broadcast(p[j]), load_floats(value + value_at[j], count), even);
-            odd = multiply_add(broadcast(p[j + 1]), load_floats(value + value_at[j + 1], count), odd);
+          Floats sum[4];
+          int64_t count[4];
+          for (int i = 0; i < 4; ++i) {
+            sum[i] = zero_floats();
+            count[i] = std::clamp<int64_t>(D - d - i * LANES, 0, LANES);
           }
-          if (j < n) even = multiply_add(broadcast(p[j]), load_floats(value + value_at[j], count), even);
-          store_floats(o + d, add(even, odd), count);
+          for (int64_t j = 0; j < n; ++j) {
+            const Floats weight = broadcast(p[j]);
+            for (int i = 0; i < 4; ++i)
+              if (count[i] > 0)
+                sum[i] = multiply_add(weight, load_floats(value + value_at[j] + i * LANES, count[i]), sum[i]);
+          }
+          for (int i = 0; i < 4; ++i)
+            if (count[i] > 0) store_floats(o + d + i * LANES, sum[i], count[i]);
         }
       }
     }
@@ -590,19 +580,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
-at::Tensor lane_order() {
-  at::Tensor order = at::empty({CHUNK}, at::kLong);
-  for (int p = 0; p < CHUNK; ++p) order[p] = source_of(p);
-  return order;
-}
-
 }  // namespace
 
 TORCH_LIBRARY(lmforge_kernels, m) {
   m.def("float_mm(Tensor x, Tensor w) -> Tensor");
   m.def("int8_mm(Tensor x, Tensor w, Tensor scale) -> Tensor");
-  m.def("int4_mm(Tensor x, Tensor w, Tensor scales, Tensor offsets) -> Tensor");
-  m.def("lane_order() -> Tensor");
+  m.def("int4_mm(Tensor x, Tensor w, Tensor scales, Tensor zeros) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, Tensor table, int end, "
         "float scale, int window) -> Tensor");
 }
@@ -612,8 +595,4 @@ TORCH_LIBRARY_IMPL(lmforge_kernels, CPU, m) {
   m.impl("int8_mm", &int8_mm);
   m.impl("int4_mm", &int4_mm);
   m.impl("decode_attention", &decode_attention);
-}
-
-TORCH_LIBRARY_IMPL(lmforge_kernels, CompositeExplicitAutograd, m) {
-  m.impl("lane_order", &lane_order);
 }

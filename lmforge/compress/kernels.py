@@ -26,19 +26,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import tempfile
 import warnings
 from functools import cache
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from lmforge.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_kernels.cpp")
-CHUNK = 64  # the kernels take in_features in whole chunks of two blocks of 32
-BLOCK = 32
+BLOCK = 32  # values of x that share a scale: the kernels take in_features in whole blocks
+TILE = 16  # outputs of a weight tile
 
 
 _built: bool | None = None  # whether the kernels are loaded, once known
@@ -77,15 +79,22 @@ def _load(force_avx2: bool = False) -> None:
     # runs on.
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()
                          + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
-    directory = cache_dir() / "kernels" / key
-    directory.mkdir(parents=True, exist_ok=True)
-    if not (directory / "lmforge_kernels.so").exists():
+    library = cache_dir() / "kernels" / key / "lmforge_kernels.so"
+    if library.exists():
+        torch.ops.load_library(str(library))
+    else:
         log.warning("compiling lmforge's CPU decoding kernels for this CPU (once, about 15 s)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cpp_extension.load(name="lmforge_kernels", sources=[str(SOURCE)], extra_cflags=flags,
-                           extra_ldflags=["-fopenmp"], build_directory=str(directory),
-                           is_python_module=False)
+        library.parent.mkdir(parents=True, exist_ok=True)
+        # built in a directory of this process's own, then moved into place whole: a build
+        # cut short (Ctrl-C, a killed process) leaves no lock or half-written library behind
+        # for the next process to wait on
+        with tempfile.TemporaryDirectory(dir=library.parent.parent) as build:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cpp_extension.load(name="lmforge_kernels", sources=[str(SOURCE)],
+                                   extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                                   build_directory=build, is_python_module=False)
+            os.replace(Path(build) / "lmforge_kernels.so", library)
     # shapes for torch.compile, which calls the kernels as they are
     for name in ("float_mm", "int8_mm", "int4_mm"):
         torch.library.register_fake(f"lmforge_kernels::{name}")(_out_like)
@@ -112,39 +121,46 @@ def _cpu_flags() -> str:
 
 def supports(in_features: int, group_size: int | None) -> bool:
     """Whether a layer's shape suits the kernels (and they are available)."""
-    return (in_features % CHUNK == 0 and (group_size is None or group_size % BLOCK == 0)
+    return (in_features % BLOCK == 0 and (group_size is None or group_size % BLOCK == 0)
             and available())
 
 
-@cache
-def _lane_order() -> torch.Tensor:
-    return torch.ops.lmforge_kernels.lane_order()
-
-
-def _lanes(values: torch.Tensor) -> torch.Tensor:
-    """(N, K) in the kernels' order: each chunk of 64 permuted (see `int_kernels.cpp`)."""
+def _tiles(values: torch.Tensor) -> torch.Tensor:
+    """(N, K) bytes in tiles of 16 outputs by 32 values (see `decode_kernels.cpp`): (tiles,
+    blocks, 8 groups of 4 values, 16 outputs, 4 values), the outputs padded with zeros to
+    whole tiles."""
     N, K = values.shape
-    return values.view(N, K // CHUNK, CHUNK)[:, :, _lane_order()].reshape(N, K)
+    if N % TILE:
+        values = F.pad(values, (0, 0, 0, -N % TILE))
+    return values.view(-1, TILE, K // BLOCK, BLOCK // 4, 4).permute(0, 2, 3, 1, 4)
 
 
 def int8_operands(weight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """From lmforge's int8 layout: weight int8 (N, K), scales (N,)."""
-    return _lanes(weight).contiguous(), scales.float().contiguous()
+    N, K = weight.shape
+    # w + 128 for VNNI's unsigned operand: the top bit of each byte flipped, in the one copy
+    # made (an output projection's weight can be hundreds of megabytes)
+    tiles = _tiles(weight.view(torch.uint8)).clone(memory_format=torch.contiguous_format)
+    return (tiles.view(-1, K).bitwise_xor_(0x80),
+            F.pad(scales.float(), (0, -N % TILE)).contiguous())
 
 
 def int4_operands(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                   group_size: int) -> tuple[torch.Tensor, ...]:
     """From lmforge's int4 layout, unpacked: values 0..15 uint8 (N, K), scales and zeros
-    (N, groups), W = (q - 8) * scale + zero: the packed values, and the scale and offset of
-    each block of 32, W = q * scale + offset (the same numbers)."""
+    (N, groups), W = (q - 8) * scale + zero: the same numbers in tiles, each part's second
+    half of values in the high nibbles of its first."""
     N, K = values.shape
-    group = torch.arange(K // BLOCK, device=values.device) * BLOCK // group_size
-    lanes = _lanes(values).view(N, K // CHUNK, CHUNK)
-    packed = lanes[..., :CHUNK // 2] | (lanes[..., CHUNK // 2:] << 4)
-    # bfloat16 scales, as stored; the offsets in float32 hold zero - 8 * scale exactly
-    scales = scales[:, group].to(torch.bfloat16)
-    offsets = zeros[:, group].to(torch.bfloat16).float() - 8 * scales.float()
-    return packed.reshape(N, K // 2).contiguous(), scales.contiguous(), offsets.contiguous()
+    blocks = K // BLOCK
+    group = torch.arange(blocks, device=values.device) * BLOCK // group_size
+    tiles = _tiles(values)
+    packed = tiles[:, :, :4] | (tiles[:, :, 4:] << 4)
+
+    def per_tile(t: torch.Tensor) -> torch.Tensor:  # (N, groups) -> (tiles, blocks, 16)
+        t = F.pad(t[:, group].to(torch.bfloat16), (0, 0, 0, -N % TILE))
+        return t.view(-1, TILE, blocks).transpose(1, 2).reshape(-1, blocks).contiguous()
+
+    return packed.reshape(-1, K // 2).contiguous(), per_tile(scales), per_tile(zeros)
 
 
 NOTHING = torch.empty(0, dtype=torch.long)  # no lengths (every position), no block table

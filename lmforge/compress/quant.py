@@ -493,7 +493,8 @@ def kernel_matmul(x2d: torch.Tensor, operands: Operands, bits: int, group_size: 
     """x2d (M, K) times the weight the operands hold (M, out_features): by lmforge's kernels
     in float32, or by PyTorch's in bfloat16."""
     if operands.ours:
-        return kernels.matmul(x2d, operands.tensors)
+        y = kernels.matmul(x2d, operands.tensors)
+        return y if y.shape[1] == out_features else y[:, :out_features]  # int4 tiles' padding
     weight, scales = operands.tensors
     # a fresh copy: PyTorch's kernels need 64-byte aligned operands (see `_aligned`), and
     # new tensors are; a compiled step cannot check an address
