@@ -163,3 +163,11 @@ def test_linear_layers_take_the_float_kernel_for_a_decoding_step_only(monkeypatc
         Linear(96, 40).bfloat16()(x.bfloat16())  # PyTorch's product for other types
     torch.testing.assert_close(layer(x), expected)  # and when training
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 49152), (8, 1000), (3, 7), (2, 17)])
+def test_greedy_tokens_are_each_row_s_first_largest_logit(rows, vocab):
+    torch.manual_seed(0)
+    logits = torch.randn(rows, vocab).round(decimals=1)  # ties among the largest
+    logits[0, :vocab // 2] = float("-inf")
+    assert torch.equal(kernels.greedy_tokens(logits), logits.argmax(-1))

@@ -77,6 +77,12 @@ inline Floats load_floats(const float* p, int64_t count, Floats fill) {
 inline void store_floats(float* p, Floats v, int64_t count) {
   _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << count) - 1), v);
 }
+// the first of the `count` floats at p equal to `value` (-1 if none is)
+inline int first_equal(const float* p, int64_t count, float value) {
+  unsigned lanes = _mm512_mask_cmp_ps_mask(static_cast<__mmask16>((1u << count) - 1),
+                                           _mm512_loadu_ps(p), broadcast(value), _CMP_EQ_OQ);
+  return lanes ? __builtin_ctz(lanes) : -1;
+}
 // e^x for x <= 0 (softmax's exponents): 2^n e^r, n = round(x / ln 2), |r| <= ln 2 / 2, e^r by
 // its Taylor polynomial of degree 6 (relative error under 1e-7)
 inline Floats exp_nonpositive(Floats x) {
@@ -163,6 +169,11 @@ inline Floats load_floats(const float* p, int64_t count, Floats fill) {
 }
 inline void store_floats(float* p, Floats v, int64_t count) {
   _mm256_maskstore_ps(p, first_lanes(count), v);
+}
+inline int first_equal(const float* p, int64_t count, float value) {
+  int lanes = _mm256_movemask_ps(_mm256_cmp_ps(load_floats(p, count), broadcast(value), _CMP_EQ_OQ));
+  lanes &= (1 << count) - 1;
+  return lanes ? __builtin_ctz(lanes) : -1;
 }
 inline Floats exp_nonpositive(Floats x) {
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
@@ -277,7 +288,6 @@ template <int BITS, int M, int G>
 void int_columns(const Activations& a, const IntWeights& w, float* y, int64_t K, int64_t N,
                  int64_t m0, int64_t c0, int64_t c1) {
   constexpr int PER_TILE = TILE / LANES, TILE_BYTES = TILE * BLOCK * BITS / 8;
-  constexpr int AHEAD = 4;  // blocks of weights prefetched ahead of those multiplied
   const int64_t blocks = K / BLOCK;
   for (int64_t c = c0; c + G <= c1; c += G) {
     Floats acc[M][G];
@@ -290,8 +300,6 @@ void int_columns(const Activations& a, const IntWeights& w, float* y, int64_t K,
         const int64_t tile = (c + g) / PER_TILE * blocks + b;
         const int lane0 = (c + g) % PER_TILE * LANES;
         part[g] = w.values + tile * TILE_BYTES + lane0 * 4;
-        for (int line = 0; line < TILE_BYTES; line += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(part[g] + AHEAD * TILE_BYTES + line), _MM_HINT_T0);
         if constexpr (BITS == 4) {
           scale[g] = load_bf16(w.scales + tile * TILE + lane0);
           offset[g] = multiply_add(broadcast(-8.f), scale[g], load_bf16(w.zeros + tile * TILE + lane0));
@@ -580,6 +588,35 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
+// Each row's index of its largest value, the first of equal ones (a greedy decoding step's
+// tokens): its largest value, then where it first is. PyTorch's max with indices takes several
+// times longer over a row of SmolLM2's 49,152 logits.
+at::Tensor greedy(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(),
+              "greedy: logits must be a contiguous (B, V) float32 matrix");
+  const int64_t B = logits.size(0), V = logits.size(1);
+  at::Tensor tokens = at::zeros({B}, logits.options().dtype(at::kLong));
+  const float* lp = logits.data_ptr<float>();
+  int64_t* tp = tokens.data_ptr<int64_t>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* row = lp + b * V;
+      Floats top = broadcast(-INFINITY);
+      for (int64_t v = 0; v < V; v += LANES)
+        top = maximum(top, load_floats(row + v, std::min<int64_t>(LANES, V - v), top));
+      const float best = max_lanes(top);
+      for (int64_t v = 0; v < V; v += LANES) {
+        const int lane = first_equal(row + v, std::min<int64_t>(LANES, V - v), best);
+        if (lane >= 0) {
+          tp[b] = v + lane;
+          break;
+        }
+      }
+    }
+  });
+  return tokens;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lmforge_kernels, m) {
@@ -588,6 +625,7 @@ TORCH_LIBRARY(lmforge_kernels, m) {
   m.def("int4_mm(Tensor x, Tensor w, Tensor scales, Tensor zeros) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, Tensor table, int end, "
         "float scale, int window) -> Tensor");
+  m.def("greedy(Tensor logits) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmforge_kernels, CPU, m) {
@@ -595,4 +633,5 @@ TORCH_LIBRARY_IMPL(lmforge_kernels, CPU, m) {
   m.impl("int8_mm", &int8_mm);
   m.impl("int4_mm", &int4_mm);
   m.impl("decode_attention", &decode_attention);
+  m.impl("greedy", &greedy);
 }

@@ -99,6 +99,7 @@ def _load(force_avx2: bool = False) -> None:
     for name in ("float_mm", "int8_mm", "int4_mm"):
         torch.library.register_fake(f"lmforge_kernels::{name}")(_out_like)
     torch.library.register_fake("lmforge_kernels::decode_attention")(_attention_out)
+    torch.library.register_fake("lmforge_kernels::greedy")(_tokens_out)
 
 
 def _out_like(x: torch.Tensor, w: torch.Tensor, *_scales: torch.Tensor) -> torch.Tensor:
@@ -107,6 +108,10 @@ def _out_like(x: torch.Tensor, w: torch.Tensor, *_scales: torch.Tensor) -> torch
 
 def _attention_out(q: torch.Tensor, *_args) -> torch.Tensor:
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _tokens_out(logits: torch.Tensor) -> torch.Tensor:
+    return logits.new_empty(logits.shape[0], dtype=torch.long)
 
 
 def _cpu_flags() -> str:
@@ -180,6 +185,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     end = (k.shape[2] * max(table.shape[-1], 1)) if end is None else end
     return torch.ops.lmforge_kernels.decode_attention(q, k, v, lengths, table, end, scale,
                                                       window or 0)
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's first index of its largest value (B,), from float32 logits (B, V) on the
+    CPU, with the kernels `available`."""
+    return torch.ops.lmforge_kernels.greedy(logits.contiguous())
 
 
 MAX_ROWS = 8  # rows of x the kernels do together: the float product's limit

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from lmforge.compress import kernels
 from lmforge.config import SamplingConfig
 
 _FLOAT32 = torch.finfo(torch.float32)
@@ -60,8 +61,9 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
            ) -> torch.Tensor:
     """Next token ids (B,) from last-position logits (B, vocab)."""
     if cfg.greedy:
-        # max's indices are argmax's (the first largest), found several times faster on a CPU
-        return logits.max(dim=-1).indices
+        if logits.device.type == "cpu" and logits.dtype == torch.float32 and kernels.available():
+            return kernels.greedy_tokens(logits)
+        return logits.argmax(dim=-1)
     probs = torch.softmax(filtered_logits(logits, cfg), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
