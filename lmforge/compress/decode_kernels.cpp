@@ -79,8 +79,9 @@ inline void store_floats(float* p, Floats v, int64_t count) {
 }
 // the first of the `count` floats at p equal to `value` (-1 if none is)
 inline int first_equal(const float* p, int64_t count, float value) {
-  unsigned lanes = _mm512_mask_cmp_ps_mask(static_cast<__mmask16>((1u << count) - 1),
-                                           _mm512_loadu_ps(p), broadcast(value), _CMP_EQ_OQ);
+  const __mmask16 first = static_cast<__mmask16>((1u << count) - 1);
+  unsigned lanes = _mm512_mask_cmp_ps_mask(first, _mm512_maskz_loadu_ps(first, p), broadcast(value),
+                                           _CMP_EQ_OQ);
   return lanes ? __builtin_ctz(lanes) : -1;
 }
 // e^x for x <= 0 (softmax's exponents): 2^n e^r, n = round(x / ln 2), |r| <= ln 2 / 2, e^r by
