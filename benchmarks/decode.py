@@ -4,6 +4,7 @@
     python benchmarks/decode.py --models smollm2,gemma3    # and Gemma 3 270M (fp32, int8, int4)
     python benchmarks/decode.py --llamacpp /path/to/venv/bin/python   # a llama.cpp column
     python benchmarks/decode.py --no-compile --no-peer     # quick: lmforge eager only
+    python benchmarks/decode.py --kv-cache float16         # lmforge's KV cache in float16
     python benchmarks/decode.py --gpu                      # on a CUDA GPU: batch 1 and 32
 
 Each figure comes from a process of its own (so peak RSS is that engine's alone), best of
@@ -36,6 +37,7 @@ import json
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -70,8 +72,8 @@ def peak_rss_mb() -> float:
 # ------------------------------------------------------------------ workers (own processes)
 
 
-def lmforge_worker(directory: str, mode: str, repeats: int) -> dict:
-    from lmforge.infer.engine import Engine, Request, generate
+def lmforge_worker(directory: str, mode: str, repeats: int, kv_cache: str) -> dict:
+    from lmforge.infer.engine import Engine, Request
     from lmforge.infer.sampling import SamplingConfig
     from lmforge.open import open_model
 
@@ -79,25 +81,23 @@ def lmforge_worker(directory: str, mode: str, repeats: int) -> dict:
     model, tokenizer = opened.model, opened.tokenizer
     prompt = tokenizer.encode_prompt(PROMPT)
     greedy = SamplingConfig(temperature=0)
+    kv_dtype = None if kv_cache == "model" else getattr(torch, kv_cache)
+    engine = partial(Engine, model, tokenizer, max_len=len(prompt) + NEW_TOKENS, kv_dtype=kv_dtype)
+    request = Request(prompt, NEW_TOKENS, greedy)
     figures: dict = {}
     if mode == "compiled":
         start = time.perf_counter()
-        engine = Engine(model, tokenizer, max_batch=1, max_len=len(prompt) + NEW_TOKENS,
-                        compile=True)
-        engine.wait_compiled()  # until then it decodes eagerly
+        one = engine(max_batch=1, compile=True)
+        one.wait_compiled()  # until then it decodes eagerly
         figures["compile_s"] = time.perf_counter() - start
-        request = Request(prompt, NEW_TOKENS, greedy)
-        figures["decode"] = NEW_TOKENS / best_of(repeats, lambda: engine.run([request]))
-        figures["batch"] = batch_rate(Engine(model, tokenizer, max_batch=BATCH,
-                                             max_len=len(prompt) + NEW_TOKENS, compile=True),
-                                      prompt, repeats)
+        figures["decode"] = NEW_TOKENS / best_of(repeats, lambda: one.run([request]))
+        figures["batch"] = batch_rate(engine(max_batch=BATCH, compile=True), prompt, repeats)
     else:
-        generate(model, prompt, 8, greedy)  # warm-up: the int kernels' operands
-        figures["decode"] = NEW_TOKENS / best_of(
-            repeats, lambda: generate(model, prompt, NEW_TOKENS, greedy))
+        one = engine(max_batch=1)
+        one.run([Request(prompt, 8, greedy)])  # warm-up: the int kernels' operands
+        figures["decode"] = NEW_TOKENS / best_of(repeats, lambda: one.run([request]))
         figures["rss_mb"] = peak_rss_mb()  # loading and decoding one answer, no more
-        figures["batch"] = batch_rate(Engine(model, tokenizer, max_batch=BATCH,
-                                             max_len=len(prompt) + NEW_TOKENS), prompt, repeats)
+        figures["batch"] = batch_rate(engine(max_batch=BATCH), prompt, repeats)
         long = torch.tensor([tokenizer.encode(SHAKESPEARE.read_text()[:20_000])[:PREFILL]])
         with torch.inference_mode():
             figures["prefill"] = PREFILL / best_of(repeats, lambda: model(long, last_only=True))
@@ -224,6 +224,8 @@ def main() -> None:
     parser.add_argument("--llamacpp", default=None,
                         help="python of an environment with llama-cpp-python (default: this "
                              "one, if it has llama_cpp)")
+    parser.add_argument("--kv-cache", choices=("model", "float32", "bfloat16", "float16"),
+                        default="model", help="lmforge's KV cache number type")
     parser.add_argument("--gpu", action="store_true", help="the GPU table instead")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -232,8 +234,8 @@ def main() -> None:
         return
     if args.worker:
         kind, target, *rest = args.worker
-        figures = (lmforge_worker(target, rest[0], args.repeats) if kind == "lmforge"
-                   else transformers_worker(target, args.repeats))
+        figures = (lmforge_worker(target, rest[0], args.repeats, args.kv_cache)
+                   if kind == "lmforge" else transformers_worker(target, args.repeats))
         print(json.dumps(figures))
         return
     llamacpp = args.llamacpp
@@ -244,7 +246,8 @@ def main() -> None:
         except ImportError:
             pass
     WORK.mkdir(parents=True, exist_ok=True)
-    me = [sys.executable, __file__, "--repeats", str(args.repeats), "--worker"]
+    me = [sys.executable, __file__, "--repeats", str(args.repeats), "--kv-cache", args.kv_cache,
+          "--worker"]
     rows = []
     for key in args.models.split(","):
         name = MODELS[key]

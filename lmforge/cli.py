@@ -315,6 +315,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     cfg = ServeConfig(name, args.api_key, args.max_batch, args.max_queue, args.max_len,
                       max_body_bytes=body_bytes, timeout=args.timeout,
                       cors_origins=args.cors_origin, compile=args.compile,
+                      kv_dtype=None if args.kv_cache == "model" else getattr(torch, args.kv_cache),
                       prefill_chunk=args.prefill_chunk,
                       draft=SPECULATIVE_DRAFT if args.speculative else 0,
                       max_images=args.max_images, max_image_pixels=args.max_image_pixels,
@@ -861,6 +862,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow browser pages from ORIGIN to call the API (repeatable)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (slow start, faster decoding)")
+    p.add_argument("--kv-cache", choices=("model", "float32", "bfloat16", "float16"),
+                   default="model",
+                   help="the KV cache's number type: float16 or bfloat16 hold half the bytes "
+                        "of float32 (more sequences and positions in memory; decoding many "
+                        "sequences at once reads less), rounding the keys and values (default: "
+                        "the model's own)")
     p.add_argument("--speculative", action="store_true",
                    help=f"each sequence drafts up to {SPECULATIVE_DRAFT} tokens a step by copying "
                         "from its text and the model checks them in the same pass: faster "

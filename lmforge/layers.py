@@ -303,8 +303,8 @@ def store_paged(layer: PagedLayer, k: torch.Tensor, v: torch.Tensor, pos: Positi
     B, heads, T, dim = k.shape
     # into the layer's tensor itself: a compiled step writes through a view of it by copying
     # the whole pool back
-    layer.k.index_put_(pos.slots, k.transpose(1, 2).reshape(B * T, heads, dim))
-    layer.v.index_put_(pos.slots, v.transpose(1, 2).reshape(B * T, heads, dim))
+    layer.k.index_put_(pos.slots, k.transpose(1, 2).reshape(B * T, heads, dim).to(layer.k.dtype))
+    layer.v.index_put_(pos.slots, v.transpose(1, 2).reshape(B * T, heads, dim).to(layer.v.dtype))
 
 
 def read_paged(blocks: torch.Tensor, table: torch.Tensor, end: int) -> torch.Tensor:
@@ -391,8 +391,8 @@ class Attention(nn.Module):
         if cache is not None and T == 1 and decodes_on_kernel(q, cache[0]):
             y = decode_cached(cache, q, k, v, pos, self.scale, self.window)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-        if cache is not None:
-            k, v = write_cache(cache, k, v, pos)
+        if cache is not None:  # which may hold its values in another dtype (`Engine`'s kv_dtype)
+            k, v = (t.to(q.dtype) for t in write_cache(cache, k, v, pos))
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
@@ -405,10 +405,13 @@ class Attention(nn.Module):
 
 
 def decodes_on_kernel(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether a decoding step's attention runs on lmforge's CPU kernel: float32 on the CPU,
-    no gradient asked for, the kernels built."""
-    return (q.device.type == "cpu" and q.dtype == k.dtype == torch.float32
+    """Whether a decoding step's attention runs on lmforge's CPU kernel: float32 queries on the
+    CPU over a float32, bfloat16 or float16 cache, no gradient asked for, the kernels built."""
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and k.dtype in CACHE_DTYPES
             and not q.requires_grad and kernels.available())
+
+
+CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernel's cache types
 
 
 class CrossAttention(nn.Module):

@@ -53,6 +53,35 @@ def test_batched_and_continuous_decoding_match_decoding_each_alone(model, tokeni
         assert completion.usage["completion_tokens"] == request.max_new_tokens
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_cache_holds_half_the_bytes_and_scores_as_a_float32_one(model, tokenizer, dtype):
+    """The same tokens fed through an engine whose cache rounds keys and values to 16 bits:
+    their log-probabilities (batched, a prompt read in chunks) within that rounding."""
+    texts = prompts(tokenizer)[:3]
+    full = Engine(model, tokenizer, max_batch=3, prefill_chunk=4)
+    half = Engine(model, tokenizer, max_batch=3, prefill_chunk=4, kv_dtype=dtype)
+    assert 2 * half.cache_bytes(3) == full.cache_bytes(3)
+    requests = [Request(p, 8, GREEDY, logprobs=0) for p in texts]
+    done = full.run(requests)
+    # scored: each prompt followed by what the float32 engine generated
+    scored = half.run([Request(p + d.tokens, 0, GREEDY, prompt_logprobs=True)
+                       for p, d in zip(texts, done)])
+    for d, s, p in zip(done, scored, texts):
+        expected = torch.tensor([lp.logprob for lp in d.logprobs])
+        got = torch.tensor([lp.logprob for lp in s.prompt_logprobs[len(p):]])
+        torch.testing.assert_close(got, expected, atol=0.05, rtol=0)
+    # and decoding steps (on a CPU, lmforge's kernel reading the 16-bit cache) the same way
+    generated = half.run(requests)
+    rescored = full.run([Request(p + g.tokens, 0, GREEDY, prompt_logprobs=True)
+                         for p, g in zip(texts, generated)])
+    for g, r, p in zip(generated, rescored, texts):
+        expected = torch.tensor([lp.logprob for lp in r.prompt_logprobs[len(p):]])
+        got = torch.tensor([lp.logprob for lp in g.logprobs])
+        torch.testing.assert_close(got, expected, atol=0.05, rtol=0)
+    with pytest.raises(ValueError, match="kv_dtype"):
+        Engine(model, tokenizer, kv_dtype=torch.int8)
+
+
 def test_a_prompt_read_in_chunks_decodes_as_one_read_whole(model, tokenizer):
     """Prompts go into the cache a few tokens a step, beside sequences already decoding
     (in slots before and after theirs): the same tokens, log-probabilities and prompt
@@ -386,7 +415,8 @@ def test_a_compiled_step_of_other_code_is_not_taken_for_one_compiled_before(id_m
     # code compiles from nothing, which must happen in the foreground
     from lmforge.infer import engine as engine_module
 
-    before = engine_module._compiled_marker(id_model, 2, 64, 2)
-    assert engine_module._compiled_marker(id_model, 2, 64, 2) == before
+    before = engine_module._compiled_marker(id_model, 2, 64, 2, torch.float32)
+    assert engine_module._compiled_marker(id_model, 2, 64, 2, torch.float32) == before
+    assert engine_module._compiled_marker(id_model, 2, 64, 2, torch.float16) != before
     monkeypatch.setattr(engine_module, "_source_digest", lambda: "edited")
-    assert engine_module._compiled_marker(id_model, 2, 64, 2) != before
+    assert engine_module._compiled_marker(id_model, 2, 64, 2, torch.float32) != before

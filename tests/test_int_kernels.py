@@ -120,6 +120,18 @@ def test_decode_attention_is_sdpa_over_each_rows_own_positions(heads, kv_heads, 
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 40])
+def test_decode_attention_reads_a_16_bit_cache_as_its_float_values(dtype, head_dim):
+    torch.manual_seed(0)
+    q = torch.randn(3, 6, 1, head_dim)
+    k, v = torch.randn(2, 3, 2, 29, head_dim).to(dtype).unbind(0)
+    lengths = torch.tensor([29, 1, 13])
+    expected = kernels.decode_attention(q, k.float(), v.float(), lengths)
+    torch.testing.assert_close(kernels.decode_attention(q, k, v, lengths), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_decode_attention_reads_the_caches_own_views_and_large_scores():
     torch.manual_seed(1)
     cache = torch.randn(2, 3, 2, 50, 32)  # (layers, slots, heads, positions, dim)

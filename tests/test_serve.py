@@ -95,6 +95,16 @@ def test_completion_is_the_engine_s_greedy_text(client, model, tokenizer):
     assert reply.usage.prompt_tokens == len(tokenizer.encode("ROMEO:"))
 
 
+def test_a_server_with_a_float16_cache_answers_as_an_engine_with_one(model, tokenizer):
+    """`serve --kv-cache float16`: the engine's cache holds float16 values."""
+    with running(model, tokenizer, kv_dtype=torch.float16) as url:
+        reply = openai.OpenAI(base_url=url + "/v1", api_key="unused").completions.create(
+            model=NAME, prompt="ROMEO:", max_tokens=12, temperature=0)
+    done = Engine(model, tokenizer, kv_dtype=torch.float16).run(
+        [Request(tokenizer.encode("ROMEO:"), 12, GREEDY)])
+    assert reply.choices[0].text == done[0].text
+
+
 def test_a_speculative_server_streams_the_plain_greedy_text(model, tokenizer):
     """`serve --speculative`: answers that repeat their prompt are drafted from it, and the
     text, whole or streamed, is plain greedy decoding's."""

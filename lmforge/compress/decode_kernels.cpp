@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <vector>
 
@@ -113,10 +114,16 @@ inline Ints dot_quad(Ints acc, Ints w, const int8_t* x) {
 // the block of x, which leaves the sum of w times x
 inline Ints int8_start(int32_t int_sum) { return _mm512_set1_epi32(-128 * int_sum); }
 inline Ints dot_quad_int8(Ints acc, Ints w, const int8_t* x) { return dot_quad(acc, w, x); }
-// LANES bfloat16 values as floats (a float is a bfloat16 with 16 more bits of zeros)
-inline Floats load_bf16(const uint16_t* p) {
-  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+// `count` (1..LANES) 16-bit values, zeros after them
+inline __m256i load_halves(const void* p, int64_t count) {
+  return _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << count) - 1), p);
+}
+// bfloat16 values as floats (a float is a bfloat16 with 16 more bits of zeros)
+inline Floats load_bf16(const uint16_t* p, int64_t count = LANES) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load_halves(p, count)), 16));
+}
+inline Floats load_f16(const at::Half* p, int64_t count) {
+  return _mm512_cvtph_ps(load_halves(p, count));
 }
 
 // 32 floats rounded on the grid of their largest magnitude: 32 int8 values, and the scale.
@@ -214,9 +221,17 @@ inline Ints dot_quad_int8(Ints acc, Ints w, const int8_t* x) {
   const __m256i signed_w = _mm256_xor_si256(w, _mm256_set1_epi8(static_cast<char>(0x80)));
   return _mm256_add_epi32(acc, dot_bytes(_mm256_sign_epi8(xs, xs), _mm256_sign_epi8(signed_w, xs)));
 }
-inline Floats load_bf16(const uint16_t* p) {
-  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+inline __m128i load_halves(const void* p, int64_t count) {
+  if (count == LANES) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  alignas(16) uint16_t part[LANES] = {};
+  std::memcpy(part, p, count * sizeof(uint16_t));
+  return _mm_load_si128(reinterpret_cast<const __m128i*>(part));
+}
+inline Floats load_bf16(const uint16_t* p, int64_t count = LANES) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(load_halves(p, count)), 16));
+}
+inline Floats load_f16(const at::Half* p, int64_t count) {
+  return _mm256_cvtph_ps(load_halves(p, count));
 }
 
 inline __m256i quantize_block(const float* x, float* scale, float* sum, int32_t* int_sum) {
@@ -248,6 +263,13 @@ inline __m256i quantize_block(const float* x, float* scale, float* sum, int32_t*
 #else
 #error "lmforge's int kernels need AVX2 and FMA, or AVX-512 with VNNI"
 #endif
+
+// `count` (1..LANES) values of a KV cache, float32, bfloat16 or float16, as floats
+inline Floats load_cached(const float* p, int64_t count) { return load_floats(p, count); }
+inline Floats load_cached(const at::BFloat16* p, int64_t count) {
+  return load_bf16(reinterpret_cast<const uint16_t*>(p), count);
+}
+inline Floats load_cached(const at::Half* p, int64_t count) { return load_f16(p, count); }
 
 Activations quantize(const at::Tensor& x) {
   int64_t M = x.size(0), K = x.size(1), blocks = M * (K / BLOCK);
@@ -484,8 +506,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                             const at::Tensor& lengths, const at::Tensor& table, int64_t end,
                             double scale, int64_t window) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), BS = k.size(2);
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
-                  v.scalar_type() == at::kFloat, "decode_attention: float32 tensors only");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == v.scalar_type() &&
+                  (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16 ||
+                   k.scalar_type() == at::kHalf),
+              "decode_attention: q float32, and k and v float32, bfloat16 or float16 alike");
   TORCH_CHECK(q.size(2) == 1 && H % Hkv == 0 && k.sizes() == v.sizes() && k.size(3) == D &&
                   q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
               "decode_attention: q (B, H, 1, D) and k, v (blocks, Hkv, BS, D), unit stride along D");
@@ -504,88 +528,98 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const int64_t qb = q.stride(0), qh = q.stride(1), kb = k.stride(0), kh = k.stride(1),
                 kl = k.stride(2), vb = v.stride(0), vh = v.stride(1), vl = v.stride(2);
   at::Tensor out = at::empty({B, H, 1, D}, q.options());
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
   const int64_t* lp = lengths.numel() ? lengths.data_ptr<int64_t>() : nullptr;
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
-    thread_local std::vector<float> buffer;
-    thread_local std::vector<int64_t> offsets;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / Hkv, h = i % Hkv;
-      const int64_t length = lp ? lp[b] : end;
-      TORCH_CHECK(length >= 1 && length <= L, "decode_attention: length ", length, " outside 1..", L);
-      const int64_t first = window > 0 ? std::max<int64_t>(0, length - window) : 0, n = length - first;
-      // where position `first + j` of this row is in k and in v, found once for all heads' loops
-      offsets.resize(2 * n);
-      int64_t *key_at = offsets.data(), *value_at = offsets.data() + n;
-      for (int64_t j = 0; j < n; ++j) {
-        int64_t p = first + j, block = paged ? tp[b * ts + p / BS] : b, in_block = paged ? p % BS : p;
-        TORCH_CHECK(block >= 0 && block < NB, "decode_attention: block ", block, " outside the cache");
-        key_at[j] = block * kb + in_block * kl;
-        value_at[j] = block * vb + in_block * vl;
-        // asked for now, read in the loops below: a cache's positions are scattered over its
-        // blocks, out of the hardware prefetcher's reach
-        for (int64_t d = 0; d < D; d += 16) {
-          _mm_prefetch(reinterpret_cast<const char*>(kp + h * kh + key_at[j] + d), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(vp + h * vh + value_at[j] + d), _MM_HINT_T1);
-        }
-      }
-      const float* keys = kp + h * kh;
-      const float* values = vp + h * vh;
-      const float* queries = qp + b * qb + h * group * qh;
-      buffer.resize(group * n);
-      float* scores = buffer.data();
-      for (int64_t j = 0; j < n; ++j) {
-        const float* key = keys + key_at[j];
-        for (int64_t g = 0; g < group; ++g) {
-          const float* query = queries + g * qh;
-          Floats dot = zero_floats();
-          for (int64_t d = 0; d < D; d += LANES) {
-            int64_t count = std::min<int64_t>(LANES, D - d);
-            dot = multiply_add(load_floats(query + d, count), load_floats(key + d, count), dot);
+  // kp, vp: the cache's keys and values, of its element type
+  auto attend = [&](const auto* kp, const auto* vp) {
+    constexpr int64_t PER_LINE = 64 / sizeof(*kp);  // cache values a cache line holds
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
+      thread_local std::vector<float> buffer;
+      thread_local std::vector<int64_t> offsets;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / Hkv, h = i % Hkv;
+        const int64_t length = lp ? lp[b] : end;
+        TORCH_CHECK(length >= 1 && length <= L, "decode_attention: length ", length, " outside 1..", L);
+        const int64_t first = window > 0 ? std::max<int64_t>(0, length - window) : 0, n = length - first;
+        // where position `first + j` of this row is in k and in v, found once for all heads' loops
+        offsets.resize(2 * n);
+        int64_t *key_at = offsets.data(), *value_at = offsets.data() + n;
+        for (int64_t j = 0; j < n; ++j) {
+          int64_t p = first + j, block = paged ? tp[b * ts + p / BS] : b, in_block = paged ? p % BS : p;
+          TORCH_CHECK(block >= 0 && block < NB, "decode_attention: block ", block, " outside the cache");
+          key_at[j] = block * kb + in_block * kl;
+          value_at[j] = block * vb + in_block * vl;
+          // asked for now, read in the loops below: a cache's positions are scattered over its
+          // blocks, out of the hardware prefetcher's reach
+          for (int64_t d = 0; d < D; d += PER_LINE) {
+            _mm_prefetch(reinterpret_cast<const char*>(kp + h * kh + key_at[j] + d), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(vp + h * vh + value_at[j] + d), _MM_HINT_T1);
           }
-          scores[g * n + j] = sum_lanes(dot) * fscale;
         }
-      }
-      for (int64_t g = 0; g < group; ++g) {  // softmax, in place
-        float* s = scores + g * n;
-        Floats largest = broadcast(s[0]);
-        for (int64_t j = 0; j < n; j += LANES)
-          largest = maximum(largest, load_floats(s + j, std::min<int64_t>(LANES, n - j), largest));
-        const float top = max_lanes(largest);
-        Floats total = zero_floats();
-        for (int64_t j = 0; j < n; j += LANES) {
-          int64_t count = std::min<int64_t>(LANES, n - j);
-          store_floats(s + j, exp_nonpositive(add(load_floats(s + j, count), broadcast(-top))), count);
-          total = add(total, load_floats(s + j, count));
-        }
-        const float inverse = 1.f / sum_lanes(total);
-        for (int64_t j = 0; j < n; ++j) s[j] *= inverse;
-      }
-      for (int64_t g = 0; g < group; ++g) {  // the weighted sum of the values, 4 vectors at a time
-        const float* p = scores + g * n;
-        float* o = op + (b * H + h * group + g) * D;
-        for (int64_t d = 0; d < D; d += 4 * LANES) {
-          const float* value = values + d;
-          Floats sum[4];
-          int64_t count[4];
-          for (int i = 0; i < 4; ++i) {
-            sum[i] = zero_floats();
-            count[i] = std::clamp<int64_t>(D - d - i * LANES, 0, LANES);
+        const auto* keys = kp + h * kh;
+        const auto* values = vp + h * vh;
+        const float* queries = qp + b * qb + h * group * qh;
+        buffer.resize(group * n);
+        float* scores = buffer.data();
+        for (int64_t j = 0; j < n; ++j) {
+          const auto* key = keys + key_at[j];
+          for (int64_t g = 0; g < group; ++g) {
+            const float* query = queries + g * qh;
+            Floats dot = zero_floats();
+            for (int64_t d = 0; d < D; d += LANES) {
+              int64_t count = std::min<int64_t>(LANES, D - d);
+              dot = multiply_add(load_floats(query + d, count), load_cached(key + d, count), dot);
+            }
+            scores[g * n + j] = sum_lanes(dot) * fscale;
           }
-          for (int64_t j = 0; j < n; ++j) {
-            const Floats weight = broadcast(p[j]);
+        }
+        for (int64_t g = 0; g < group; ++g) {  // softmax, in place
+          float* s = scores + g * n;
+          Floats largest = broadcast(s[0]);
+          for (int64_t j = 0; j < n; j += LANES)
+            largest = maximum(largest, load_floats(s + j, std::min<int64_t>(LANES, n - j), largest));
+          const float top = max_lanes(largest);
+          Floats total = zero_floats();
+          for (int64_t j = 0; j < n; j += LANES) {
+            int64_t count = std::min<int64_t>(LANES, n - j);
+            store_floats(s + j, exp_nonpositive(add(load_floats(s + j, count), broadcast(-top))), count);
+            total = add(total, load_floats(s + j, count));
+          }
+          const float inverse = 1.f / sum_lanes(total);
+          for (int64_t j = 0; j < n; ++j) s[j] *= inverse;
+        }
+        for (int64_t g = 0; g < group; ++g) {  // the weighted sum of the values, 4 vectors at a time
+          const float* p = scores + g * n;
+          float* o = op + (b * H + h * group + g) * D;
+          for (int64_t d = 0; d < D; d += 4 * LANES) {
+            const auto* value = values + d;
+            Floats sum[4];
+            int64_t count[4];
+            for (int i = 0; i < 4; ++i) {
+              sum[i] = zero_floats();
+              count[i] = std::clamp<int64_t>(D - d - i * LANES, 0, LANES);
+            }
+            for (int64_t j = 0; j < n; ++j) {
+              const Floats weight = broadcast(p[j]);
+              for (int i = 0; i < 4; ++i)
+                if (count[i] > 0)
+                  sum[i] = multiply_add(weight, load_cached(value + value_at[j] + i * LANES, count[i]), sum[i]);
+            }
             for (int i = 0; i < 4; ++i)
-              if (count[i] > 0)
-                sum[i] = multiply_add(weight, load_floats(value + value_at[j] + i * LANES, count[i]), sum[i]);
+              if (count[i] > 0) store_floats(o + d + i * LANES, sum[i], count[i]);
           }
-          for (int i = 0; i < 4; ++i)
-            if (count[i] > 0) store_floats(o + d + i * LANES, sum[i], count[i]);
         }
       }
-    }
-  });
+    });
+  };
+  if (k.scalar_type() == at::kFloat)
+    attend(k.data_ptr<float>(), v.data_ptr<float>());
+  else if (k.scalar_type() == at::kBFloat16)
+    attend(k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>());
+  else
+    attend(k.data_ptr<at::Half>(), v.data_ptr<at::Half>());
   return out;
 }
 

@@ -343,12 +343,16 @@ class Engine:
     rounding at near-ties); sampled output follows the same distribution; penalties, stop
     strings and limits apply token by token as in plain decoding. Constrained sequences do
     not draft; steps with drafts run eagerly. `speculation` counts steps and tokens.
+    kv_dtype: the cache's values as torch.bfloat16 or torch.float16 rather than the model's
+    dtype: half the memory, and a decoding step's attention (on a CPU, lmforge's kernel)
+    reads half the bytes (llama.cpp keeps float16 by default). The keys and values are
+    rounded as they are stored; the rest of the model computes as before.
     """
 
     def __init__(self, model: LanguageModel, tokenizer: Tokenizer | None = None,
                  max_batch: int = 8, max_len: int | None = None, compile: bool = False,
                  prefill_chunk: int = PREFILL_CHUNK, draft: int = 0, ngram: int = 3,
-                 compile_after: int = 0) -> None:
+                 compile_after: int = 0, kv_dtype: torch.dtype | None = None) -> None:
         if prefill_chunk < 0:
             raise ValueError(f"prefill_chunk must be >= 0 (0: no limit), got {prefill_chunk}")
         if draft < 0 or ngram < 1:
@@ -359,11 +363,14 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.max_len = min(max_len or model.cfg.context_length, model.cfg.context_length)
+        if kv_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"kv_dtype must be torch.float32, bfloat16 or float16, got {kv_dtype}")
+        self.kv_dtype = kv_dtype
         if compile:
             self._check_fits(max_batch, self.max_len)  # the compiled step's whole cache
         self.paged = hasattr(model, "new_paged_cache")
-        self.cache = (model.new_paged_cache(max_batch, self.max_len, PAGE) if self.paged
-                      else model.new_cache(1, min(CACHE_BLOCK, self.max_len)))
+        self.cache = (self._new_paged_cache(max_batch) if self.paged
+                      else self._new_cache(1, min(CACHE_BLOCK, self.max_len)))
         self.slots: list[_Sequence | None] = [None] * max_batch
         self.waiting: deque[_Sequence] = deque()
         self.filling: deque[_Sequence] = deque()  # in a slot, the prompt partly in the cache
@@ -463,9 +470,15 @@ class Engine:
         """Bytes of a cache for `slots` sequences of `length` positions (max_len by default),
         measured on caches of one and two positions (a family may keep a fixed share per
         sequence, too)."""
-        one, two = (self.model.new_cache(1, n).nbytes for n in (1, 2))
+        one, two = (self._new_cache(1, n).nbytes for n in (1, 2))
         per_position = two - one
         return slots * (one - per_position + per_position * (length or self.max_len))
+
+    def _new_cache(self, rows: int, length: int) -> KVCache:
+        return self.model.new_cache(rows, length, dtype=self.kv_dtype)
+
+    def _new_paged_cache(self, rows: int, blocks: int = 0) -> KVCache:
+        return self.model.new_paged_cache(rows, self.max_len, PAGE, blocks, dtype=self.kv_dtype)
 
     def start_compiling(self) -> None:
         """Compile the decode step (compile=True, on a CPU) for as many torch threads as the
@@ -480,7 +493,8 @@ class Engine:
             return
         self._compile_pending = False
         threads = torch.get_num_threads()
-        marker = _compiled_marker(self.model, len(self.slots), self.max_len, threads)
+        marker = _compiled_marker(self.model, len(self.slots), self.max_len, threads,
+                                  self.cache.k.dtype)
         if marker.exists():
             self._compiling = _in_background(partial(self._compile_step, threads))
             return
@@ -504,8 +518,8 @@ class Engine:
         sys.setswitchinterval(1e-4)
         try:
             step, rows = _compiled(self.model), len(self.slots)
-            cache = (self.model.new_paged_cache(rows, self.max_len, PAGE, self._all_blocks() - 1)
-                     if self.paged else self.model.new_cache(rows, self.max_len))
+            cache = (self._new_paged_cache(rows, self._all_blocks() - 1) if self.paged
+                     else self._new_cache(rows, self.max_len))
             cache.static = True
             with torch.inference_mode():
                 # made here, as `step` makes its inputs: a tensor made outside inference mode
@@ -912,13 +926,15 @@ def _compile_cache() -> Path:
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
-def _compiled_marker(model: LanguageModel, slots: int, length: int, threads: int) -> Path:
+def _compiled_marker(model: LanguageModel, slots: int, length: int, threads: int,
+                     cache_dtype: torch.dtype) -> Path:
     """A file in the compile cache that says this decode step was compiled there before:
     named by what shapes its kernels (the modules, their settings and dtypes, the cache's
-    shape, the threads, torch's version, lmforge's code)."""
+    shape and dtype, the threads, torch's version, lmforge's code)."""
     dtypes = sorted({str(t.dtype) for t in model.state_dict().values()})
     key = "\n".join(map(str, (torch.__version__, _source_digest(), model, model.cfg, dtypes,
-                               slots, length, threads, next(model.parameters()).device)))
+                               slots, length, threads, next(model.parameters()).device,
+                               cache_dtype)))
     return _compile_cache() / "lmforge-steps" / hashlib.sha256(key.encode()).hexdigest()[:24]
 
 

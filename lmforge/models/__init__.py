@@ -39,7 +39,8 @@ class LanguageModel(Protocol):
 
     cfg: ModelConfig | Seq2SeqConfig
 
-    def new_cache(self, batch: int, length: int | None = None) -> KVCache: ...
+    def new_cache(self, batch: int, length: int | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache: ...
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
                 start: int | torch.Tensor = 0, last_only: bool = False) -> torch.Tensor: ...

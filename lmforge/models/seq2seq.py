@@ -255,9 +255,11 @@ class Seq2Seq(nn.Module):
         logits = self.decode(target, memory, source_mask, cache, start)
         return logits[:, -1:] if last_only else logits
 
-    def new_cache(self, batch: int, length: int | None = None) -> Seq2SeqCache:
+    def new_cache(self, batch: int, length: int | None = None,
+                  dtype: torch.dtype | None = None) -> Seq2SeqCache:
         ref = self.embed.weight
-        return Seq2SeqCache(self.cfg, batch, length or self.cfg.max_length, ref.dtype, ref.device)
+        return Seq2SeqCache(self.cfg, batch, length or self.cfg.max_length, dtype or ref.dtype,
+                            ref.device)
 
     def decoder_cache(self, batch: int, length: int) -> KVCache:
         """A cache of the decoder's self-attention only, for `decode` with memory passed in

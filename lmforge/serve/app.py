@@ -100,6 +100,7 @@ class ServeConfig:
     timeout: float = 600.0  # seconds a request may take, queueing included
     cors_origins: list[str] = field(default_factory=list)
     compile: bool = False
+    kv_dtype: torch.dtype | None = None  # the KV cache's values (None: the model's dtype)
     # Prompt tokens a step reads: a longer prompt goes in over several steps, between those
     # of the sequences decoding (0: whole prompts, which stall them while they are read).
     prefill_chunk: int = PREFILL_CHUNK
@@ -169,13 +170,14 @@ def create_app(model: LanguageModel, tokenizer: Tokenizer, stop_ids: tuple[int, 
     """The app serving `model`; `processor` says how a vision-language model sees images
     (`OpenedModel.processor`; None: lmforge's own square view for one of lmforge's models)."""
     if isinstance(model, Seq2Seq):
-        if cfg.compile:
-            raise ValueError("--compile is for decoder-only models; serve this seq2seq model "
-                             "without it")
+        if cfg.compile or cfg.kv_dtype is not None:
+            raise ValueError("--compile and --kv-cache are for decoder-only models; serve this "
+                             "seq2seq model without them")
         engine = Seq2SeqEngine(model, tokenizer, cfg.max_batch, cfg.max_len)
     else:
         engine = Engine(model, tokenizer, cfg.max_batch, cfg.max_len, compile=cfg.compile,
-                        prefill_chunk=cfg.prefill_chunk, draft=cfg.draft, compile_after=1)
+                        prefill_chunk=cfg.prefill_chunk, draft=cfg.draft, compile_after=1,
+                        kv_dtype=cfg.kv_dtype)
     scheduler = Scheduler(engine, cfg.max_queue, cfg.threads)
     metrics = Metrics()
     metrics.engine_gauges(scheduler)
