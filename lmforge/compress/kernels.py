@@ -4,15 +4,20 @@
   weights they widen one by one; these quantize each row of activations to int8 in blocks of
   32 (a scale a block, as llama.cpp does) and multiply on the CPU's integer dot-product
   instructions (AVX-512 VNNI, or AVX2), so a decoding step is bound by the bytes of weights
-  it reads. Each row is quantized alone: a sequence's result does not depend on what it is
-  batched with.
+  it reads. The weights are laid out in tiles of 16 outputs (`int8_operands`,
+  `int4_operands`), each part of which is multiplied by up to 8 rows of x once loaded: 8
+  sequences decoding together cost little more than one. Each row is quantized alone: a
+  sequence's result does not depend on what it is batched with.
 - float32 matrix products for the few rows of a decoding step (`float_matmul`): each weight
   read once for up to 8 rows, the next rows' weights prefetched; PyTorch's product slows down
   past two rows (SmolLM2's 1536 x 576 layers: 15 GB/s of weights at 8 rows, against 23 here).
 - attention of one new token per sequence over the KV cache (`decode_attention`): each
   sequence reads its own cached positions only (PyTorch's attention reads a batch's longest,
-  masked), each key and value once for the query heads that share it; for a batch of 8
-  SmolLM2 sequences a step's attention takes a fifth of the time.
+  masked), each key and value once for the query heads that share it, from a float32,
+  bfloat16 or float16 cache; for a batch of 8 SmolLM2 sequences a step's attention takes a
+  fifth of the time.
+- greedy tokens (`greedy_tokens`): each row's first largest logit, several times faster than
+  PyTorch's max with indices.
 
 They are compiled on first use for this CPU (about 15 seconds, with the C++ compiler
 PyTorch's extensions use) into lmforge's cache, and loaded from there after. Where they cannot
