@@ -37,8 +37,10 @@ def prefill_faults(mode: str) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_a_forward_pass_reuses_freed_pages():
     # glibc's default gives each layer's megabytes of activations fresh pages on every pass.
+    # (Kept, a pass still faults in a few hundred pages at times: 0 to 512 against 3,000 to
+    # 4,200 without, on a 2-core AMD EPYC.)
     default, keep = prefill_faults("default"), prefill_faults("keep")
-    assert default > 1000 and keep < default / 10, (default, keep)
+    assert default > 1000 and keep < default / 4, (default, keep)
 
 
 def test_opening_a_model_on_the_cpu_keeps_freed_memory(base_dir):
