@@ -304,6 +304,18 @@ def test_a_compiled_quantized_engine_decodes_the_same_tokens(model, tokenizer, b
     assert explained.graph_break_count == 0
 
 
+@pytest.mark.slow
+def test_a_compiled_engine_with_a_16_bit_cache_decodes_as_the_eager_one(model, tokenizer):
+    requests = [Request(p, 8, GREEDY) for p in prompts(tokenizer)[:3]]
+    half = dict(max_batch=2, max_len=40, kv_dtype=torch.float16)
+    eager = Engine(model, tokenizer, **half).run(requests)
+    torch._dynamo.reset()
+    compiled = Engine(model, tokenizer, compile=True, **half)
+    compiled.wait_compiled()
+    assert compiled.cache.k.dtype == torch.float16
+    assert [c.tokens for c in compiled.run(requests)] == [c.tokens for c in eager]
+
+
 @pytest.mark.parametrize("settings", [dict(temperature=1e-300), dict(temperature=1.0, top_p=1e-300),
                                       dict(temperature=1e-300, top_p=1e-300)])
 def test_vanishing_temperature_or_top_p_picks_the_best_token(settings):
