@@ -23,8 +23,14 @@ from torch import nn
 
 from lmforge.compress import kernels
 from lmforge.compress.quant import (
-    SCALE_DTYPE, Operands, QuantLinear, _aligned, _int4_kernel_operands, kernel_matmul,
-    kernel_operands)
+    SCALE_DTYPE,
+    Operands,
+    QuantLinear,
+    _aligned,
+    _int4_kernel_operands,
+    kernel_matmul,
+    kernel_operands,
+)
 
 # (name, out_features, in_features, bits): SmolLM2-135M's products in a decoding step
 SHAPES = [("q, k, v", 960, 576, 4), ("o", 576, 576, 4), ("gate, up", 3072, 576, 4),

@@ -33,7 +33,6 @@ import logging
 import os
 import tempfile
 import warnings
-from functools import cache
 from pathlib import Path
 
 import torch
