@@ -404,14 +404,14 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
+CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernel's cache types
+
+
 def decodes_on_kernel(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether a decoding step's attention runs on lmforge's CPU kernel: float32 queries on the
     CPU over a float32, bfloat16 or float16 cache, no gradient asked for, the kernels built."""
     return (q.device.type == "cpu" and q.dtype == torch.float32 and k.dtype in CACHE_DTYPES
             and not q.requires_grad and kernels.available())
-
-
-CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernel's cache types
 
 
 class CrossAttention(nn.Module):

@@ -385,7 +385,8 @@ void int_rows(const Activations& a, const IntWeights& w, float* y, int64_t K, in
 
 template <typename Rows>
 void over_rows(int64_t M, int64_t N, Rows rows) {
-  // Each thread takes a range of output features, for all rows of x at once (8 at a time).
+  // Each thread takes a range of N's outputs (the int kernels': of their columns of LANES
+  // outputs), for all rows of x at once (8 at a time).
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) rows(m0, std::min<int64_t>(MAX_ROWS, M - m0), n0, n1);
   });

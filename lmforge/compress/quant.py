@@ -494,7 +494,7 @@ def kernel_matmul(x2d: torch.Tensor, operands: Operands, bits: int, group_size: 
     in float32, or by PyTorch's in bfloat16."""
     if operands.ours:
         y = kernels.matmul(x2d, operands.tensors)
-        return y if y.shape[1] == out_features else y[:, :out_features]  # int4 tiles' padding
+        return y if y.shape[1] == out_features else y[:, :out_features]  # the tiles' padded outputs
     weight, scales = operands.tensors
     # a fresh copy: PyTorch's kernels need 64-byte aligned operands (see `_aligned`), and
     # new tensors are; a compiled step cannot check an address

@@ -59,7 +59,7 @@ from lmforge.errors import LmforgeError
 from lmforge.infer.constrain import Constraint, Matcher
 from lmforge.infer.sampling import SamplingConfig, apply_penalties, filtered_logits, sample
 from lmforge.infer.speculative import SpeculativeStats, propose
-from lmforge.layers import KVCache
+from lmforge.layers import CACHE_DTYPES, KVCache
 from lmforge.models import LanguageModel
 from lmforge.paths import cache_dir
 from lmforge.tokenizer import Tokenizer
@@ -363,7 +363,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.max_len = min(max_len or model.cfg.context_length, model.cfg.context_length)
-        if kv_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        if kv_dtype not in (None, *CACHE_DTYPES):
             raise ValueError(f"kv_dtype must be torch.float32, bfloat16 or float16, got {kv_dtype}")
         self.kv_dtype = kv_dtype
         if compile:
