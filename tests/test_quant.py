@@ -195,6 +195,26 @@ def test_a_kernel_group_follows_new_weights_and_replaced_layers():
         assert torch.equal(model(tokens), unfused(copy.deepcopy(model))(tokens))
 
 
+def test_scales_stay_as_rounded_when_the_model_changes_float_type(tmp_path):
+    """Moving a model to another float type moves its norms, not its scales and zeros: they
+    are part of the rounded weight (and float32 copies of them were memory for nothing)."""
+    model = quantize(tiny(**LLAMA), QuantSpec(4, 32))
+    tokens = torch.randint(0, 50, (1, 8))
+    before = logits(model, tokens)
+    up = model.blocks[0].mlp.up_proj
+    scales, zeros = up.scales.clone(), up.zeros.clone()
+    model.double().float()  # every float tensor back as it was
+    assert torch.equal(logits(model, tokens), before)  # the kernels' operands made again
+    model.half()
+    assert model.final_norm.weight.dtype == torch.float16
+    assert up.scales.dtype == up.zeros.dtype == quant.SCALE_DTYPE
+    assert torch.equal(up.scales, scales) and torch.equal(up.zeros, zeros)
+    save_model(tmp_path, model.float(), None)
+    opened = open_model(tmp_path, dtype=torch.float32).model
+    assert {t.dtype for name, t in opened.state_dict().items()
+            if name.endswith(("scales", "zeros"))} == {quant.SCALE_DTYPE}
+
+
 @pytest.mark.parametrize("spec", SPECS[:2], ids=QuantSpec.describe)
 def test_kv_cache_decoding_matches_full_forward_when_quantized(spec):
     """A long prompt (dequantized matmuls), then decoding steps (the int kernels)."""

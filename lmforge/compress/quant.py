@@ -23,7 +23,7 @@ scales and zeros are bfloat16):
   divide K the last group is shorter (SmolLM2's width, 576, is 4.5 groups of 128). A
   symmetric grid has every zero 0 (W = (q - 8) * scale, GGUF's Q4_0).
 On the CPU, decoding steps (up to KERNEL_MAX_ROWS rows) run in lmforge's own int kernels
-where the CPU has AVX-512 VNNI and the layer's width is a multiple of 64
+where the CPU has AVX2 or AVX-512 and the layer's width is a multiple of 32
 (`lmforge.compress.kernels`: activations rounded to int8 in blocks of 32, integer dot
 products), else in PyTorch's, with activations cast to bfloat16 (their fast path) and back.
 Either wants the weight in its own layout: made at first use, never saved. Long prompts, and
@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -48,6 +49,7 @@ from lmforge.compress import kernels
 from lmforge.config import from_dict
 from lmforge.errors import LmforgeError, UnsupportedModel
 from lmforge.files import read_json_object
+from lmforge.layers import frozen
 from lmforge.modeldir import (
     QUANTIZATION,
     DirectoryHook,
@@ -345,14 +347,29 @@ class QuantLinear(nn.Module):
                                self.group_size)
 
     def _operands(self) -> Operands:
-        if (self._kernel_operands is None
-                or self._kernel_operands.tensors[0].device != self.weight.device):
+        if self._kernel_operands is None:
             self._kernel_operands = kernel_operands([self])
         return self._kernel_operands
 
-    def _forget_kernel_operands(self, _incompatible_keys) -> None:
+    def _forget_kernel_operands(self, _incompatible_keys=None) -> None:
         self._kernel_operands = None
         self.version += 1
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+               ) -> QuantLinear:
+        # Module.to(dtype) casts every float buffer: opening an int4 model in float32 made its
+        # bfloat16 scales and zeros float32 (25 MB more for SmolLM2-135M), and float16 would
+        # round them again. They go where the weight goes, as they are: seen as integers of
+        # their width, which no cast to a float type touches.
+        scales = {name: t for name, t in self._buffers.items()
+                  if name in ("scales", "zeros") and t is not None}
+        self._buffers.update(dict.fromkeys(scales))  # Module._apply passes over None
+        super()._apply(fn, recurse)
+        for name, t in scales.items():
+            as_ints = {2: torch.int16, 4: torch.int32}[t.element_size()]
+            self._buffers[name] = fn(t.view(as_ints)).view(t.dtype)
+        self._forget_kernel_operands()  # made for the weight as it was
+        return self
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits != 8 else ""
@@ -418,7 +435,7 @@ class KernelGroup:
         self.layers = tuple(layers)
         self.sizes = [layer.out_features for layer in layers]
         self._operands: Operands | None = None
-        self._made_from: list[tuple[int, torch.device]] = []
+        self._made_from: list[int] = []
 
     @classmethod
     def of(cls, layers: list[nn.Module]) -> KernelGroup | None:
@@ -451,7 +468,7 @@ class KernelGroup:
 
     def operands(self) -> Operands:
         """The group's kernel operands, remade when a layer's weights have changed."""
-        made_from = [(layer.version, layer.weight.device) for layer in self.layers]
+        made_from = [layer.version for layer in self.layers]
         if self._operands is None or made_from != self._made_from:
             self._operands, self._made_from = kernel_operands(list(self.layers)), made_from
         return self._operands
@@ -463,6 +480,11 @@ class Operands(NamedTuple):
 
     ours: bool
     tensors: tuple[torch.Tensor, ...]
+
+    @classmethod
+    def of(cls, ours: bool, tensors: tuple[torch.Tensor, ...]) -> Operands:
+        """The tensors held as frozen Parameters (see `lmforge.layers.frozen`)."""
+        return cls(ours, tuple(map(frozen, tensors)))
 
 
 def kernel_operands(layers: list[QuantLinear]) -> Operands:
@@ -477,15 +499,15 @@ def kernel_operands(layers: list[QuantLinear]) -> Operands:
                                                                    first.group_size)
     if first.bits == 8:
         if ours:
-            return Operands(True, kernels.int8_operands(joined("weight"), joined("scales")))
-        return Operands(False, (_aligned(joined("weight")),
-                                _aligned(joined("scales").to(SCALE_DTYPE))))
+            return Operands.of(True, kernels.int8_operands(joined("weight"), joined("scales")))
+        return Operands.of(False, (_aligned(joined("weight")),
+                                   _aligned(joined("scales").to(SCALE_DTYPE))))
     if ours:
-        return Operands(True, kernels.int4_operands(unpack_int4(joined("weight")),
-                                                    joined("scales"), joined("zeros"),
-                                                    first.group_size))
-    return Operands(False, _int4_kernel_operands(joined("weight"), joined("scales"),
-                                                 joined("zeros"), first.group_size))
+        return Operands.of(True, kernels.int4_operands(unpack_int4(joined("weight")),
+                                                       joined("scales"), joined("zeros"),
+                                                       first.group_size))
+    return Operands.of(False, _int4_kernel_operands(joined("weight"), joined("scales"),
+                                                    joined("zeros"), first.group_size))
 
 
 def kernel_matmul(x2d: torch.Tensor, operands: Operands, bits: int, group_size: int | None,
