@@ -5,6 +5,9 @@ block of that size arrives as fresh pages, each faulted in on first touch: a 512
 prefill allocates and frees megabytes of activations in every layer, and those faults cost
 about a tenth of its time on a 2-core CPU. Keeping freed memory for reuse removes them; the
 process's peak is what it was, it just does not shrink after it.
+
+What a model's loading frees, on the other hand, is given back (`give_back_freed_memory`):
+parsing a large tokenizer.json frees most of what it took, and glibc kept it.
 """
 
 from __future__ import annotations
@@ -20,14 +23,28 @@ TRIM_THRESHOLD = 1 << 30
 
 
 @functools.cache
-def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed blocks of up to 32 MiB for reuse (once a process). False
-    where the C library is not glibc (musl, macOS, Windows), which is left as it is."""
-    name = ctypes.util.find_library("c")
+def _glibc() -> ctypes.CDLL | None:
+    """The C library, if it is glibc (it has mallopt and malloc_trim): not musl, macOS or
+    Windows, whose allocators are left as they are."""
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except (OSError, TypeError):
+        return None
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed blocks of up to 32 MiB for reuse (once a process); False
+    where the C library is not glibc."""
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def give_back_freed_memory() -> bool:
+    """Return the freed memory glibc holds to the system (`malloc_trim`): after a model's
+    tokenizer is read, Gemma 3's tokenizer.json (262,144 tokens) left 276 MB of a 763 MB
+    process freed but held. False where the C library is not glibc."""
+    libc = _glibc()
+    return libc is not None and (libc.malloc_trim(0), True)[1]

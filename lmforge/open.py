@@ -19,7 +19,7 @@ from torch import nn
 
 # Registers the hook that reads quantized weights (see lmforge.modeldir.DirectoryHook).
 import lmforge.compress.quant  # noqa: E402, F401, I001
-from lmforge.allocator import keep_freed_memory
+from lmforge.allocator import give_back_freed_memory, keep_freed_memory
 from lmforge.errors import CheckpointMismatch, ConfigError
 from lmforge.images import ImageProcessor, image_processor
 from lmforge.interop.hub import resolve_model
@@ -117,6 +117,7 @@ def open_model(spec: str | Path, device: str | torch.device | None = None,
         if hook.after_weights is not None:
             model = hook.after_weights(model, top)
     tokenizer = read_tokenizer(top) or read_tokenizer(weights_dir)
+    give_back_freed_memory()
     stops_from = top if (top / GENERATION_CONFIG).is_file() else weights_dir
     processor = image_processor(cfg, tokenizer, read_image_settings(weights_dir)) \
         if tokenizer is not None else None

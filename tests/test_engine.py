@@ -399,6 +399,20 @@ def test_the_paged_kv_cache_holds_the_blocks_of_the_tokens_in_use(tiny_llama):
     assert engine.cache.nbytes == idle
 
 
+def test_the_cache_s_layer_views_are_its_own_memory_held_as_frozen_parameters(tiny_llama):
+    """A compiled step checks the Parameters it reads less often than other tensors (see
+    `lmforge.layers.frozen`): the views stay the cache's memory, and follow its pool's growth."""
+    engine = Engine(tiny_llama(300, context_length=1024), max_batch=2)
+    first = engine.cache.k.shape[1]
+    engine.run([Request(list(range(1, 100)), 4, GREEDY)])
+    cache = engine.cache
+    assert cache.k.shape[1] > first  # the pool grew: new tensors, new views
+    for i, layer in enumerate(cache.layers):
+        for view, whole in ((layer.k, cache.k), (layer.v, cache.v)):
+            assert isinstance(view, torch.nn.Parameter) and not view.requires_grad
+            assert view.data_ptr() == whole[i].data_ptr() and view.shape == whole[i].shape
+
+
 def test_a_cache_that_cannot_grow_fails_its_step_with_the_fix(tiny_llama, monkeypatch):
     engine = Engine(tiny_llama(300, context_length=1024), max_batch=2)
     engine.submit(Request(list(range(1, 300)), 4, GREEDY))
