@@ -404,7 +404,8 @@ def test_the_cache_s_layer_views_are_its_own_memory_held_as_frozen_parameters(ti
     `lmforge.layers.frozen`): the views stay the cache's memory, and follow its pool's growth."""
     engine = Engine(tiny_llama(300, context_length=1024), max_batch=2)
     first = engine.cache.k.shape[1]
-    engine.run([Request(list(range(1, 100)), 4, GREEDY)])
+    engine.submit(Request(list(range(1, 100)), 4, GREEDY))
+    engine.step()
     cache = engine.cache
     assert cache.k.shape[1] > first  # the pool grew: new tensors, new views
     for i, layer in enumerate(cache.layers):
