@@ -24,8 +24,10 @@ def make_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:
     return nn.LayerNorm(dim, eps=eps, bias=bias)
 
 
-def rotary_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed sin tables, each (length, head_dim), for the half-split rotary convention.
+def rotary_tables(head_dim: int, length: int, base: float, start: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin tables, each (length, head_dim), of positions start..start+length,
+    for the half-split rotary convention.
 
     The sin table's first half is negated so that rotating the two halves of a vector is one
     `roll` (see `apply_rotary`), which saves three small ops per call when decoding.
@@ -33,18 +35,45 @@ def rotary_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor
     # Always computed on the CPU (in fp32), whatever device a model is being built on.
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu")
                                / head_dim))
-    angles = torch.outer(torch.arange(length, dtype=torch.float32, device="cpu"), inv_freq)
+    positions = torch.arange(start, start + length, dtype=torch.float32, device="cpu")
+    angles = torch.outer(positions, inv_freq)
     sin = angles.sin()
     return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-sin, sin], dim=-1)
 
 
+# Rotary tables are made this many positions at a time, each block alike whenever it is made:
+# a position's entries do not depend on how far the tables had grown.
+ROTARY_BLOCK = 4096
+
+
+def _rotary_blocks(head_dim: int, base: float, start: int, stop: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    blocks = [rotary_tables(head_dim, min(ROTARY_BLOCK, stop - first), base, first)
+              for first in range(start, stop, ROTARY_BLOCK)]
+    return torch.cat([cos for cos, _ in blocks]), torch.cat([sin for _, sin in blocks])
+
+
 def register_rotary(module: nn.Module, head_dim: int, length: int, base: float,
                     device: torch.device | str, prefix: str = "rope") -> None:
-    """Give `module` rotary tables as buffers `{prefix}_cos` / `{prefix}_sin`: derived from the
-    config, never saved (rebuilt after a model is materialised from the meta device)."""
-    cos, sin = rotary_tables(head_dim, length, base)
+    """Give `module` rotary tables of `length` positions as buffers `{prefix}_cos` /
+    `{prefix}_sin`: derived from the config, never saved (rebuilt after a model is
+    materialised from the meta device)."""
+    cos, sin = _rotary_blocks(head_dim, base, 0, length)
     module.register_buffer(f"{prefix}_cos", cos.to(device), persistent=False)
     module.register_buffer(f"{prefix}_sin", sin.to(device), persistent=False)
+
+
+def extend_rotary(module: nn.Module, head_dim: int, length: int, base: float,
+                  prefix: str = "rope") -> None:
+    """Grow `module`'s rotary tables (see `register_rotary`, whole blocks of positions) to at
+    least `length` positions, in their device and dtype."""
+    cos, sin = getattr(module, f"{prefix}_cos"), getattr(module, f"{prefix}_sin")
+    if length <= cos.shape[0]:
+        return
+    more_cos, more_sin = _rotary_blocks(head_dim, base, cos.shape[0],
+                                        -(-length // ROTARY_BLOCK) * ROTARY_BLOCK)
+    module.register_buffer(f"{prefix}_cos", torch.cat([cos, more_cos.to(cos)]), persistent=False)
+    module.register_buffer(f"{prefix}_sin", torch.cat([sin, more_sin.to(sin)]), persistent=False)
 
 
 def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from lmforge.config import PRESETS, ModelConfig, preset
 from lmforge.errors import ConfigError
+from lmforge.layers import ROTARY_BLOCK, rotary_tables
 from lmforge.models.decoder import Decoder
 
 VARIANTS = {
@@ -100,6 +101,32 @@ def test_only_the_windowed_layers_turn_by_the_local_rotary_base():
         assert not torch.allclose(model(x), before)  # the windowed layer read the local table
     full = tiny(**{**VARIANTS["gemma3-style"], "layer_types": ["full_attention"] * 2})
     assert not hasattr(full, "rope_local_cos")  # no windowed layer, no second table
+
+
+def test_rotary_tables_grow_as_positions_are_reached_and_decode_as_the_full_pass():
+    """Tables for a long context are made a block of positions at a time (Gemma 3's 32,768
+    positions took 128 MB), by a forward pass or by a KV cache of that many positions."""
+    cfg = ModelConfig(n_layer=2, n_head=4, d_model=32, vocab_size=50,
+                      context_length=3 * ROTARY_BLOCK, **VARIANTS["gemma3-style"])
+    torch.manual_seed(0)
+    model = Decoder(cfg).eval()
+    assert model.rope_cos.shape[0] == model.rope_local_cos.shape[0] == ROTARY_BLOCK
+    x = torch.randint(0, 50, (1, ROTARY_BLOCK + 10))
+    with torch.no_grad():
+        full = model(x)
+    for prefix, base in (("rope", model.cfg.rope_base), ("rope_local", 100.0)):
+        cos, sin = rotary_tables(16, 2 * ROTARY_BLOCK, base)
+        torch.testing.assert_close(getattr(model, f"{prefix}_cos"), cos, atol=1e-6, rtol=0)
+        torch.testing.assert_close(getattr(model, f"{prefix}_sin"), sin, atol=1e-6, rtol=0)
+    again = Decoder(cfg).eval()
+    again.load_state_dict(model.state_dict())
+    cache = again.new_cache(1, ROTARY_BLOCK + 10)  # its positions' tables made with it
+    assert again.rope_cos.shape[0] == again.rope_local_cos.shape[0] == 2 * ROTARY_BLOCK
+    with torch.no_grad():
+        prompt = again(x[:, :-3], cache=cache)
+        steps = [again(x[:, t:t + 1], cache=cache, start=t)
+                 for t in range(x.shape[1] - 3, x.shape[1])]
+    torch.testing.assert_close(torch.cat([prompt, *steps], dim=1), full, atol=1e-5, rtol=1e-4)
 
 
 def test_layer_types_are_checked():
