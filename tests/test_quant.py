@@ -307,6 +307,15 @@ def test_cli_quantizes_a_model_directory_and_generates_from_it(tmp_path, capsys)
                  "--out", str(tmp_path / "sym")]) == 2
     assert "int8 is always symmetric" in capsys.readouterr().err
 
+    head4 = tmp_path / "head4"
+    assert main(["quantize", str(source), "--bits", "4", "--head-bits", "4",
+                 "--out", str(head4)]) == 0
+    assert "int4 g32 (int4 head)" in capsys.readouterr().out
+    assert open_model(head4).model.lm_head.bits == 4
+    assert main(["quantize", str(source), "--bits", "3", "--head-bits", "4",
+                 "--out", str(tmp_path / "head3")]) == 2
+    assert "head_bits=4" in capsys.readouterr().err
+
 
 # ------------------------------------------------------------------- SmolLM2 (slow)
 

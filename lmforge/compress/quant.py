@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.compress import kernels
+from lmforge.compress.kernels import unpack_int4
 from lmforge.config import from_dict
 from lmforge.errors import LmforgeError, UnsupportedModel
 from lmforge.files import read_json_object
@@ -223,11 +224,6 @@ def quantize_int4(w: torch.Tensor, group_size: int, bits: int = 4, symmetric: bo
     """Per group of columns: nibbles uint8 (N, K/2), scales and zeros (N, groups)."""
     scales, zeros = int4_grid(w, group_size, bits, symmetric)
     return pack_int4(round_int4(w, scales, zeros, group_size, bits)), scales, zeros
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Values 0..15, uint8 (N, K), from two per byte (N, K/2)."""
-    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(1)
 
 
 def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -503,9 +499,8 @@ def kernel_operands(layers: list[QuantLinear]) -> Operands:
         return Operands.of(False, (_aligned(joined("weight")),
                                    _aligned(joined("scales").to(SCALE_DTYPE))))
     if ours:
-        return Operands.of(True, kernels.int4_operands(unpack_int4(joined("weight")),
-                                                       joined("scales"), joined("zeros"),
-                                                       first.group_size))
+        return Operands.of(True, kernels.int4_operands(joined("weight"), joined("scales"),
+                                                       joined("zeros"), first.group_size))
     return Operands.of(False, _int4_kernel_operands(joined("weight"), joined("scales"),
                                                     joined("zeros"), first.group_size))
 
