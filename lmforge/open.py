@@ -108,16 +108,18 @@ def open_model(spec: str | Path, device: str | torch.device | None = None,
     else:
         adapter_dir = resolve_model_dir(adapter) if adapter is not None else None
         weights_dir = directory
+    top = adapter_dir or weights_dir
+    # The tokenizer first, and what reading it freed given back before the weights come in
+    # (see `give_back_freed_memory`): its peak and theirs never add up.
+    tokenizer = read_tokenizer(top) or read_tokenizer(weights_dir)
+    give_back_freed_memory()
     model = read_model(weights_dir, device, dtype)
     cfg = model.cfg
     if adapter_dir is not None:
         load_adapter(model, adapter_dir)
-    top = adapter_dir or weights_dir
     for hook in declared_hooks(top):
         if hook.after_weights is not None:
             model = hook.after_weights(model, top)
-    tokenizer = read_tokenizer(top) or read_tokenizer(weights_dir)
-    give_back_freed_memory()
     stops_from = top if (top / GENERATION_CONFIG).is_file() else weights_dir
     processor = image_processor(cfg, tokenizer, read_image_settings(weights_dir)) \
         if tokenizer is not None else None
