@@ -1,12 +1,18 @@
-"""The allocator setting that keeps a forward pass's freed activations for reuse, and the call
-that gives back what loading a model freed."""
+"""The allocator setting that keeps a forward pass's freed activations for reuse, the call
+that gives back what loading a model freed, and the pages of a file's tensors paged out."""
 
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
-from lmforge.allocator import keep_freed_memory
+from lmforge.allocator import keep_freed_memory, page_out
+from lmforge.files import load_safetensors
 
 # Page faults of one 512-token forward pass (after two to warm up) in a fresh process.
 PREFILL_FAULTS = """
@@ -74,3 +80,51 @@ def test_memory_freed_while_loading_goes_back_to_the_system():
                          text=True, check=True)
     held, given_back = map(int, run.stdout.split())
     assert held - given_back > 150, (held, given_back)
+
+
+def resident_kb(path: Path) -> int:
+    """This process's resident kilobytes of its mappings of the file `path`."""
+    total, mapped = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+                mapped = line.rstrip().endswith(str(path))
+            elif mapped and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+def on_tmpfs(path: Path) -> bool:
+    """Whether `path` is on a file system held in memory (tmpfs: its pages have no disk to be
+    read again from, and paging them out keeps them)."""
+    with open("/proc/self/mounts") as mounts:
+        found = [(len(point), kind) for _, point, kind, *_ in map(str.split, mounts)
+                 if str(path.resolve()).startswith(point)]
+    return max(found)[1] == "tmpfs"
+
+
+def written_out(path: Path) -> None:
+    """`path`'s pages written to the disk: pages not yet written stay when paged out."""
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise's MADV_PAGEOUT")
+def test_a_file_s_tensors_are_paged_out_and_read_again_as_they_were(tmp_path):
+    if on_tmpfs(tmp_path):
+        pytest.skip("the temporary directory is on tmpfs, whose pages stay when paged out")
+    values = {"a": torch.randn(1024, 1024), "b": torch.arange(100_000, dtype=torch.int32)}
+    path = tmp_path / "weights.safetensors"
+    save_file(values, path)
+    written_out(path)
+    loaded = load_safetensors(path)
+    assert all(torch.equal(loaded[name], t) for name, t in values.items())  # all pages read
+    before = resident_kb(path)
+    handed_back = page_out(loaded.values())
+    after = resident_kb(path)
+    assert handed_back > 4_300_000 and before > 4_300 and after < 100, (handed_back, before, after)
+    assert all(torch.equal(loaded[name], t) for name, t in values.items())
+    assert resident_kb(path) > 4_300  # read again from the file
+
+    anonymous = torch.randn(1024, 1024)
+    assert page_out([anonymous, anonymous.t()]) == 0

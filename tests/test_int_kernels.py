@@ -1,6 +1,8 @@
 """lmforge's CPU decoding kernels: int8/int4 matmuls against the float matmul of the same
 quantized weights, decoding attention against PyTorch's."""
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,11 @@ from lmforge.compress import kernels
 from lmforge.compress.quant import QuantLinear, QuantSpec, kernel_operands, quantize
 from lmforge.config import ModelConfig
 from lmforge.layers import Linear, decodes_on_kernel
+from lmforge.modeldir import save_model
 from lmforge.models.decoder import Decoder
+from lmforge.open import open_model
+
+from .test_allocator import on_tmpfs, resident_kb, written_out
 
 pytestmark = pytest.mark.skipif(not kernels.available(),
                                 reason="lmforge's int kernels need AVX-512 VNNI and a C++ compiler")
@@ -73,6 +79,34 @@ def test_a_quantized_model_decodes_the_same_step_by_step_and_whole():
         steps = torch.cat([model(ids[:, i:i + 1], cache=cache, start=i) for i in range(12)], 1)
     # each step's rows are quantized alone, as the whole prompt's are
     torch.testing.assert_close(steps, whole, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise's MADV_PAGEOUT")
+def test_weights_as_stored_are_paged_out_once_the_kernels_have_their_own(tmp_path):
+    if on_tmpfs(tmp_path):
+        pytest.skip("the temporary directory is on tmpfs, whose pages stay when paged out")
+    cfg = ModelConfig(n_layer=2, n_head=4, d_model=512, vocab_size=4096, context_length=64,
+                      positions="rope", norm="rmsnorm", mlp="swiglu")
+    torch.manual_seed(0)
+    model = quantize(Decoder(cfg).eval(), QuantSpec(bits=4, group_size=32))
+    ids = torch.randint(0, 4096, (1, 12))
+    with torch.no_grad():
+        expected = model(ids)
+    save_model(tmp_path, model, None)
+    stored = tmp_path / "model.safetensors"
+    written_out(stored)
+    again = open_model(tmp_path, device="cpu").model
+    for t in again.state_dict().values():  # every page read
+        assert torch.isfinite(t.float()).all()
+    read = resident_kb(stored)
+    with torch.no_grad():
+        assert torch.equal(again(ids), expected)  # on the kernels' operands, made now
+    # what stays: the rows of the tied embedding looked up, and the pages tensors share
+    left = resident_kb(stored)
+    assert read > 5_000 and left < read / 10, (read, left)
+    # what is read from the file again is what was there
+    assert torch.equal(again.lm_head.dequantized_weight(), model.lm_head.dequantized_weight())
+    assert torch.equal(again.blocks[1].mlp.down_proj.weight, model.blocks[1].mlp.down_proj.weight)
 
 
 @pytest.mark.slow

@@ -33,11 +33,13 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from lmforge.allocator import page_out
 from lmforge.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -147,11 +149,13 @@ def _tiles(values: torch.Tensor) -> torch.Tensor:
 def int8_operands(weight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """From lmforge's int8 layout: weight int8 (N, K), scales (N,)."""
     N, K = weight.shape
-    # w + 128 for VNNI's unsigned operand: the top bit of each byte flipped, in the one copy
-    # made (an output projection's weight can be hundreds of megabytes)
-    tiles = _tiles(weight.view(torch.uint8)).clone(memory_format=torch.contiguous_format)
-    return (tiles.view(-1, K).bitwise_xor_(0x80),
-            F.pad(scales.float(), (0, -N % TILE)).contiguous())
+
+    def fill(rows: torch.Tensor, part: torch.Tensor) -> None:
+        # w + 128 for VNNI's unsigned operand: the top bit of each byte flipped
+        tiles = _tiles(rows.view(torch.uint8))
+        torch.bitwise_xor(tiles, 0x80, out=part.view(tiles.shape))
+
+    return _tiled(weight, K, fill), F.pad(scales.float(), (0, -N % TILE)).contiguous()
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -160,30 +164,44 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(1)
 
 
-ROWS_AT_A_TIME = 4096  # rows of an int4 weight put in tiles at a time (whole tiles)
+ROWS_AT_A_TIME = 4096  # rows of a weight put in tiles at a time (whole tiles)
+
+
+def _tiled(values: torch.Tensor, columns: int,
+           fill: Callable[[torch.Tensor, torch.Tensor], None]) -> torch.Tensor:
+    """One uint8 tensor (the outputs padded to whole tiles, `columns`), `fill(rows, part)`
+    writing each ROWS_AT_A_TIME rows of `values` into theirs. Rows read are paged out where
+    they are a file's (see `page_out`), so a large weight is never held twice whole: Gemma 3's
+    output projection is 168 MB at int8. Unpacked whole, its int4 nibbles took 240 MB more."""
+    N = values.shape[0]
+    out = torch.empty(-(-N // TILE) * TILE, columns, dtype=torch.uint8, device=values.device)
+    for first in range(0, N, ROWS_AT_A_TIME):
+        rows = values[first:first + ROWS_AT_A_TIME]
+        fill(rows, out[first:first + -(-rows.shape[0] // TILE) * TILE])
+        page_out([rows])
+    return out
 
 
 def int4_operands(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                   group_size: int) -> tuple[torch.Tensor, ...]:
     """From lmforge's int4 layout: nibbles uint8 (N, K/2), scales and zeros (N, groups),
     W = (q - 8) * scale + zero: the same numbers in tiles, each part's second half of values
-    in the high nibbles of its first. Made ROWS_AT_A_TIME rows at a time into the one tensor
-    returned: Gemma 3's 262,144-row int4 output projection, unpacked whole, took 240 MB more
-    at its peak."""
+    in the high nibbles of its first."""
     N, K = packed.shape[0], packed.shape[1] * 2
     blocks = K // BLOCK
-    out = torch.empty(-(-N // TILE) * TILE, K // 2, dtype=torch.uint8, device=packed.device)
-    for first in range(0, N, ROWS_AT_A_TIME):
-        tiles = _tiles(unpack_int4(packed[first:first + ROWS_AT_A_TIME]))
-        part = out[first:first + tiles.shape[0] * TILE].view(tiles.shape[0], blocks, 4, TILE, 4)
-        torch.bitwise_or(tiles[:, :, :4], tiles[:, :, 4:] << 4, out=part)
+
+    def fill(rows: torch.Tensor, part: torch.Tensor) -> None:
+        tiles = _tiles(unpack_int4(rows))
+        torch.bitwise_or(tiles[:, :, :4], tiles[:, :, 4:] << 4,
+                         out=part.view(tiles.shape[0], blocks, 4, TILE, 4))
+
     group = torch.arange(blocks, device=packed.device) * BLOCK // group_size
 
     def per_tile(t: torch.Tensor) -> torch.Tensor:  # (N, groups) -> (tiles, blocks, 16)
         t = F.pad(t[:, group].to(torch.bfloat16), (0, 0, 0, -N % TILE))
         return t.view(-1, TILE, blocks).transpose(1, 2).reshape(-1, blocks).contiguous()
 
-    return out, per_tile(scales), per_tile(zeros)
+    return _tiled(packed, K // 2, fill), per_tile(scales), per_tile(zeros)
 
 
 NOTHING = torch.empty(0, dtype=torch.long)  # no lengths (every position), no block table
@@ -226,3 +244,4 @@ def matmul(x2d: torch.Tensor, operands: tuple[torch.Tensor, ...]) -> torch.Tenso
     if len(operands) == 2:
         return torch.ops.lmforge_kernels.int8_mm(x2d, *operands)
     return torch.ops.lmforge_kernels.int4_mm(x2d, *operands)
+
