@@ -28,7 +28,7 @@ M_TRIM_THRESHOLD = -1  # mallopt's parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20  # glibc's largest: blocks above it (full-vocabulary logits) still map
 TRIM_THRESHOLD = 1 << 30
-MADV_PAGEOUT = 21  # madvise's advice number (Linux 5.4 and later)
+MADV_RANDOM, MADV_PAGEOUT = 1, 21  # madvise's advice numbers (MADV_PAGEOUT: Linux 5.4 on)
 
 
 @functools.cache
@@ -90,6 +90,10 @@ def page_out(tensors: Iterable[torch.Tensor]) -> int:
         lo, hi = -(-first // mmap.PAGESIZE) * mmap.PAGESIZE, last // mmap.PAGESIZE * mmap.PAGESIZE
         if hi > lo and libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo),
                                     MADV_PAGEOUT) == 0:
+            # A page touched again comes alone: the system's read-ahead would map its
+            # neighbours too, and a tied embedding's rows, looked up a token at a time,
+            # brought back most of the output projection (fault-around, 64 KB a row).
+            libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_RANDOM)
             total += hi - lo
     return total
 

@@ -85,13 +85,13 @@ def test_a_quantized_model_decodes_the_same_step_by_step_and_whole():
 def test_weights_as_stored_are_paged_out_once_the_kernels_have_their_own(tmp_path):
     if on_tmpfs(tmp_path):
         pytest.skip("the temporary directory is on tmpfs, whose pages stay when paged out")
-    cfg = ModelConfig(n_layer=2, n_head=4, d_model=512, vocab_size=4096, context_length=64,
+    cfg = ModelConfig(n_layer=2, n_head=4, d_model=512, vocab_size=4096, context_length=128,
                       positions="rope", norm="rmsnorm", mlp="swiglu")
     torch.manual_seed(0)
     model = quantize(Decoder(cfg).eval(), QuantSpec(bits=4, group_size=32))
-    ids = torch.randint(0, 4096, (1, 12))
+    short, long = torch.randint(0, 4096, (1, 12)), torch.randint(0, 4096, (1, 100))
     with torch.no_grad():
-        expected = model(ids)
+        expected = model(short), model(long)
     save_model(tmp_path, model, None)
     stored = tmp_path / "model.safetensors"
     written_out(stored)
@@ -100,7 +100,9 @@ def test_weights_as_stored_are_paged_out_once_the_kernels_have_their_own(tmp_pat
         assert torch.isfinite(t.float()).all()
     read = resident_kb(stored)
     with torch.no_grad():
-        assert torch.equal(again(ids), expected)  # on the kernels' operands, made now
+        assert torch.equal(again(short), expected[0])  # on the kernels' operands, made now
+        # a long prompt multiplies by weights dequantized from the kernels' tiles
+        assert torch.equal(again(long), expected[1])
     # what stays: the rows of the tied embedding looked up, and the pages tensors share
     left = resident_kb(stored)
     assert read > 5_000 and left < read / 10, (read, left)

@@ -496,6 +496,49 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
                        reinterpret_cast<const uint16_t*>(zeros.data_ptr())}, N);
 }
 
+// The weights of int8 or int4 tiles (`BITS`) in lmforge's own layout: int8 (N, K), or int4
+// nibbles (N, K/2) with column 2j of a row in the low nibble of its byte j. Only bytes move, so
+// a long prompt's product, which dequantizes each weight, reads it from the tiles: the weights
+// as stored stay paged out.
+template <int BITS>
+at::Tensor untiled(const at::Tensor& w) {
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.size(0) % TILE == 0,
+              "untile: w must hold whole tiles of 16 outputs, as uint8");
+  const int64_t N = w.size(0), width = w.size(1), K = width * 8 / BITS, blocks = K / BLOCK;
+  constexpr int64_t TILE_BYTES = TILE * BLOCK * BITS / 8;
+  at::Tensor out = at::empty({N, width}, w.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  at::parallel_for(0, N / TILE, 16, [&](int64_t t0, int64_t t1) {
+    uint8_t values[BLOCK];
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* tile = wp + (t * blocks + b) * TILE_BYTES;
+        for (int o = 0; o < TILE; ++o) {
+          uint8_t* row = op + (t * TILE + o) * width + b * BLOCK * BITS / 8;
+          if (BITS == 8) {  // part p holds values 4p..4p+3, as w + 128
+            for (int p = 0; p < BLOCK / 4; ++p)
+              for (int i = 0; i < 4; ++i) row[4 * p + i] = tile[(p * TILE + o) * 4 + i] ^ 0x80;
+            continue;
+          }
+          for (int p = 0; p < BLOCK / 8; ++p)  // values 4p.. in low nibbles, 16 + 4p.. in high
+            for (int i = 0; i < 4; ++i) {
+              const uint8_t byte = tile[(p * TILE + o) * 4 + i];
+              values[4 * p + i] = byte & 15;
+              values[BLOCK / 2 + 4 * p + i] = byte >> 4;
+            }
+          for (int j = 0; j < BLOCK / 2; ++j) row[j] = values[2 * j] | (values[2 * j + 1] << 4);
+        }
+      }
+  });
+  return out;
+}
+
+at::Tensor untile(const at::Tensor& w, int64_t bits) {
+  TORCH_CHECK(bits == 8 || bits == 4, "untile: bits must be 8 or 4");
+  return bits == 8 ? untiled<8>(w) : untiled<4>(w);
+}
+
 // Attention of one query per sequence (a decoding step) over its first `length` cached keys
 // and values, or with a sliding `window` the last `window` of them: for each sequence and
 // key/value head, the scores of its group of query heads, their softmax, and the weighted
@@ -662,6 +705,7 @@ TORCH_LIBRARY(lmforge_kernels, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, Tensor table, int end, "
         "float scale, int window) -> Tensor");
   m.def("greedy(Tensor logits) -> Tensor");
+  m.def("untile(Tensor w, int bits) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmforge_kernels, CPU, m) {
@@ -670,4 +714,5 @@ TORCH_LIBRARY_IMPL(lmforge_kernels, CPU, m) {
   m.impl("int4_mm", &int4_mm);
   m.impl("decode_attention", &decode_attention);
   m.impl("greedy", &greedy);
+  m.impl("untile", &untile);
 }

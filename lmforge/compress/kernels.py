@@ -106,6 +106,7 @@ def _load(force_avx2: bool = False) -> None:
         torch.library.register_fake(f"lmforge_kernels::{name}")(_out_like)
     torch.library.register_fake("lmforge_kernels::decode_attention")(_attention_out)
     torch.library.register_fake("lmforge_kernels::greedy")(_tokens_out)
+    torch.library.register_fake("lmforge_kernels::untile")(lambda w, bits: torch.empty_like(w))
 
 
 def _out_like(x: torch.Tensor, w: torch.Tensor, *_scales: torch.Tensor) -> torch.Tensor:
@@ -245,3 +246,24 @@ def matmul(x2d: torch.Tensor, operands: tuple[torch.Tensor, ...]) -> torch.Tenso
         return torch.ops.lmforge_kernels.int8_mm(x2d, *operands)
     return torch.ops.lmforge_kernels.int4_mm(x2d, *operands)
 
+
+
+def stored_layout(operands: tuple[torch.Tensor, ...], out_features: int, group_size: int | None
+                  ) -> tuple[torch.Tensor, ...]:
+    """The weights of `operands` (made by `int8_operands` or `int4_operands`) in lmforge's
+    layout, as `QuantLinear` holds them: int8 (N, K) and float32 scales (N,), or nibbles
+    (N, K/2), scales and zeros (N, groups). The same numbers: `dequantize_int8` and
+    `dequantize_int4` make the same float weight of either."""
+    N = out_features
+    if len(operands) == 2:
+        tiles, scales = operands
+        return torch.ops.lmforge_kernels.untile(tiles, 8)[:N].view(torch.int8), scales[:N]
+    tiles, scales, zeros = operands
+    blocks = tiles.shape[1] * 2 // BLOCK
+
+    def per_group(t: torch.Tensor) -> torch.Tensor:  # (tiles, blocks, 16) -> (N, groups)
+        t = t.view(-1, blocks, TILE).transpose(1, 2).reshape(-1, blocks)
+        return t[:N, ::group_size // BLOCK]
+
+    return (torch.ops.lmforge_kernels.untile(tiles, 4)[:N], per_group(scales),
+            per_group(zeros))

@@ -325,13 +325,20 @@ class QuantLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         x2d = x.reshape(-1, self.in_features)
         if x.device.type != "cpu" or x2d.shape[0] > KERNEL_MAX_ROWS:
-            dtype = (torch.bfloat16 if x.device.type == "cpu" and x.dtype == torch.float32
-                     and not torch.is_grad_enabled() and bf16_products() else x.dtype)
-            y = F.linear(x.to(dtype), self.dequantized_weight().to(dtype)).to(x.dtype)
+            y = dequantized_product(x, self._product_weight())
             return y if bias is None else y + bias
         y = kernel_matmul(x2d, self._operands(), self.bits, self.group_size, self.out_features)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if bias is None else y + bias
+
+    def _product_weight(self) -> torch.Tensor:
+        """The float weight a long prompt is multiplied by: made from lmforge's kernels'
+        tiles on the CPU, so that the weights as stored stay paged out (see `kernel_operands`)."""
+        if self.weight.device.type == "cpu" and not torch.compiler.is_compiling():
+            operands = self._operands()
+            if operands.ours:
+                return dequantized(operands, self.bits, self.group_size, self.out_features)
+        return self.dequantized_weight()
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """float32 rows `idx` of the weight, shaped (*idx.shape, in_features)."""
@@ -372,6 +379,22 @@ class QuantLinear(nn.Module):
         group = f", group_size={self.group_size}" if self.bits != 8 else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bits={self.bits}{group}, bias={self.bias is not None}")
+
+
+def dequantized_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x times a dequantized weight (out, in): in bfloat16 on a CPU that multiplies it in
+    hardware (see `bf16_products`), outside of training."""
+    dtype = (torch.bfloat16 if x.device.type == "cpu" and x.dtype == torch.float32
+             and not torch.is_grad_enabled() and bf16_products() else x.dtype)
+    return F.linear(x.to(dtype), weight.to(dtype)).to(x.dtype)
+
+
+def dequantized(operands: Operands, bits: int, group_size: int | None, out_features: int
+                ) -> torch.Tensor:
+    """float32 (out_features, in_features): the weight lmforge's kernel operands hold, the
+    same numbers as `QuantLinear.dequantized_weight`'s."""
+    stored = kernels.stored_layout(operands.tensors, out_features, group_size)
+    return dequantize_int8(*stored) if bits == 8 else dequantize_int4(*stored, group_size)
 
 
 @functools.cache
@@ -447,18 +470,26 @@ class KernelGroup:
                  ) -> tuple[torch.Tensor, ...] | None:
         """Each layer's output for `x`, or None where the layers must run one by one."""
         first = self.layers[0]
-        if (x.device.type != "cpu" or x.numel() > KERNEL_MAX_ROWS * first.in_features
-                or any(a is not b for a, b in zip(layers, self.layers))):
+        if x.device.type != "cpu" or any(a is not b for a, b in zip(layers, self.layers)):
             return None
+        long = x.numel() > KERNEL_MAX_ROWS * first.in_features
         if torch.compiler.is_compiling():
             # a compiled step calls lmforge's kernels on operands made before (see
-            # `make_kernel_operands`); PyTorch's kernels are left to the compiler layer by layer
-            if self._operands is None or not self._operands.ours:
+            # `make_kernel_operands`); PyTorch's kernels are left to the compiler layer by
+            # layer, and so are long prompts
+            if long or self._operands is None or not self._operands.ours:
                 return None
+            operands = self._operands
         else:
-            self.operands()
-        y = kernel_matmul(x.reshape(-1, first.in_features), self._operands, first.bits,
-                          first.group_size, sum(self.sizes)).to(x.dtype)
+            operands = self.operands()
+            if long and not operands.ours:
+                return None
+        x2d, size = x.reshape(-1, first.in_features), sum(self.sizes)
+        if long:  # one product by the layers' weights side by side, made from the tiles
+            weight = dequantized(operands, first.bits, first.group_size, size)
+            y = dequantized_product(x2d, weight).to(x.dtype)
+        else:
+            y = kernel_matmul(x2d, operands, first.bits, first.group_size, size).to(x.dtype)
         y = y.view(*x.shape[:-1], y.shape[-1]).split(self.sizes, dim=-1)
         return tuple(out if layer.bias is None else out + layer.bias.to(x.dtype)
                      for out, layer in zip(y, self.layers))
