@@ -18,6 +18,8 @@
   fifth of the time.
 - greedy tokens (`greedy_tokens`): each row's first largest logit, several times faster than
   PyTorch's max with indices.
+- the tiles' weights put back in lmforge's layout (`stored_layout`), for a long prompt's
+  product: the weights as stored need not stay in memory beside the tiles.
 
 They are compiled on first use for this CPU (about 15 seconds, with the C++ compiler
 PyTorch's extensions use) into lmforge's cache, and loaded from there after. Where they cannot

@@ -26,9 +26,12 @@ On the CPU, decoding steps (up to KERNEL_MAX_ROWS rows) run in lmforge's own int
 where the CPU has AVX2 or AVX-512 and the layer's width is a multiple of 32
 (`lmforge.compress.kernels`: activations rounded to int8 in blocks of 32, integer dot
 products), else in PyTorch's, with activations cast to bfloat16 (their fast path) and back.
-Either wants the weight in its own layout: made at first use, never saved. Long prompts, and
-other devices, multiply by the dequantized weight; on a CPU that multiplies bfloat16 in
-hardware (AVX-512 BF16, AMX), in bfloat16 when no gradient is asked for (`bf16_products`).
+Either wants the weight in its own layout: made at first use, never saved. lmforge's kernels
+then hold the only copy in memory: the weights as stored, a mapped file's pages, are handed
+back to the system (`kernel_operands`), and read from the file again if touched. Long prompts,
+and other devices, multiply by the dequantized weight (on a CPU, dequantized from lmforge's
+kernels' tiles where they are made); on a CPU that multiplies bfloat16 in hardware (AVX-512
+BF16, AMX), in bfloat16 when no gradient is asked for (`bf16_products`).
 """
 
 from __future__ import annotations
