@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from lmforge.config import KV_CACHE_CHOICES
+
 MODELS = {"smollm2": "smollm2-135m-instruct", "gemma3": "gemma3-270m"}
 FORMATS = ("fp32", "int8", "int4")
 BATCH = 8
@@ -73,7 +75,7 @@ def peak_rss_mb() -> float:
 
 
 def lmforge_worker(directory: str, mode: str, repeats: int, kv_cache: str) -> dict:
-    from lmforge.infer.engine import Engine, Request
+    from lmforge.infer.engine import Engine, Request, kv_dtype_named
     from lmforge.infer.sampling import SamplingConfig
     from lmforge.open import open_model
 
@@ -81,8 +83,8 @@ def lmforge_worker(directory: str, mode: str, repeats: int, kv_cache: str) -> di
     model, tokenizer = opened.model, opened.tokenizer
     prompt = tokenizer.encode_prompt(PROMPT)
     greedy = SamplingConfig(temperature=0)
-    kv_dtype = None if kv_cache == "model" else getattr(torch, kv_cache)
-    engine = partial(Engine, model, tokenizer, max_len=len(prompt) + NEW_TOKENS, kv_dtype=kv_dtype)
+    engine = partial(Engine, model, tokenizer, max_len=len(prompt) + NEW_TOKENS,
+                     kv_dtype=kv_dtype_named(kv_cache, model))
     request = Request(prompt, NEW_TOKENS, greedy)
     figures: dict = {}
     if mode == "compiled":
@@ -224,8 +226,9 @@ def main() -> None:
     parser.add_argument("--llamacpp", default=None,
                         help="python of an environment with llama-cpp-python (default: this "
                              "one, if it has llama_cpp)")
-    parser.add_argument("--kv-cache", choices=("model", "float32", "bfloat16", "float16"),
-                        default="model", help="lmforge's KV cache number type")
+    parser.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default="auto",
+                        help="lmforge's KV cache number type (auto: the model's own, float16 "
+                             "for int8 or int4 weights)")
     parser.add_argument("--gpu", action="store_true", help="the GPU table instead")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()

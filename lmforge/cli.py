@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lmforge.config import (
+    KV_CACHE_CHOICES,
     MAX_NEW_TOKENS,
     PERPLEXITY_WINDOW,
     PREFILL_CHUNK,
@@ -297,6 +298,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import torch
     import uvicorn
 
+    from lmforge.infer.engine import kv_dtype_named
     from lmforge.serve.app import ServeConfig, create_app
 
     # Each thread that runs torch's parallel work keeps a team of OpenMP threads, and those
@@ -315,7 +317,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     cfg = ServeConfig(name, args.api_key, args.max_batch, args.max_queue, args.max_len,
                       max_body_bytes=body_bytes, timeout=args.timeout,
                       cors_origins=args.cors_origin, compile=args.compile,
-                      kv_dtype=None if args.kv_cache == "model" else getattr(torch, args.kv_cache),
+                      kv_dtype=kv_dtype_named(args.kv_cache, opened.model),
                       prefill_chunk=args.prefill_chunk,
                       draft=SPECULATIVE_DRAFT if args.speculative else 0,
                       max_images=args.max_images, max_image_pixels=args.max_image_pixels,
@@ -863,12 +865,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow browser pages from ORIGIN to call the API (repeatable)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (slow start, faster decoding)")
-    p.add_argument("--kv-cache", choices=("model", "float32", "bfloat16", "float16"),
-                   default="model",
+    p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default="auto",
                    help="the KV cache's number type: float16 or bfloat16 hold half the bytes "
                         "of float32 (more sequences and positions in memory; decoding many "
-                        "sequences at once reads less), rounding the keys and values (default: "
-                        "the model's own)")
+                        "sequences at once reads less), rounding the keys and values; model: "
+                        "the model's own; auto (default): the model's own, float16 for int8 "
+                        "or int4 weights, as llama.cpp keeps it")
     p.add_argument("--speculative", action="store_true",
                    help=f"each sequence drafts up to {SPECULATIVE_DRAFT} tokens a step by copying "
                         "from its text and the model checks them in the same pass: faster "

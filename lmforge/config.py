@@ -501,6 +501,9 @@ MAX_NEW_TOKENS = 256
 PREFILL_CHUNK = 512
 # Tokens a sequence drafts per step with speculative decoding (`--speculative`).
 SPECULATIVE_DRAFT = 8
+# `--kv-cache`: the KV cache's values (auto: the engine's default, see `default_kv_dtype`;
+# model: the model's own float type)
+KV_CACHE_CHOICES = ("auto", "model", "float32", "bfloat16", "float16")
 # Perplexity windows: at most this many tokens per forward pass unless asked, as the logits
 # of a window take window x vocabulary floats (SmolLM2's 8,192-token context: 1.6 GB a row).
 PERPLEXITY_WINDOW = 1024

@@ -1,8 +1,11 @@
 """The inference engine: batching, continuous batching, text streaming, stops, logprobs."""
 
+import copy
+
 import pytest
 import torch
 
+from lmforge.compress.quant import QuantSpec, quantize
 from lmforge.infer.engine import (
     PAGE,
     CacheTooLarge,
@@ -10,7 +13,9 @@ from lmforge.infer.engine import (
     Engine,
     PromptTooLong,
     Request,
+    default_kv_dtype,
     generate,
+    kv_dtype_named,
 )
 from lmforge.infer.sampling import SamplingConfig, apply_penalties, filtered_logits, sample
 from lmforge.models.decoder import Decoder
@@ -80,6 +85,26 @@ def test_a_16_bit_cache_holds_half_the_bytes_and_scores_as_a_float32_one(model, 
         torch.testing.assert_close(got, expected, atol=0.05, rtol=0)
     with pytest.raises(ValueError, match="kv_dtype"):
         Engine(model, tokenizer, kv_dtype=torch.int8)
+
+
+def test_a_quantized_model_caches_float16_unless_asked_otherwise(model, tokenizer):
+    """int8 or int4 weights computing in float32: a float16 cache by default, as llama.cpp
+    keeps one; a float model, or `--kv-cache model`, keeps the model's own float type."""
+    quantized = quantize(copy.deepcopy(model), QuantSpec(4, 32))
+    assert default_kv_dtype(model) is None and default_kv_dtype(quantized) == torch.float16
+    assert default_kv_dtype(copy.deepcopy(quantized).to(torch.bfloat16)) is None
+    chosen = {name: Engine(quantized, tokenizer, max_batch=2, prefill_chunk=4,
+                           kv_dtype=kv_dtype_named(name, quantized)) for name in ("auto", "model")}
+    auto, float32 = chosen["auto"], chosen["model"]
+    assert float32.kv_dtype == torch.float32 and auto.kv_dtype == torch.float16
+    assert 2 * auto.cache_bytes(2) == float32.cache_bytes(2)
+    assert Engine(model, tokenizer).cache_bytes(2) == float32.cache_bytes(2)
+    # the same prompts scored through each cache, a few tokens a step
+    requests = [Request(p, 0, GREEDY, prompt_logprobs=True) for p in prompts(tokenizer)[:2]]
+    for a, f in zip(auto.run(requests), float32.run(requests)):
+        torch.testing.assert_close(torch.tensor([lp.logprob for lp in a.prompt_logprobs[1:]]),
+                                   torch.tensor([lp.logprob for lp in f.prompt_logprobs[1:]]),
+                                   atol=0.05, rtol=0)
 
 
 def test_a_prompt_read_in_chunks_decodes_as_one_read_whole(model, tokenizer):
