@@ -81,6 +81,18 @@ def test_a_quantized_model_decodes_the_same_step_by_step_and_whole():
     torch.testing.assert_close(steps, whole, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("bits,group_size", [(8, None), (4, 32), (4, 64), (4, 128)])
+@pytest.mark.parametrize("in_features,out_features", [(576, 100), (64, 4100), (128, 33)])
+def test_the_tiles_dequantize_to_the_weight_as_stored(bits, group_size, in_features,
+                                                        out_features):
+    """A long prompt's weight, made from the kernels' tiles: the very floats of the weight as
+    stored (outputs padded to whole tiles, groups short at the end, several row chunks)."""
+    q = layer(in_features, out_features, bits, group_size)
+    weight = kernels.dequantized(kernel_operands([q]).tensors)
+    assert weight.shape == (-(-out_features // 16) * 16, in_features)
+    assert torch.equal(weight[:out_features], q.dequantized_weight())
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise's MADV_PAGEOUT")
 def test_weights_as_stored_are_paged_out_once_the_kernels_have_their_own(tmp_path):
     if on_tmpfs(tmp_path):

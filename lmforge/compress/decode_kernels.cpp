@@ -125,6 +125,19 @@ inline Floats load_bf16(const uint16_t* p, int64_t count = LANES) {
 inline Floats load_f16(const at::Half* p, int64_t count) {
   return _mm512_cvtph_ps(load_halves(p, count));
 }
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+// 16 bytes as floats, (b - offset) * scale [+ zero], to dst: each operation rounded alone
+inline void widen_bytes(__m128i b, float* dst, float offset, float scale) {
+  __m512 f = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)), _mm512_set1_ps(offset));
+  _mm512_storeu_ps(dst, _mm512_mul_ps(f, _mm512_set1_ps(scale)));
+}
+inline void widen_bytes(__m128i b, float* dst, float offset, float scale, float zero) {
+  __m512 f = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)), _mm512_set1_ps(offset));
+  f = _mm512_mul_ps(f, _mm512_set1_ps(scale));
+  _mm512_storeu_ps(dst, _mm512_add_ps(f, _mm512_set1_ps(zero)));
+}
+#pragma GCC pop_options
 
 // 32 floats rounded on the grid of their largest magnitude: 32 int8 values, and the scale.
 inline __m256i quantize_block(const float* x, float* scale, float* sum, int32_t* int_sum) {
@@ -233,6 +246,22 @@ inline Floats load_bf16(const uint16_t* p, int64_t count = LANES) {
 inline Floats load_f16(const at::Half* p, int64_t count) {
   return _mm256_cvtph_ps(load_halves(p, count));
 }
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+inline __m256 widened_less(__m128i b, float offset) {  // 8 bytes as floats, less `offset`
+  return _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), _mm256_set1_ps(offset));
+}
+inline void widen_bytes(__m128i b, float* dst, float offset, float scale) {
+  for (int half = 0; half < 2; ++half, b = _mm_srli_si128(b, 8))
+    _mm256_storeu_ps(dst + 8 * half, _mm256_mul_ps(widened_less(b, offset), _mm256_set1_ps(scale)));
+}
+inline void widen_bytes(__m128i b, float* dst, float offset, float scale, float zero) {
+  for (int half = 0; half < 2; ++half, b = _mm_srli_si128(b, 8)) {
+    __m256 f = _mm256_mul_ps(widened_less(b, offset), _mm256_set1_ps(scale));
+    _mm256_storeu_ps(dst + 8 * half, _mm256_add_ps(f, _mm256_set1_ps(zero)));
+  }
+}
+#pragma GCC pop_options
 
 inline __m256i quantize_block(const float* x, float* scale, float* sum, int32_t* int_sum) {
   __m256 v[4];
@@ -263,6 +292,13 @@ inline __m256i quantize_block(const float* x, float* scale, float* sum, int32_t*
 #else
 #error "lmforge's int kernels need AVX2 and FMA, or AVX-512 with VNNI"
 #endif
+
+inline float bf16_value(uint16_t bits) {  // a bfloat16's bits as the float it is
+  const uint32_t widened = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &widened, 4);
+  return value;
+}
 
 // `count` (1..LANES) values of a KV cache, float32, bfloat16 or float16, as floats
 inline Floats load_cached(const float* p, int64_t count) { return load_floats(p, count); }
@@ -496,47 +532,68 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
                        reinterpret_cast<const uint16_t*>(zeros.data_ptr())}, N);
 }
 
-// The weights of int8 or int4 tiles (`BITS`) in lmforge's own layout: int8 (N, K), or int4
-// nibbles (N, K/2) with column 2j of a row in the low nibble of its byte j. Only bytes move, so
-// a long prompt's product, which dequantizes each weight, reads it from the tiles: the weights
-// as stored stay paged out.
+// The float32 weight (N, K) of int8 or int4 tiles (`BITS`), the same numbers as lmforge's
+// dequantize_int8 / dequantize_int4 make from its own layout: each value widened, less its
+// offset (128 or 8), times its scale, plus its zero, each operation rounded alone (no fused
+// multiply-add) as PyTorch's are. A long prompt's product dequantizes each weight, and reads it
+// from the tiles: the weights as stored stay paged out. A tile's output o holds, in part p,
+// bytes p * 64 + o * 4 .. + 3: values 4p..4p+3 of its block of 32 (int8), or those in the low
+// nibbles and 16 + 4p.. in the high ones (int4).
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
 template <int BITS>
-at::Tensor untiled(const at::Tensor& w) {
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.size(0) % TILE == 0,
-              "untile: w must hold whole tiles of 16 outputs, as uint8");
-  const int64_t N = w.size(0), width = w.size(1), K = width * 8 / BITS, blocks = K / BLOCK;
+void dequantize_tiles(const uint8_t* w, const float* scale8, const uint16_t* scales,
+                      const uint16_t* zeros, float* out, int64_t N, int64_t K) {
+  const int64_t blocks = K / BLOCK;
   constexpr int64_t TILE_BYTES = TILE * BLOCK * BITS / 8;
-  at::Tensor out = at::empty({N, width}, w.options());
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  uint8_t* op = out.data_ptr<uint8_t>();
-  at::parallel_for(0, N / TILE, 16, [&](int64_t t0, int64_t t1) {
-    uint8_t values[BLOCK];
+  at::parallel_for(0, N / TILE, 8, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t b = 0; b < blocks; ++b) {
-        const uint8_t* tile = wp + (t * blocks + b) * TILE_BYTES;
+        const uint8_t* tile = w + (t * blocks + b) * TILE_BYTES;
         for (int o = 0; o < TILE; ++o) {
-          uint8_t* row = op + (t * TILE + o) * width + b * BLOCK * BITS / 8;
-          if (BITS == 8) {  // part p holds values 4p..4p+3, as w + 128
-            for (int p = 0; p < BLOCK / 4; ++p)
-              for (int i = 0; i < 4; ++i) row[4 * p + i] = tile[(p * TILE + o) * 4 + i] ^ 0x80;
-            continue;
+          float* row = out + (t * TILE + o) * K + b * BLOCK;
+          int32_t part[BLOCK / 4];
+          for (int p = 0; p < BLOCK * BITS / 32; ++p) std::memcpy(part + p, tile + p * 64 + o * 4, 4);
+          if (BITS == 8) {
+            const float scale = scale8[t * TILE + o];
+            widen_bytes(_mm_loadu_si128(reinterpret_cast<const __m128i*>(part)), row, 128.f, scale);
+            widen_bytes(_mm_loadu_si128(reinterpret_cast<const __m128i*>(part + 4)), row + 16, 128.f, scale);
+          } else {
+            const int64_t at = (t * blocks + b) * TILE + o;
+            const float scale = bf16_value(scales[at]), zero = bf16_value(zeros[at]);
+            const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(part));
+            const __m128i low = _mm_set1_epi8(15);
+            widen_bytes(_mm_and_si128(bytes, low), row, 8.f, scale, zero);
+            widen_bytes(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), row + 16, 8.f, scale, zero);
           }
-          for (int p = 0; p < BLOCK / 8; ++p)  // values 4p.. in low nibbles, 16 + 4p.. in high
-            for (int i = 0; i < 4; ++i) {
-              const uint8_t byte = tile[(p * TILE + o) * 4 + i];
-              values[4 * p + i] = byte & 15;
-              values[BLOCK / 2 + 4 * p + i] = byte >> 4;
-            }
-          for (int j = 0; j < BLOCK / 2; ++j) row[j] = values[2 * j] | (values[2 * j + 1] << 4);
         }
       }
   });
-  return out;
 }
+#pragma GCC pop_options
 
-at::Tensor untile(const at::Tensor& w, int64_t bits) {
-  TORCH_CHECK(bits == 8 || bits == 4, "untile: bits must be 8 or 4");
-  return bits == 8 ? untiled<8>(w) : untiled<4>(w);
+at::Tensor dequantize(const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros) {
+  const bool int8 = zeros.numel() == 0;
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.size(0) % TILE == 0,
+              "dequantize: w must hold whole tiles of 16 outputs, as uint8");
+  const int64_t N = w.size(0), K = int8 ? w.size(1) : w.size(1) * 2;
+  at::Tensor out = at::empty({N, K}, w.options().dtype(at::kFloat));
+  if (int8) {
+    TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == N && scales.is_contiguous(),
+                "dequantize: int8 scales must be (N,) float32");
+    dequantize_tiles<8>(w.data_ptr<uint8_t>(), scales.data_ptr<float>(), nullptr, nullptr,
+                        out.data_ptr<float>(), N, K);
+  } else {
+    TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && zeros.scalar_type() == at::kBFloat16 &&
+                    scales.numel() == N * (K / BLOCK) && zeros.numel() == N * (K / BLOCK) &&
+                    scales.is_contiguous() && zeros.is_contiguous(),
+                "dequantize: int4 scales and zeros must be (N, K / 32) bfloat16");
+    dequantize_tiles<4>(w.data_ptr<uint8_t>(), nullptr,
+                        reinterpret_cast<const uint16_t*>(scales.data_ptr()),
+                        reinterpret_cast<const uint16_t*>(zeros.data_ptr()), out.data_ptr<float>(),
+                        N, K);
+  }
+  return out;
 }
 
 // Attention of one query per sequence (a decoding step) over its first `length` cached keys
@@ -705,7 +762,7 @@ TORCH_LIBRARY(lmforge_kernels, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, Tensor table, int end, "
         "float scale, int window) -> Tensor");
   m.def("greedy(Tensor logits) -> Tensor");
-  m.def("untile(Tensor w, int bits) -> Tensor");
+  m.def("dequantize(Tensor w, Tensor scales, Tensor zeros) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmforge_kernels, CPU, m) {
@@ -714,5 +771,5 @@ TORCH_LIBRARY_IMPL(lmforge_kernels, CPU, m) {
   m.impl("int4_mm", &int4_mm);
   m.impl("decode_attention", &decode_attention);
   m.impl("greedy", &greedy);
-  m.impl("untile", &untile);
+  m.impl("dequantize", &dequantize);
 }

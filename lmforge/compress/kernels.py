@@ -18,8 +18,8 @@
   fifth of the time.
 - greedy tokens (`greedy_tokens`): each row's first largest logit, several times faster than
   PyTorch's max with indices.
-- the tiles' weights put back in lmforge's layout (`stored_layout`), for a long prompt's
-  product: the weights as stored need not stay in memory beside the tiles.
+- the tiles' weights dequantized (`dequantized`), for a long prompt's product: the weights as
+  stored need not stay in memory beside the tiles.
 
 They are compiled on first use for this CPU (about 15 seconds, with the C++ compiler
 PyTorch's extensions use) into lmforge's cache, and loaded from there after. Where they cannot
@@ -108,7 +108,7 @@ def _load(force_avx2: bool = False) -> None:
         torch.library.register_fake(f"lmforge_kernels::{name}")(_out_like)
     torch.library.register_fake("lmforge_kernels::decode_attention")(_attention_out)
     torch.library.register_fake("lmforge_kernels::greedy")(_tokens_out)
-    torch.library.register_fake("lmforge_kernels::untile")(lambda w, bits: torch.empty_like(w))
+    torch.library.register_fake("lmforge_kernels::dequantize")(_dequantized_out)
 
 
 def _out_like(x: torch.Tensor, w: torch.Tensor, *_scales: torch.Tensor) -> torch.Tensor:
@@ -117,6 +117,12 @@ def _out_like(x: torch.Tensor, w: torch.Tensor, *_scales: torch.Tensor) -> torch
 
 def _attention_out(q: torch.Tensor, *_args) -> torch.Tensor:
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _dequantized_out(w: torch.Tensor, _scales: torch.Tensor, zeros: torch.Tensor
+                     ) -> torch.Tensor:
+    return w.new_empty(w.shape[0], w.shape[1] * (1 if zeros.numel() == 0 else 2),
+                       dtype=torch.float32)
 
 
 def _tokens_out(logits: torch.Tensor) -> torch.Tensor:
@@ -250,22 +256,10 @@ def matmul(x2d: torch.Tensor, operands: tuple[torch.Tensor, ...]) -> torch.Tenso
 
 
 
-def stored_layout(operands: tuple[torch.Tensor, ...], out_features: int, group_size: int | None
-                  ) -> tuple[torch.Tensor, ...]:
-    """The weights of `operands` (made by `int8_operands` or `int4_operands`) in lmforge's
-    layout, as `QuantLinear` holds them: int8 (N, K) and float32 scales (N,), or nibbles
-    (N, K/2), scales and zeros (N, groups). The same numbers: `dequantize_int8` and
-    `dequantize_int4` make the same float weight of either."""
-    N = out_features
-    if len(operands) == 2:
-        tiles, scales = operands
-        return torch.ops.lmforge_kernels.untile(tiles, 8)[:N].view(torch.int8), scales[:N]
-    tiles, scales, zeros = operands
-    blocks = tiles.shape[1] * 2 // BLOCK
-
-    def per_group(t: torch.Tensor) -> torch.Tensor:  # (tiles, blocks, 16) -> (N, groups)
-        t = t.view(-1, blocks, TILE).transpose(1, 2).reshape(-1, blocks)
-        return t[:N, ::group_size // BLOCK]
-
-    return (torch.ops.lmforge_kernels.untile(tiles, 4)[:N], per_group(scales),
-            per_group(zeros))
+def dequantized(operands: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """float32 (N padded to whole tiles, K): the weight of `operands` (made by `int8_operands`
+    or `int4_operands`), value for value what `dequantize_int8` and `dequantize_int4` make of
+    lmforge's layout, for a long prompt's product: the weights as stored need not stay in
+    memory beside the tiles."""
+    zeros = operands[2] if len(operands) == 3 else NOTHING
+    return torch.ops.lmforge_kernels.dequantize(operands[0], operands[1], zeros)

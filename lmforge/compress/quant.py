@@ -340,7 +340,7 @@ class QuantLinear(nn.Module):
         if self.weight.device.type == "cpu" and not torch.compiler.is_compiling():
             operands = self._operands()
             if operands.ours:
-                return dequantized(operands, self.bits, self.group_size, self.out_features)
+                return dequantized(operands, self.out_features)
         return self.dequantized_weight()
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
@@ -392,12 +392,10 @@ def dequantized_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x.to(dtype), weight.to(dtype)).to(x.dtype)
 
 
-def dequantized(operands: Operands, bits: int, group_size: int | None, out_features: int
-                ) -> torch.Tensor:
+def dequantized(operands: Operands, out_features: int) -> torch.Tensor:
     """float32 (out_features, in_features): the weight lmforge's kernel operands hold, the
     same numbers as `QuantLinear.dequantized_weight`'s."""
-    stored = kernels.stored_layout(operands.tensors, out_features, group_size)
-    return dequantize_int8(*stored) if bits == 8 else dequantize_int4(*stored, group_size)
+    return kernels.dequantized(operands.tensors)[:out_features]
 
 
 @functools.cache
@@ -489,7 +487,7 @@ class KernelGroup:
                 return None
         x2d, size = x.reshape(-1, first.in_features), sum(self.sizes)
         if long:  # one product by the layers' weights side by side, made from the tiles
-            weight = dequantized(operands, first.bits, first.group_size, size)
+            weight = dequantized(operands, size)
             y = dequantized_product(x2d, weight).to(x.dtype)
         else:
             y = kernel_matmul(x2d, operands, first.bits, first.group_size, size).to(x.dtype)
