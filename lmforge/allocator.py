@@ -77,7 +77,10 @@ def page_out(tensors: Iterable[torch.Tensor]) -> int:
     libc = _c_library()
     if not sys.platform.startswith("linux") or not hasattr(libc, "madvise"):
         return 0
-    starts, ends = _file_mappings()
+    try:
+        starts, ends = _file_mappings()
+    except OSError:  # /proc not mounted (some containers): nothing is known to be a file's
+        return 0
     total = 0
     for t in tensors:
         if t.device.type != "cpu" or not t.is_contiguous():
@@ -100,13 +103,18 @@ def page_out(tensors: Iterable[torch.Tensor]) -> int:
 
 def _file_mappings() -> tuple[list[int], list[int]]:
     """The start and end addresses of this process's mappings of regular files, in order
-    (/proc/self/maps; a line without a path, or with one in brackets, is not a file's)."""
-    starts, ends = [], []
+    (/proc/self/maps; a line without a path, or with one in brackets, is not a file's), one
+    range where mappings meet: the advice given by `page_out` splits a file's mapping."""
+    starts: list[int] = []
+    ends: list[int] = []
     with open("/proc/self/maps") as maps:
         for line in maps:
             fields = line.split(maxsplit=5)
             if len(fields) == 6 and fields[5].startswith("/") and fields[4] != "0":
-                start, end = fields[0].split("-")
-                starts.append(int(start, 16))
-                ends.append(int(end, 16))
+                start, end = (int(address, 16) for address in fields[0].split("-"))
+                if ends and ends[-1] == start:
+                    ends[-1] = end
+                else:
+                    starts.append(start)
+                    ends.append(end)
     return starts, ends
