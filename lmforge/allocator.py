@@ -21,8 +21,10 @@ import functools
 import mmap
 import sys
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 M_TRIM_THRESHOLD = -1  # mallopt's parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
@@ -77,19 +79,10 @@ def page_out(tensors: Iterable[torch.Tensor]) -> int:
     libc = _c_library()
     if not sys.platform.startswith("linux") or not hasattr(libc, "madvise"):
         return 0
-    try:
-        starts, ends = _file_mappings()
-    except OSError:  # /proc not mounted (some containers): nothing is known to be a file's
-        return 0
+    ranges = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors
+              if t.device.type == "cpu" and t.is_contiguous()]
     total = 0
-    for t in tensors:
-        if t.device.type != "cpu" or not t.is_contiguous():
-            continue
-        first = t.data_ptr()
-        last = first + t.numel() * t.element_size()
-        i = bisect.bisect_right(starts, first) - 1
-        if i < 0 or last > ends[i]:
-            continue  # not (wholly) in a mapped file
+    for first, last in _in_mapped_files(ranges):
         lo, hi = -(-first // mmap.PAGESIZE) * mmap.PAGESIZE, last // mmap.PAGESIZE * mmap.PAGESIZE
         if hi > lo and libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo),
                                     MADV_PAGEOUT) == 0:
@@ -99,6 +92,38 @@ def page_out(tensors: Iterable[torch.Tensor]) -> int:
             libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_RANDOM)
             total += hi - lo
     return total
+
+
+# The process's mappings of files, (starts, ends) in order, as read after the last file of
+# tensors was mapped (None: not read since): reading /proc/self/maps takes milliseconds, and a
+# model's layers ask hundreds of times.
+_mapped_files: tuple[list[int], list[int]] | None = None
+
+
+def files_mapped() -> None:
+    """Tell `page_out` that files have been mapped since it last looked (`load_safetensors`
+    does): tensors of a file mapped by other means are left as they are."""
+    global _mapped_files
+    _mapped_files = None
+
+
+def _in_mapped_files(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Those of the address ranges that lie wholly in a mapped file. (A file unmapped since it
+    was seen, its addresses taken by new memory, would be taken for the file's: paging that
+    memory out loses nothing either, it only stays or goes to swap.)"""
+    global _mapped_files
+    if _mapped_files is None:
+        try:
+            _mapped_files = _file_mappings()
+        except OSError:  # /proc not mounted (some containers): nothing is known to be a file's
+            return []
+    return [r for r in ranges if _within(_mapped_files, *r)]
+
+
+def _within(mappings: tuple[list[int], list[int]], first: int, last: int) -> bool:
+    starts, ends = mappings
+    i = bisect.bisect_right(starts, first) - 1
+    return i >= 0 and last <= ends[i]
 
 
 def _file_mappings() -> tuple[list[int], list[int]]:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
 
+from lmforge.allocator import files_mapped
 from lmforge.errors import CorruptFile, DiskFull
 
 if TYPE_CHECKING:
@@ -42,10 +43,12 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except SafetensorError as err:
         raise CorruptFile(f"{path} is not a readable safetensors file ({err}): it is probably "
                           "truncated or damaged; save or download it again") from err
+    files_mapped()  # its tensors are the file's pages (see `page_out`)
+    return tensors
 
 
 def read_json_object(path: str | Path) -> dict[str, Any]:

@@ -187,7 +187,8 @@ def _tiled(values: torch.Tensor, columns: int,
     for first in range(0, N, ROWS_AT_A_TIME):
         rows = values[first:first + ROWS_AT_A_TIME]
         fill(rows, out[first:first + -(-rows.shape[0] // TILE) * TILE])
-        page_out([rows])
+        if N > ROWS_AT_A_TIME:  # a weight of one chunk goes with the layer's other tensors
+            page_out([rows])
     return out
 
 
