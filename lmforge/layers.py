@@ -6,6 +6,8 @@ Everything here is shape-generic and knows nothing about training or files; the 
 
 from __future__ import annotations
 
+import functools
+import platform
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import NamedTuple
@@ -379,18 +381,40 @@ def project(x: torch.Tensor, layers: tuple[nn.Module, ...], fused: Callable | No
     return out if out is not None else tuple(layer(x) for layer in layers)
 
 
+@functools.cache
+def onednn_products() -> bool:
+    """Whether float32 products on this CPU go through oneDNN rather than PyTorch's default,
+    MKL, which keeps to its AVX2 code on AMD CPUs where oneDNN takes their AVX-512: on a 2-core
+    Zen 5, a decoder's products 1.5-3.5x faster (`benchmarks/products.py`). x86 only, where
+    PyTorch is built with oneDNN."""
+    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`, through oneDNN for float32 on the CPU outside training (see
+    `onednn_products`): a prompt's products, scoring, evaluation. Not in a compiled graph,
+    whose compiler takes oneDNN's product only for frozen weights."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and onednn_products()):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
 class Linear(nn.Linear):
     """`nn.Linear` whose product for the few rows of a decoding step (float32, on a CPU, no
     gradient asked for) runs on lmforge's kernel, which reads each weight once for up to 8
     rows where PyTorch's product slows down past two: SmolLM2 decoding 8 sequences at once
-    steps 1.4x faster (`kernels.float_matmul`). Saved, loaded and adapted as `nn.Linear`."""
+    steps 1.4x faster (`kernels.float_matmul`); more rows go through `linear`. Saved, loaded
+    and adapted as `nn.Linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
         if (x2d.shape[0] > kernels.MAX_ROWS or x.device.type != "cpu" or torch.is_grad_enabled()
                 or x.dtype != torch.float32 or self.weight.dtype != torch.float32
                 or not self.weight.is_contiguous() or not kernels.available()):
-            return F.linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias)
         y = kernels.float_matmul(x2d, self.weight).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 

@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmforge.compress.quant import QuantLinear
 from lmforge.errors import CheckpointMismatch, ConfigError
 from lmforge.files import load_safetensors, read_json_object, save_safetensors
 from lmforge.interop.hf import hf_module_names
+from lmforge.layers import linear
 from lmforge.modeldir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_tensor
 from lmforge.models.decoder import Decoder
 from lmforge.models.vlm import VLM
@@ -80,7 +80,7 @@ class LoraLinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = linear(x, self.weight, self.bias)
         return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
     def merged(self) -> nn.Linear:

@@ -1,12 +1,14 @@
 """The decoder model: causality, KV-cache equivalence, learning, presets."""
 
+import platform
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lmforge.config import PRESETS, ModelConfig, preset
 from lmforge.errors import ConfigError
-from lmforge.layers import ROTARY_BLOCK, rotary_tables
+from lmforge.layers import ROTARY_BLOCK, Linear, onednn_products, rotary_tables
 from lmforge.models.decoder import Decoder
 
 VARIANTS = {
@@ -185,3 +187,26 @@ def test_context_overflow_and_bad_config_are_clear():
         ModelConfig(n_head=4, n_kv_head=3)
     with pytest.raises(ConfigError, match="did you mean 'gpt2'"):
         preset("gtp2")
+
+
+def ops_run(fn) -> set[str]:
+    """The names of the operators `fn()` ran."""
+    with torch.profiler.profile() as profile:
+        fn()
+    return {event.name for event in profile.events()}
+
+
+def test_a_prompt_s_float32_products_go_through_onednn_outside_training():
+    """Where PyTorch has oneDNN (x86): F.linear's numbers, for a 3-d input, a strided one and
+    a bias; a product that needs gradients stays F.linear."""
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert onednn_products() == torch.backends.mkldnn.is_available()
+    layer = Linear(96, 40)
+    x = torch.randn(2, 30, 96)
+    expected = F.linear(x, layer.weight, layer.bias)
+    with torch.no_grad():
+        ran = ops_run(lambda: torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5))
+        torch.testing.assert_close(layer(x[:, ::3]), expected[:, ::3], rtol=1e-5, atol=1e-5)
+    assert ("mkldnn::_linear_pointwise" in ran) == onednn_products()
+    ran = ops_run(lambda: layer(x).sum().backward())
+    assert "mkldnn::_linear_pointwise" not in ran and layer.weight.grad is not None

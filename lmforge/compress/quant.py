@@ -54,7 +54,7 @@ from lmforge.compress.kernels import unpack_int4
 from lmforge.config import from_dict
 from lmforge.errors import LmforgeError, UnsupportedModel
 from lmforge.files import read_json_object
-from lmforge.layers import frozen
+from lmforge.layers import frozen, linear
 from lmforge.modeldir import (
     QUANTIZATION,
     DirectoryHook,
@@ -389,7 +389,7 @@ def dequantized_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     hardware (see `bf16_products`), outside of training."""
     dtype = (torch.bfloat16 if x.device.type == "cpu" and x.dtype == torch.float32
              and not torch.is_grad_enabled() and bf16_products() else x.dtype)
-    return F.linear(x.to(dtype), weight.to(dtype)).to(x.dtype)
+    return linear(x.to(dtype), weight.to(dtype)).to(x.dtype)
 
 
 def dequantized(operands: Operands, out_features: int) -> torch.Tensor:
@@ -628,9 +628,9 @@ def replace_linears(model: Decoder | VLM, spec: QuantSpec, make) -> Decoder | VL
         return model
     check_quantizable(model, spec)
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    for name, linear in linears:
+    for name, layer in linears:
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, make(linear, *spec.layer(name)))
+        setattr(model.get_submodule(parent), child, make(layer, *spec.layer(name)))
     if model.cfg.tie_embeddings:
         model.embed = TiedEmbedding(model.lm_head)
     for block in model.blocks:
@@ -649,10 +649,10 @@ def check_quantizable(model: Decoder | VLM, spec: QuantSpec) -> None:
     if quantization_of(model) is not None:
         raise QuantizationError("this model is already quantized: quantize its float "
                                 "original instead")
-    for name, linear in model.named_modules():
-        if isinstance(linear, nn.Linear):
-            if spec.layer(name)[0] != 8 and linear.in_features % 2:
-                raise QuantizationError(f"{name} has {linear.in_features} input features, an "
+    for name, layer in model.named_modules():
+        if isinstance(layer, nn.Linear):
+            if spec.layer(name)[0] != 8 and layer.in_features % 2:
+                raise QuantizationError(f"{name} has {layer.in_features} input features, an "
                                         "odd number, which the int4 layout cannot pack: use "
                                         "8 bits")
 
