@@ -43,6 +43,9 @@ constexpr int MAX_ROWS = 8;  // rows of x done together (accumulators kept in re
 
 // Rows of activations, quantized: int8 values; a scale per block, and the sum of each block's
 // values, as integers and scaled (for the int8 weights' offset of 128 and int4's zero points).
+// Block-major: block b of row m at q + (b * rows + m) * BLOCK, its scale and sums at b * rows +
+// m, so that a kernel reaches every row's values of a block at fixed offsets from one address
+// (8 rows' addresses in registers of their own spilled, and ran 8 rows at half the speed).
 // Kept in a buffer of the calling thread, reused from call to call: a decoding step makes
 // hundreds of calls.
 struct Activations {
@@ -50,6 +53,7 @@ struct Activations {
   float* scales;
   float* sums;
   int32_t* int_sums;
+  int64_t rows;
 };
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -315,12 +319,15 @@ Activations quantize(const at::Tensor& x) {
   start += (64 - reinterpret_cast<uintptr_t>(start) % 64) % 64;
   Activations a{reinterpret_cast<int8_t*>(start), reinterpret_cast<float*>(start + M * K),
                 reinterpret_cast<float*>(start + M * K + 4 * blocks),
-                reinterpret_cast<int32_t*>(start + M * K + 8 * blocks)};
+                reinterpret_cast<int32_t*>(start + M * K + 8 * blocks), M};
   const float* xp = x.data_ptr<float>();
-  for (int64_t b = 0; b < blocks; ++b) {
-    __m256i q = quantize_block(xp + b * BLOCK, a.scales + b, a.sums + b, a.int_sums + b);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.q + b * BLOCK), q);
-  }
+  const int64_t per_row = K / BLOCK;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < per_row; ++b) {
+      const int64_t at = b * M + m;
+      __m256i q = quantize_block(xp + m * K + b * BLOCK, a.scales + at, a.sums + at, a.int_sums + at);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.q + at * BLOCK), q);
+    }
   return a;
 }
 
@@ -350,11 +357,14 @@ void int_columns(const Activations& a, const IntWeights& w, float* y, int64_t K,
   const int64_t blocks = K / BLOCK;
   for (int64_t c = c0; c + G <= c1; c += G) {
     Floats acc[M][G];
+    #pragma GCC unroll 8
     for (int m = 0; m < M; ++m)
+      #pragma GCC unroll 8
       for (int g = 0; g < G; ++g) acc[m][g] = zero_floats();
     for (int64_t b = 0; b < blocks; ++b) {
       const uint8_t* part[G];  // column c + g's lanes of its tile's first part
       Floats scale[G], offset[G];
+      #pragma GCC unroll 8
       for (int g = 0; g < G; ++g) {
         const int64_t tile = (c + g) / PER_TILE * blocks + b;
         const int lane0 = (c + g) % PER_TILE * LANES;
@@ -365,39 +375,52 @@ void int_columns(const Activations& a, const IntWeights& w, float* y, int64_t K,
         }
       }
       Ints dot[M][G];
+      #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
-        const Ints start = BITS == 8 ? int8_start(a.int_sums[(m0 + m) * blocks + b]) : zero_ints();
+        const Ints start = BITS == 8 ? int8_start(a.int_sums[b * a.rows + m0 + m]) : zero_ints();
+        #pragma GCC unroll 8
         for (int g = 0; g < G; ++g) dot[m][g] = start;
       }
-      const int8_t* x = a.q + m0 * K + b * BLOCK;
+      const int8_t* x = a.q + (b * a.rows + m0) * BLOCK;  // row m at x + m * BLOCK
       if constexpr (BITS == 8) {
+        #pragma GCC unroll 8
         for (int j = 0; j < 8; ++j)
+          #pragma GCC unroll 8
           for (int g = 0; g < G; ++g) {
             const Ints u = load_ints(part[g] + 64 * j);
-            for (int m = 0; m < M; ++m) dot[m][g] = dot_quad_int8(dot[m][g], u, x + m * K + 4 * j);
+            #pragma GCC unroll 8
+            for (int m = 0; m < M; ++m) dot[m][g] = dot_quad_int8(dot[m][g], u, x + m * BLOCK + 4 * j);
           }
       } else {
+        #pragma GCC unroll 8
         for (int j = 0; j < 4; ++j)
+          #pragma GCC unroll 8
           for (int g = 0; g < G; ++g) {
             Ints low, high;
             load_nibbles(part[g] + 64 * j, &low, &high);
+            #pragma GCC unroll 8
             for (int m = 0; m < M; ++m)
-              dot[m][g] = dot_quad(dot_quad(dot[m][g], low, x + m * K + 4 * j), high, x + m * K + 4 * j + 16);
+              dot[m][g] = dot_quad(dot_quad(dot[m][g], low, x + m * BLOCK + 4 * j), high,
+                                  x + m * BLOCK + 4 * j + 16);
           }
       }
+      #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
-        const Floats xscale = broadcast(a.scales[(m0 + m) * blocks + b]);
+        const Floats xscale = broadcast(a.scales[b * a.rows + m0 + m]);
+        #pragma GCC unroll 8
         for (int g = 0; g < G; ++g) {
           if constexpr (BITS == 8) {
             acc[m][g] = multiply_add(to_floats(dot[m][g]), xscale, acc[m][g]);
           } else {
             acc[m][g] = multiply_add(to_floats(dot[m][g]), multiply(scale[g], xscale), acc[m][g]);
-            acc[m][g] = multiply_add(offset[g], broadcast(a.sums[(m0 + m) * blocks + b]), acc[m][g]);
+            acc[m][g] = multiply_add(offset[g], broadcast(a.sums[b * a.rows + m0 + m]), acc[m][g]);
           }
         }
       }
     }
+    #pragma GCC unroll 8
     for (int m = 0; m < M; ++m)
+      #pragma GCC unroll 8
       for (int g = 0; g < G; ++g) {
         Floats out = acc[m][g];
         if constexpr (BITS == 8) out = multiply(out, load_floats(w.row_scales + (c + g) * LANES, LANES));
