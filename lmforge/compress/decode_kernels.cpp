@@ -304,6 +304,14 @@ inline float bf16_value(uint16_t bits) {  // a bfloat16's bits as the float it i
   return value;
 }
 
+// Asks for the cache lines of `count` values from p on (HINT: _MM_HINT_T0 into L1, T1 into L2).
+template <int HINT, typename T>
+inline void prefetch(const T* p, int64_t count) {
+  constexpr int64_t PER_LINE = 64 / sizeof(T);
+  for (int64_t i = 0; i < count; i += PER_LINE)
+    _mm_prefetch(reinterpret_cast<const char*>(p + i), static_cast<_mm_hint>(HINT));
+}
+
 // `count` (1..LANES) values of a KV cache, float32, bfloat16 or float16, as floats
 inline Floats load_cached(const float* p, int64_t count) { return load_floats(p, count); }
 inline Floats load_cached(const at::BFloat16* p, int64_t count) {
@@ -656,31 +664,51 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const int64_t* lp = lengths.numel() ? lengths.data_ptr<int64_t>() : nullptr;
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
+  // the positions row b attends over, [first, length)
+  auto span = [&](int64_t b) {
+    const int64_t length = lp ? lp[b] : end;
+    TORCH_CHECK(length >= 1 && length <= L, "decode_attention: length ", length, " outside 1..", L);
+    return std::pair<int64_t, int64_t>{window > 0 ? std::max<int64_t>(0, length - window) : 0, length};
+  };
+  // where row b's position p is: its block, and its place in the block
+  auto place = [&](int64_t b, int64_t p) {
+    const int64_t block = paged ? tp[b * ts + p / BS] : b;
+    TORCH_CHECK(block >= 0 && block < NB, "decode_attention: block ", block, " outside the cache");
+    return std::pair<int64_t, int64_t>{block, paged ? p % BS : p};
+  };
   // kp, vp: the cache's keys and values, of its element type
   auto attend = [&](const auto* kp, const auto* vp) {
-    constexpr int64_t PER_LINE = 64 / sizeof(*kp);  // cache values a cache line holds
     at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
+      // Every key and value this thread reads, asked for at once (into L2) before any is read:
+      // a step's cache is cold (a model's weights pass through the caches between two steps),
+      // its positions scattered over blocks, out of the hardware prefetcher's reach; asked for
+      // a head at a time, the reads waited on memory. 8 SmolLM2 sequences, compiled: 10-20%
+      // faster steps.
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / Hkv, h = i % Hkv;
+        const auto [first, length] = span(b);
+        for (int64_t p = first; p < length; ++p) {
+          const auto [block, in_block] = place(b, p);
+          prefetch<_MM_HINT_T1>(kp + h * kh + block * kb + in_block * kl, D);
+          prefetch<_MM_HINT_T1>(vp + h * vh + block * vb + in_block * vl, D);
+        }
+      }
       thread_local std::vector<float> buffer;
       thread_local std::vector<int64_t> offsets;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / Hkv, h = i % Hkv;
-        const int64_t length = lp ? lp[b] : end;
-        TORCH_CHECK(length >= 1 && length <= L, "decode_attention: length ", length, " outside 1..", L);
-        const int64_t first = window > 0 ? std::max<int64_t>(0, length - window) : 0, n = length - first;
+        const auto [first, length] = span(b);
+        const int64_t n = length - first;
         // where position `first + j` of this row is in k and in v, found once for all heads' loops
         offsets.resize(2 * n);
         int64_t *key_at = offsets.data(), *value_at = offsets.data() + n;
         for (int64_t j = 0; j < n; ++j) {
-          int64_t p = first + j, block = paged ? tp[b * ts + p / BS] : b, in_block = paged ? p % BS : p;
-          TORCH_CHECK(block >= 0 && block < NB, "decode_attention: block ", block, " outside the cache");
+          const auto [block, in_block] = place(b, first + j);
           key_at[j] = block * kb + in_block * kl;
           value_at[j] = block * vb + in_block * vl;
-          // asked for now, read in the loops below: a cache's positions are scattered over its
-          // blocks, out of the hardware prefetcher's reach
-          for (int64_t d = 0; d < D; d += PER_LINE) {
-            _mm_prefetch(reinterpret_cast<const char*>(kp + h * kh + key_at[j] + d), _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(vp + h * vh + value_at[j] + d), _MM_HINT_T1);
-          }
+          // into L1 now, read in the loops below
+          prefetch<_MM_HINT_T0>(kp + h * kh + key_at[j], D);
+          prefetch<_MM_HINT_T1>(vp + h * vh + value_at[j], D);
         }
         const auto* keys = kp + h * kh;
         const auto* values = vp + h * vh;
