@@ -103,6 +103,11 @@ def on_tmpfs(path: Path) -> bool:
     return max(found)[1] == "tmpfs"
 
 
+# what may stay of a 4.4 MB file paged out: pages read a moment before can still sit in the
+# kernel's per-CPU batches, which paging out passes over (120 KB seen once)
+LEFT_KB = 400
+
+
 def written_out(path: Path) -> None:
     """`path`'s pages written to the disk: pages not yet written stay when paged out."""
     with open(path, "rb") as file:
@@ -122,12 +127,12 @@ def test_a_file_s_tensors_are_paged_out_and_read_again_as_they_were(tmp_path):
     before = resident_kb(path)
     handed_back = page_out(loaded.values())
     after = resident_kb(path)
-    assert handed_back > 4_300_000 and before > 4_300 and after < 100, (handed_back, before, after)
+    assert handed_back > 4_300_000 and before > 4_300 and after < LEFT_KB, (handed_back, before, after)
     assert all(torch.equal(loaded[name], t) for name, t in values.items())
     assert resident_kb(path) > 4_300  # read again from the file
     # advice on a part of a mapping splits it; the whole is still seen as the file's
     page_out([loaded["a"][:300]])
-    assert page_out(loaded.values()) > 4_000_000 and resident_kb(path) < 100
+    assert page_out(loaded.values()) > 4_000_000 and resident_kb(path) < LEFT_KB
 
     anonymous = torch.randn(1024, 1024)
     assert page_out([anonymous, anonymous.t()]) == 0

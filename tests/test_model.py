@@ -196,17 +196,35 @@ def ops_run(fn) -> set[str]:
     return {event.name for event in profile.events()}
 
 
-def test_a_prompt_s_float32_products_go_through_onednn_outside_training():
-    """Where PyTorch has oneDNN (x86): F.linear's numbers, for a 3-d input, a strided one and
-    a bias; a product that needs gradients stays F.linear."""
+def test_float32_products_and_their_gradients_go_through_onednn():
+    """Where PyTorch has oneDNN (x86): F.linear's numbers and gradients, for a 3-d input, a
+    strided one and a bias; a compiled graph's product stays F.linear."""
     if platform.machine().lower() in ("x86_64", "amd64"):
         assert onednn_products() == torch.backends.mkldnn.is_available()
+    torch.manual_seed(0)
     layer = Linear(96, 40)
-    x = torch.randn(2, 30, 96)
+    x = torch.randn(2, 30, 96, requires_grad=True)
     expected = F.linear(x, layer.weight, layer.bias)
     with torch.no_grad():
         ran = ops_run(lambda: torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5))
         torch.testing.assert_close(layer(x[:, ::3]), expected[:, ::3], rtol=1e-5, atol=1e-5)
     assert ("mkldnn::_linear_pointwise" in ran) == onednn_products()
-    ran = ops_run(lambda: layer(x).sum().backward())
-    assert "mkldnn::_linear_pointwise" not in ran and layer.weight.grad is not None
+
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    wanted = [t.grad.clone() for t in (x, layer.weight, layer.bias)]
+    x.grad = layer.weight.grad = layer.bias.grad = None
+    ran = ops_run(lambda: layer(x).backward(grad))
+    assert ("mkldnn::_linear_pointwise" in ran) == onednn_products()
+    for got, want in zip((x.grad, layer.weight.grad, layer.bias.grad), wanted):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    layer.weight.requires_grad_(False)  # a frozen layer (LoRA's base): x's gradient alone
+    x.grad = None
+    layer(x).backward(grad)
+    torch.testing.assert_close(x.grad, wanted[0], rtol=1e-5, atol=1e-5)
+
+    compiled = torch.compile(layer, backend="eager")  # Dynamo's graph, without a C++ build
+    with torch.no_grad():
+        ran = ops_run(lambda: torch.testing.assert_close(compiled(x), expected,
+                                                         rtol=1e-5, atol=1e-5))
+    assert "mkldnn::_linear_pointwise" not in ran
