@@ -85,6 +85,7 @@ def timed_tokens(batches: list[list], warmup: int) -> int:
 
 
 def run_lmforge(args: argparse.Namespace, lora: bool, out_dir: Path) -> dict:
+    import lmforge.api  # noqa: F401  (registers task=sft)
     from lmforge.train.trainer import Trainer
 
     class MeasuredTrainer(Trainer):

@@ -76,7 +76,8 @@ def register_task(name: str, task: type[Task]) -> None:
 def task_class(name: str) -> type[Task]:
     if name not in TASKS:
         raise ConfigError(f"unknown task {name!r}: {closest_hint(name, list(TASKS))}"
-                          f"tasks are {', '.join(sorted(TASKS))}")
+                          f"tasks are {', '.join(sorted(TASKS))} (a task is known once its "
+                          "module is imported; `import lmforge.api` imports all of lmforge's)")
     return TASKS[name]
 
 
