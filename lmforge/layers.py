@@ -7,6 +7,7 @@ Everything here is shape-generic and knows nothing about training or files; the 
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -386,9 +387,11 @@ def onednn_products() -> bool:
     """Whether float32 products on this CPU go through oneDNN rather than PyTorch's default,
     MKL, which keeps to its AVX2 code on AMD CPUs where oneDNN takes their AVX-512: on a 2-core
     Zen 5, a decoder's products 1.5-3.5x faster, and with their gradients 1.6-2x
-    (`benchmarks/products.py`). x86 only, where PyTorch is built with oneDNN."""
-    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    (`benchmarks/products.py`). x86 only, where PyTorch is built with oneDNN;
+    `LMFORGE_ONEDNN=0` keeps PyTorch's default."""
+    return (os.environ.get("LMFORGE_ONEDNN", "1") != "0"
+            and platform.machine().lower() in ("x86_64", "amd64")
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None

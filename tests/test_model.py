@@ -228,3 +228,14 @@ def test_float32_products_and_their_gradients_go_through_onednn():
         ran = ops_run(lambda: torch.testing.assert_close(compiled(x), expected,
                                                          rtol=1e-5, atol=1e-5))
     assert "mkldnn::_linear_pointwise" not in ran
+
+
+def test_lmforge_onednn_0_keeps_pytorch_s_product(monkeypatch):
+    onednn_products.cache_clear()
+    monkeypatch.setenv("LMFORGE_ONEDNN", "0")
+    try:
+        assert not onednn_products()
+        with torch.no_grad():
+            assert "mkldnn::_linear_pointwise" not in ops_run(lambda: Linear(96, 40)(torch.randn(20, 96)))
+    finally:
+        onednn_products.cache_clear()
