@@ -422,11 +422,12 @@ class _OneDNNLinear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear`, through oneDNN for float32 on the CPU (see `onednn_products`), gradients
-    included: a prompt's products, scoring, training. Plain tensors only (not autocast's, a
-    compiled graph's or a sharded parameter's): the compiler takes oneDNN's product for
-    frozen weights alone."""
+    included: a prompt's products, scoring, training. Plain, non-empty tensors only (not
+    autocast's, a compiled graph's or a sharded parameter's: the compiler takes oneDNN's
+    product for frozen weights alone; oneDNN refuses a product over nothing)."""
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
             or type(x) is not torch.Tensor or type(weight) not in (torch.Tensor, nn.Parameter)
+            or x.numel() == 0 or weight.numel() == 0
             or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
             or not onednn_products()):
         return F.linear(x, weight, bias)

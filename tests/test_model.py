@@ -218,6 +218,10 @@ def test_float32_products_and_their_gradients_go_through_onednn():
     assert ("mkldnn::_linear_pointwise" in ran) == onednn_products()
     for got, want in zip((x.grad, layer.weight.grad, layer.bias.grad), wanted):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    empty = torch.zeros(0, 96, requires_grad=True)  # no rows: F.linear's empty gradients
+    layer.weight.grad = None
+    layer(empty).sum().backward()
+    assert empty.grad.shape == (0, 96) and layer.weight.grad.abs().sum() == 0
     layer.weight.requires_grad_(False)  # a frozen layer (LoRA's base): x's gradient alone
     x.grad = None
     layer(x).backward(grad)
