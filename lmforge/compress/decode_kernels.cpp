@@ -356,6 +356,10 @@ struct IntWeights {
   const uint16_t* zeros;
 };
 
+// A loop over rows, columns or parts unrolled in full, so that a kernel's arrays of
+// accumulators become registers (as loops, GCC kept them on the stack at every block).
+#define UNROLLED _Pragma("GCC unroll 8")
+
 // Columns c0..c1 of y (LANES outputs each: a tile holds TILE / LANES of them) for M rows of
 // x, G columns at a time, from int8 (BITS 8) or int4 weights. A block's partial sums stay
 // integers until its 32 values are done.
@@ -366,15 +370,12 @@ void int_columns(const Activations& a, const IntWeights& w, float* y, int64_t K,
   const int64_t blocks = K / BLOCK;
   for (int64_t c = c0; c + G <= c1; c += G) {
     Floats acc[M][G];
-    #pragma GCC unroll 8
-    for (int m = 0; m < M; ++m)
-      #pragma GCC unroll 8
-      for (int g = 0; g < G; ++g) acc[m][g] = zero_floats();
+    UNROLLED for (int m = 0; m < M; ++m)
+      UNROLLED for (int g = 0; g < G; ++g) acc[m][g] = zero_floats();
     for (int64_t b = 0; b < blocks; ++b) {
       const uint8_t* part[G];  // column c + g's lanes of its tile's first part
       Floats scale[G], offset[G];
-      #pragma GCC unroll 8
-      for (int g = 0; g < G; ++g) {
+      UNROLLED for (int g = 0; g < G; ++g) {
         const int64_t tile = (c + g) / PER_TILE * blocks + b;
         const int lane0 = (c + g) % PER_TILE * LANES;
         part[g] = w.values + tile * TILE_BYTES + lane0 * 4;
@@ -384,40 +385,30 @@ void int_columns(const Activations& a, const IntWeights& w, float* y, int64_t K,
         }
       }
       Ints dot[M][G];
-      #pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) {
+      UNROLLED for (int m = 0; m < M; ++m) {
         const Ints start = BITS == 8 ? int8_start(a.int_sums[b * a.rows + m0 + m]) : zero_ints();
-        #pragma GCC unroll 8
-        for (int g = 0; g < G; ++g) dot[m][g] = start;
+        UNROLLED for (int g = 0; g < G; ++g) dot[m][g] = start;
       }
       const int8_t* x = a.q + (b * a.rows + m0) * BLOCK;  // row m at x + m * BLOCK
       if constexpr (BITS == 8) {
-        #pragma GCC unroll 8
-        for (int j = 0; j < 8; ++j)
-          #pragma GCC unroll 8
-          for (int g = 0; g < G; ++g) {
+        UNROLLED for (int j = 0; j < 8; ++j)
+          UNROLLED for (int g = 0; g < G; ++g) {
             const Ints u = load_ints(part[g] + 64 * j);
-            #pragma GCC unroll 8
-            for (int m = 0; m < M; ++m) dot[m][g] = dot_quad_int8(dot[m][g], u, x + m * BLOCK + 4 * j);
+            UNROLLED for (int m = 0; m < M; ++m) dot[m][g] = dot_quad_int8(dot[m][g], u, x + m * BLOCK + 4 * j);
           }
       } else {
-        #pragma GCC unroll 8
-        for (int j = 0; j < 4; ++j)
-          #pragma GCC unroll 8
-          for (int g = 0; g < G; ++g) {
+        UNROLLED for (int j = 0; j < 4; ++j)
+          UNROLLED for (int g = 0; g < G; ++g) {
             Ints low, high;
             load_nibbles(part[g] + 64 * j, &low, &high);
-            #pragma GCC unroll 8
-            for (int m = 0; m < M; ++m)
+            UNROLLED for (int m = 0; m < M; ++m)
               dot[m][g] = dot_quad(dot_quad(dot[m][g], low, x + m * BLOCK + 4 * j), high,
                                   x + m * BLOCK + 4 * j + 16);
           }
       }
-      #pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) {
+      UNROLLED for (int m = 0; m < M; ++m) {
         const Floats xscale = broadcast(a.scales[b * a.rows + m0 + m]);
-        #pragma GCC unroll 8
-        for (int g = 0; g < G; ++g) {
+        UNROLLED for (int g = 0; g < G; ++g) {
           if constexpr (BITS == 8) {
             acc[m][g] = multiply_add(to_floats(dot[m][g]), xscale, acc[m][g]);
           } else {
@@ -427,10 +418,8 @@ void int_columns(const Activations& a, const IntWeights& w, float* y, int64_t K,
         }
       }
     }
-    #pragma GCC unroll 8
-    for (int m = 0; m < M; ++m)
-      #pragma GCC unroll 8
-      for (int g = 0; g < G; ++g) {
+    UNROLLED for (int m = 0; m < M; ++m)
+      UNROLLED for (int g = 0; g < G; ++g) {
         Floats out = acc[m][g];
         if constexpr (BITS == 8) out = multiply(out, load_floats(w.row_scales + (c + g) * LANES, LANES));
         store_floats(y + (m0 + m) * N + (c + g) * LANES, out, LANES);
